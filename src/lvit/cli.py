@@ -1,0 +1,73 @@
+"""The ``lvit`` command line. Thin: parse arguments, call the library, print one-line errors.
+
+Each subcommand lives in ``lvit/commands/<name>.py`` and exposes ``register(subparsers)``, which adds its
+parser and sets ``func`` (called with the parsed namespace, returning an exit code). Modules are imported
+lazily by name so ``lvit --help`` stays fast and one broken optional dependency cannot break every command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from . import __version__
+from .errors import LvitError
+
+# Order is the order shown in ``lvit --help``.
+COMMANDS = [
+    "demo",
+    "synth",
+    "check_data",
+    "train",
+    "test",
+    "predict",
+    "explain",
+    "report",
+    "export",
+    "bench",
+    "model_info",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lvit",
+        description="Language-guided medical image segmentation with LViT.",
+    )
+    parser.add_argument("--version", action="version", version=f"lvit {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"lvit.commands.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"lvit.commands.{name}":
+                continue  # command not built yet in this checkout
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    debug = args.debug or os.environ.get("LVIT_DEBUG") == "1"
+    try:
+        return int(args.func(args) or 0)
+    except LvitError as exc:
+        if debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Subcommands of the lvit CLI, one module each."""

@@ -1,0 +1,39 @@
+"""Errors that reach the user as one line.
+
+Every failure a user can cause (bad files, bad configs, untrusted checkpoints) raises a subclass of
+:class:`LvitError` whose message names the file and the problem. The CLI prints ``error: <message>`` and
+exits with status 2 instead of showing a traceback.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class LvitError(Exception):
+    """Base class of every error lvit reports to the user as a single line."""
+
+
+class DataError(LvitError, ValueError):
+    """A dataset file is missing, unreadable or inconsistent."""
+
+    def __init__(self, path: str | Path | None, problem: str):
+        self.path = None if path is None else Path(path)
+        self.problem = problem
+        super().__init__(f"{path}: {problem}" if path is not None else problem)
+
+
+class ConfigError(LvitError, ValueError):
+    """A configuration file or command-line override is invalid."""
+
+
+class CheckpointError(LvitError):
+    """A checkpoint is missing, corrupt, untrusted or does not fit the model."""
+
+
+class OutputExistsError(LvitError):
+    """An output would overwrite existing data and ``--force`` was not given."""
+
+
+class TrainingDiverged(LvitError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
