@@ -21,3 +21,16 @@ def shared_dir() -> Path:
     if not SHARED.is_dir():
         pytest.skip(f"{SHARED} is absent (shared data is only beside the developers' and CI's checkouts)")
     return SHARED
+
+
+@pytest.fixture(scope="session")
+def tiny_synth(tmp_path_factory) -> Path:
+    """A tiny synthetic dataset in the official layout (12 train / 4 val / 4 test, 64 px, seed 0); its root.
+
+    Shared by the whole session: treat it as read-only (copy it before corrupting or extending it).
+    """
+    from lvit.data import generate_synthetic
+
+    root = tmp_path_factory.mktemp("tiny_synth") / "synth"
+    generate_synthetic(root, n_train=12, n_val=4, n_test=4, size=64, seed=0, progress=False)
+    return root

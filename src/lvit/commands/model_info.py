@@ -1,0 +1,207 @@
+"""``lvit model-info``: parameters and forward GFLOPs of a model, in total and per module group."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+
+GROUPS = ("cnn encoder", "cnn decoder", "PLAM", "vit down", "vit up", "reconstruct", "text")
+_GROUP_RULES = (  # first match wins; applied to parameter / module names of LViT and UNet
+    (re.compile(r"^text_"), "text"),
+    (re.compile(r"^(stem|down)(\.|$)"), "cnn encoder"),
+    (re.compile(r"^up\.\d+\.attention(\.|$)"), "PLAM"),
+    (re.compile(r"^(up|head)(\.|$)"), "cnn decoder"),
+    (re.compile(r"^vit_down(\.|$)"), "vit down"),
+    (re.compile(r"^vit_up(\.|$)"), "vit up"),
+    (re.compile(r"^reconstruct(\.|$)"), "reconstruct"),
+)
+
+
+def module_group(name: str) -> str:
+    """The reporting group of a parameter or module name (``"other"`` if none fits)."""
+    for pattern, group in _GROUP_RULES:
+        if pattern.search(name):
+            return group
+    return "other"
+
+
+def _group_roots(model, counted: set[str]) -> dict[str, str]:
+    """The outermost *called* modules whose parameters all fall in one group -> that group.
+
+    ``counted`` holds the names the FLOP counter saw run (containers such as ModuleList never run
+    themselves, so their children are taken instead).
+    """
+    roots: dict[str, str] = {}
+    for name, module in model.named_modules():
+        if not name or name not in counted or any(name.startswith(r + ".") for r in roots):
+            continue
+        groups = {module_group(f"{name}.{p}") for p, _ in module.named_parameters()}
+        if len(groups) == 1:
+            roots[name] = groups.pop()
+    return roots
+
+
+def measure(model_name: str, config, height: int | None = None, width: int | None = None) -> dict[str, Any]:
+    """Parameter counts and forward FLOPs (a multiply-add = 2 FLOPs) of one image, per group."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ..models import build_model, count_parameters
+
+    # On the meta device nothing is allocated or computed: the counter needs only shapes.
+    with torch.device("meta"):
+        model = build_model(model_name, config).eval()
+    cfg = model.config
+    height = height or cfg.image_size
+    width = width or cfg.image_size
+
+    params = defaultdict(int)
+    for name, p in model.named_parameters():
+        params[module_group(name)] += p.numel()
+
+    image = torch.zeros(1, cfg.in_channels, height, width, device="meta")
+    text = None
+    if cfg.use_text and model_name != "unet":
+        text = torch.zeros(1, cfg.text_tokens, cfg.text_dim, device="meta")
+    # The CPU fused-attention kernel has no FLOP formula in torch.utils.flop_counter; the math backend
+    # runs attention as two counted batched matmuls (same FLOPs as the fused kernel does).
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(image, text)
+    counts = counter.get_flop_counts()
+    root = type(model).__name__
+    flops = defaultdict(int)
+    counted = {key.split(".", 1)[1] for key in counts if "." in key}
+    for name, group in _group_roots(model, counted).items():
+        flops[group] += sum(counts.get(f"{root}.{name}", {}).values())
+    total_flops = sum(counts["Global"].values())
+    unattributed = total_flops - sum(flops.values())
+    if unattributed:
+        flops["other"] += unattributed
+
+    result: dict[str, Any] = {
+        "model": model_name,
+        "config": cfg.to_dict(),
+        "input": [1, cfg.in_channels, height, width],
+        "parameters": count_parameters(model),
+        "gflops": total_flops / 1e9,
+        "groups": {g: {"parameters": params.get(g, 0), "gflops": flops.get(g, 0) / 1e9}
+                   for g in (*GROUPS, "other") if params.get(g) or flops.get(g)},
+    }
+    if hasattr(model, "reconstruct"):
+        # The official code upsamples before Reconstruct's 1x1 conv; we convolve on the patch grid and
+        # upsample after (identical output). The official operation order would cost this much more:
+        grid = (height // 16) * (width // 16)
+        extra = 0
+        for level, rec in enumerate(model.reconstruct):
+            pixels = (height >> level) * (width >> level)
+            extra += 2 * rec.conv.in_channels * rec.conv.out_channels * (pixels - grid)
+        result["gflops_official_order"] = (total_flops + extra) / 1e9
+    return result
+
+
+def _read_model_section(path: Path) -> tuple[dict, str | None]:
+    """The ``model`` mapping and ``model_name`` of a YAML preset (validated by lvit.train when available)."""
+    try:
+        from ..train.config import load_config
+    except ImportError:  # pragma: no cover - lvit.train absent in a partial checkout
+        load_config = None
+    if load_config is not None:
+        cfg = load_config(path)
+        return cfg.model.to_dict(), cfg.model_name
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: cannot read config ({exc})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("model", {}), dict):
+        raise ConfigError(f"{path}: expected a mapping with a 'model' section")
+    return dict(data.get("model") or {}), data.get("model_name")
+
+
+def resolve_config(config_path: str | None, overrides: list[str]):
+    """LViTConfig from an optional preset plus ``key=value`` overrides (``model.`` prefix optional)."""
+    import yaml
+
+    from ..models import LViTConfig
+
+    values: dict[str, Any] = {}
+    model_name = None
+    if config_path:
+        values, model_name = _read_model_section(Path(config_path))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. text_dim=768")
+        key, raw = (s.strip() for s in item.split("=", 1))
+        key = key.removeprefix("model.")
+        try:
+            values[key] = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            values[key] = raw
+    try:
+        return LViTConfig.from_dict(values), model_name
+    except TypeError as exc:  # a value of the wrong kind reaching a comparison in validation
+        raise ConfigError(f"model config: {exc}") from None
+
+
+def _print_table(info: dict[str, Any]) -> None:
+    rows = [(g, f"{v['parameters']:,}", f"{v['gflops']:.2f}") for g, v in info["groups"].items()]
+    total = ("total", f"{info['parameters']:,}", f"{info['gflops']:.2f}")
+    cfg = info["config"]
+    text = f"text {cfg['text_tokens']}x{cfg['text_dim']}" if info["model"] != "unet" and cfg["use_text"] else "no text"
+    title = (f"{info['model']}: input {'x'.join(map(str, info['input']))}, base_channels {cfg['base_channels']}, "
+             f"{text}")
+    try:
+        from rich.console import Console
+        from rich.table import Table
+
+        print(title)
+        table = Table()
+        for col in ("group", "parameters", "GFLOPs"):
+            table.add_column(col, justify="left" if col == "group" else "right")
+        for row in rows:
+            table.add_row(*row)
+        table.add_row(*total, style="bold")
+        Console().print(table)
+    except ImportError:  # pragma: no cover
+        print(title)
+        for row in (("group", "parameters", "GFLOPs"), *rows, total):
+            print(f"{row[0]:<14}{row[1]:>14}{row[2]:>10}")
+    if "gflops_official_order" in info:
+        print(f"GFLOPs with the official operation order (upsample before Reconstruct's 1x1 conv): "
+              f"{info['gflops_official_order']:.2f}")
+    print("FLOPs: torch.utils.flop_counter, one image, a multiply-add counted as 2.")
+
+
+def run(args: argparse.Namespace) -> int:
+    config, preset_model = resolve_config(args.config, [*args.overrides, *args.set])
+    model_name = args.model or preset_model or "lvit"
+    info = measure(model_name, config, *(args.size or (None, None)))
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        _print_table(info)
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("model-info", help="parameters and GFLOPs of a model, per module group",
+                              description="Count parameters and forward GFLOPs (per image) of LViT, LViT-T or "
+                                          "U-Net, in total and per module group.")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="LViTConfig overrides, e.g. text_dim=768 image_size=224 base_channels=32")
+    p.add_argument("--model", choices=("lvit", "lvit-t", "unet"), default=None,
+                   help="network (default: the preset's model_name, else lvit)")
+    p.add_argument("--config", default=None, help="a YAML preset (its 'model' section and model_name are used)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="same as a positional override")
+    p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=None,
+                   help="input size for the FLOP count (default: image_size x image_size)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=run)

@@ -1,0 +1,550 @@
+"""Grad-CAM for segmentation networks: which features of a layer drove the predicted region.
+
+Grad-CAM (Selvaraju et al., 2017) weights a layer's activation channels by the spatial mean of the gradient
+of a scalar score and keeps the positive part. A segmentation network has no class score, so
+:class:`SegmentationScore` makes one: the summed logits of the target class *inside the predicted mask*
+(the evidence for the region the model actually outputs), or over the whole image when the prediction is
+empty (so an all-background prediction still gets a map instead of a zero gradient).
+
+MONAI's :class:`monai.visualize.GradCAM` does the weighting. Its stock hook container registers *full*
+backward hooks, which autograd rejects as soon as a layer's output is later modified in place (LViT adds the
+CNN features into the Reconstruct output with ``add_`` and uses in-place ReLUs), and it expects
+``[B, C, H, W]`` activations whereas the ViT levels output tokens ``[B, N, C]``. :class:`LayerTaps` is a
+drop-in replacement for MONAI's ``ModelWithHooks``: a forward hook clones the activation and puts a tensor
+hook on the output for its gradient (both unaffected by later in-place ops), token outputs are folded back
+to their patch grid ``[B, C, h, w]``, and one forward/backward pass serves every requested layer.
+
+Maps are returned at the size the caller asks for (the original image size), min-max scaled to [0, 1] with
+1 = most important (MONAI's default normaliser flips that: 1 = least important).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.visualize import GradCAM
+from monai.visualize.class_activation_maps import ModelWithHooks
+from torch import nn
+
+from ..errors import ConfigError
+
+#: Module classes whose outputs the paper's interpretability figure shows: the CNN decoder levels and the
+#: pixel-level attention (PLAM) gates of the skip connections. ``UNetUpBlock`` covers the U-Net baseline.
+DEFAULT_LAYER_CLASSES = ("UpBlock", "UNetUpBlock", "PixelLevelAttention")
+
+
+# --------------------------------------------------------------------------------------------------------
+# The scalar target
+# --------------------------------------------------------------------------------------------------------
+class SegmentationScore(nn.Module):
+    """Wrap a segmentation network so it returns one score per image, as a classifier would: ``[B, 1]``.
+
+    ``image [B, C, H, W]`` (+ ``text [B, L, D]``, ``text_mask [B, L]``) -> ``[B, 1]``. The score is the sum
+    of the target class's logits over the pixels predicted as that class (logit > 0 for a one-channel
+    model, argmax for several), or over all pixels when none is. The logits of the last call are kept in
+    ``last_logits`` so the caller gets the prediction without a second forward pass.
+    """
+
+    def __init__(self, model: nn.Module, target_class: int | None = None):
+        super().__init__()
+        self.model = model
+        self.target_class = target_class
+        self.last_logits: torch.Tensor | None = None
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor | None = None,
+                text_mask: torch.Tensor | None = None) -> torch.Tensor:
+        logits = self.model(image, text, text_mask)  # [B, K, H, W]
+        self.last_logits = logits.detach()
+        n_classes = logits.shape[1]
+        target = self.target_class if self.target_class is not None else (0 if n_classes == 1 else 1)
+        if not 0 <= target < n_classes:
+            raise ConfigError(f"Grad-CAM target class {target} is not one of the model's {n_classes} classes")
+        class_logits = logits[:, target]  # [B, H, W]
+        with torch.no_grad():
+            inside = class_logits > 0 if n_classes == 1 else logits.argmax(dim=1) == target  # [B, H, W]
+            empty = ~inside.flatten(1).any(dim=1)  # [B]
+            inside = inside | empty[:, None, None]  # empty prediction -> the whole image
+        return (class_logits * inside).flatten(1).sum(dim=1, keepdim=True)  # [B, 1]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Hooks
+# --------------------------------------------------------------------------------------------------------
+def _token_grid(n_tokens: int, height: int, width: int) -> tuple[int, int] | None:
+    """The patch grid ``(h, w)`` with ``h * w == n_tokens`` and the image's aspect ratio, or None."""
+    h = max(1, round(math.sqrt(n_tokens * height / width)))
+    for cand in (h, h - 1, h + 1):
+        if cand > 0 and n_tokens % cand == 0 and abs(cand / (n_tokens // cand) - height / width) < 0.25 * height / width:
+            return cand, n_tokens // cand
+    return None
+
+
+def _plausible_map(shape: tuple[int, ...], image_hw: tuple[int, int]) -> bool:
+    """A ``[B, C, h, w]`` output on a grid that divides the image (rules out channels-last ``[B, H, W, C]``)."""
+    h, w = shape[-2:]
+    return image_hw[0] % h == 0 and image_hw[1] % w == 0 and image_hw[0] // h == image_hw[1] // w
+
+
+def _as_spatial(t: torch.Tensor, image_hw: tuple[int, int]) -> torch.Tensor | None:
+    """``[B, C, H, W]`` unchanged; ViT tokens ``[B, N, C]`` -> ``[B, C, h, w]``; anything else -> None."""
+    if t.ndim == 4:
+        return t
+    if t.ndim == 3:
+        grid = _token_grid(t.shape[1], *image_hw)
+        if grid is not None:
+            return t.transpose(1, 2).reshape(t.shape[0], t.shape[2], *grid)
+    return None
+
+
+class LayerTaps(ModelWithHooks):
+    """MONAI's ``ModelWithHooks`` with forward + tensor hooks (robust to in-place ops) and token folding.
+
+    ``__call__(x, class_idx, retain_graph, **kwargs) -> (logits, activations, gradients)`` as MONAI's; the
+    result of the last input is reused, so ``GradCAM(..)(x, layer_idx=i)`` over all ``i`` costs one
+    forward and one backward pass.
+    """
+
+    def __init__(self, nn_module: nn.Module, target_layer_names: list[str], inner: nn.Module):
+        # Not calling ModelWithHooks.__init__: it would register the full backward hooks we avoid.
+        self.model = nn_module
+        self.target_layers = tuple(target_layer_names)
+        self.register_forward = True
+        self.register_backward = True
+        self.gradients: dict[str, torch.Tensor] = {}
+        self.activations: dict[str, torch.Tensor] = {}
+        self.calls: dict[str, int] = {}
+        self.score: torch.Tensor | None = None
+        self.class_idx: int | None = None
+        self._image_hw = (1, 1)
+        self._cache_key: tuple | None = None
+        self._cache: tuple | None = None
+        modules = dict(inner.named_modules())
+        missing = [name for name in self.target_layers if name not in modules]
+        if missing:
+            raise ConfigError(f"unknown layer(s) {', '.join(missing)}; list them with `lvit explain --list-layers`")
+        self._handles = [modules[name].register_forward_hook(self._tap(name)) for name in self.target_layers]
+
+    def _tap(self, name: str):
+        def hook(_module, _inputs, output):
+            self.calls[name] = self.calls.get(name, 0) + 1
+            if not torch.is_tensor(output):
+                raise ConfigError(f"layer {name} returns {type(output).__name__}, not a tensor; choose another layer")
+            spatial = _as_spatial(output, self._image_hw)
+            if spatial is None:
+                raise ConfigError(f"layer {name} output {tuple(output.shape)} is neither [B, C, H, W] nor tokens "
+                                  "[B, N, C] on the patch grid; choose another layer")
+            # Clone: a later in-place op (e.g. ``add_``) must not change what we explain.
+            self.activations[name] = spatial.detach().clone()
+            if output.requires_grad:
+                output.register_hook(lambda grad: self.gradients.__setitem__(name, _as_spatial(grad, self._image_hw)))
+        return hook
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def __call__(self, x, class_idx=None, retain_graph=False, **kwargs):
+        key = (id(x), class_idx, tuple((k, id(v)) for k, v in sorted(kwargs.items())))
+        if key == self._cache_key and self._cache is not None:
+            return self._cache
+        self.gradients.clear()
+        self.activations.clear()
+        self.calls.clear()
+        self._image_hw = tuple(x.shape[-2:])
+        with torch.enable_grad():
+            result = super().__call__(x, class_idx=class_idx, retain_graph=retain_graph, **kwargs)
+        for name in self.target_layers:
+            if self.calls.get(name, 0) != 1:
+                raise ConfigError(f"layer {name} ran {self.calls.get(name, 0)} times in one forward pass; "
+                                  "Grad-CAM needs a layer that runs exactly once")
+            if name not in self.gradients:
+                raise ConfigError(f"layer {name} does not influence the prediction (no gradient reaches it); "
+                                  "choose another layer")
+        self._cache_key, self._cache = key, result
+        return result
+
+
+# --------------------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------------------
+@dataclass
+class LayerInfo:
+    """One module Grad-CAM can explain: its name in ``model.named_modules()``, class and output shape."""
+
+    name: str
+    kind: str  # "cnn" ([B, C, H, W]) or "vit" (tokens [B, N, C] folded to the patch grid)
+    module_class: str
+    output_shape: tuple[int, ...]
+    default: bool
+
+
+def _dummy_inputs(model: nn.Module, image_size: int | None = None):
+    cfg = getattr(model, "config", None)
+    size = image_size or getattr(cfg, "image_size", 224)
+    channels = getattr(cfg, "in_channels", 3)
+    param = next(model.parameters())
+    image = torch.zeros(1, channels, size, size, device=param.device)
+    text = text_mask = None
+    if getattr(cfg, "use_text", False):
+        text = torch.zeros(1, cfg.text_tokens, cfg.text_dim, device=param.device)
+        text_mask = torch.ones(1, cfg.text_tokens, dtype=torch.bool, device=param.device)
+    return image, text, text_mask
+
+
+def list_layers(model: nn.Module, image_size: int | None = None) -> list[LayerInfo]:
+    """Every module that runs once per forward pass and outputs a map or patch tokens, in module order."""
+    image, text, text_mask = _dummy_inputs(model, image_size)
+    seen: dict[str, list] = {}
+    handles = []
+    for name, module in model.named_modules():
+        if not name:
+            continue
+
+        def hook(_m, _i, out, name=name):
+            seen.setdefault(name, []).append(tuple(out.shape) if torch.is_tensor(out) else None)
+
+        handles.append(module.register_forward_hook(hook))
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(image, text, text_mask)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    layers = []
+    for name, module in model.named_modules():
+        shapes = seen.get(name)
+        if not shapes or len(shapes) != 1 or shapes[0] is None:
+            continue
+        shape = shapes[0]
+        if len(shape) == 4 and _plausible_map(shape, image.shape[-2:]):
+            kind = "cnn"
+        elif len(shape) == 3 and _token_grid(shape[1], *image.shape[-2:]) is not None:
+            kind = "vit"
+        else:
+            continue
+        cls = type(module).__name__
+        layers.append(LayerInfo(name, kind, cls, shape, cls in DEFAULT_LAYER_CLASSES))
+    return layers
+
+
+def default_layers(model: nn.Module) -> list[str]:
+    """The paper's choice: decoder levels and PLAM gates (falls back to the last four spatial layers)."""
+    names = [name for name, module in model.named_modules() if type(module).__name__ in DEFAULT_LAYER_CLASSES]
+    if names:
+        return names
+    return [info.name for info in list_layers(model) if info.kind == "cnn"][-4:]
+
+
+def _normalise(maps: torch.Tensor) -> torch.Tensor:
+    """Per-map min-max scaling to [0, 1] (1 = most important); a constant map becomes all zeros."""
+    flat = maps.flatten(1)
+    low = flat.min(dim=1).values.view(-1, 1, 1, 1)
+    span = (flat.max(dim=1).values.view(-1, 1, 1, 1) - low).clamp_min(1e-12)
+    return ((maps - low) / span).clamp(0, 1)
+
+
+@dataclass
+class Explanation:
+    """Grad-CAM maps of one image: ``cams[layer]`` ``HxW`` float32 in [0, 1] at the requested size,
+    ``probability`` ``HxW`` float32 (the target class, at the requested size), ``score`` the explained scalar."""
+
+    cams: dict[str, np.ndarray]
+    probability: np.ndarray
+    score: float
+
+
+class SegmentationGradCAM:
+    """Grad-CAM of chosen layers of a segmentation model (MONAI GradCAM over :class:`LayerTaps`).
+
+    >>> explainer = SegmentationGradCAM(model, ["up.0", "up.0.attention", "vit_up.0"])
+    >>> result = explainer(image, text, text_mask, size=(512, 512))   # image [1, C, H, W]
+    >>> result.cams["up.0"].shape
+    (512, 512)
+    """
+
+    def __init__(self, model: nn.Module, layers: list[str] | None = None, target_class: int | None = None):
+        self.model = model
+        self.layers = list(layers) if layers else default_layers(model)
+        if not self.layers:
+            raise ConfigError("no layer to explain: pass --layers (see --list-layers)")
+        self.scorer = SegmentationScore(model, target_class)
+        self.taps = LayerTaps(self.scorer, self.layers, inner=model)
+        # Upsampling to the caller's size happens in __call__; MONAI only computes the raw weighted maps.
+        self.cam = GradCAM(nn_module=self.taps, target_layers=self.layers)
+
+    def close(self) -> None:
+        """Remove the hooks from the model."""
+        self.taps.remove()
+
+    def __enter__(self) -> SegmentationGradCAM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __call__(self, image: torch.Tensor, text: torch.Tensor | None = None, text_mask: torch.Tensor | None = None,
+                 size: tuple[int, int] | None = None) -> Explanation:
+        """``image [1, C, H, W]`` in [0, 1] -> maps of every layer, resized to ``size`` (default ``H x W``)."""
+        if image.ndim != 4 or image.shape[0] != 1:
+            raise ValueError(f"explain one image at a time: expected [1, C, H, W], got {tuple(image.shape)}")
+        size = tuple(size or image.shape[-2:])
+        # The input must require grad so every activation downstream of the image is on the graph, even
+        # when the loaded model's parameters are frozen.
+        x = image.detach().clone().requires_grad_(True)
+        kwargs = {"text": text, "text_mask": text_mask}
+        cams = {}
+        for idx, layer in enumerate(self.layers):
+            raw = self.cam.compute_map(x, class_idx=0, layer_idx=idx, **kwargs)  # [1, 1, h, w] >= 0
+            up = F.interpolate(raw.detach().float(), size=size, mode="bilinear", align_corners=False)
+            cams[layer] = _normalise(up)[0, 0].cpu().numpy().astype(np.float32)
+        logits = self.scorer.last_logits  # [1, K, H, W]
+        n_classes = logits.shape[1]
+        target = self.scorer.target_class if self.scorer.target_class is not None else (0 if n_classes == 1 else 1)
+        probs = torch.sigmoid(logits[:, :1]) if n_classes == 1 else logits.softmax(1)[:, target:target + 1]
+        probability = F.interpolate(probs.float(), size=size, mode="bilinear", align_corners=False)[0, 0]
+        score = float(self.taps.score.detach().sum()) if self.taps.score is not None else float("nan")
+        return Explanation(cams, probability.cpu().numpy().astype(np.float32), score)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Pictures
+# --------------------------------------------------------------------------------------------------------
+def to_rgb(image: np.ndarray) -> np.ndarray:
+    """HxW, HxWx1, HxWx3 or HxWx4 uint8 -> HxWx3 uint8."""
+    if image.ndim == 2:
+        image = image[..., None]
+    if image.shape[-1] == 1:
+        image = np.repeat(image, 3, axis=-1)
+    return np.ascontiguousarray(image[..., :3]).astype(np.uint8)
+
+
+def heatmap_overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.45, cmap: str = "jet") -> np.ndarray:
+    """Blend a [0, 1] map ``cam`` (HxW) over ``image`` (HxW[xC] uint8) with a colormap -> HxWx3 uint8."""
+    from matplotlib import colormaps
+
+    rgb = to_rgb(image).astype(np.float32)
+    if cam.shape != rgb.shape[:2]:
+        raise ValueError(f"map {cam.shape} and image {rgb.shape[:2]} differ in size")
+    colours = colormaps[cmap](np.clip(cam, 0, 1))[..., :3] * 255.0  # HxWx3
+    return np.clip((1 - alpha) * rgb + alpha * colours, 0, 255).astype(np.uint8)
+
+
+def mask_overlay(image: np.ndarray, pred: np.ndarray, truth: np.ndarray | None = None, alpha: float = 0.4) -> np.ndarray:
+    """Prediction (HxW bool) filled red over ``image``; ground truth (if given) outlined green -> HxWx3 uint8."""
+    rgb = to_rgb(image).astype(np.float32)
+    pred = pred.astype(bool)
+    rgb[pred] = (1 - alpha) * rgb[pred] + alpha * np.array([255.0, 40.0, 40.0])
+    if truth is not None:
+        truth = truth.astype(bool)
+        edge = truth & ~_erode(truth)
+        rgb[edge] = (40.0, 255.0, 40.0)
+    return rgb.astype(np.uint8)
+
+
+def _erode(mask: np.ndarray) -> np.ndarray:
+    """One-pixel binary erosion with a 3x3 cross (pixels outside the image count as background)."""
+    padded = np.pad(mask, 1, constant_values=False)
+    return (padded[1:-1, 1:-1] & padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:])
+
+
+def layer_file_name(layer: str) -> str:
+    """``up.0.attention`` -> ``cam_up.0.attention.png`` (module names hold only identifier characters and dots)."""
+    safe = "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in layer)
+    return f"cam_{safe}.png"
+
+
+
+
+# --------------------------------------------------------------------------------------------------------
+# Text attribution: the same image with two reports
+# --------------------------------------------------------------------------------------------------------
+_ZONE_SWAP = {"upper": "lower", "lower": "upper", "top": "bottom", "bottom": "top"}
+_ZONE_WORDS = re.compile(r"\b(upper|lower|top|bottom)\b", re.IGNORECASE)
+
+
+def _same_case(word: str, like: str) -> str:
+    if like.isupper():
+        return word.upper()
+    if like[0].isupper():
+        return word.capitalize()
+    return word
+
+
+def counterfactual_report(text: str) -> str:
+    """A changed report for the text-attribution view: left <-> right, else upper <-> lower zones.
+
+    Raises :class:`ConfigError` when the report names neither a side nor a zone (then pass ``--alt-text``).
+    """
+    from ..text import swap_left_right
+
+    swapped = swap_left_right(text)
+    if swapped != text:
+        return swapped
+    swapped = _ZONE_WORDS.sub(lambda m: _same_case(_ZONE_SWAP[m.group(0).lower()], m.group(0)), text)
+    if swapped != text:
+        return swapped
+    raise ConfigError(f"cannot make a changed report from {text!r} (it names no side or zone); pass --alt-text")
+
+
+def text_attribution_figure(image: np.ndarray, texts: tuple[str, str], explanations: tuple[Explanation, Explanation],
+                            layer: str, threshold: float = 0.5) -> bytes:
+    """One PNG: for each report a row (image, prediction, Grad-CAM of ``layer``), and on the right the
+    difference of the probability maps (report 1 minus report 2), so the effect of the text is visible."""
+    import textwrap
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rgb = to_rgb(image)
+    fig = Figure(figsize=(13.5, 7.0), dpi=100)
+    FigureCanvasAgg(fig)
+    grid = fig.add_gridspec(2, 4, width_ratios=(1, 1, 1, 1.15))
+    for row, (text, expl) in enumerate(zip(texts, explanations)):
+        pred = expl.probability >= threshold
+        panels = (
+            (rgb, "image"),
+            (mask_overlay(rgb, pred), f"prediction ({100 * pred.mean():.1f}% of pixels)"),
+            (heatmap_overlay(rgb, expl.cams[layer]), f"Grad-CAM {layer}"),
+        )
+        for col, (picture, title) in enumerate(panels):
+            ax = fig.add_subplot(grid[row, col])
+            ax.imshow(picture)
+            ax.set_title(title, fontsize=9)
+            ax.set_axis_off()
+        label = "report" if row == 0 else "changed report"
+        fig.axes[row * 3].set_title(f"{label}:\n" + "\n".join(textwrap.wrap(text, 42)[:3]), fontsize=8, loc="left")
+    ax = fig.add_subplot(grid[:, 3])
+    diff = explanations[0].probability - explanations[1].probability
+    limit = max(float(np.abs(diff).max()), 1e-3)
+    shown = ax.imshow(diff, cmap="RdBu_r", vmin=-limit, vmax=limit)
+    ax.set_title(f"P(report) - P(changed report)\nmean |diff| {float(np.abs(diff).mean()):.3f}", fontsize=9)
+    ax.set_axis_off()
+    fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------------------------------------
+# One image, end to end (what `lvit explain` runs)
+# --------------------------------------------------------------------------------------------------------
+TextEncodeFn = Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]]  # reports -> ([N, L, D], [N, L] bool)
+
+
+def model_input(image: np.ndarray, model: nn.Module) -> torch.Tensor:
+    """HxWxC uint8 -> ``[1, in_channels, S, S]`` float in [0, 1] at the model's training size, resized
+    exactly as :class:`lvit.data.SegmentationDataset` does (so the explanation is of the tested input)."""
+    from ..data.dataset import to_channels
+    from ..data.transforms import resize_image
+
+    cfg = model.config
+    image = to_channels(image if image.ndim == 3 else image[..., None], cfg.in_channels)
+    tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)  # [C, H, W]
+    tensor = resize_image(tensor, cfg.image_size)[None]  # [1, C, S, S]
+    return tensor.to(next(model.parameters()).device)
+
+
+def run_text_encoder(model: nn.Module, run_config: dict) -> TextEncodeFn | None:
+    """The report encoder a run was trained with, as ``texts -> (emb [N, L, D], mask [N, L])``; None for a
+    text-free model (LViT-T, U-Net)."""
+    if not getattr(model.config, "use_text", False):
+        return None
+    from ..text import get_text_encoder
+
+    text_cfg = run_config.get("text") or {}
+    spec = str(text_cfg.get("encoder") or run_config.get("text_encoder") or "minilm")
+    max_tokens = model.config.text_tokens
+    if spec == "learned" or spec.startswith("learned:"):
+        embedding = getattr(model, "lvit_text_embedding", None)
+        run_dir = getattr(model, "lvit_run_dir", None)
+        vocab = Path(spec.split(":", 1)[1]) if ":" in spec else (Path(run_dir) / "vocab.json" if run_dir else None)
+        if embedding is None or vocab is None or not vocab.is_file():
+            raise ConfigError(f"run uses the learned text encoder but its vocabulary ({vocab}) or trained "
+                              "embedding is missing")
+        encoder = get_text_encoder(f"learned:{vocab}", max_tokens=max_tokens)
+
+        def encode_learned(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+            ids, mask = encoder.tokenize(texts)  # [N, L], [N, L]
+            with torch.no_grad():
+                return embedding(ids.to(next(embedding.parameters()).device)).float(), mask
+
+        return encode_learned
+    encoder = get_text_encoder(spec, max_tokens=max_tokens)
+    return encoder.encode
+
+
+def explain_image(model: nn.Module, image: np.ndarray, texts: list[str], encode: TextEncodeFn | None,
+                  layers: list[str] | None = None) -> list[Explanation]:
+    """Grad-CAM of ``layers`` for the same ``image`` (HxWxC uint8) under each report in ``texts``; maps
+    and probabilities at the image's own size. ``encode`` is None for text-free models."""
+    x = model_input(image, model)
+    size = image.shape[:2]
+    uses_text = bool(getattr(model.config, "use_text", False)) and encode is not None
+    if uses_text:
+        emb, mask = encode(list(texts))  # [N, L, D], [N, L]
+        emb, mask = emb.to(x.device), mask.to(x.device)
+    results = []
+    with SegmentationGradCAM(model, layers) as explainer:
+        for i in range(len(texts)):
+            text = emb[i:i + 1] if uses_text else None
+            text_mask = mask[i:i + 1] if uses_text else None
+            results.append(explainer(x, text, text_mask, size=size))
+    return results
+
+
+def write_explanation(out_dir: str | Path, image: np.ndarray, texts: tuple[str, str],
+                      explanations: tuple[Explanation, Explanation], threshold: float = 0.5,
+                      figure_layer: str | None = None, extra: dict | None = None) -> dict:
+    """Save the heat-map overlays of the real report (``cam_<layer>.png``), the prediction overlay, the
+    probability map, the changed report's overlays (``alt/``) and ``text_attribution.png``; return a summary."""
+    from ..io import atomic_write_bytes, atomic_write_json, save_png
+
+    out_dir = Path(out_dir)
+    rgb = to_rgb(image)
+    files = []
+    for sub, expl in (("", explanations[0]), ("alt", explanations[1])):
+        folder = out_dir / sub if sub else out_dir
+        for layer, cam in expl.cams.items():
+            files.append(save_png(folder / layer_file_name(layer), heatmap_overlay(rgb, cam)))
+        files.append(save_png(folder / "prediction.png", mask_overlay(rgb, expl.probability >= threshold)))
+        files.append(save_png(folder / "probability.png", np.round(expl.probability * 255).astype(np.uint8)))
+    layer = figure_layer or next(iter(explanations[0].cams))
+    files.append(atomic_write_bytes(out_dir / "text_attribution.png",
+                                    text_attribution_figure(image, texts, explanations, layer, threshold)))
+    diff = explanations[0].probability - explanations[1].probability
+    summary = {
+        "image_size": list(image.shape[:2]),
+        "layers": list(explanations[0].cams),
+        "report": texts[0],
+        "changed_report": texts[1],
+        "threshold": threshold,
+        "foreground_fraction": float((explanations[0].probability >= threshold).mean()),
+        "changed_foreground_fraction": float((explanations[1].probability >= threshold).mean()),
+        "mean_abs_probability_change": float(np.abs(diff).mean()),
+        "max_abs_probability_change": float(np.abs(diff).max()),
+        "score": explanations[0].score,
+        "files": sorted(str(Path(f).relative_to(out_dir)) for f in files),
+        **(extra or {}),
+    }
+    atomic_write_json(out_dir / "explain.json", summary)
+    return summary
+
+
+__all__ = [
+    "DEFAULT_LAYER_CLASSES", "Explanation", "LayerInfo", "LayerTaps", "SegmentationGradCAM", "SegmentationScore",
+    "counterfactual_report", "default_layers", "explain_image", "heatmap_overlay", "layer_file_name", "list_layers",
+    "mask_overlay", "model_input", "run_text_encoder", "text_attribution_figure", "to_rgb", "write_explanation",
+]

@@ -1,0 +1,130 @@
+"""Inference from a run folder: any image size in, probability map at the original size out.
+
+Preprocessing is the training pipeline's: channels converted (:func:`lvit.data.to_channels`), scaled to
+[0, 1], resized to the model's ``image_size`` (bilinear, antialiased). The logits are resized back to the
+original ``H x W`` (bilinear) before the sigmoid, so the mask has the input's exact size.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import CheckpointError, ConfigError
+
+TextFn = Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]]
+
+
+def model_reads_text(run_config: dict) -> bool:
+    return run_config.get("model_name") == "lvit" and bool(run_config.get("model", {}).get("use_text", True))
+
+
+def run_text_encoder(model, run_config: dict, cache_dir: str | Path | None = None) -> TextFn | None:
+    """``texts -> (emb [N, L, D], mask [N, L])`` for the model of a run, or None if the model ignores text.
+
+    Rebuilds the encoder recorded in ``config.yaml`` (``text_encoder.spec``); the learned backend uses the
+    trained embedding layer that :func:`lvit.train.checkpoint.load_run` attached to the model.
+    """
+    from ..text import encode_cached, get_text_encoder
+
+    if not model_reads_text(run_config):
+        return None
+    info = run_config.get("text_encoder") or {}
+    spec = info.get("spec")
+    if not spec:
+        raise CheckpointError("run config has no text_encoder.spec; cannot encode reports for this model")
+    max_tokens = int(info.get("max_tokens", run_config["model"].get("text_tokens", 10)))
+    if spec.startswith("learned:"):
+        vocab = Path(spec[len("learned:"):])
+        run_dir = getattr(model, "lvit_run_dir", None)
+        if not vocab.is_absolute() and run_dir is not None:
+            vocab = Path(run_dir) / vocab
+        encoder = get_text_encoder(f"learned:{vocab}")
+        embedding = getattr(model, "lvit_text_embedding", None)
+        if embedding is None:
+            raise CheckpointError(f"{run_dir}: learned text backend but no text embedding weights in the checkpoint")
+
+        @torch.no_grad()
+        def encode_learned(texts: list[str]):
+            ids, mask = encoder.tokenize(list(texts))  # [N, L]
+            device = next(embedding.parameters()).device
+            return embedding(ids.to(device)).float().cpu(), mask
+
+        return encode_learned
+    encoder = get_text_encoder(spec, max_tokens, min_words=int(info.get("min_words", 9)))
+    if encoder.dim != run_config["model"]["text_dim"]:
+        raise CheckpointError(f"text encoder {spec} gives {encoder.dim}-d vectors but the model expects "
+                              f"{run_config['model']['text_dim']}-d")
+    return lambda texts: encode_cached(encoder, list(texts), cache_dir)
+
+
+class Predictor:
+    """Segment images with a trained run. ``backend="torch"`` (ONNX Runtime is added by lvit.export)."""
+
+    def __init__(self, run_or_checkpoint: str | Path, device: str | torch.device = "cpu", backend: str = "torch",
+                 cache_dir: str | Path | None = None):
+        from ..train.checkpoint import load_run
+
+        if backend != "torch":
+            raise ConfigError(f"unknown backend {backend!r} (available: torch)")
+        self.device = torch.device(device)
+        self.model, self.run_config = load_run(run_or_checkpoint, map_location=self.device)
+        model_cfg = self.run_config["model"]
+        self.image_size = int(model_cfg["image_size"])
+        self.in_channels = int(model_cfg.get("in_channels", 3))
+        self.encode_text = run_text_encoder(self.model, self.run_config, cache_dir)
+
+    @property
+    def uses_text(self) -> bool:
+        return self.encode_text is not None
+
+    def preprocess(self, image: np.ndarray) -> torch.Tensor:
+        """``H x W [x C]`` uint8 -> ``[C, S, S]`` float in [0, 1] (as the training dataset does)."""
+        from ..data import resize_image, to_channels
+
+        if image.ndim == 2:
+            image = image[..., None]
+        image = to_channels(image, self.in_channels)
+        tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
+        return resize_image(tensor, self.image_size)
+
+    @torch.no_grad()
+    def logits(self, images: torch.Tensor, text: torch.Tensor | None = None,
+               text_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``images [B, C, S, S]`` (+ text ``[B, L, D]``, mask ``[B, L]``) -> logits ``[B, 1, S, S]`` float32."""
+        images = images.to(self.device)
+        if text is not None:
+            text = text.to(self.device)
+            text_mask = None if text_mask is None else text_mask.to(self.device)
+        return self.model(images, text, text_mask).float()
+
+    def text_for(self, texts: Sequence[str] | None, n: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if not self.uses_text:
+            return None, None
+        if texts is None or len(texts) != n or any(t is None or not str(t).strip() for t in texts):
+            raise ConfigError("this model reads the report: give a non-empty report text for every image")
+        return self.encode_text(list(texts))
+
+    @torch.no_grad()
+    def predict(self, image: np.ndarray, text: str | None = None) -> np.ndarray:
+        """Probability map ``H x W`` float32 in [0, 1] at the image's original size."""
+        return self.predict_many([image], [text] if text is not None else None)[0]
+
+    @torch.no_grad()
+    def predict_many(self, images: Sequence[np.ndarray], texts: Sequence[str] | None = None) -> list[np.ndarray]:
+        batch = torch.stack([self.preprocess(im) for im in images])  # [B, C, S, S]
+        emb, mask = self.text_for(texts, len(images))
+        logits = self.logits(batch, emb, mask)  # [B, 1, S, S]
+        return [to_original_size(logits[i:i + 1], im.shape[:2])[0, 0].cpu().numpy() for i, im in enumerate(images)]
+
+
+def to_original_size(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Logits ``[B, 1, S, S]`` -> probabilities ``[B, 1, H, W]`` (bilinear on logits, then sigmoid)."""
+    size = (int(size[0]), int(size[1]))
+    if tuple(logits.shape[-2:]) != size:
+        logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+    return torch.sigmoid(logits)

@@ -1,0 +1,397 @@
+"""One self-contained HTML page per run: curves, test metrics, best/worst cases with Grad-CAM, config.
+
+Everything is inlined (PNG as base64 ``data:`` URIs, CSS in a ``<style>`` element, no script), so the file
+opens from disk in any browser, offline, and can be mailed or archived as one file.
+
+Inputs, all optional except ``config.yaml``: ``metrics.csv`` (training curves), and the output of
+``lvit test`` (default ``RUN_DIR/test``): ``metrics.json`` (table) and ``per_image.csv`` (case ranking).
+The best and worst cases are re-run through the model for their Grad-CAM maps when the run's test data
+is reachable; otherwise the page embeds the overlays ``lvit test`` saved, or says what is missing.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import html
+import json
+import string
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from ..errors import DataError, LvitError
+from ..io import atomic_write_text, refuse_clobber
+
+REPORT_NAME = "report.html"
+TEST_DIRNAME = "test"  # default output folder of `lvit test RUN_DIR`
+
+
+# --------------------------------------------------------------------------------------------------------
+# Content
+# --------------------------------------------------------------------------------------------------------
+@dataclass
+class Figure:
+    """A PNG to inline, with its caption (also used as alt text)."""
+
+    png: bytes
+    caption: str
+
+
+@dataclass
+class Case:
+    """One test image shown in the report (ranked by its Dice)."""
+
+    rank: str  # "best" | "worst"
+    name: str
+    dice: float
+    iou: float
+    text: str = ""
+    figure: Figure | None = None
+    note: str = ""
+
+
+@dataclass
+class ReportContent:
+    title: str
+    run_dir: str
+    generated: str
+    summary: list[tuple[str, str]] = field(default_factory=list)
+    curves: list[Figure] = field(default_factory=list)
+    curves_note: str = ""
+    metrics: list[tuple[str, str]] = field(default_factory=list)
+    metrics_note: str = ""
+    cases: list[Case] = field(default_factory=list)
+    cases_note: str = ""
+    config_text: str = ""
+
+
+# --------------------------------------------------------------------------------------------------------
+# HTML
+# --------------------------------------------------------------------------------------------------------
+_TEMPLATE = string.Template("""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="generator" content="lvit report">
+<title>$title</title>
+<style>
+body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 0; color: #1d2330;
+       background: #f6f7f9; }
+header { background: #1d3557; color: #fff; padding: 18px 28px; }
+header h1 { margin: 0 0 4px 0; font-size: 1.5em; }
+header p { margin: 0; opacity: 0.85; font-size: 0.9em; }
+main { padding: 8px 28px 28px 28px; max-width: 1400px; }
+section { background: #fff; border: 1px solid #dde1e7; border-radius: 6px; padding: 12px 18px; margin: 16px 0; }
+h2 { font-size: 1.15em; margin: 4px 0 10px 0; }
+.figures { display: flex; flex-wrap: wrap; gap: 14px; }
+figure { margin: 0; }
+figure img { display: block; max-width: 100%; height: auto; border: 1px solid #e4e7ec; }
+figcaption { font-size: 0.85em; color: #4a5568; margin-top: 4px; max-width: 1200px; }
+table { border-collapse: collapse; font-size: 0.9em; }
+th, td { border: 1px solid #dde1e7; padding: 4px 10px; text-align: left; }
+th { background: #eef1f5; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+.case { border-top: 1px solid #e4e7ec; padding: 10px 0; }
+.case h3 { font-size: 1em; margin: 0 0 4px 0; }
+.badge { display: inline-block; padding: 1px 8px; border-radius: 10px; font-size: 0.8em; color: #fff; }
+.best { background: #2a9d8f; } .worst { background: #e76f51; }
+.note { color: #6b7280; font-style: italic; }
+pre { background: #f1f3f6; padding: 10px; overflow-x: auto; font-size: 0.85em; }
+</style>
+</head>
+<body>
+<header>
+<h1>$title</h1>
+<p>$subtitle</p>
+</header>
+<main>
+<section id="summary">
+<h2>Run</h2>
+$summary
+</section>
+<section id="curves">
+<h2>Training curves</h2>
+$curves
+</section>
+<section id="metrics">
+<h2>Test metrics</h2>
+$metrics
+</section>
+<section id="cases">
+<h2>Best and worst test cases</h2>
+$cases
+</section>
+<section id="config">
+<h2>Configuration</h2>
+$config
+</section>
+</main>
+</body>
+</html>
+""")
+
+
+def _esc(value) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _img(fig: Figure, max_width: int | None = None) -> str:
+    data = base64.b64encode(fig.png).decode("ascii")
+    style = f' style="max-width: {max_width}px"' if max_width else ""
+    return (f'<figure><img src="data:image/png;base64,{data}" alt="{_esc(fig.caption)}"{style}>'
+            f"<figcaption>{_esc(fig.caption)}</figcaption></figure>")
+
+
+def _table(rows: list[tuple[str, str]], header: tuple[str, str]) -> str:
+    body = "".join(f'<tr><th scope="row">{_esc(k)}</th><td class="num">{_esc(v)}</td></tr>' for k, v in rows)
+    return f'<table><thead><tr><th>{_esc(header[0])}</th><th>{_esc(header[1])}</th></tr></thead><tbody>{body}</tbody></table>'
+
+
+def _note(text: str) -> str:
+    return f'<p class="note">{_esc(text)}</p>' if text else ""
+
+
+def render_html(content: ReportContent) -> str:
+    """The page of ``content`` (every value escaped; images as base64 ``data:`` URIs)."""
+    curves = ""
+    if content.curves:
+        curves = '<div class="figures">' + "".join(_img(f, 560) for f in content.curves) + "</div>"
+    metrics = _table(content.metrics, ("metric", "value")) if content.metrics else ""
+    cases = []
+    for case in content.cases:
+        parts = [f'<div class="case"><h3><span class="badge {_esc(case.rank)}">{_esc(case.rank)}</span> '
+                 f"{_esc(case.name)} &mdash; Dice {case.dice:.4f}, IoU {case.iou:.4f}</h3>"]
+        if case.text:
+            parts.append(f"<p>Report: <q>{_esc(case.text)}</q></p>")
+        if case.figure is not None:
+            parts.append(_img(case.figure))
+        parts.append(_note(case.note))
+        parts.append("</div>")
+        cases.append("".join(parts))
+    config = f"<pre>{_esc(content.config_text)}</pre>" if content.config_text else ""
+    return _TEMPLATE.substitute(
+        title=_esc(content.title),
+        subtitle=_esc(f"{content.run_dir} \u00b7 generated {content.generated}"),
+        summary=_table(content.summary, ("item", "value")) if content.summary else _note("no run summary"),
+        curves=curves + _note(content.curves_note),
+        metrics=metrics + _note(content.metrics_note),
+        cases="".join(cases) + _note(content.cases_note),
+        config=config or _note("config.yaml not found"),
+    )
+
+
+# --------------------------------------------------------------------------------------------------------
+# Collecting the run's files
+# --------------------------------------------------------------------------------------------------------
+def _flatten(prefix: str, value, out: list[tuple[str, str]]) -> None:
+    if isinstance(value, dict):
+        for key, sub in value.items():
+            _flatten(f"{prefix}.{key}" if prefix else str(key), sub, out)
+    elif isinstance(value, float):
+        out.append((prefix, f"{value:.4f}"))
+    elif isinstance(value, (list, tuple)) and len(value) > 8:
+        out.append((prefix, f"[{len(value)} values]"))
+    else:
+        out.append((prefix, str(value)))
+
+
+def read_test_metrics(test_dir: Path) -> list[tuple[str, str]]:
+    """``metrics.json`` -> (dotted key, formatted value) rows; [] when absent."""
+    path = test_dir / "metrics.json"
+    if not path.is_file():
+        return []
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(path, f"unreadable test metrics ({exc})") from None
+    rows: list[tuple[str, str]] = []
+    _flatten("", data, rows)
+    return rows
+
+
+def _column(frame: pd.DataFrame, *names: str) -> str | None:
+    lower = {str(c).lower(): c for c in frame.columns}
+    for name in names:
+        if name in lower:
+            return lower[name]
+    return None
+
+
+def rank_cases(per_image_csv: Path, n_cases: int) -> list[tuple[str, str, float, float, dict]]:
+    """``per_image.csv`` -> [(rank, name, dice, iou, row)]: the ``n_cases`` best then the ``n_cases`` worst
+    images by Dice (images without a ground-truth mask are skipped; a short list is not shown twice)."""
+    try:
+        frame = pd.read_csv(per_image_csv)
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise DataError(per_image_csv, f"unreadable per-image results ({str(exc).splitlines()[0]})") from None
+    name_col = _column(frame, "name", "image", "file", "filename")
+    dice_col = _column(frame, "dice")
+    if name_col is None or dice_col is None:
+        raise DataError(per_image_csv, f"needs a name and a dice column (has {', '.join(map(str, frame.columns))})")
+    iou_col = _column(frame, "iou", "jaccard")
+    frame = frame[pd.to_numeric(frame[dice_col], errors="coerce").notna()].copy()
+    frame["_dice"] = pd.to_numeric(frame[dice_col])
+    frame = frame.sort_values(["_dice", name_col], ascending=[False, True], kind="mergesort")
+    best = frame.head(n_cases)
+    worst = frame.iloc[::-1].head(n_cases)
+    worst = worst[~worst.index.isin(best.index)]
+    out = []
+    for rank, part in (("best", best), ("worst", worst)):
+        for _, row in part.iterrows():
+            iou = float(row[iou_col]) if iou_col is not None and pd.notna(row[iou_col]) else float("nan")
+            out.append((rank, str(row[name_col]), float(row["_dice"]), iou, row.to_dict()))
+    return out
+
+
+def _find_saved_overlay(test_dir: Path, name: str) -> Path | None:
+    stem = Path(name).stem
+    for folder in (test_dir / "overlays", test_dir):
+        if folder.is_dir():
+            for candidate in sorted(folder.glob(f"{stem}*.png")):
+                return candidate
+    return None
+
+
+def case_figure(image: np.ndarray, truth: np.ndarray | None, probability: np.ndarray, cams: dict[str, np.ndarray],
+                threshold: float = 0.5) -> bytes:
+    """One row: image, prediction (red) vs ground truth (green outline), then one Grad-CAM per layer. PNG."""
+    import io
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure as MplFigure
+
+    from .gradcam import heatmap_overlay, mask_overlay, to_rgb
+
+    rgb = to_rgb(image)
+    panels = [(rgb, "image"), (mask_overlay(rgb, probability >= threshold, truth), "prediction (red), truth (green)")]
+    panels += [(heatmap_overlay(rgb, cam), f"Grad-CAM {layer}") for layer, cam in cams.items()]
+    fig = MplFigure(figsize=(2.8 * len(panels), 3.0), dpi=100)
+    FigureCanvasAgg(fig)
+    for i, (picture, title) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        ax.imshow(picture)
+        ax.set_title(title, fontsize=8)
+        ax.set_axis_off()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def _explain_cases(run_dir: Path, cases: list[Case], layers: list[str] | None, threshold: float) -> str:
+    """Fill ``case.figure`` with image / overlay / Grad-CAM panels by re-running the model; returns a note
+    when that is not possible (the caller then falls back to saved overlays)."""
+    from ..data.layout import load_split
+    from ..data.dataset import load_pair
+    from ..train.checkpoint import load_run
+    from .gradcam import default_layers, explain_image, run_text_encoder
+
+    model, run_config = load_run(run_dir)
+    root = (run_config.get("data") or {}).get("root")
+    if not root or not Path(root).is_dir():
+        return f"test data {root!r} of this run is not reachable here: Grad-CAM maps are not shown"
+    records = {r.name: r for r in load_split(root, "test")}
+    encode = run_text_encoder(model, run_config)
+    layers = layers or default_layers(model)[:2]
+    from tqdm import tqdm
+
+    for case in tqdm(cases, desc="report: Grad-CAM", unit="case", leave=False):
+        record = records.get(case.name) or records.get(Path(case.name).stem)
+        if record is None:
+            case.note = f"{case.name} is not in {root}'s test split"
+            continue
+        image, truth = load_pair(record, model.config.in_channels)
+        (expl,) = explain_image(model, image, [record.text], encode, layers)
+        case.text = record.text
+        case.figure = Figure(case_figure(image, truth, expl.probability, expl.cams, threshold),
+                             f"{case.name}: image, prediction vs truth, Grad-CAM of {', '.join(layers)}")
+    return ""
+
+
+def collect_report(run_dir: str | Path, test_dir: str | Path | None = None, n_cases: int = 3,
+                   layers: list[str] | None = None, gradcam: bool = True, threshold: float = 0.5) -> ReportContent:
+    """Read a run folder (and its ``lvit test`` output) into :class:`ReportContent`."""
+    from .plots import training_curves
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise DataError(run_dir, "run folder not found")
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        raise DataError(config_path, "not found (is this a run folder made by lvit train?)")
+    config_text = config_path.read_text(encoding="utf-8")
+    try:
+        config = yaml.safe_load(config_text) or {}
+    except yaml.YAMLError as exc:
+        raise DataError(config_path, f"unreadable YAML ({str(exc).splitlines()[0]})") from None
+    test_dir = Path(test_dir) if test_dir else run_dir / TEST_DIRNAME
+    content = ReportContent(
+        title=f"lvit run {run_dir.resolve().name}",
+        run_dir=str(run_dir.resolve()),
+        generated=_dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+        config_text=config_text,
+    )
+    model_cfg = config.get("model") or {}
+    content.summary = [("model", str(config.get("model_name", "?")))]
+    for key in ("image_size", "base_channels", "use_text", "text_dim"):
+        if key in model_cfg:
+            content.summary.append((f"model.{key}", str(model_cfg[key])))
+    text_cfg = config.get("text") or {}
+    if text_cfg.get("encoder"):
+        content.summary.append(("text encoder", str(text_cfg["encoder"])))
+    if (config.get("data") or {}).get("root"):
+        content.summary.append(("data", str(config["data"]["root"])))
+
+    metrics_csv = run_dir / "metrics.csv"
+    if metrics_csv.is_file():
+        from .plots import read_metrics
+
+        frame = read_metrics(metrics_csv)
+        content.summary.append(("epochs logged", str(len(frame))))
+        titles = {"loss": "Loss per epoch", "dice": "Dice per epoch", "iou": "IoU per epoch"}
+        content.curves = [Figure(png, titles[key]) for key, png in training_curves(metrics_csv).items()]
+    else:
+        content.curves_note = f"{metrics_csv.name} not found: no training curves"
+
+    content.metrics = read_test_metrics(test_dir)
+    if not content.metrics:
+        content.metrics_note = f"no {test_dir / 'metrics.json'}: run `lvit test {run_dir}` first"
+
+    per_image = test_dir / "per_image.csv"
+    if not per_image.is_file():
+        content.cases_note = f"no {per_image}: run `lvit test {run_dir}` first"
+        return content
+    content.cases = [Case(rank, name, dice, iou, text=str(row.get("text", "") or ""))
+                     for rank, name, dice, iou, row in rank_cases(per_image, n_cases)]
+    note = "Grad-CAM disabled (--no-gradcam)" if not gradcam else ""
+    if gradcam and content.cases:
+        try:
+            note = _explain_cases(run_dir, content.cases, layers, threshold)
+        except LvitError as exc:
+            note = f"Grad-CAM not shown: {exc}"
+    for case in content.cases:
+        if case.figure is None:
+            saved = _find_saved_overlay(test_dir, case.name)
+            if saved is not None:
+                case.figure = Figure(saved.read_bytes(), f"{case.name}: overlay saved by lvit test ({saved.name})")
+            elif not case.note:
+                case.note = "no overlay found for this image"
+    content.cases_note = note
+    return content
+
+
+def write_report(run_dir: str | Path, out: str | Path | None = None, force: bool = False, **kwargs) -> Path:
+    """Build the report of ``run_dir`` and write it atomically (default ``RUN_DIR/report.html``)."""
+    out = Path(out) if out else Path(run_dir) / REPORT_NAME
+    refuse_clobber(out, force)
+    page = render_html(collect_report(run_dir, **kwargs))
+    return atomic_write_text(out, page)
+
+
+__all__ = ["Case", "Figure", "REPORT_NAME", "ReportContent", "TEST_DIRNAME", "case_figure", "collect_report",
+           "rank_cases", "read_test_metrics", "render_html", "write_report"]

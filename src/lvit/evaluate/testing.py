@@ -1,0 +1,165 @@
+"""``lvit test``: score a trained run on a dataset split and write its evidence.
+
+Outputs (folder ``OUT``, default ``RUN_DIR/test-<split>``):
+
+* ``metrics.json``: Dice and IoU at threshold 0.5, as the mean over images (what the paper reports) and
+  pooled over the dataset, at the model's resolution (the official protocol: ground truth resized to
+  ``image_size``) and at each image's original resolution (prediction resized back).
+* ``per_image.csv``: name, Dice, IoU (both resolutions), ground-truth and predicted foreground pixels.
+* ``masks/<image stem>.png``: predicted masks (0/255) at the original image size.
+* ``overlays/best_*.png``, ``overlays/worst_*.png``: image + ground truth (green) + prediction (red)
+  contours for the ``k`` best and worst images by Dice.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from ..io import atomic_write_json, atomic_write_text, prepare_output_dir, save_png
+from .metrics import SegmentationScores
+from .overlays import mask_png, overlay
+
+THRESHOLD = 0.5
+EMPTY_CONVENTION = ("Dice = IoU = 1 when prediction and ground truth are both empty; 0 when only one is empty")
+
+
+def default_out(run_dir: Path, split: str) -> Path:
+    return run_dir / f"test-{split}"
+
+
+def _eval_dataset(predictor, records):
+    """Records -> an un-augmented SegmentationDataset with the run's text (encoded once, cached)."""
+    from ..data import SegmentationDataset
+
+    size, channels = predictor.image_size, predictor.in_channels
+    if not predictor.uses_text:
+        return SegmentationDataset(records, size, in_channels=channels)
+    emb, mask = predictor.text_for([r.text for r in records], len(records))
+    return SegmentationDataset(records, size, emb, mask, in_channels=channels)
+
+
+def run_test(
+    run_or_checkpoint: str | Path,
+    data_root: str | Path,
+    split: str = "test",
+    out: str | Path | None = None,
+    *,
+    force: bool = False,
+    k: int = 4,
+    batch_size: int = 8,
+    device: str = "cpu",
+    progress: bool = True,
+) -> dict:
+    """Evaluate a run on ``split`` of ``data_root``; returns the metrics dict also written to metrics.json."""
+    from ..data import load_pair, load_split
+    from ..text import default_cache_dir
+    from .predict import Predictor, to_original_size
+
+    data_root = Path(data_root)
+    records = load_split(data_root, split)
+    predictor = Predictor(run_or_checkpoint, device=device, cache_dir=default_cache_dir(data_root))
+    run_dir = predictor.model.lvit_run_dir
+    out = prepare_output_dir(Path(out) if out else default_out(run_dir, split), force=force, what="test output folder")
+    dataset = _eval_dataset(predictor, records)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0,
+                        collate_fn=lambda items: items)
+
+    model_scores, orig_scores = SegmentationScores(), SegmentationScores()
+    rows: list[dict] = []
+    bar = tqdm(total=len(dataset), desc=f"lvit test ({split})", unit="img", disable=not progress)
+    for items in loader:
+        images = torch.stack([it["image"] for it in items])  # [B, C, S, S]
+        text = torch.stack([it["text"] for it in items]) if "text" in items[0] else None
+        text_mask = torch.stack([it["text_mask"] for it in items]) if "text_mask" in items[0] else None
+        logits = predictor.logits(images, text, text_mask).cpu()  # [B, 1, S, S]
+        for i, item in enumerate(items):
+            record = records[item["index"]]
+            _, mask_orig = load_pair(record, predictor.in_channels)
+            prob = to_original_size(logits[i:i + 1], item["orig_size"])[0, 0].numpy()  # [H, W]
+            pred_orig = prob >= THRESHOLD
+            stem = Path(record.name).stem
+            save_png(out / "masks" / f"{stem}.png", mask_png(pred_orig))
+            row = {"name": record.name, "mask_file": f"masks/{stem}.png", "pred_pixels": int(pred_orig.sum())}
+            if item["has_mask"]:
+                pred_model = torch.sigmoid(logits[i, 0]).numpy() >= THRESHOLD
+                d, j = model_scores.add(record.name, pred_model, item["mask"][0].numpy() > 0.5)
+                do, jo = orig_scores.add(record.name, pred_orig, mask_orig.astype(bool))
+                row.update(dice=d, iou=j, dice_original=do, iou_original=jo, gt_pixels=int(mask_orig.sum()))
+            rows.append(row)
+            bar.update(1)
+    bar.close()
+
+    _write_per_image(out / "per_image.csv", rows)
+    overlays = _write_overlays(out, records, rows, predictor.in_channels, k)
+    metrics = {
+        "split": split,
+        "data": str(data_root.resolve()),
+        "run": str(run_dir),
+        "weights": str(predictor.model.lvit_weights),
+        "model_name": predictor.run_config["model_name"],
+        "threshold": THRESHOLD,
+        "n_images": len(rows),
+        "n_scored": model_scores.summary()["n_images"],
+        "paper_metric": "mean_over_images (model resolution): mean of per-image Dice/IoU, as the official "
+                        "test_model.py averages over the test images",
+        "empty_convention": EMPTY_CONVENTION,
+        "model_resolution": {"image_size": predictor.image_size, **_figures(model_scores)},
+        "original_resolution": _figures(orig_scores),
+        "dice": _figures(model_scores).get("mean_over_images", {}).get("dice"),
+        "iou": _figures(model_scores).get("mean_over_images", {}).get("iou"),
+        "overlays": overlays,
+        "masks": str(out / "masks"),
+    }
+    atomic_write_json(out / "metrics.json", metrics)
+    metrics["out"] = str(out)
+    return metrics
+
+
+def _figures(scores: SegmentationScores) -> dict:
+    if not scores.dice:
+        return {}
+    s = scores.summary()
+    return {"mean_over_images": s["mean_over_images"], "dataset_level": s["dataset_level"]}
+
+
+def _write_per_image(path: Path, rows: list[dict]) -> None:
+    columns = ["name", "dice", "iou", "dice_original", "iou_original", "gt_pixels", "pred_pixels", "mask_file"]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n", extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in row.items()})
+    atomic_write_text(path, buf.getvalue())
+
+
+def _write_overlays(out: Path, records, rows: list[dict], in_channels: int, k: int) -> list[str]:
+    """Overlays of the k best and k worst scored images (by Dice at the original resolution)."""
+    from ..data import load_pair, read_mask
+
+    scored = [i for i, r in enumerate(rows) if "dice_original" in r]
+    if not scored or k <= 0:
+        return []
+    order = sorted(scored, key=lambda i: (rows[i]["dice_original"], rows[i]["name"]))
+    worst = order[:k]
+    best = [i for i in reversed(order) if i not in worst][:k]
+    by_name = {r.name: r for r in records}
+    written = []
+    for label, picks in (("best", best), ("worst", worst)):
+        for rank, i in enumerate(picks, 1):
+            row = rows[i]
+            image, gt = load_pair(by_name[row["name"]], in_channels)
+            pred = read_mask(out / row["mask_file"])
+            stem = Path(row["name"]).stem
+            path = out / "overlays" / f"{label}_{rank}_{stem}_dice{row['dice_original']:.3f}.png"
+            save_png(path, overlay(image, pred, gt))
+            written.append(str(path))
+    return written
+
+
+__all__ = ["EMPTY_CONVENTION", "THRESHOLD", "run_test"]

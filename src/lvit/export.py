@@ -1,0 +1,231 @@
+"""ONNX export of a segmentation model and an ONNX Runtime session that runs it like the PyTorch model.
+
+``export_onnx(model, path, ...)`` writes ``model.onnx`` atomically (refusing to overwrite without
+``force``) with a dynamic batch axis, then checks the file with ``onnx.checker`` and compares ONNX Runtime's
+logits with PyTorch's on the export inputs. ``OnnxSegmenter(path)`` wraps an ``onnxruntime.InferenceSession``
+with the model's forward signature: ``segmenter(image, text, text_mask) -> logits`` (torch in, torch out).
+
+Exporter choice (torch 2.13): ``torch.onnx.export(..., dynamo=True)`` (the torch.export-based exporter, which
+needs onnxscript) is the default and is used here; it handles SDPA and in-place activations and
+produces a graph ORT optimises well. The legacy TorchScript exporter is kept as a fallback
+(``exporter="torchscript"``) for environments without onnxscript.
+
+Spatial size is fixed at export: LViT's ViT branch has learned position embeddings for a fixed number of
+patches (``image_size / 16`` squared), so only the batch axis is dynamic. ONNX files record the image size
+and text shape in their metadata (``lvit.image_size`` ...), which :class:`OnnxSegmenter` checks inputs against.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import CheckpointError, LvitError
+from .io import atomic_path, refuse_clobber
+
+#: Default tolerance of the export check: max |logit_onnx - logit_torch| (fp32 both sides).
+EXPORT_ATOL = 1e-3
+
+INPUT_NAMES = ("image", "text", "text_mask")
+
+
+def example_inputs(
+    batch: int,
+    image_size: int,
+    in_channels: int = 3,
+    text_tokens: int = 10,
+    text_dim: int = 768,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Deterministic inputs of the model contract: image ``[B, C, H, W]`` in [0, 1], text ``[B, L, D]``,
+    text_mask ``[B, L]`` bool (the last two tokens of every second sample are padding)."""
+    gen = torch.Generator().manual_seed(seed)
+    image = torch.rand(batch, in_channels, image_size, image_size, generator=gen)  # [B, C, H, W]
+    text = torch.randn(batch, text_tokens, text_dim, generator=gen)  # [B, L, D]
+    text_mask = torch.ones(batch, text_tokens, dtype=torch.bool)  # [B, L]
+    text_mask[1::2, -2:] = False
+    return image, text, text_mask
+
+
+def inputs_for(model: nn.Module, batch: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`example_inputs` shaped for ``model.config`` (an ``LViTConfig``)."""
+    cfg = model.config
+    return example_inputs(
+        batch, cfg.image_size, cfg.in_channels, cfg.text_tokens, cfg.text_dim, seed=seed
+    )
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | Path,
+    *,
+    opset: int = 17,
+    force: bool = False,
+    exporter: str = "dynamo",
+    check: bool = True,
+    atol: float = EXPORT_ATOL,
+    metadata: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Export ``model`` (eval mode, fp32) to ONNX at ``path`` with a dynamic batch axis.
+
+    Returns a summary dict: ``path``, ``exporter``, ``opset``, ``inputs`` (names the graph kept),
+    ``max_abs_diff`` (ORT vs PyTorch logits on a batch of 2, when ``check``). Raises
+    :class:`~lvit.errors.OutputExistsError` if ``path`` exists and not ``force``, and
+    :class:`~lvit.errors.LvitError` if the exported graph disagrees with PyTorch by more than ``atol``.
+    """
+    path = Path(path)
+    refuse_clobber(path, force)
+    if exporter not in ("dynamo", "torchscript"):
+        raise LvitError(f"unknown ONNX exporter {exporter!r}; use 'dynamo' or 'torchscript'")
+    was_training = model.training
+    model = model.eval().float()
+    # Batch 2 traces the graph with a non-trivial batch; torch.export would specialise a batch of 1.
+    args = inputs_for(model, batch=2)
+    cfg = model.config
+    meta = {
+        "lvit.image_size": str(cfg.image_size),
+        "lvit.in_channels": str(cfg.in_channels),
+        "lvit.text_tokens": str(cfg.text_tokens),
+        "lvit.text_dim": str(cfg.text_dim),
+        "lvit.config": json.dumps(cfg.to_dict() if hasattr(cfg, "to_dict") else {}),
+    }
+    meta.update({k: str(v) for k, v in (metadata or {}).items()})
+    try:
+        with atomic_path(path) as tmp:
+            _export_to(model, args, tmp, opset=opset, exporter=exporter)
+            _stamp_metadata(tmp, meta)
+            if check:
+                import onnx
+
+                onnx.checker.check_model(str(tmp))
+                max_abs = _compare_with_torch(model, tmp, args)
+                if not max_abs <= atol:
+                    raise LvitError(
+                        f"{path}: ONNX Runtime logits differ from PyTorch by {max_abs:.3g} (> {atol:g}); "
+                        "file not written"
+                    )
+            else:
+                max_abs = float("nan")
+    finally:
+        model.train(was_training)
+    inputs = OnnxSegmenter(path).input_names
+    return {"path": str(path), "exporter": exporter, "opset": opset, "inputs": inputs, "max_abs_diff": max_abs}
+
+
+def _export_to(model: nn.Module, args: tuple, dest: Path, *, opset: int, exporter: str) -> None:
+    # Silence the exporters' progress chatter and their warnings about ops they handle anyway.
+    sink = io.StringIO()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(sink):
+        warnings.simplefilter("ignore")
+        if exporter == "dynamo":
+            batch = torch.export.Dim("batch", min=1, max=4096)
+            program = torch.onnx.export(
+                model,
+                args,
+                input_names=list(INPUT_NAMES),
+                output_names=["logits"],
+                dynamic_shapes={"image": {0: batch}, "text": {0: batch}, "text_mask": {0: batch}},
+                opset_version=opset,
+                dynamo=True,
+                optimize=True,
+                verbose=False,
+            )
+            # Weights inline (LViT is ~120 MB in fp32, under protobuf's 2 GB limit): one self-contained file.
+            program.save(str(dest), external_data=False)
+        else:
+            torch.onnx.export(
+                model,
+                args,
+                str(dest),
+                input_names=list(INPUT_NAMES),
+                output_names=["logits"],
+                dynamic_axes={name: {0: "batch"} for name in (*INPUT_NAMES, "logits")},
+                opset_version=opset,
+                dynamo=False,
+            )
+
+
+def _stamp_metadata(path: Path, meta: dict[str, str]) -> None:
+    import onnx
+
+    proto = onnx.load(str(path))
+    del proto.metadata_props[:]
+    for key, value in meta.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(proto, str(path))
+
+
+@torch.no_grad()
+def _compare_with_torch(model: nn.Module, onnx_path: Path, args: tuple) -> float:
+    expected = model(*args).float()
+    got = OnnxSegmenter(onnx_path, threads=torch.get_num_threads())(*args)
+    return float((got - expected).abs().max())
+
+
+class OnnxSegmenter:
+    """An ONNX Runtime session with the model's call signature.
+
+    ``OnnxSegmenter(path, threads=None)(image [B,C,H,W], text [B,L,D] | None, text_mask [B,L] | None)
+    -> logits [B, n_classes, H, W]`` (float32 torch tensor on CPU). Inputs the exported graph dropped
+    (LViT-T and U-Net ignore the text) are not fed. ``threads`` sets ORT's intra-op pool (default: as many
+    as torch uses).
+    """
+
+    def __init__(self, path: str | Path, threads: int | None = None, providers: list[str] | None = None):
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise CheckpointError(f"{self.path}: ONNX model not found")
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = int(threads or torch.get_num_threads())
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3  # errors only
+        try:
+            self.session = ort.InferenceSession(
+                str(self.path), sess_options=options, providers=providers or ["CPUExecutionProvider"]
+            )
+        except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
+            raise CheckpointError(f"{self.path}: not a loadable ONNX model ({str(exc).splitlines()[0]})") from None
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
+        self.image_size = int(self.metadata["lvit.image_size"]) if "lvit.image_size" in self.metadata else None
+
+    def __call__(
+        self,
+        image: torch.Tensor,
+        text: torch.Tensor | None = None,
+        text_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if self.image_size is not None and tuple(image.shape[-2:]) != (self.image_size, self.image_size):
+            raise LvitError(
+                f"{self.path}: exported for {self.image_size}x{self.image_size} images, "
+                f"got {tuple(image.shape[-2:])}; resize the input or re-export"
+            )
+        feeds_all = {"image": image, "text": text, "text_mask": text_mask}
+        feeds: dict[str, np.ndarray] = {}
+        for name in self.input_names:
+            value = feeds_all.get(name)
+            if value is None:
+                raise LvitError(f"{self.path}: the exported model needs input {name!r}")
+            array = value.detach().cpu().numpy()
+            feeds[name] = array if name == "text_mask" else np.ascontiguousarray(array, dtype=np.float32)
+        (logits,) = self.session.run(None, feeds)
+        return torch.from_numpy(logits)
+
+
+def onnx_threads_default() -> int:
+    """Threads for ORT: the torch setting unless OMP_NUM_THREADS says otherwise."""
+    env = os.environ.get("OMP_NUM_THREADS")
+    return int(env) if env and env.isdigit() else torch.get_num_threads()

@@ -1,0 +1,108 @@
+"""On-disk cache of report embeddings, so a dataset is encoded once.
+
+One safetensors file per (encoder name, max_tokens) in the cache folder, holding one row per distinct
+report: ``emb [M, L, D]`` float32, ``mask [M, L]`` bool, and in its metadata the sha256 of each row's
+prepared text. Encoding looks every report up by hash and runs the model only on the misses (a changed
+report re-encodes that report alone); the file is then rewritten atomically. The model is loaded lazily by
+the encoder, so a full cache hit never loads it. A damaged cache file is ignored and rebuilt (it is only a
+cache). Frozen encoders only: a trainable (``learned``) encoder passes straight through.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from pathlib import Path
+
+import torch
+
+from ..io import atomic_path
+from .encoders import TextEncoder
+from .reports import text_sha256
+
+CACHE_DIRNAME = ".lvit_cache"
+
+
+def default_cache_dir(dataset_root: str | Path) -> Path:
+    return Path(dataset_root) / CACHE_DIRNAME
+
+
+def cache_file(encoder: TextEncoder, cache_dir: str | Path) -> Path:
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", encoder.name)
+    return Path(cache_dir) / f"text-{slug}-L{encoder.max_tokens}.safetensors"
+
+
+def _load_rows(path: Path, encoder: TextEncoder) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    if not path.is_file():
+        return {}
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+            hashes = json.loads(meta.get("hashes", "[]"))
+            emb, mask = fh.get_tensor("emb"), fh.get_tensor("mask")
+    except Exception as exc:  # noqa: BLE001 - any damage means "rebuild", never "crash training"
+        warnings.warn(f"{path}: unreadable text cache ignored ({exc})", stacklevel=3)
+        return {}
+    shape_ok = emb.ndim == 3 and emb.shape[1:] == (encoder.max_tokens, encoder.dim)
+    if not shape_ok or mask.shape != emb.shape[:2] or len(hashes) != emb.shape[0]:
+        warnings.warn(f"{path}: text cache does not fit encoder {encoder.name}; rebuilding", stacklevel=3)
+        return {}
+    return {h: (emb[i], mask[i]) for i, h in enumerate(hashes)}
+
+
+def _save_rows(path: Path, encoder: TextEncoder, rows: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    from safetensors.torch import save_file
+
+    hashes = sorted(rows)
+    emb = torch.stack([rows[h][0] for h in hashes]).contiguous()
+    mask = torch.stack([rows[h][1] for h in hashes]).contiguous()
+    meta = {"encoder": encoder.name, "max_tokens": str(encoder.max_tokens), "dim": str(encoder.dim),
+            "hashes": json.dumps(hashes)}
+    with atomic_path(path) as tmp:
+        save_file({"emb": emb, "mask": mask}, str(tmp), metadata=meta)
+
+
+def encode_cached(
+    encoder: TextEncoder, texts: list[str], cache_dir: str | Path | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``encoder.encode(texts)`` through the cache in ``cache_dir`` (None: no cache)."""
+    texts = list(texts)
+    if cache_dir is None or encoder.trainable or not texts:
+        return encoder.encode(texts)
+    path = cache_file(encoder, cache_dir)
+    rows = _load_rows(path, encoder)
+    prepared = encoder.prepare(texts)
+    keys = [text_sha256(t) for t in prepared]
+    missing: dict[str, str] = {}
+    for key, raw in zip(keys, texts):
+        if key not in rows and key not in missing:
+            missing[key] = raw
+    if missing:
+        emb, mask = encoder.encode(list(missing.values()))
+        for i, key in enumerate(missing):
+            rows[key] = (emb[i], mask[i])
+        _save_rows(path, encoder, rows)
+    return torch.stack([rows[k][0] for k in keys]), torch.stack([rows[k][1] for k in keys])
+
+
+class CachedEncoder(TextEncoder):
+    """A :class:`TextEncoder` whose ``encode`` goes through :func:`encode_cached`."""
+
+    def __init__(self, encoder: TextEncoder, cache_dir: str | Path | None):
+        self.inner = encoder
+        self.cache_dir = None if cache_dir is None else Path(cache_dir)
+        self.name, self.dim, self.trainable = encoder.name, encoder.dim, encoder.trainable
+        self.max_tokens, self.min_words = encoder.max_tokens, encoder.min_words
+
+    @property
+    def spec(self) -> str:
+        return self.inner.spec
+
+    def prepare(self, texts: list[str]) -> list[str]:
+        return self.inner.prepare(texts)
+
+    def encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        return encode_cached(self.inner, texts, self.cache_dir)

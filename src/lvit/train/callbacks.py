@@ -1,0 +1,98 @@
+"""The run-folder callback: per-epoch CSV/TensorBoard rows, best/last weights, full state for ``--resume``.
+
+It subclasses Lightning's :class:`Checkpoint`, so Lightning runs it after the other callbacks (the early
+stopping state it saves is already updated for the epoch) and adds no default ModelCheckpoint.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Checkpoint
+
+from ..io import atomic_write_text
+from .checkpoint import BEST_WEIGHTS, CKPT_DIR, LAST_STATE, LAST_WEIGHTS, rng_state, save_weights, set_rng_state
+
+CSV_COLUMNS = ("epoch", "train_loss", "val_loss", "val_dice", "val_iou", "lr", "best", "seconds")
+
+
+class RunCheckpoint(Checkpoint):
+    def __init__(self, run_dir: str | Path):
+        super().__init__()
+        self.run_dir = Path(run_dir)
+        self.rows: list[dict[str, Any]] = []
+        self.best_dice = -math.inf
+        self.best_epoch = -1
+        self._pending_rng: dict | None = None
+        self._epoch_started = 0.0
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.run_dir / CKPT_DIR
+
+    @property
+    def state_key(self) -> str:
+        return "RunCheckpoint"
+
+    # ------------------------------------------------------------------ epoch hooks
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._pending_rng is not None:
+            # First epoch after --resume: continue the RNG streams exactly where the saved epoch left them
+            # (shuffling, augmentation and dropout then draw what an uninterrupted run draws).
+            set_rng_state(self._pending_rng)
+            self._pending_rng = None
+        self._epoch_started = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        results = pl_module.train_epoch_results()  # all processes (DDP-synced metrics)
+        epoch = trainer.current_epoch
+        dice = results.get("val_dice", float("nan"))
+        is_best = not math.isnan(dice) and dice > self.best_dice
+        if is_best:
+            self.best_dice, self.best_epoch = dice, epoch
+        row = {"epoch": epoch + 1, **{k: results.get(k, float("nan")) for k in CSV_COLUMNS[1:6]},
+               "best": int(is_best), "seconds": round(time.perf_counter() - self._epoch_started, 2),
+               **{k: v for k, v in results.items() if k not in CSV_COLUMNS}}  # extension figures
+        self.rows.append(row)
+        if trainer.is_global_zero:
+            self._write_csv()
+            if trainer.logger is not None:
+                trainer.logger.log_metrics({f"epoch/{k}": float(v) for k, v in row.items()
+                                            if k not in ("epoch", "best")}, step=epoch)
+            meta = {"format": "lvit", "epoch": str(epoch + 1), "val_dice": f"{dice:.6f}"}
+            model = pl_module.model
+            save_weights(self.ckpt_dir / LAST_WEIGHTS, model, pl_module.text_embedding, meta)
+            if is_best:
+                save_weights(self.ckpt_dir / BEST_WEIGHTS, model, pl_module.text_embedding, meta)
+        # Full state last (every process takes part; rank 0 writes): a kill before this line resumes from
+        # the previous epoch and recomputes this one identically.
+        trainer.save_checkpoint(self.ckpt_dir / LAST_STATE)
+
+    def _write_csv(self) -> None:
+        buf = io.StringIO()
+        # Extra per-epoch figures an extension module returns (lvit.train.semi: pseudo_dice ...) follow the
+        # standard columns.
+        extra = [k for r in self.rows for k in r if k not in CSV_COLUMNS]
+        fields = list(CSV_COLUMNS) + list(dict.fromkeys(extra))
+        writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+        writer.writeheader()
+        for row in self.rows:
+            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+        atomic_write_text(self.run_dir / "metrics.csv", buf.getvalue())
+
+    # ------------------------------------------------------------------ state (in last.ckpt)
+    def state_dict(self) -> dict[str, Any]:
+        return {"rows": [dict(r) for r in self.rows], "best_dice": float(self.best_dice),
+                "best_epoch": int(self.best_epoch), "rng": rng_state()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.rows = [dict(r) for r in state_dict.get("rows", [])]
+        self.best_dice = float(state_dict.get("best_dice", -math.inf))
+        self.best_epoch = int(state_dict.get("best_epoch", -1))
+        self._pending_rng = state_dict.get("rng")

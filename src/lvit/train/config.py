@@ -1,0 +1,273 @@
+"""Training configuration: YAML presets mapped onto dataclasses, with ``--set key=value`` overrides.
+
+A preset (``configs/qata.yaml`` ...) is plain data::
+
+    model_name: lvit            # lvit | lvit-t | unet
+    model: {image_size: 224, base_channels: 64, text_tokens: 10, ...}   # LViTConfig fields
+    text: {encoder: minilm}     # lvit.text.get_text_encoder spec
+    data: {batch_size: 24, augment: true, num_workers: 2}
+    optim: {name: adam, lr: 3.0e-4, scheduler: cosine_restarts, t0: 10, eta_min: 1.0e-4}
+    loss: {dice_weight: 0.5, bce_weight: 0.5}
+    trainer: {max_epochs: 2000, patience: 50, precision: 32-true, seed: 666}
+
+Every key is checked: an unknown key, a value of the wrong type or a NaN/inf number raises
+:class:`~lvit.errors.ConfigError` naming the file (or ``--set``) and the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from ..errors import ConfigError
+
+MODEL_NAMES = ("lvit", "lvit-t", "unet")
+PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true")
+
+
+def _default_model_config():
+    from ..models import LViTConfig
+
+    return LViTConfig()
+
+
+@dataclass
+class TextConfig:
+    """Which text encoder turns reports into token embeddings (see :func:`lvit.text.get_text_encoder`)."""
+
+    encoder: str = "minilm"
+    # Where encoded reports are cached (safetensors); None: ``<data root>/.lvit_text_cache``.
+    cache_dir: str | None = None
+
+
+@dataclass
+class DataConfig:
+    root: str | None = None  # dataset root (Train_Folder/Val_Folder/Test_Folder); `--data` sets it
+    batch_size: int = 24
+    val_batch_size: int | None = None  # None: same as batch_size
+    augment: bool = True  # random flips/rotations on the training split (lvit.data)
+    num_workers: int = 2
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adam"  # adam | adamw
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    # Official: CosineAnnealingWarmRestarts(T_0=10, T_mult=1, eta_min=1e-4), stepped once per epoch.
+    scheduler: str = "cosine_restarts"  # cosine_restarts | none
+    t0: int = 10
+    t_mult: int = 1
+    # Must lie below lr; when it does not (e.g. lr 1e-4 with the official eta_min 1e-4) it is clamped
+    # to lr / 10 so the schedule still anneals instead of rising.
+    eta_min: float = 1e-4
+    grad_clip: float | None = None  # clip the global gradient norm to this value (None: off)
+
+
+@dataclass
+class LossConfig:
+    """Official loss: 0.5 * weighted soft Dice + 0.5 * class-balanced BCE (utils.WeightedDiceBCE)."""
+
+    dice_weight: float = 0.5
+    bce_weight: float = 0.5
+
+
+@dataclass
+class TrainerConfig:
+    max_epochs: int = 2000
+    patience: int | None = 50  # early stopping on val Dice (None: off)
+    precision: str = "32-true"  # 32-true | bf16-mixed (CPU or GPU) | 16-mixed (GPU)
+    accelerator: str = "auto"  # auto | cpu | gpu
+    devices: int | str = 1  # number of devices per node, or "auto"
+    num_nodes: int = 1
+    strategy: str = "auto"  # auto (ddp when devices * num_nodes > 1) | ddp | ...
+    seed: int = 666  # official seed
+    deterministic: bool = True
+    progress: bool = True  # tqdm progress bars
+    log_every_n_steps: int = 10
+
+
+@dataclass
+class TrainConfig:
+    model_name: str = "lvit"
+    model: Any = field(default_factory=_default_model_config)  # lvit.models.LViTConfig
+    text: TextConfig = field(default_factory=TextConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+    def to_dict(self) -> dict:
+        out = {"model_name": self.model_name, "model": self.model.to_dict()}
+        for name in ("text", "data", "optim", "loss", "trainer"):
+            out[name] = dataclasses.asdict(getattr(self, name))
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "config") -> "TrainConfig":
+        from ..models import LViTConfig
+
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{source}: expected a mapping of sections, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key in data:
+            if key not in known:
+                raise ConfigError(f"{source}: unknown key '{key}' (known: {', '.join(sorted(known))})")
+        cfg = cls()
+        if "model_name" in data:
+            cfg.model_name = _coerce(data["model_name"], str, f"{source}: model_name")
+        if cfg.model_name not in MODEL_NAMES:
+            raise ConfigError(f"{source}: model_name '{cfg.model_name}' is not one of {', '.join(MODEL_NAMES)}")
+        cfg.model = _build(LViTConfig, data.get("model", {}) or {}, f"{source}: model")
+        for name, klass in (("text", TextConfig), ("data", DataConfig), ("optim", OptimConfig),
+                            ("loss", LossConfig), ("trainer", TrainerConfig)):
+            setattr(cfg, name, _build(klass, data.get(name, {}) or {}, f"{source}: {name}"))
+        cfg.validate(source)
+        return cfg
+
+    def validate(self, source: str = "config") -> None:
+        o, t = self.optim, self.trainer
+        if o.name not in ("adam", "adamw"):
+            raise ConfigError(f"{source}: optim.name '{o.name}' is not adam or adamw")
+        if o.scheduler not in ("cosine_restarts", "none"):
+            raise ConfigError(f"{source}: optim.scheduler '{o.scheduler}' is not cosine_restarts or none")
+        if not o.lr > 0:
+            raise ConfigError(f"{source}: optim.lr must be > 0 (got {o.lr})")
+        if o.t0 < 1 or o.t_mult < 1:
+            raise ConfigError(f"{source}: optim.t0 and optim.t_mult must be >= 1")
+        if o.grad_clip is not None and (not isinstance(o.grad_clip, (int, float)) or not o.grad_clip > 0):
+            raise ConfigError(f"{source}: optim.grad_clip must be > 0 or null (got {o.grad_clip})")
+        if self.data.batch_size < 1:
+            raise ConfigError(f"{source}: data.batch_size must be >= 1 (got {self.data.batch_size})")
+        if t.max_epochs < 1:
+            raise ConfigError(f"{source}: trainer.max_epochs must be >= 1 (got {t.max_epochs})")
+        if t.patience is not None and t.patience < 1:
+            raise ConfigError(f"{source}: trainer.patience must be >= 1 or null (got {t.patience})")
+        if str(t.precision) not in PRECISIONS:
+            raise ConfigError(f"{source}: trainer.precision '{t.precision}' is not one of {', '.join(PRECISIONS)}")
+        if self.loss.dice_weight < 0 or self.loss.bce_weight < 0 or self.loss.dice_weight + self.loss.bce_weight == 0:
+            raise ConfigError(f"{source}: loss weights must be >= 0 and not both 0")
+
+    @property
+    def effective_eta_min(self) -> float:
+        """eta_min of the cosine schedule, clamped below lr (see OptimConfig.eta_min)."""
+        return self.optim.eta_min if self.optim.eta_min < self.optim.lr else self.optim.lr / 10
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading and overrides
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a YAML preset (or the defaults when ``path`` is None) and apply ``key=value`` overrides."""
+    data: dict = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: cannot read config ({exc})") from None
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            problem = str(exc).replace("\n", " ")
+            raise ConfigError(f"{path}: invalid YAML ({problem})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    for item in overrides or []:
+        apply_override(data, item)
+    return TrainConfig.from_dict(data, source)
+
+
+def apply_override(data: dict, item: str) -> None:
+    """Apply one ``section.key=value`` override (value parsed as YAML) to the raw config mapping."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item}: expected key=value, e.g. optim.lr=1e-3")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    # YAML reads "1e-3" as a string (it wants "1.0e-3"): accept plain float spellings too.
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    parts = key.split(".")
+    if not all(parts):
+        raise ConfigError(f"--set {item}: empty key component")
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {item}: '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _build(klass, values: Mapping[str, Any], where: str):
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"{where}: expected a mapping, got {type(values).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(klass)}
+    default = klass()
+    kwargs = {}
+    for key, value in values.items():
+        if key not in fields:
+            raise ConfigError(f"{where}: unknown key '{key}' (known: {', '.join(sorted(fields))})")
+        kwargs[key] = _coerce(value, type(getattr(default, key)), f"{where}.{key}", getattr(default, key))
+    return dataclasses.replace(default, **kwargs)
+
+
+def _coerce(value: Any, kind: type, where: str, default: Any = None) -> Any:
+    """Check ``value`` against the type of the field's default; numbers must be finite."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where}: value must be a finite number (got {value})")
+    if isinstance(value, str) and value.strip().lower() in ("nan", ".nan", "inf", "+inf", "-inf", ".inf", "-.inf"):
+        raise ConfigError(f"{where}: value must be a finite number (got {value})")
+    if value is None:
+        return None  # optional fields (grad_clip, patience, cache_dir ...)
+    if default is None or kind is type(None):
+        # Optional field whose default is None: accept numbers and strings as given.
+        if isinstance(value, (int, float, str, bool)):
+            return value
+        raise ConfigError(f"{where}: expected a number or string, got {type(value).__name__}")
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if kind is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str) and where.endswith("devices") and value == "auto":
+            return value
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if kind is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    if kind in (tuple, list):
+        if isinstance(value, (list, tuple)):
+            return kind(value)
+        raise ConfigError(f"{where}: expected a list, got {value!r}")
+    return value

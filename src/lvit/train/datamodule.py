@@ -1,0 +1,94 @@
+"""Datasets and loaders for training: records -> encoded reports (once, cached) -> SegmentationDataset.
+
+Reports are encoded once per split before training, through the on-disk cache of :mod:`lvit.text`, and held
+in memory; the dataset hands each sample its row. Models that ignore text (LViT-T, U-Net) skip encoding.
+The trainable "learned" backend tokenises instead (ids per sample) and trains its embedding layer with the
+network.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch.utils.data import DataLoader
+
+from ..data.dataset import SegmentationDataset, encode_records
+from ..data.layout import Record, load_split
+from ..data.transforms import AugmentConfig
+from ..text import default_cache_dir, get_text_encoder
+from .config import TrainConfig
+
+
+def model_uses_text(config: TrainConfig) -> bool:
+    return config.model_name == "lvit" and bool(config.model.use_text)
+
+
+def build_text_encoder(config: TrainConfig, train_texts: list[str] | None = None):
+    """The encoder of ``config.text.encoder`` keeping ``config.model.text_tokens`` tokens (None: no text)."""
+    if not model_uses_text(config):
+        return None
+    spec = config.text.encoder
+    if spec == "learned":
+        return get_text_encoder("learned", config.model.text_tokens, texts=train_texts, dim=config.model.text_dim)
+    return get_text_encoder(spec, config.model.text_tokens)
+
+
+def text_cache_dir(config: TrainConfig, root: str | Path) -> Path:
+    return Path(config.text.cache_dir) if config.text.cache_dir else default_cache_dir(root)
+
+
+def make_dataset(records: list[Record], config: TrainConfig, encoder, cache_dir: Path | None,
+                 augment: bool) -> SegmentationDataset:
+    """A dataset over ``records`` with their reports encoded (or tokenised) by ``encoder``."""
+    aug = AugmentConfig() if augment else False
+    kwargs = dict(augment=aug, in_channels=config.model.in_channels)
+    size = config.model.image_size
+    if encoder is None:
+        return SegmentationDataset(records, size, **kwargs)
+    if getattr(encoder, "trainable", False):
+        ids, _ = encoder.tokenize([r.text for r in records])  # [N, L] int64
+        ids_flipped = None
+        if aug and aug.hflip_prob > 0:
+            from ..text import swap_left_right
+
+            ids_flipped, _ = encoder.tokenize([swap_left_right(r.text) for r in records])
+        return SegmentationDataset(records, size, text_ids=ids, text_ids_flipped=ids_flipped, **kwargs)
+    text = encode_records(records, encoder, cache_dir, flipped=bool(aug and aug.hflip_prob > 0))
+    return SegmentationDataset.from_text(records, size, text, **kwargs)
+
+
+@dataclass
+class TrainData:
+    train: SegmentationDataset
+    val: SegmentationDataset
+    encoder: object | None  # lvit.text.TextEncoder or None (model without text)
+
+    def loaders(self, config: TrainConfig) -> tuple[DataLoader, DataLoader]:
+        d = config.data
+        workers = max(0, int(d.num_workers))
+        common = dict(num_workers=workers, persistent_workers=workers > 0)
+        train = DataLoader(self.train, batch_size=d.batch_size, shuffle=True, drop_last=False, **common)
+        val = DataLoader(self.val, batch_size=d.val_batch_size or d.batch_size, shuffle=False, **common)
+        return train, val
+
+
+def build_train_data(config: TrainConfig, root: str | Path) -> TrainData:
+    """Load the train and val splits of ``root`` and encode their reports (once, through the cache)."""
+    train_records = load_split(root, "train", seed=config.trainer.seed)
+    val_records = load_split(root, "val", seed=config.trainer.seed)
+    encoder = build_text_encoder(config, [r.text for r in train_records])
+    if encoder is not None and not getattr(encoder, "trainable", False):
+        config.model.text_dim = encoder.dim  # the network's text width follows the encoder
+    cache = text_cache_dir(config, root) if encoder is not None else None
+    train = make_dataset(train_records, config, encoder, cache, augment=config.data.augment)
+    val = make_dataset(val_records, config, encoder, cache, augment=False)
+    return TrainData(train, val, encoder)
+
+
+def describe_encoder(encoder) -> dict | None:
+    if encoder is None:
+        return None
+    info = dict(encoder.describe())
+    info["name"] = encoder.name
+    return info

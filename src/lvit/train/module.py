@@ -1,0 +1,137 @@
+"""The Lightning module: one network, the official supervised loss, Dice/IoU validation, Adam + cosine restarts.
+
+Extension point for semi-supervised training: :meth:`SegmentationModule.unlabelled_loss` receives the batch,
+the logits and a boolean selector of the samples without masks (``batch["has_mask"]`` False) and returns an
+extra loss term (or None). The supervised loss only ever sees the labelled samples. ``batch["index"]`` is the
+dataset index of each sample (for per-image state such as the EPI pseudo-label bank).
+"""
+
+from __future__ import annotations
+
+import math
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from torchmetrics import MeanMetric
+
+from ..errors import TrainingDiverged
+from ..evaluate.metrics import batch_dice_iou
+from .config import TrainConfig
+from .losses import DiceBCELoss
+
+
+class SegmentationModule(pl.LightningModule):
+    """Wraps a segmentation network (LViT, LViT-T or U-Net) for training.
+
+    Batches are dicts as produced by :class:`lvit.data.SegmentationDataset`: ``image [B, C, H, W]``,
+    ``mask [B, 1, H, W]``, ``text [B, L, D]``, ``text_mask [B, L]``, ``has_mask [B]``, ``index [B]``.
+    For the trainable ("learned") text backend batches carry ``text_ids [B, L]`` instead of ``text`` and
+    ``text_embedding`` (trained with the network) maps them to ``[B, L, D]``.
+    """
+
+    def __init__(self, model: nn.Module, config: TrainConfig, text_embedding: nn.Module | None = None):
+        super().__init__()
+        self.model = model
+        self.text_embedding = text_embedding
+        self.config = config
+        self.loss_fn = DiceBCELoss(config.loss.dice_weight, config.loss.bce_weight)
+        # Epoch aggregates; torchmetrics syncs them across DDP processes on compute().
+        self.train_loss = MeanMetric()
+        self.val_loss = MeanMetric()
+        self.val_dice = MeanMetric()  # mean over images of per-image Dice (threshold 0.5)
+        self.val_iou = MeanMetric()
+        self.val_results: dict[str, float] = {}
+        self._epoch_lr = math.nan
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, image: torch.Tensor, text: torch.Tensor | None = None,
+                text_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model(image, text, text_mask)  # logits [B, 1, H, W]
+
+    def _logits(self, batch: dict) -> torch.Tensor:
+        if self.text_embedding is not None and "text_ids" in batch:
+            ids = batch["text_ids"]  # [B, L] int64, 0 = padding
+            return self(batch["image"], self.text_embedding(ids), ids != 0)
+        return self(batch["image"], batch.get("text"), batch.get("text_mask"))
+
+    # ------------------------------------------------------------------ losses
+    def supervised_loss(self, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Official loss on labelled samples: logits, mask ``[N, 1, H, W]``."""
+        return self.loss_fn(logits, mask)
+
+    def unlabelled_loss(self, batch: dict, logits: torch.Tensor, unlabelled: torch.Tensor) -> torch.Tensor | None:
+        """Hook for semi-supervised training; ``unlabelled`` is a bool ``[B]`` selector. Default: no term."""
+        return None
+
+    def on_train_epoch_start(self) -> None:
+        # The learning rate this epoch trains with (the scheduler steps before the epoch-end callbacks run).
+        self._epoch_lr = self.trainer.optimizers[0].param_groups[0]["lr"] if self.trainer.optimizers else math.nan
+
+    def training_step(self, batch: dict, batch_idx: int):
+        logits = self._logits(batch)
+        has_mask = batch["has_mask"].bool()
+        terms = []
+        if bool(has_mask.any()):
+            terms.append(self.supervised_loss(logits[has_mask], batch["mask"][has_mask]))
+        extra = self.unlabelled_loss(batch, logits, ~has_mask) if bool((~has_mask).any()) else None
+        if extra is not None:
+            terms.append(extra)
+        if not terms:
+            return None  # nothing to learn from in this batch: Lightning skips the step
+        loss = torch.stack([t.float() for t in terms]).sum()
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(
+                f"loss became {loss.item()} at epoch {self.current_epoch} (batch {batch_idx}); training stopped, "
+                "the last good checkpoint is kept (try a lower optim.lr, optim.grad_clip or 32-true precision)"
+            )
+        n = logits.shape[0]
+        self.train_loss.update(loss.detach(), weight=n)
+        self.log("loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False, batch_size=n)
+        return loss
+
+    # ------------------------------------------------------------------ validation
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        logits = self._logits(batch)
+        has_mask = batch["has_mask"].bool()
+        if not bool(has_mask.any()):
+            return
+        logits, mask = logits[has_mask], batch["mask"][has_mask]
+        self.val_loss.update(self.supervised_loss(logits, mask).detach(), weight=logits.shape[0])
+        pred = torch.sigmoid(logits.float()) >= 0.5  # [N, 1, H, W]
+        dice, iou = batch_dice_iou(pred, mask > 0.5)  # [N] each
+        self.val_dice.update(dice.float())
+        self.val_iou.update(iou.float())
+
+    def on_validation_epoch_end(self) -> None:
+        results = {}
+        for name, metric in (("val_loss", self.val_loss), ("val_dice", self.val_dice), ("val_iou", self.val_iou)):
+            value = float(metric.compute()) if metric.update_count else float("nan")
+            metric.reset()
+            results[name] = value
+        self.val_results = results
+        if self.trainer is not None and not self.trainer.sanity_checking:
+            for name, value in results.items():
+                self.log(name, value, prog_bar=name == "val_dice", sync_dist=False)
+
+    def train_epoch_results(self) -> dict[str, float]:
+        """Epoch summary (called by the run callback on every process at the end of each epoch)."""
+        loss = float(self.train_loss.compute()) if self.train_loss.update_count else float("nan")
+        self.train_loss.reset()
+        return {"train_loss": loss, **self.val_results, "lr": self._epoch_lr}
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self):
+        o = self.config.optim
+        params = [p for p in self.parameters() if p.requires_grad]
+        if o.name == "adamw":
+            optimizer = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+        else:
+            optimizer = torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
+        if o.scheduler == "none":
+            return optimizer
+        # Stepped once per epoch (after validation), as the official train_model.py does.
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
+            optimizer, T_0=o.t0, T_mult=o.t_mult, eta_min=self.config.effective_eta_min
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}

@@ -1,0 +1,188 @@
+"""``train()``: one call from a config to a finished run folder (Lightning drives the loop).
+
+Lightning supplies the loop, precision (32 / bf16 autocast on CPU / fp16 or bf16 AMP on GPU), gradient
+clipping, early stopping, progress bars, TensorBoard and DDP (``trainer.devices`` / ``trainer.num_nodes`` or
+torchrun); :class:`~lvit.train.callbacks.RunCheckpoint` writes the run folder (see
+:mod:`lvit.train.checkpoint`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import lightning.pytorch as pl
+import torch
+
+from .. import __version__
+from ..errors import CheckpointError, ConfigError
+from ..io import prepare_output_dir
+from .callbacks import RunCheckpoint
+from .checkpoint import CKPT_DIR, LAST_STATE, SafeCheckpointIO, read_run_config, write_run_config
+from .config import TrainConfig, apply_override
+from .datamodule import build_train_data, describe_encoder
+from .module import SegmentationModule
+
+RUN_ONLY_KEYS = ("lvit_version", "text_encoder", "data_info")
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    best_dice: float
+    best_epoch: int  # 1-based; 0 when no epoch finished
+    epochs: int  # epochs finished in total (including those before a resume)
+    stopped_early: bool
+    seconds: float  # wall time of this call
+
+
+def resume_config(run_dir: str | Path, overrides: list[str] | None = None) -> tuple[TrainConfig, str | None]:
+    """The config saved in a run folder (plus overrides such as ``trainer.max_epochs=...``) and its data root."""
+    saved = read_run_config(run_dir)
+    data = {k: v for k, v in saved.items() if k not in RUN_ONLY_KEYS}
+    for item in overrides or []:
+        apply_override(data, item)
+    config = TrainConfig.from_dict(data, source=str(Path(run_dir) / "config.yaml"))
+    root = (saved.get("data_info") or {}).get("root")
+    return config, root
+
+
+def _trainer_kwargs(config: TrainConfig) -> dict:
+    t = config.trainer
+    devices = t.devices
+    n_proc = (devices if isinstance(devices, int) else 1) * t.num_nodes
+    strategy = t.strategy
+    if strategy == "auto" and n_proc > 1:
+        strategy = "ddp"  # one process per device, launched by Lightning (or torchrun)
+    precision = "32-true" if str(t.precision) == "32" else str(t.precision)
+    return dict(
+        max_epochs=t.max_epochs,
+        accelerator=t.accelerator,
+        devices=devices,
+        num_nodes=t.num_nodes,
+        strategy=strategy,
+        precision=precision,
+        gradient_clip_val=config.optim.grad_clip,
+        gradient_clip_algorithm="norm",
+        # Deterministic kernels where they exist; on GPU some have none, so only warn there.
+        deterministic=(True if t.deterministic and not torch.cuda.is_available() else
+                       ("warn" if t.deterministic else False)),
+        num_sanity_val_steps=0,
+        log_every_n_steps=t.log_every_n_steps,
+        enable_progress_bar=t.progress,
+        enable_model_summary=False,
+        check_val_every_n_epoch=1,
+    )
+
+
+def train(
+    config: TrainConfig,
+    data_root: str | Path,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    force: bool = False,
+    module_class: Callable[..., SegmentationModule] = SegmentationModule,
+    extra_callbacks: list | None = None,
+    setup_hook: Callable | None = None,
+) -> TrainResult:
+    """Train ``config`` on the dataset at ``data_root`` into ``run_dir``.
+
+    ``resume=True`` continues ``run_dir/checkpoints/last.ckpt`` exactly (weights, optimizer, scheduler,
+    epoch, early-stopping state, RNG). Otherwise ``run_dir`` must be new or empty unless ``force``.
+    ``module_class`` lets extensions (semi-supervised training) substitute a SegmentationModule subclass.
+    ``setup_hook(config, data, data_root, run_dir, resume) -> (data, module_class)``: extension point for
+    lvit.train.semi, which hides the unlabelled masks in ``data.train`` and supplies its module.
+    """
+    from ..models import build_model
+
+    started = time.perf_counter()
+    run_dir = Path(run_dir)
+    state_path = run_dir / CKPT_DIR / LAST_STATE
+    if resume:
+        if not state_path.is_file():
+            raise CheckpointError(f"{state_path}: nothing to resume (no full-state checkpoint in this run folder)")
+    else:
+        prepare_output_dir(run_dir, force=force, what="run folder")
+    if data_root is None:
+        raise ConfigError("no dataset: pass --data ROOT (or set data.root in the config)")
+    data_root = Path(data_root)
+    seed = config.trainer.seed
+    _quiet_lightning()
+    pl.seed_everything(seed, workers=True, verbose=False)
+
+    data = build_train_data(config, data_root)  # may set config.model.text_dim from the encoder
+    if setup_hook is not None:  # extension point (semi-supervised training: lvit.train.semi.setup_hook)
+        data, module_class = setup_hook(config, data, data_root, run_dir, resume)
+    model = build_model(config.model_name, config.model)  # initialised from the seed: same start every time
+    text_embedding = None
+    text_info = describe_encoder(data.encoder)
+    if data.encoder is not None and getattr(data.encoder, "trainable", False):
+        text_embedding = data.encoder.build_module(config.model.text_dim, seed=seed)
+        data.encoder.save(run_dir / "vocab.json")
+        text_info["spec"] = "learned:vocab.json"  # relative to the run folder
+    run_config = {
+        "lvit_version": __version__,
+        **config.to_dict(),
+        "text_encoder": text_info,
+        "data_info": {"root": str(data_root.resolve()), "n_train": len(data.train), "n_val": len(data.val),
+                      "image_size": config.model.image_size, "in_channels": config.model.in_channels},
+    }
+    write_run_config(run_dir, run_config)
+
+    module = module_class(model, config, text_embedding)
+    run_callback = RunCheckpoint(run_dir)
+    callbacks = [run_callback]
+    early = None
+    if config.trainer.patience:
+        from lightning.pytorch.callbacks import EarlyStopping
+
+        early = EarlyStopping(monitor="val_dice", mode="max", patience=config.trainer.patience,
+                              check_on_train_epoch_end=False, check_finite=False)
+        callbacks.insert(0, early)
+    callbacks += list(extra_callbacks or [])
+    logger = _tensorboard_logger(run_dir)
+    try:
+        trainer = pl.Trainer(callbacks=callbacks, logger=logger, default_root_dir=str(run_dir),
+                             plugins=[SafeCheckpointIO()], **_trainer_kwargs(config))
+    except (ValueError, RuntimeError) as exc:  # Lightning's MisconfigurationException is a ValueError
+        raise ConfigError(f"trainer settings: {str(exc).splitlines()[0]}") from None
+    train_loader, val_loader = data.loaders(config)
+    trainer.fit(module, train_loader, val_loader, ckpt_path=str(state_path) if resume else None,
+                weights_only=True)
+    best = run_callback.best_dice
+    return TrainResult(
+        run_dir=run_dir,
+        best_dice=best if math.isfinite(best) else float("nan"),
+        best_epoch=run_callback.best_epoch + 1,
+        epochs=len(run_callback.rows),
+        stopped_early=bool(early is not None and early.stopped_epoch > 0),
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _tensorboard_logger(run_dir: Path):
+    try:
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        return TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version="", default_hp_metric=False)
+    except (ImportError, ModuleNotFoundError):  # tensorboard missing: metrics.csv is still written
+        return False
+
+
+def _quiet_lightning() -> None:
+    """Keep the console to the progress bar and our summary (no tips, no device banners)."""
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning.pytorch.utilities.rank_zero",
+                 "lightning.pytorch.accelerators.cuda"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*number of training batches.*smaller than the logging interval.*")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+
+
+__all__ = ["TrainResult", "resume_config", "train"]

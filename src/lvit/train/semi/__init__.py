@@ -1,0 +1,27 @@
+"""Semi-supervised LViT: EPI pseudo labels (paper Eq. 8) and the Language-Vision loss (Eqs. 16-18)."""
+
+from .labelled_subset import LabelledSubset, choose_fraction, choose_listed, write_subset
+from .lv_loss import (
+    ContrastLabelBank,
+    default_contrast_bank,
+    default_contrast_folder,
+    lv_loss,
+    nearest_labelled,
+    report_vectors,
+)
+from .pseudo_labels import PseudoLabelBank, gather_updates
+
+__all__ = [
+    "ContrastLabelBank",
+    "LabelledSubset",
+    "PseudoLabelBank",
+    "choose_fraction",
+    "choose_listed",
+    "default_contrast_bank",
+    "default_contrast_folder",
+    "gather_updates",
+    "lv_loss",
+    "nearest_labelled",
+    "report_vectors",
+    "write_subset",
+]

@@ -1,0 +1,346 @@
+"""Semi-supervised training: the labelled subset, EPI pseudo labels and the LV loss around SegmentationModule.
+
+``setup_semi`` turns a supervised :class:`~lvit.train.datamodule.TrainData` into a semi-supervised one (mask
+hidden for the unlabelled images, split written to the run folder) and builds the pseudo-label bank and the
+contrast labels; :class:`SemiSupervisedModule` plugs the unlabelled loss into the supervised module through its
+``unlabelled_loss`` hook:
+
+    labelled images:    Dice+BCE(pred, mask)                                  (the module's supervised loss)
+    unlabelled images:  Dice+BCE(pred, P_t) + lv_weight * LV(pred, contrast)   (P_t: EPI, Eq. 8)
+
+Unlabelled images are fed without augmentation: the bank holds each pseudo label in the image's own frame, and
+a geometric augmentation would otherwise have to be inverted before the update.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+from torchmetrics import MeanMetric
+
+from ...errors import CheckpointError, ConfigError
+from ...evaluate.metrics import batch_dice_iou
+from ...io import atomic_write_json
+from ..module import SegmentationModule
+from .labelled_subset import SUBSET_FILE, LabelledSubset, choose_fraction, choose_listed, write_subset
+from .lv_loss import ContrastLabelBank, default_contrast_folder, lv_loss
+from .pseudo_labels import PseudoLabelBank, gather_updates
+
+SEMI_MODES = ("none", "epi", "epi+lv")
+SEMI_FILE = "semi.json"  # the semi-supervised settings of a run (read back on --resume)
+BANK_FILE = "pseudo_labels.npy"  # scratch memmap of large banks; the checkpoint holds the durable copy
+CHECKPOINT_KEY = "semi_supervised"
+
+
+@dataclass
+class SemiConfig:
+    mode: str = "none"  # none (supervised on the labelled subset only) | epi | epi+lv
+    labeled_fraction: float | None = None  # seeded random fraction of the training images keeping masks
+    labeled_list: str | None = None  # or a file of names (one per line, or JSON)
+    seed: int | None = None  # subset seed (None: trainer.seed)
+    beta: float = 0.99  # EPI momentum (paper Eq. 8)
+    lv_weight: float = 0.1  # alpha of the LV loss on unlabelled images (official 0.1)
+    # Epochs trained on the labelled images only before pseudo labels start (the bank is initialised by the
+    # first prediction after it). Not in the paper; see docs/SEMI_SUPERVISED.md.
+    warmup_epochs: int = 0
+    pseudo_threshold: float | None = None  # None: soft targets (probabilities); else binarise P_t at this value
+    lv_contrast: str = "labelled"  # labelled (masks of the labelled images) | templates (14 chest X-rays) | PATH
+    lv_encoder: str | None = None  # text encoder spec for report vectors (None: the run's, or minilm)
+    lv_max_tokens: int = 64  # tokens of a report seen by the report vectors (whole structured reports)
+    storage: str = "auto"  # pseudo-label bank: memory | disk | auto
+
+    @property
+    def active(self) -> bool:
+        return self.labeled_fraction is not None or self.labeled_list is not None or self.mode != "none"
+
+    @property
+    def uses_lv(self) -> bool:
+        return self.mode == "epi+lv"
+
+    def validate(self) -> None:
+        if self.mode not in SEMI_MODES:
+            raise ConfigError(f"--semi must be one of {', '.join(SEMI_MODES)}, got {self.mode!r}")
+        if self.labeled_fraction is not None and self.labeled_list is not None:
+            raise ConfigError("give --labeled-fraction or --labeled-list, not both")
+        if self.mode != "none" and self.labeled_fraction is None and self.labeled_list is None:
+            raise ConfigError(f"--semi {self.mode} needs --labeled-fraction or --labeled-list")
+        if self.labeled_fraction is not None and not 0.0 < self.labeled_fraction <= 1.0:
+            raise ConfigError(f"--labeled-fraction must be in (0, 1], got {self.labeled_fraction}")
+        if not 0.0 <= self.beta < 1.0:
+            raise ConfigError(f"--beta must be in [0, 1), got {self.beta}")
+        if self.lv_weight < 0:
+            raise ConfigError(f"--lv-weight must be >= 0, got {self.lv_weight}")
+        if self.warmup_epochs < 0:
+            raise ConfigError(f"--semi-warmup must be >= 0, got {self.warmup_epochs}")
+        if self.pseudo_threshold is not None and not 0.0 < self.pseudo_threshold < 1.0:
+            raise ConfigError(f"pseudo_threshold must be in (0, 1), got {self.pseudo_threshold}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = SEMI_FILE) -> "SemiConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ConfigError(f"{source}: unknown key(s) {sorted(unknown)}")
+        cfg = cls(**data)
+        cfg.validate()
+        return cfg
+
+
+class SemiSupervisedDataset(Dataset):
+    """Training samples with the masks of unlabelled images hidden.
+
+    Labelled images come from ``augmented`` (the usual training dataset); unlabelled ones from ``plain`` (same
+    records, no augmentation) with ``mask`` zeroed and ``has_mask`` False. Every item carries ``hidden_mask``
+    ``[1, H, W]`` (the real mask, zeros where the file has none) and ``hidden_has_mask``, used only to log the
+    pseudo labels' quality, never for training.
+    """
+
+    def __init__(self, augmented: Dataset, plain: Dataset, labelled: np.ndarray):
+        if len(augmented) != len(plain) or len(plain) != len(labelled):
+            raise ValueError("augmented, plain and labelled must cover the same records")
+        self.augmented, self.plain = augmented, plain
+        self.labelled = np.asarray(labelled, dtype=bool)
+        self.records = getattr(plain, "records", None)
+
+    def __len__(self) -> int:
+        return len(self.plain)
+
+    def __getitem__(self, index: int) -> dict:
+        if self.labelled[index]:
+            item = dict(self.augmented[index])
+            item["hidden_mask"] = item["mask"]
+            item["hidden_has_mask"] = bool(item["has_mask"])
+            return item
+        item = dict(self.plain[index])
+        item["hidden_mask"] = item["mask"]
+        item["hidden_has_mask"] = bool(item["has_mask"])
+        item["mask"] = torch.zeros_like(item["mask"])
+        item["has_mask"] = False
+        return item
+
+
+class SemiSupervisedModule(SegmentationModule):
+    """SegmentationModule plus EPI pseudo labels and the LV loss for the samples without masks."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config,
+        semi: SemiConfig,
+        bank: PseudoLabelBank,
+        contrast_index: torch.Tensor | None = None,
+        contrast_masks: torch.Tensor | None = None,
+        text_embedding: nn.Module | None = None,
+    ):
+        super().__init__(model, config, text_embedding)
+        self.semi = semi
+        self.bank = bank
+        # contrast_index [N]: dataset index -> row of contrast_masks [K, 1, H, W] (-1: labelled, none needed).
+        self.contrast_index = contrast_index
+        if contrast_masks is not None:
+            self.register_buffer("contrast_masks", contrast_masks.float(), persistent=False)
+        else:
+            self.contrast_masks = None
+        self.pseudo_dice = MeanMetric()  # Dice of thresholded P_t vs the hidden masks
+        self.unlabelled_pred_dice = MeanMetric()  # Dice of the current prediction on unlabelled images
+        self.unlabelled_loss_mean = MeanMetric()
+        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    # ------------------------------------------------------------------ the unlabelled term
+    def pseudo_labels_active(self) -> bool:
+        return self.semi.mode != "none" and self.current_epoch >= self.semi.warmup_epochs
+
+    def unlabelled_loss(self, batch: dict, logits: torch.Tensor, unlabelled: torch.Tensor) -> torch.Tensor | None:
+        probs = torch.sigmoid(logits[unlabelled].float())  # [U, 1, H, W]
+        self._log_quality(batch, unlabelled, probs)
+        if not self.pseudo_labels_active():
+            return None
+        index = batch["index"][unlabelled].long().cpu()  # [U]
+        # P_t of Eq. 8 (includes this prediction with weight 1 - beta); the bank itself is updated after the
+        # step from every rank's predictions (on_train_batch_end).
+        target = self.bank.preview(index, probs.detach(), self.current_epoch)  # [U, 1, H, W]
+        self._pending.append((index, probs.detach()))
+        hidden = batch["hidden_mask"][unlabelled]
+        known = batch["hidden_has_mask"][unlabelled].bool()
+        if bool(known.any()):
+            dice, _ = batch_dice_iou(target[known] > 0.5, hidden[known] > 0.5)
+            self.pseudo_dice.update(dice.float())
+        if self.semi.pseudo_threshold is not None:
+            target = (target > self.semi.pseudo_threshold).float()
+        loss = self.loss_fn(logits[unlabelled], target)
+        if self.semi.uses_lv and self.semi.lv_weight > 0:
+            rows = self.contrast_index[index].to(self.contrast_masks.device)  # [U]
+            loss = loss + self.semi.lv_weight * lv_loss(probs, self.contrast_masks[rows])
+        self.unlabelled_loss_mean.update(loss.detach(), weight=int(unlabelled.sum()))
+        return loss
+
+    def _log_quality(self, batch: dict, unlabelled: torch.Tensor, probs: torch.Tensor) -> None:
+        if "hidden_mask" not in batch:
+            return
+        known = batch["hidden_has_mask"][unlabelled].bool()
+        if bool(known.any()):
+            dice, _ = batch_dice_iou(probs[known] >= 0.5, batch["hidden_mask"][unlabelled][known] > 0.5)
+            self.unlabelled_pred_dice.update(dice.float())
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if not self.pseudo_labels_active():
+            self._pending.clear()
+            return
+        h, w = self.bank.size
+        if self._pending:
+            index = torch.cat([i for i, _ in self._pending])
+            probs = torch.cat([p for _, p in self._pending])
+        else:  # this rank saw only labelled images: it still takes part in the gather
+            index = torch.zeros(0, dtype=torch.long)
+            probs = torch.zeros(0, 1, h, w, device=self.device)
+        self._pending.clear()
+        world = self.trainer.world_size if self._trainer is not None else 1
+        index, probs = gather_updates(index.to(probs.device), probs, self.all_gather, world)
+        if index.numel():
+            self.bank.update(index.cpu(), probs, self.current_epoch)
+
+    # ------------------------------------------------------------------ epoch summary
+    def train_epoch_results(self) -> dict[str, float]:
+        results = super().train_epoch_results()
+        for name, metric in (("pseudo_dice", self.pseudo_dice), ("unlabelled_pred_dice", self.unlabelled_pred_dice),
+                             ("unlabelled_loss", self.unlabelled_loss_mean)):
+            results[name] = float(metric.compute()) if metric.update_count else float("nan")
+            metric.reset()
+        return results
+
+    # ------------------------------------------------------------------ checkpoint (exact resume)
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint[CHECKPOINT_KEY] = {"bank": self.bank.state_dict(), "config": json.dumps(self.semi.to_dict())}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get(CHECKPOINT_KEY)
+        if state is None:
+            raise CheckpointError("the checkpoint holds no pseudo-label bank (it is not from a semi-supervised run)")
+        self.bank.load_state_dict(state["bank"])
+
+
+# ---------------------------------------------------------------------- set-up
+@dataclass
+class SemiSetup:
+    data: Any  # TrainData with the wrapped training dataset
+    subset: LabelledSubset
+    bank: PseudoLabelBank
+    contrast_index: torch.Tensor | None
+    contrast_masks: torch.Tensor | None
+
+    def module(self, model: nn.Module, config, semi: SemiConfig, text_embedding: nn.Module | None = None):
+        if semi.mode == "none":
+            return SegmentationModule(model, config, text_embedding)
+        return SemiSupervisedModule(model, config, semi, self.bank, self.contrast_index, self.contrast_masks,
+                                    text_embedding)
+
+
+def setup_semi(config, semi: SemiConfig, data, data_root: str | Path | None, run_dir: str | Path,
+               resume: bool = False) -> SemiSetup:
+    """Hide the unlabelled masks of ``data.train``, write the split and settings, build bank + contrast labels.
+
+    On ``resume`` the split is read back from ``run_dir/labelled_subset.json`` (never re-drawn).
+    """
+    from ..datamodule import make_dataset, text_cache_dir
+
+    semi.validate()
+    run_dir = Path(run_dir)
+    records = list(data.train.records)
+    names = [r.name for r in records]
+    subset_file = run_dir / SUBSET_FILE
+    if resume and subset_file.is_file():
+        subset = choose_listed(names, subset_file)
+    elif semi.labeled_list is not None:
+        subset = choose_listed(names, semi.labeled_list)
+    else:
+        seed = config.trainer.seed if semi.seed is None else semi.seed
+        subset = choose_fraction(names, semi.labeled_fraction if semi.labeled_fraction is not None else 1.0, seed)
+    if not resume:
+        write_subset(run_dir, subset)
+        atomic_write_json(run_dir / SEMI_FILE, semi.to_dict())
+    labelled = subset.mask_for(names)
+
+    root = data_root if data_root is not None else config.data.root
+    cache = text_cache_dir(config, root) if (data.encoder is not None and root is not None) else None
+    size = config.model.image_size
+    if semi.mode == "none":
+        # Supervised on the labelled subset only: the unlabelled images are left out of training altogether.
+        kept = [records[i] for i in np.flatnonzero(labelled)]
+        train = make_dataset(kept, config, data.encoder, cache, augment=config.data.augment)
+        bank = PseudoLabelBank(1, (1, 1), semi.beta, "memory")  # unused
+        return SemiSetup(dataclasses.replace(data, train=train), subset, bank, None, None)
+    plain = make_dataset(records, config, data.encoder, cache, augment=False)
+    wrapped = SemiSupervisedDataset(data.train, plain, labelled)
+    new_data = dataclasses.replace(data, train=wrapped)
+
+    bank = PseudoLabelBank(len(records), (size, size), semi.beta, semi.storage, run_dir / BANK_FILE)
+    contrast_index = contrast_masks = None
+    if semi.uses_lv:
+        contrast = _contrast_bank(semi, plain, labelled, size)
+        encoder = _report_encoder(config, semi)
+        unlabelled_rows = np.flatnonzero(~labelled)
+        contrast_index = torch.full((len(records),), -1, dtype=torch.long)
+        if unlabelled_rows.size:
+            nearest = contrast.assign(encoder, [records[i].text for i in unlabelled_rows])
+            contrast_index[torch.from_numpy(unlabelled_rows)] = nearest
+        contrast_masks = contrast.masks
+    return SemiSetup(new_data, subset, bank, contrast_index, contrast_masks)
+
+
+def make_setup_hook(semi: SemiConfig):
+    """The ``setup_hook`` for :func:`lvit.train.runner.train`: ``train(..., setup_hook=make_setup_hook(semi))``."""
+    semi.validate()
+
+    def hook(config, data, data_root, run_dir, resume):
+        setup = setup_semi(config, semi, data, data_root, run_dir, resume)
+
+        def module_class(model, cfg, text_embedding=None):
+            return setup.module(model, cfg, semi, text_embedding)
+
+        return setup.data, module_class
+
+    return hook
+
+
+def _contrast_bank(semi: SemiConfig, plain: Dataset, labelled: np.ndarray, size: int) -> ContrastLabelBank:
+    if semi.lv_contrast == "templates":
+        return ContrastLabelBank.from_folder(default_contrast_folder(), size)
+    if semi.lv_contrast != "labelled":
+        return ContrastLabelBank.from_folder(semi.lv_contrast, size)
+    rows = [i for i in np.flatnonzero(labelled).tolist() if plain.records[i].mask_path is not None]
+    if not rows:
+        raise ConfigError("the LV loss needs labelled images with masks to build contrast labels from")
+    masks = torch.stack([plain[i]["mask"] for i in rows])  # [K, 1, S, S]
+    return ContrastLabelBank.from_labelled(masks, [plain.records[i].text for i in rows],
+                                           [plain.records[i].name for i in rows])
+
+
+def _report_encoder(config, semi: SemiConfig):
+    """A frozen encoder for whole-report vectors: the run's (unless trainable) or MiniLM, with more tokens."""
+    from ...text import get_text_encoder
+
+    spec = semi.lv_encoder or (config.text.encoder if config.text.encoder != "learned" else "minilm")
+    return get_text_encoder(spec, semi.lv_max_tokens, min_words=0)
+
+
+def read_semi_config(run_dir: str | Path) -> SemiConfig | None:
+    """The semi-supervised settings a run was started with (None for a supervised run)."""
+    path = Path(run_dir) / SEMI_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read semi-supervised settings ({exc})") from None
+    return SemiConfig.from_dict(data, str(path))

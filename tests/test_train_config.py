@@ -1,0 +1,52 @@
+"""Presets load onto the dataclasses; overrides, unknown keys and NaN values are handled."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lvit.errors import ConfigError
+from lvit.train.config import TrainConfig, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name, lr, batch", [("qata", 3e-4, 24), ("mosmed", 1e-3, 24), ("monuseg", 1e-3, 2)])
+def test_paper_presets(name, lr, batch):
+    cfg = load_config(REPO / "configs" / f"{name}.yaml")
+    assert cfg.optim.lr == lr and cfg.data.batch_size == batch
+    assert cfg.model.image_size == 224 and cfg.model.text_tokens == 10
+    assert cfg.optim.name == "adam" and cfg.optim.t0 == 10 and cfg.optim.eta_min == 1e-4
+    assert cfg.trainer.patience == 50
+    assert cfg.loss.dice_weight == cfg.loss.bce_weight == 0.5
+
+
+def test_overrides_and_round_trip():
+    cfg = load_config(REPO / "configs" / "synth.yaml",
+                      ["optim.lr=1e-2", "model.base_channels=32", "trainer.devices=2", "optim.grad_clip=1"])
+    assert cfg.optim.lr == 0.01 and cfg.model.base_channels == 32 and cfg.trainer.devices == 2
+    assert cfg.optim.grad_clip == 1
+    again = TrainConfig.from_dict(cfg.to_dict())
+    assert again.to_dict() == cfg.to_dict()
+
+
+@pytest.mark.parametrize("item, needle", [
+    ("model.nonsense=3", "unknown key 'nonsense'"),
+    ("optimizer.lr=1", "unknown key 'optimizer'"),
+    ("optim.lr=nan", "finite"),
+    ("optim.lr=inf", "finite"),
+    ("data.batch_size=two", "integer"),
+    ("trainer.precision=fp8", "precision"),
+    ("optim.name=sgd", "adam or adamw"),
+    ("model_name=resnet", "model_name"),
+    ("optim.lr", "key=value"),
+])
+def test_bad_overrides(item, needle):
+    with pytest.raises(ConfigError, match=needle):
+        load_config(REPO / "configs" / "synth.yaml", [item])
+
+
+def test_eta_min_is_clamped_below_lr():
+    assert load_config(None, ["optim.lr=1e-3"]).effective_eta_min == 1e-4
+    assert load_config(None, ["optim.lr=5e-5"]).effective_eta_min == pytest.approx(5e-6)
