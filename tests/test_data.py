@@ -23,6 +23,28 @@ from lvit.data import (
 from lvit.errors import DataError
 
 
+def main(argv: list[str]) -> int:
+    """Run one lvit subcommand the way ``lvit.cli.main`` does, through a parser holding only that command
+    (so these tests do not depend on other commands' modules)."""
+    import argparse
+    import importlib
+    import sys
+
+    from lvit.cli import COMMANDS
+    from lvit.errors import LvitError
+
+    module = argv[0].replace("-", "_")
+    assert module in COMMANDS
+    parser = argparse.ArgumentParser(prog="lvit")
+    importlib.import_module(f"lvit.commands.{module}").register(parser.add_subparsers())
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except LvitError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
 def _write_xlsx(path: Path, rows, columns=("Image", "Description")) -> None:
     pd.DataFrame(rows, columns=list(columns)).to_excel(path, index=False)
 
@@ -286,3 +308,34 @@ def test_real_monuseg_tif_png_and_xlsx(shared_dir):
     item = SegmentationDataset(test[:1], 64)[0]
     assert item["image"].shape == (3, 64, 64) and item["orig_size"] == (1000, 1000)
     assert 0.05 < item["mask"].mean() < 0.6 and set(item["mask"].unique().tolist()) == {0.0, 1.0}
+
+
+def test_in_memory_cache_and_mapping_back_to_original_size(tiny_synth, tmp_path):
+    from lvit.data import to_original_size
+
+    root = tmp_path / "mem"
+    shutil.copytree(tiny_synth, root)
+    records = load_split(root, "test")[:1]
+    ds = SegmentationDataset(records, 32, cache_in_memory=True)
+    first = ds[0]
+    records[0].image_path.unlink()  # a cached item is not read again
+    second = ds[0]
+    assert torch.equal(first["image"], second["image"]) and torch.equal(first["mask"], second["mask"])
+    back = to_original_size(first["mask"][None], first["orig_size"])  # [1, 1, 64, 64]
+    assert back.shape == (1, 1, 64, 64)
+    original = torch.from_numpy(read_mask(records[0].mask_path)).float()
+    if original.sum() > 0:  # nearest down then bilinear up: most of the lesion is recovered
+        assert ((back[0, 0] > 0.5).float() * original).sum() >= 0.5 * original.sum()
+
+
+def test_non_utf8_csv_is_reported(tiny_synth, tmp_path):
+    root = tmp_path / "latin1"
+    shutil.copytree(tiny_synth, root)
+    folder = root / "Test_Folder"
+    table = pd.read_excel(folder / "Test_text.xlsx")
+    (folder / "Test_text.xlsx").unlink()
+    table.loc[0, "Description"] = "Opacit\u00e9 upper left lung."
+    (folder / "Test_text.csv").write_bytes(table.to_csv(index=False).encode("latin-1"))
+    with pytest.raises(DataError, match="not UTF-8"):
+        load_split(root, "test")
+    assert any(p.path == "Test_Folder/Test_text.csv" and "not UTF-8" in p.problem for p in check_data(root))

@@ -96,7 +96,7 @@ def test_lvit_t_has_no_text_parameters_and_ignores_text(tiny_models):
     assert model.config.use_text is False
     assert not [n for n, _ in model.named_parameters() if n.startswith("text")]
     assert count_parameters(model) < count_parameters(tiny_models["lvit"])
-    image, text = make_inputs(2, 64, 64)
+    image, _ = make_inputs(2, 64, 64)
     with torch.no_grad():
         a = model(image, None)
         b = model(image, torch.randn(2, 3, 5))  # any text, even of the wrong shape, is ignored

@@ -268,3 +268,29 @@ def test_labelled_list_by_name_or_stem(tmp_path):
     lst.write_text("x9.png\n")
     with pytest.raises(DataError, match="not training images"):
         choose_listed(names, lst)
+
+
+# ---------------------------------------------------------------------- CLI flags
+def test_train_cli_semi_flags(tmp_path):
+    import argparse
+
+    from lvit.commands import train as train_cmd
+    from lvit.errors import ConfigError
+    from lvit.train.semi.cli import setup_hook_from_args
+    from lvit.train.semi.module import SemiConfig
+
+    parser = argparse.ArgumentParser()
+    train_cmd.register(parser.add_subparsers())
+    args = parser.parse_args(["train", "--out", str(tmp_path), "--labeled-fraction", "0.25", "--semi", "epi+lv",
+                              "--beta", "0.9", "--lv-weight", "0.2", "--semi-warmup", "3"])
+    assert callable(setup_hook_from_args(args, tmp_path, resume=False))
+    assert setup_hook_from_args(parser.parse_args(["train", "--out", "x"]), tmp_path, resume=False) is None
+    with pytest.raises(ConfigError, match="needs --labeled-fraction"):
+        setup_hook_from_args(parser.parse_args(["train", "--out", "x", "--semi", "epi"]), tmp_path, resume=False)
+    with pytest.raises(ConfigError, match="beta"):
+        SemiConfig(mode="epi", labeled_fraction=0.5, beta=1.0).validate()
+    # On --resume the saved settings win and new flags are refused.
+    (tmp_path / "semi.json").write_text(json.dumps(SemiConfig(mode="epi", labeled_fraction=0.5).to_dict()))
+    assert callable(setup_hook_from_args(parser.parse_args(["train", "--out", "x"]), tmp_path, resume=True))
+    with pytest.raises(ConfigError, match="--resume"):
+        setup_hook_from_args(args, tmp_path, resume=True)

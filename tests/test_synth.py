@@ -12,6 +12,28 @@ from lvit.data import generate_synthetic, load_split, make_case, parse_report, r
 from lvit.data.synthetic import NORMAL_REPORT, report_for
 
 
+def main(argv: list[str]) -> int:
+    """Run one lvit subcommand the way ``lvit.cli.main`` does, through a parser holding only that command
+    (so these tests do not depend on other commands' modules)."""
+    import argparse
+    import importlib
+    import sys
+
+    from lvit.cli import COMMANDS
+    from lvit.errors import LvitError
+
+    module = argv[0].replace("-", "_")
+    assert module in COMMANDS
+    parser = argparse.ArgumentParser(prog="lvit")
+    importlib.import_module(f"lvit.commands.{module}").register(parser.add_subparsers())
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except LvitError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
 def _files(root):
     return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 

@@ -3,19 +3,45 @@
 Every writer here writes to a temporary file in the destination folder, flushes and fsyncs it, then
 renames it over the destination (``os.replace`` is atomic on POSIX) and fsyncs the folder. A crash or a
 full disk at any moment leaves either the old file or the new one, never a truncated mix.
+
+Temporary files are named ``.<name>.<host>.<pid>.<random>.tmp``. A process killed mid-write (SIGKILL, OOM
+killer, power loss) leaves its temporary file behind; the next write of the same destination from the same
+host removes those whose process is gone (never those of a live writer, nor of another host on a shared file
+system).
+
+Write failures become one-line :class:`~lvit.errors.LvitError`\ s naming the file and the cause ("No space
+left on device", "Permission denied", "Read-only file system"), also when the library doing the writing
+(torch, safetensors) hides the ``OSError`` behind its own exception type.
+
+Fault injection (for tests and drills; read at each write, no cost when unset): ``LVIT_FAULT_INJECT`` holds
+``;``-separated items, each ``KIND=GLOB`` or ``KIND=SECONDS:GLOB`` matched against the destination's file name:
+
+* ``write_delay=SECONDS:GLOB``: sleep after the temporary file is written, before it is synced and renamed
+  (widens the window in which a kill interrupts a write);
+* ``enospc=GLOB``: fail as a full disk would, after the temporary file is written;
+* ``eacces=GLOB``: fail as a read-only folder would, when the temporary file is created.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fnmatch
 import io
 import json
 import os
+import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from .errors import LvitError, OutputExistsError
+
+FAULT_ENV = "LVIT_FAULT_INJECT"
+TEMP_SUFFIX = ".tmp"
+# Below this much free space, a failed write is reported as a full disk whatever exception the writer raised.
+_DISK_FULL_BYTES = 1 << 20
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -31,29 +57,127 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+# --------------------------------------------------------------------------------------------------
+# Fault injection (LVIT_FAULT_INJECT)
+
+
+def _faults(kind: str, name: str) -> list[str]:
+    """Values of the ``kind`` items of LVIT_FAULT_INJECT whose glob matches the file name ``name``."""
+    spec = os.environ.get(FAULT_ENV, "")
+    values = []
+    for item in filter(None, (part.strip() for part in spec.split(";"))):
+        key, _, value = item.partition("=")
+        if key.strip() != kind:
+            continue
+        arg, _, pattern = value.rpartition(":") if ":" in value else ("", "", value)
+        if fnmatch.fnmatch(name, pattern.strip() or "*"):
+            values.append(arg.strip())
+    return values
+
+
+def _inject_after_write(dest: Path) -> None:
+    for seconds in _faults("write_delay", dest.name):
+        time.sleep(float(seconds or 1.0))
+    if _faults("enospc", dest.name):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dest))
+
+
+def _inject_on_create(dest: Path) -> None:
+    if _faults("eacces", dest.name):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(dest.parent))
+
+
+# --------------------------------------------------------------------------------------------------
+# Temporary files
+
+
+def _host_tag() -> str:
+    return "".join(c if c.isalnum() or c == "-" else "-" for c in socket.gethostname())[:32] or "host"
+
+
+def _temp_prefix(dest: Path, pid: int | None = None) -> str:
+    return f".{dest.name}.{_host_tag()}.{os.getpid() if pid is None else pid}."
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def stale_temp_files(dest: str | Path) -> list[Path]:
+    """Temporary files of ``dest`` left by killed writers on this host (their process no longer exists)."""
+    dest = Path(dest)
+    head = f".{dest.name}.{_host_tag()}."
+    stale = []
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(dest.parent):
+            if not (entry.name.startswith(head) and entry.name.endswith(TEMP_SUFFIX)):
+                continue
+            pid_text = entry.name[len(head):].split(".", 1)[0]
+            if pid_text.isdigit() and int(pid_text) != os.getpid() and not _pid_alive(int(pid_text)):
+                stale.append(Path(entry.path))
+    return stale
+
+
+def _reap_stale_temps(dest: Path) -> None:
+    for path in stale_temp_files(dest):
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+def _disk_full(folder: Path) -> bool:
+    try:
+        st = os.statvfs(folder)
+    except (OSError, AttributeError):
+        return False
+    return st.f_bavail * st.f_frsize < _DISK_FULL_BYTES
+
+
+def _write_error(dest: Path, exc: BaseException) -> LvitError:
+    cause = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return LvitError(f"{dest}: cannot write ({cause}); the previous file is unchanged")
+
+
 @contextlib.contextmanager
 def atomic_path(dest: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to ``dest``; on success it is fsynced and renamed onto ``dest``.
 
     Use for libraries that insist on writing to a path themselves (safetensors, matplotlib, ONNX).
+    On any failure the temporary file is removed and ``dest`` is left as it was.
     """
     dest = Path(dest)
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+        _inject_on_create(dest)
+        _reap_stale_temps(dest)
+        fd, tmp_name = tempfile.mkstemp(prefix=_temp_prefix(dest), suffix=TEMP_SUFFIX, dir=dest.parent)
         os.close(fd)
     except OSError as exc:
         raise LvitError(f"{dest}: cannot write ({exc.strerror or exc})") from None
     tmp = Path(tmp_name)
     try:
         yield tmp
+        _inject_after_write(dest)
         with open(tmp, "rb+") as fh:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, dest)
         _fsync_dir(dest.parent)
     except OSError as exc:
-        raise LvitError(f"{dest}: cannot write ({exc.strerror or exc}); the previous file is unchanged") from None
+        raise _write_error(dest, exc) from exc
+    except LvitError:
+        raise
+    except Exception as exc:
+        # torch.save and safetensors turn ENOSPC into RuntimeError / SafetensorError: check the disk itself
+        # (before the temporary file is removed) so a full disk still reads as one line, not a traceback.
+        if _disk_full(dest.parent) or "No space left" in str(exc) or "os error 28" in str(exc):
+            raise LvitError(f"{dest}: cannot write ({os.strerror(errno.ENOSPC)}); the previous file is unchanged") from exc
+        raise
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()

@@ -81,6 +81,9 @@ def register(subparsers) -> None:
                    help="continue RUN_DIR from checkpoints/last.ckpt with its saved config (plus overrides)")
     p.add_argument("--force", action="store_true", help="train into a non-empty RUN_DIR")
     add_override_arguments(p)
+    from ..train.semi.cli import add_semi_arguments  # semi-supervised flags (lvit.train.semi)
+
+    add_semi_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -100,7 +103,10 @@ def run(args: argparse.Namespace) -> int:
         root = args.data or config.data.root
     if not root:
         raise ConfigError("no dataset: pass --data ROOT (or set data.root in the config)")
-    result = train(config, root, args.out, resume=args.resume, force=args.force)
+    from ..train.semi.cli import setup_hook_from_args
+
+    semi_hook = setup_hook_from_args(args, args.out, args.resume)  # None for a supervised run
+    result = train(config, root, args.out, resume=args.resume, force=args.force, setup_hook=semi_hook)
     print(f"trained {config.model_name}: {result.epochs} epoch(s), best val Dice {result.best_dice:.4f} "
           f"at epoch {result.best_epoch}{' (early stop)' if result.stopped_early else ''}, {result.seconds:.0f} s")
     print(f"run folder: {result.run_dir} (checkpoints/best.safetensors, metrics.csv, tensorboard/)")

@@ -93,6 +93,7 @@ class SegmentationDataset(Dataset):
         text_ids_flipped: torch.Tensor | None = None,
         mask_resize: str = "nearest",
         mask_threshold: float | None = None,
+        cache_in_memory: bool = False,
     ):
         self.records = list(records)
         self.image_size = int(image_size)
@@ -118,6 +119,10 @@ class SegmentationDataset(Dataset):
                 raise ValueError("hflip_prob > 0 needs text_ids_flipped (tokenize the swapped reports)")
         self.mask_resize = mask_resize
         self.mask_threshold = mask_threshold
+        # Decoding + resizing large files (1000 px TIFFs) dominates an epoch on CPU; optionally keep the
+        # resized uint8 image / mask per item (before augmentation). Each DataLoader worker has its own copy.
+        self.cache_in_memory = cache_in_memory
+        self._memory: dict[int, tuple] = {}
 
     @classmethod
     def from_text(cls, records, image_size, text: TextTensors | None, **kwargs) -> "SegmentationDataset":
@@ -129,18 +134,29 @@ class SegmentationDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, index: int) -> dict:
-        record = self.records[index]
+    def _load_resized(self, record: Record):
+        """(image ``[C, S, S]`` uint8, mask ``[1, S, S]`` uint8 {0,1} or None, original (H, W))."""
         image_np, mask_np = load_pair(record, self.in_channels, self.mask_threshold)
         orig_size = tuple(image_np.shape[:2])
         image = torch.from_numpy(image_np).permute(2, 0, 1).float().div_(255.0)  # [C, H, W]
-        image = resize_image(image, self.image_size)
-        has_mask = mask_np is not None
-        if has_mask:
+        image = resize_image(image, self.image_size).mul_(255.0).round_().to(torch.uint8)
+        mask = None
+        if mask_np is not None:
             mask = torch.from_numpy(mask_np)[None].float()  # [1, H, W]
-            mask = resize_mask(mask, self.image_size, self.mask_resize)
+            mask = resize_mask(mask, self.image_size, self.mask_resize).to(torch.uint8)
+        return image, mask, orig_size
+
+    def __getitem__(self, index: int) -> dict:
+        record = self.records[index]
+        if index in self._memory:
+            image_u8, mask_u8, orig_size = self._memory[index]
         else:
-            mask = torch.zeros(1, self.image_size, self.image_size)
+            image_u8, mask_u8, orig_size = self._load_resized(record)
+            if self.cache_in_memory:
+                self._memory[index] = (image_u8, mask_u8, orig_size)
+        image = image_u8.float().div_(255.0)  # [C, S, S]
+        has_mask = mask_u8 is not None
+        mask = mask_u8.float() if has_mask else torch.zeros(1, self.image_size, self.image_size)  # [1, S, S]
         flipped = False
         if self.augmenter is not None:
             # torch's RNG is seeded per DataLoader worker and by torch.manual_seed: reproducible, no repeats.

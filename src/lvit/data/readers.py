@@ -63,6 +63,7 @@ def _read_pil(path: Path) -> np.ndarray:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # DecompressionBombWarning etc.: sizes are checked below
             with Image.open(path) as im:
+                _check_side(path, *im.size)  # from the header alone, before decoding allocates the pixels
                 im.load()  # force decoding now so truncation fails here
                 if im.mode == "P":
                     im = im.convert("RGBA" if "transparency" in im.info else "RGB")
@@ -71,8 +72,17 @@ def _read_pil(path: Path) -> np.ndarray:
                 elif im.mode in ("CMYK", "YCbCr", "HSV", "LAB", "1"):
                     im = im.convert("RGB" if im.mode != "1" else "L")
                 return np.array(im)  # a writable copy (torch.from_numpy warns on read-only arrays)
+    except DataError:
+        raise
+    except Image.DecompressionBombError as exc:  # header claims > 2x PIL's pixel limit: never decoded
+        raise DataError(path, f"absurd image size, refused before decoding ({exc})") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DataError(path, f"unreadable or truncated image ({exc})") from None
+
+
+def _check_side(path: Path, w: int, h: int) -> None:
+    if min(h, w) < MIN_SIDE or max(h, w) > MAX_SIDE:
+        raise DataError(path, f"absurd image size {w}x{h} (allowed {MIN_SIDE}..{MAX_SIDE} px per side)")
 
 
 def _read_tiff(path: Path) -> np.ndarray:

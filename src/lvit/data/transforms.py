@@ -69,6 +69,15 @@ def _plain(x) -> torch.Tensor:
     return x.as_tensor() if hasattr(x, "as_tensor") else torch.as_tensor(x)
 
 
+def to_original_size(prob: torch.Tensor, orig_size: tuple[int, int]) -> torch.Tensor:
+    """Map a prediction ``[..., h, w]`` (probabilities or logits) back to the file's ``(H, W)``, bilinearly;
+    threshold afterwards. Used to score and save predictions at the original resolution."""
+    lead = prob.shape[:-2]
+    flat = prob.reshape(-1, 1, *prob.shape[-2:]).float()
+    out = F.interpolate(flat, size=tuple(int(s) for s in orig_size), mode="bilinear", align_corners=False)
+    return out.reshape(*lead, *out.shape[-2:])
+
+
 class Augmenter:
     """Random affine + intensity jitter on an ``image [C, H, W]`` / ``mask [1, H, W]`` pair (MONAI).
 
@@ -109,6 +118,8 @@ class Augmenter:
         )
 
     def __call__(self, image: torch.Tensor, mask: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.config.affine_prob <= 0 and self.config.intensity_prob <= 0:
+            return image, mask  # nothing random to do (flip is the dataset's job); skip importing MONAI
         size = tuple(image.shape[-2:])
         if size not in self._by_size:
             self._by_size[size] = self._build(*size)

@@ -58,6 +58,9 @@ class SegmentationScore(nn.Module):
         self.model = model
         self.target_class = target_class
         self.last_logits: torch.Tensor | None = None
+        # Mirror the wrapped model's mode: MONAI restores the *wrapper's* mode after each call, and a fresh
+        # module is in training mode, which would silently switch an eval model to training.
+        self.train(model.training)
 
     def forward(self, image: torch.Tensor, text: torch.Tensor | None = None,
                 text_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -536,6 +539,9 @@ def write_explanation(out_dir: str | Path, image: np.ndarray, texts: tuple[str, 
         "mean_abs_probability_change": float(np.abs(diff).mean()),
         "max_abs_probability_change": float(np.abs(diff).max()),
         "score": explanations[0].score,
+        # Grad-CAM keeps only positive evidence: an all-zero map means no channel mix of that layer
+        # supports the predicted region (common for gates such as PLAM), not a failure.
+        "empty_maps": [layer for layer, cam in explanations[0].cams.items() if not cam.any()],
         "files": sorted(str(Path(f).relative_to(out_dir)) for f in files),
         **(extra or {}),
     }

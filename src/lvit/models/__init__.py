@@ -13,7 +13,7 @@ from .unet import UNet
 
 MODEL_NAMES = ("lvit", "lvit-t", "unet")
 
-__all__ = ["LViT", "LViTConfig", "MODEL_NAMES", "UNet", "build_model", "count_parameters"]
+__all__ = ["MODEL_NAMES", "LViT", "LViTConfig", "UNet", "build_model", "count_parameters"]
 
 
 def build_model(name: str, config: LViTConfig | None = None) -> nn.Module:

@@ -19,6 +19,7 @@ Shapes at the default configuration (b = base_channels = 64, 224x224, patch grid
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from dataclasses import dataclass
 from typing import Any
 
@@ -108,7 +109,7 @@ class LViT(nn.Module):
         self.config = cfg = config or LViTConfig()
         b = cfg.base_channels
         widths = (b, 2 * b, 4 * b, 8 * b)  # CNN level i == ViT level i
-        vit = dict(depth=cfg.vit_depth, num_heads=cfg.vit_heads, mlp_ratio=cfg.mlp_ratio, dropout=cfg.dropout)
+        vit = {"depth": cfg.vit_depth, "num_heads": cfg.vit_heads, "mlp_ratio": cfg.mlp_ratio, "dropout": cfg.dropout}
 
         # CNN encoder: x1 [b, H] .. x4 [8b, H/8], bottleneck x5 [8b, H/16].
         self.stem = ConvBNReLU(cfg.in_channels, b)
@@ -121,7 +122,7 @@ class LViT(nn.Module):
         if cfg.use_text:
             chain = (cfg.text_dim, *reversed(widths))
             self.text_convs = nn.ModuleList(
-                nn.Conv1d(cin, cout, kernel_size=3, padding=1) for cin, cout in zip(chain[:-1], chain[1:]))
+                nn.Conv1d(cin, cout, kernel_size=3, padding=1) for cin, cout in itertools.pairwise(chain))
             self.text_to_patches = TextToPatchProjection(cfg.text_tokens, cfg.grid)
         else:
             self.text_convs = None

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import LvitError
 from ..io import atomic_path
 from .encoders import TextEncoder
 from .reports import text_sha256
@@ -84,7 +85,10 @@ def encode_cached(
         emb, mask = encoder.encode(list(missing.values()))
         for i, key in enumerate(missing):
             rows[key] = (emb[i], mask[i])
-        _save_rows(path, encoder, rows)
+        try:
+            _save_rows(path, encoder, rows)
+        except LvitError as exc:  # e.g. a read-only dataset folder: work on, just without a cache
+            warnings.warn(f"text cache not written ({exc}); pass another cache folder to keep it", stacklevel=2)
     return torch.stack([rows[k][0] for k in keys]), torch.stack([rows[k][1] for k in keys])
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -107,7 +108,7 @@ def train(
     if resume:
         if not state_path.is_file():
             raise CheckpointError(f"{state_path}: nothing to resume (no full-state checkpoint in this run folder)")
-    else:
+    elif _launched_as_rank_zero():
         prepare_output_dir(run_dir, force=force, what="run folder")
     if data_root is None:
         raise ConfigError("no dataset: pass --data ROOT (or set data.root in the config)")
@@ -124,7 +125,8 @@ def train(
     text_info = describe_encoder(data.encoder)
     if data.encoder is not None and getattr(data.encoder, "trainable", False):
         text_embedding = data.encoder.build_module(config.model.text_dim, seed=seed)
-        data.encoder.save(run_dir / "vocab.json")
+        if _launched_as_rank_zero():
+            data.encoder.save(run_dir / "vocab.json")
         text_info["spec"] = "learned:vocab.json"  # relative to the run folder
     run_config = {
         "lvit_version": __version__,
@@ -133,7 +135,8 @@ def train(
         "data_info": {"root": str(data_root.resolve()), "n_train": len(data.train), "n_val": len(data.val),
                       "image_size": config.model.image_size, "in_channels": config.model.in_channels},
     }
-    write_run_config(run_dir, run_config)
+    if _launched_as_rank_zero():
+        write_run_config(run_dir, run_config)
 
     module = module_class(model, config, text_embedding)
     run_callback = RunCheckpoint(run_dir)
@@ -164,6 +167,12 @@ def train(
         stopped_early=bool(early is not None and early.stopped_epoch > 0),
         seconds=time.perf_counter() - started,
     )
+
+
+def _launched_as_rank_zero() -> bool:
+    """False in the extra processes of a DDP run (Lightning's launcher or torchrun set these variables):
+    only the first process checks and writes the run folder; the others join it."""
+    return all(os.environ.get(name, "0") == "0" for name in ("RANK", "LOCAL_RANK", "NODE_RANK"))
 
 
 def _tensorboard_logger(run_dir: Path):

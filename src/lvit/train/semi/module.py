@@ -50,7 +50,7 @@ class SemiConfig:
     lv_weight: float = 0.1  # alpha of the LV loss on unlabelled images (official 0.1)
     # Epochs trained on the labelled images only before pseudo labels start (the bank is initialised by the
     # first prediction after it). Not in the paper; see docs/SEMI_SUPERVISED.md.
-    warmup_epochs: int = 0
+    warmup_epochs: int = 10
     pseudo_threshold: float | None = None  # None: soft targets (probabilities); else binarise P_t at this value
     lv_contrast: str = "labelled"  # labelled (masks of the labelled images) | templates (14 chest X-rays) | PATH
     lv_encoder: str | None = None  # text encoder spec for report vectors (None: the run's, or minilm)
