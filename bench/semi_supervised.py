@@ -71,6 +71,8 @@ def main(argv=None) -> int:
                 results_file.write_text(json.dumps(done, indent=2))
             rows.append((model, setting, done[key]))
             print(f"{model:6s} {setting:10s} {done[key]}", flush=True)
+            if not args.no_write:  # partial tables land as soon as each run finishes
+                write_section(render(args, rows))
     table = render(args, rows)
     print(table)
     if not args.no_write:
@@ -113,7 +115,7 @@ def score_test(run_dir: Path, cfg, data: Path) -> tuple[float, float]:
     from lvit.train.checkpoint import load_run
     from lvit.train.datamodule import build_text_encoder, make_dataset, text_cache_dir
 
-    model, run_config = load_run(run_dir)
+    model, _ = load_run(run_dir)
     records = load_split(data, "test", seed=cfg.trainer.seed)
     encoder = build_text_encoder(cfg)
     cache = text_cache_dir(cfg, data) if encoder is not None else None

@@ -339,3 +339,12 @@ def test_non_utf8_csv_is_reported(tiny_synth, tmp_path):
     with pytest.raises(DataError, match="not UTF-8"):
         load_split(root, "test")
     assert any(p.path == "Test_Folder/Test_text.csv" and "not UTF-8" in p.problem for p in check_data(root))
+
+
+def test_images_without_report_are_skipped_with_a_warning(tiny_synth, tmp_path):
+    root = tmp_path / "orphan"
+    shutil.copytree(tiny_synth, root)
+    _png(root / "Test_Folder" / "img" / "zz_extra.png", np.zeros((64, 64), np.uint8))
+    with pytest.warns(UserWarning, match="1 image\\(s\\) without a report"):
+        records = load_split(root, "test")
+    assert len(records) == 4 and "zz_extra.png" not in {r.name for r in records}

@@ -8,7 +8,15 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from lvit.data import generate_synthetic, load_split, make_case, parse_report, read_image, read_mask, zone_at
+from lvit.data import (
+    generate_synthetic,
+    load_split,
+    make_case,
+    parse_report,
+    read_image,
+    read_mask,
+    zone_at,
+)
 from lvit.data.synthetic import NORMAL_REPORT, report_for
 
 

@@ -22,7 +22,7 @@ def test_ddp_two_gloo_processes_one_epoch(tmp_path):
 
     data = generate_synthetic(tmp_path / "data", n_train=8, n_val=4, n_test=2, size=64, seed=2, progress=False)
     run = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "PYTHONWARNINGS": "ignore"}
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
     cmd = [sys.executable, "-m", "lvit.cli", "train", "--config", str(REPO / "configs" / "synth.yaml"),

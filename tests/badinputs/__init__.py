@@ -243,3 +243,119 @@ def make_case(case: BadInput, good_root: Path, dest: Path) -> tuple[Path, Path]:
     """Copy the dataset at ``good_root`` to ``dest`` and apply ``case``: (dataset root, file at fault)."""
     shutil.copytree(good_root, dest, ignore=shutil.ignore_patterns(".lvit_cache"))
     return dest, case.make(dest)
+
+
+# --------------------------------------------------------------------------------------------------
+# Running the CLI and counting outcomes (shared by the reliability tests and bench/reliability.py)
+
+COUNTS_ENV = "LVIT_RELIABILITY_COUNTS"  # a JSON file the reliability tests add their counts to
+
+
+def run_cli(argv: list[str]) -> tuple[int, str, str]:
+    """``lvit ARGV`` in this process: (exit code, stdout, stderr). An escaping exception is a test failure."""
+    import contextlib
+    import io
+
+    from lvit.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in argv])
+    return code, out.getvalue(), err.getvalue()
+
+
+def error_lines(stderr: str) -> list[str]:
+    """The ``error: ...`` lines of a CLI's stderr (tqdm bars and warnings may share the stream)."""
+    return [line for line in stderr.splitlines() if line.startswith("error: ")]
+
+
+def assert_one_line_error(code: int, stderr: str, *needles: str) -> str:
+    """Exit 2, exactly one ``error:`` line, no traceback; the line contains every needle (regex). -> the line."""
+    import re
+
+    assert "Traceback" not in stderr, stderr
+    lines = error_lines(stderr)
+    assert code == 2 and len(lines) == 1, (code, stderr)
+    for needle in needles:
+        assert re.search(needle, lines[0]), (needle, lines[0])
+    return lines[0]
+
+
+def half_written_files(folder: Path) -> list[Path]:
+    """Temporary files of lvit.io and files that do not load completely (PNG, safetensors, ckpt, json)."""
+    bad = []
+    if not folder.exists():
+        return bad
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        if path.name.endswith(".tmp"):
+            bad.append(path)
+        elif not file_is_complete(path):
+            bad.append(path)
+    return bad
+
+
+def file_is_complete(path: Path) -> bool:
+    """True when ``path`` parses completely with the reader of its type (types lvit writes)."""
+    import json
+
+    try:
+        if path.suffix == ".png":
+            from PIL import Image
+
+            with Image.open(path) as im:
+                im.load()
+        elif path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            load_file(str(path))
+        elif path.suffix == ".ckpt":
+            import torch
+
+            torch.load(path, map_location="cpu", weights_only=True)
+        elif path.suffix == ".json":
+            json.loads(path.read_text(encoding="utf-8"))
+        elif path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            yaml.safe_load(path.read_text(encoding="utf-8"))
+        elif path.suffix == ".csv":
+            import csv
+
+            rows = list(csv.reader(path.read_text(encoding="utf-8").splitlines()))
+            return bool(rows) and all(len(r) == len(rows[0]) for r in rows)
+    except Exception:  # noqa: BLE001 - any parse failure means "not complete"
+        return False
+    return True
+
+
+class Tally:
+    """Counts of a test module (e.g. bad inputs tried / handled, faults injected / survived)."""
+
+    def __init__(self, section: str):
+        from collections import Counter
+
+        self.section = section
+        self.counts: Counter = Counter()
+
+    def add(self, key: str, n: int = 1) -> None:
+        self.counts[key] += n
+
+    def line(self) -> str:
+        return f"reliability[{self.section}]: " + ", ".join(f"{k} {v}" for k, v in sorted(self.counts.items()))
+
+    def dump(self) -> None:
+        """Merge the counts into the JSON file named by $LVIT_RELIABILITY_COUNTS (if set)."""
+        import json
+        import os
+
+        target = os.environ.get(COUNTS_ENV)
+        if not target:
+            return
+        path = Path(target)
+        data = json.loads(path.read_text()) if path.is_file() else {}
+        section = data.setdefault(self.section, {})
+        for key, value in self.counts.items():
+            section[key] = section.get(key, 0) + value
+        from lvit.io import atomic_write_json
+
+        atomic_write_json(path, data)

@@ -25,7 +25,6 @@ def register(subparsers) -> None:
     p.add_argument("--n-train", type=int, default=DEMO_SPLITS["n_train"])
     p.add_argument("--n-val", type=int, default=DEMO_SPLITS["n_val"])
     p.add_argument("--n-test", type=int, default=DEMO_SPLITS["n_test"])
-    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic dataset")
     from .train import add_override_arguments
 
     add_override_arguments(p)
@@ -47,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     progress = config.trainer.progress
     print(f"[1/3] generating the synthetic dataset in {out / 'data'}")
     data = generate_synthetic(out / "data", n_train=args.n_train, n_val=args.n_val, n_test=args.n_test,
-                              size=config.model.image_size, seed=args.seed, force=True, progress=progress)
+                              size=config.model.image_size, seed=args.seed or 0, force=True, progress=progress)
     print(f"[2/3] training {config.model_name} ({config.trainer.max_epochs} epochs, {config.model.image_size} px) "
           f"into {out / 'run'}")
     result = train(config, data, out / "run", force=True)

@@ -50,8 +50,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--threshold must be in (0, 1), got {args.threshold}")
 
     from ..data.readers import read_image
-    from ..evaluate.gradcam import (counterfactual_report, explain_image, run_text_encoder,
-                                    write_explanation)
+    from ..evaluate.gradcam import counterfactual_report, explain_image, write_explanation
+    from ..evaluate.predict import run_text_encoder
     from ..io import prepare_output_dir
 
     encode = run_text_encoder(model, run_config)

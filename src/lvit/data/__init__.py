@@ -1,15 +1,57 @@
 """Datasets: the official LViT layout, readers, validation, the torch Dataset and the synthetic generator."""
 
-from .dataset import SegmentationDataset, TextTensors, encode_records, load_pair, to_channels
+from .dataset import (
+    SegmentationDataset,
+    TextTensors,
+    encode_records,
+    load_pair,
+    to_channels,
+)
 from .layout import Record, list_images, load_split
-from .readers import IMAGE_SUFFIXES, binarise_mask, is_image_file, read_array, read_image, read_mask
+from .readers import (
+    IMAGE_SUFFIXES,
+    binarise_mask,
+    is_image_file,
+    read_array,
+    read_image,
+    read_mask,
+)
 from .synthetic import generate_synthetic, make_case, parse_report, report_for, zone_at
-from .transforms import AugmentConfig, Augmenter, resize_image, resize_mask, to_original_size
+from .transforms import (
+    AugmentConfig,
+    Augmenter,
+    resize_image,
+    resize_mask,
+    to_original_size,
+)
 from .validate import Problem, check_data, format_problems
 
 __all__ = [
-    "AugmentConfig", "Augmenter", "IMAGE_SUFFIXES", "Problem", "Record", "SegmentationDataset", "TextTensors",
-    "binarise_mask", "check_data", "encode_records", "format_problems", "generate_synthetic", "is_image_file",
-    "list_images", "load_pair", "load_split", "make_case", "parse_report", "read_array", "read_image",
-    "read_mask", "report_for", "resize_image", "resize_mask", "to_channels", "to_original_size", "zone_at",
+    "IMAGE_SUFFIXES",
+    "AugmentConfig",
+    "Augmenter",
+    "Problem",
+    "Record",
+    "SegmentationDataset",
+    "TextTensors",
+    "binarise_mask",
+    "check_data",
+    "encode_records",
+    "format_problems",
+    "generate_synthetic",
+    "is_image_file",
+    "list_images",
+    "load_pair",
+    "load_split",
+    "make_case",
+    "parse_report",
+    "read_array",
+    "read_image",
+    "read_mask",
+    "report_for",
+    "resize_image",
+    "resize_mask",
+    "to_channels",
+    "to_original_size",
+    "zone_at",
 ]

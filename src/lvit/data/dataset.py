@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -12,7 +12,7 @@ from torch.utils.data import Dataset
 
 from ..errors import DataError
 from .layout import Record
-from .readers import read_array, read_image, binarise_mask
+from .readers import binarise_mask, read_array, read_image
 from .transforms import AugmentConfig, Augmenter, resize_image, resize_mask
 
 
@@ -120,12 +120,12 @@ class SegmentationDataset(Dataset):
         self.mask_resize = mask_resize
         self.mask_threshold = mask_threshold
         # Decoding + resizing large files (1000 px TIFFs) dominates an epoch on CPU; optionally keep the
-        # resized uint8 image / mask per item (before augmentation). Each DataLoader worker has its own copy.
+        # resized image / mask per item (before augmentation). Each DataLoader worker has its own copy.
         self.cache_in_memory = cache_in_memory
         self._memory: dict[int, tuple] = {}
 
     @classmethod
-    def from_text(cls, records, image_size, text: TextTensors | None, **kwargs) -> "SegmentationDataset":
+    def from_text(cls, records, image_size, text: TextTensors | None, **kwargs) -> SegmentationDataset:
         if text is None:
             return cls(records, image_size, **kwargs)
         return cls(records, image_size, text.emb, text.mask, text_emb_flipped=text.emb_flipped,
@@ -135,11 +135,11 @@ class SegmentationDataset(Dataset):
         return len(self.records)
 
     def _load_resized(self, record: Record):
-        """(image ``[C, S, S]`` uint8, mask ``[1, S, S]`` uint8 {0,1} or None, original (H, W))."""
+        """(image ``[C, S, S]`` float in [0, 1], mask ``[1, S, S]`` uint8 {0,1} or None, original (H, W))."""
         image_np, mask_np = load_pair(record, self.in_channels, self.mask_threshold)
         orig_size = tuple(image_np.shape[:2])
         image = torch.from_numpy(image_np).permute(2, 0, 1).float().div_(255.0)  # [C, H, W]
-        image = resize_image(image, self.image_size).mul_(255.0).round_().to(torch.uint8)
+        image = resize_image(image, self.image_size)
         mask = None
         if mask_np is not None:
             mask = torch.from_numpy(mask_np)[None].float()  # [1, H, W]
@@ -149,12 +149,12 @@ class SegmentationDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         record = self.records[index]
         if index in self._memory:
-            image_u8, mask_u8, orig_size = self._memory[index]
+            image, mask_u8, orig_size = self._memory[index]
         else:
-            image_u8, mask_u8, orig_size = self._load_resized(record)
+            image, mask_u8, orig_size = self._load_resized(record)
             if self.cache_in_memory:
-                self._memory[index] = (image_u8, mask_u8, orig_size)
-        image = image_u8.float().div_(255.0)  # [C, S, S]
+                self._memory[index] = (image, mask_u8, orig_size)
+        image = image.clone()  # [C, S, S]; augmentation must not alter the cached copy
         has_mask = mask_u8 is not None
         mask = mask_u8.float() if has_mask else torch.zeros(1, self.image_size, self.image_size)  # [1, S, S]
         flipped = False

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -149,15 +150,24 @@ def index_folder(folder: Path) -> dict[str, Path]:
     return {p.name: p for p in sorted(folder.iterdir()) if p.is_file() and is_image_file(p)}
 
 
-def match_row(key: str, images: dict[str, Path], masks: dict[str, Path]) -> tuple[str | None, str | None]:
+def stem_index(images: dict[str, Path]) -> dict[str, list[str]]:
+    """Image names by stem (``a.tif`` -> ``a``), built once per folder for :func:`match_row`."""
+    by_stem: dict[str, list[str]] = {}
+    for name in images:
+        by_stem.setdefault(stem_of(name), []).append(name)
+    return by_stem
+
+
+def match_row(
+    key: str, images: dict[str, Path], masks: dict[str, Path], images_by_stem: dict[str, list[str]] | None = None
+) -> tuple[str | None, str | None]:
     """(image name, mask name) of a table key, trying the official conventions:
 
     key is a mask name -> ``mask_<image>`` (QaTa-COV19) or ``<image stem>.png`` (MoNuSeg, image any type);
     key is an image name -> mask ``mask_<key>`` or ``<stem>.png`` or the same name.
     """
-    images_by_stem: dict[str, list[str]] = {}
-    for name in images:
-        images_by_stem.setdefault(stem_of(name), []).append(name)
+    if images_by_stem is None:
+        images_by_stem = stem_index(images)
 
     def image_for(mask_name: str) -> str | None:
         bare = mask_name[len("mask_") :] if mask_name.startswith("mask_") else None
@@ -202,6 +212,7 @@ def _records_of_folder(root, split, image_column, text_column, table, require_ma
     if not images:
         raise DataError(folder / IMAGE_DIR, "no images found")
     records, seen = [], {}
+    by_stem = stem_index(images)
     for row in rows:
         where = f"{table_path.name} row {row.row}"
         safe_child(folder / MASK_DIR, row.key, table_path)
@@ -210,7 +221,7 @@ def _records_of_folder(root, split, image_column, text_column, table, require_ma
         seen[row.key] = row.row
         if row.text is None:
             raise DataError(table_path, f"{where}: empty report for {row.key!r}")
-        image, mask = match_row(row.key, images, masks)
+        image, mask = match_row(row.key, images, masks, by_stem)
         if image is None:
             raise DataError(table_path, f"{where}: no image for {row.key!r} in {folder.name}/{IMAGE_DIR} (run lvit check-data)")
         if mask is None and require_masks and masks:
@@ -218,8 +229,12 @@ def _records_of_folder(root, split, image_column, text_column, table, require_ma
         records.append(Record(image, images[image], masks[mask] if mask else None, row.text))
     named = {r.name for r in records}
     orphans = sorted(set(images) - named)
-    if orphans:
-        raise DataError(folder / IMAGE_DIR, f"{len(orphans)} image(s) without a report, e.g. {orphans[0]!r} (run lvit check-data)")
+    if orphans:  # not fatal: such images are simply not used (as in the official loader); check-data lists them
+        warnings.warn(
+            f"{folder / IMAGE_DIR}: {len(orphans)} image(s) without a report are ignored, e.g. {orphans[0]!r} "
+            "(run lvit check-data)",
+            stacklevel=3,
+        )
     return records
 
 
@@ -242,18 +257,17 @@ def load_split(
     root = Path(root)
     if not root.is_dir():
         raise DataError(root, "dataset folder not found")
-    if split == "val" or split == "train":
-        if not split_folder(root, "val").is_dir():
-            train = _records_of_folder(root, "train", image_column, text_column, table, require_masks)
-            if not 0.0 < val_fraction < 1.0:
-                raise DataError(root, f"no Val_Folder and val_fraction={val_fraction} (needs 0 < f < 1)")
-            n_val = max(1, int(round(len(train) * val_fraction)))
-            if n_val >= len(train):
-                raise DataError(root, f"no Val_Folder and only {len(train)} training sample(s) to split")
-            order = np.random.default_rng(seed).permutation(len(train))
-            val_idx = set(order[:n_val].tolist())
-            chosen = [r for i, r in enumerate(train) if (i in val_idx) == (split == "val")]
-            return chosen
+    if split in ("train", "val") and not split_folder(root, "val").is_dir():
+        train = _records_of_folder(root, "train", image_column, text_column, table, require_masks)
+        if not 0.0 < val_fraction < 1.0:
+            raise DataError(root, f"no Val_Folder and val_fraction={val_fraction} (needs 0 < f < 1)")
+        n_val = max(1, round(len(train) * val_fraction))
+        if n_val >= len(train):
+            raise DataError(root, f"no Val_Folder and only {len(train)} training sample(s) to split")
+        order = np.random.default_rng(seed).permutation(len(train))
+        val_idx = set(order[:n_val].tolist())
+        chosen = [r for i, r in enumerate(train) if (i in val_idx) == (split == "val")]
+        return chosen
     return _records_of_folder(root, split, image_column, text_column, table, require_masks)
 
 

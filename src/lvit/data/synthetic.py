@@ -17,6 +17,7 @@ encoder settings and fixed timestamps, so the same arguments give byte-identical
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import functools
 import io
@@ -189,7 +190,7 @@ def make_case(seed: int, split: str, index: int, size: int = 224) -> SynthCase:
     img = img - lung_soft * (0.30 + 0.03 * vessels + 0.05 * rng.uniform(-1, 1))
     img = img + 0.10 * (a["heart"] & torso) + 0.05 * a["spine"]
     # Ribs and clavicles: fixed shapes, shifted a few rows per case.
-    shift = int(round(rng.uniform(-0.01, 0.01) * size))
+    shift = round(rng.uniform(-0.01, 0.01) * size)
     img = img + 0.07 * _shift_rows(a["ribs"], shift) * torso + 0.08 * _shift_rows(a["clavicles"], shift)
 
     # Opacities: blobs in 2-4 zones; the report's zones are lesions, the rest distractors.
@@ -239,7 +240,7 @@ def png_bytes(array: np.ndarray) -> bytes:
     from PIL import Image
 
     buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG", compress_level=6, optimize=False)
+    Image.fromarray(array).save(buf, format="PNG", compress_level=1, optimize=False)  # fast; fixed
     return buf.getvalue()
 
 
@@ -299,6 +300,30 @@ def generate_synthetic(
     meta: dict = {"seed": seed, "size": size, "side_convention": "left = image left", "splits": {}}
     stats = {"cases": 0, "normal": 0, "lesions": 0, "distractors": 0}
     bar = tqdm(total=sum(counts.values()), desc="lvit synth", unit="img", disable=not progress)
+    with _single_threaded_blas():
+        _write_splits(out, seed, size, counts, meta, stats, bar)
+    bar.close()
+    atomic_write_text(out / "synth_meta.json", json.dumps(meta, indent=1, sort_keys=True) + "\n")
+    atomic_write_text(out / "DATASHEET.md", _datasheet(counts, size, seed, stats))
+    elapsed = time.perf_counter() - started
+    if progress:
+        print(f"wrote {stats['cases']} cases to {out} in {elapsed:.1f} s")
+    return out
+
+
+@contextlib.contextmanager
+def _single_threaded_blas():
+    """The tiny matrix products here are ~15x slower with a multi-threaded BLAS on a busy machine."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # optional: only speed depends on it
+        yield
+        return
+    with threadpool_limits(1):
+        yield
+
+
+def _write_splits(out: Path, seed: int, size: int, counts: dict, meta: dict, stats: dict, bar) -> None:
     for split, n in counts.items():
         folder = out / f"{SPLIT_DIRS[split]}_Folder"
         rows, cases = [], []
@@ -319,13 +344,6 @@ def generate_synthetic(
             bar.update(1)
         atomic_write_bytes(folder / f"{SPLIT_DIRS[split]}_text.xlsx", xlsx_bytes(rows))
         meta["splits"][split] = cases
-    bar.close()
-    atomic_write_text(out / "synth_meta.json", json.dumps(meta, indent=1, sort_keys=True) + "\n")
-    atomic_write_text(out / "DATASHEET.md", _datasheet(counts, size, seed, stats))
-    elapsed = time.perf_counter() - started
-    if progress:
-        print(f"wrote {stats['cases']} cases to {out} in {elapsed:.1f} s")
-    return out
 
 
 def _datasheet(counts: dict, size: int, seed: int, stats: dict) -> str:
@@ -361,8 +379,9 @@ the report genuinely matters: a model that reads the report can beat one that ca
 {stats['distractors']} distractors ({stats['lesions'] / n:.2f} and {stats['distractors'] / n:.2f} per image).
 
 ## Caveats
-- The full reports are 15-25 word pieces long; the official setting keeps only 10 tokens, which cuts a
-  bilateral report after its first zone. Use `text_tokens` >= 24 to give the model the whole report.
+- The reports are 9-18 word pieces long (BERT/MiniLM uncased vocabulary); the official setting keeps only
+  10 tokens, which cuts most reports after their first zone ("... infected areas, upper left"). Use
+  `text_tokens` (max_tokens) >= 18 to give the model the whole report.
 - Phantoms are far simpler than real radiographs; figures on this data say nothing about clinical accuracy.
 - Reproducible: the same arguments give byte-identical files (fixed PNG/XLSX settings and timestamps).
 """

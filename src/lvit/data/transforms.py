@@ -28,7 +28,7 @@ class AugmentConfig:
     hflip_prob: float = 0.0  # off: a flip swaps left/right lung; when on, the report is swapped too
 
     @classmethod
-    def from_dict(cls, d: dict | None) -> "AugmentConfig":
+    def from_dict(cls, d: dict | None) -> AugmentConfig:
         d = dict(d or {})
         if "gamma" in d:
             d["gamma"] = tuple(d["gamma"])

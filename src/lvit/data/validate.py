@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,8 +19,9 @@ from .layout import (
     read_table,
     safe_child,
     split_folder,
+    stem_index,
 )
-from .readers import is_binary_mask, read_array, stem_of
+from .readers import is_binary_mask, read_array
 
 
 @dataclass(frozen=True)
@@ -32,9 +32,10 @@ class Problem:
 
 def _rel(path: Path, root: Path) -> str:
     try:
-        return str(Path(path).relative_to(root))
+        rel = Path(path).relative_to(root)
     except ValueError:
         return str(path)
+    return str(path) if rel == Path(".") else str(rel)
 
 
 def check_data(
@@ -63,9 +64,7 @@ def check_data(
         masks = index_folder(folder / MASK_DIR)
         if not images:
             add(folder / IMAGE_DIR, "no images found")
-        by_stem = defaultdict(list)
-        for name in images:
-            by_stem[stem_of(name)].append(name)
+        by_stem = stem_index(images)
         for names in by_stem.values():
             if len(names) > 1:
                 add(folder / IMAGE_DIR / names[0], f"duplicate name: {', '.join(names)} share the stem")
@@ -95,7 +94,7 @@ def check_data(
                 add(table, f"{where}: empty report")
             elif garbled(row.text):
                 add(table, f"{where}: garbled text (wrong encoding or control characters)")
-            image, mask = match_row(row.key, images, masks)
+            image, mask = match_row(row.key, images, masks, by_stem)
             if image is None:
                 add(table, f"{where}: report without image")
             elif mask is None:

@@ -35,6 +35,7 @@ from monai.visualize.class_activation_maps import ModelWithHooks
 from torch import nn
 
 from ..errors import ConfigError
+from .overlays import GT_COLOR, PRED_COLOR, contour, default_thickness, to_rgb
 
 #: Module classes whose outputs the paper's interpretability figure shows: the CNN decoder levels and the
 #: pixel-level attention (PLAM) gates of the skip connections. ``UNetUpBlock`` covers the U-Net baseline.
@@ -312,11 +313,12 @@ class SegmentationGradCAM:
             raw = self.cam.compute_map(x, class_idx=0, layer_idx=idx, **kwargs)  # [1, 1, h, w] >= 0
             up = F.interpolate(raw.detach().float(), size=size, mode="bilinear", align_corners=False)
             cams[layer] = _normalise(up)[0, 0].cpu().numpy().astype(np.float32)
-        logits = self.scorer.last_logits  # [1, K, H, W]
+        # As `lvit predict`: logits resized to the requested size first, then sigmoid (softmax).
+        logits = F.interpolate(self.scorer.last_logits.float(), size=size, mode="bilinear", align_corners=False)
         n_classes = logits.shape[1]
         target = self.scorer.target_class if self.scorer.target_class is not None else (0 if n_classes == 1 else 1)
         probs = torch.sigmoid(logits[:, :1]) if n_classes == 1 else logits.softmax(1)[:, target:target + 1]
-        probability = F.interpolate(probs.float(), size=size, mode="bilinear", align_corners=False)[0, 0]
+        probability = probs[0, 0]  # [H, W]
         score = float(self.taps.score.detach().sum()) if self.taps.score is not None else float("nan")
         return Explanation(cams, probability.cpu().numpy().astype(np.float32), score)
 
@@ -324,15 +326,6 @@ class SegmentationGradCAM:
 # --------------------------------------------------------------------------------------------------------
 # Pictures
 # --------------------------------------------------------------------------------------------------------
-def to_rgb(image: np.ndarray) -> np.ndarray:
-    """HxW, HxWx1, HxWx3 or HxWx4 uint8 -> HxWx3 uint8."""
-    if image.ndim == 2:
-        image = image[..., None]
-    if image.shape[-1] == 1:
-        image = np.repeat(image, 3, axis=-1)
-    return np.ascontiguousarray(image[..., :3]).astype(np.uint8)
-
-
 def heatmap_overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.45, cmap: str = "jet") -> np.ndarray:
     """Blend a [0, 1] map ``cam`` (HxW) over ``image`` (HxW[xC] uint8) with a colormap -> HxWx3 uint8."""
     from matplotlib import colormaps
@@ -345,21 +338,15 @@ def heatmap_overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.45, cma
 
 
 def mask_overlay(image: np.ndarray, pred: np.ndarray, truth: np.ndarray | None = None, alpha: float = 0.4) -> np.ndarray:
-    """Prediction (HxW bool) filled red over ``image``; ground truth (if given) outlined green -> HxWx3 uint8."""
+    """Prediction (HxW bool) filled red over ``image``; ground truth (if given) as the green contour that
+    `lvit test` overlays draw -> HxWx3 uint8. (Filled, not outlined: a heat map sits beside it and small
+    predictions stay visible when the figure is shown scaled down.)"""
     rgb = to_rgb(image).astype(np.float32)
     pred = pred.astype(bool)
-    rgb[pred] = (1 - alpha) * rgb[pred] + alpha * np.array([255.0, 40.0, 40.0])
+    rgb[pred] = (1 - alpha) * rgb[pred] + alpha * np.array(PRED_COLOR, np.float32)
     if truth is not None:
-        truth = truth.astype(bool)
-        edge = truth & ~_erode(truth)
-        rgb[edge] = (40.0, 255.0, 40.0)
+        rgb[contour(truth, default_thickness(rgb.shape))] = GT_COLOR
     return rgb.astype(np.uint8)
-
-
-def _erode(mask: np.ndarray) -> np.ndarray:
-    """One-pixel binary erosion with a 3x3 cross (pixels outside the image count as background)."""
-    padded = np.pad(mask, 1, constant_values=False)
-    return (padded[1:-1, 1:-1] & padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:])
 
 
 def layer_file_name(layer: str) -> str:
@@ -427,7 +414,10 @@ def text_attribution_figure(image: np.ndarray, texts: tuple[str, str], explanati
             ax.set_title(title, fontsize=9)
             ax.set_axis_off()
         label = "report" if row == 0 else "changed report"
-        fig.axes[row * 3].set_title(f"{label}:\n" + "\n".join(textwrap.wrap(text, 42)[:3]), fontsize=8, loc="left")
+        # The report under its row, left-aligned across the three panels.
+        fig.axes[row * 3].text(0.0, -0.04, f"{label}: " + "\n".join(textwrap.wrap(text, 110)[:2]),
+                               transform=fig.axes[row * 3].transAxes, va="top", ha="left", fontsize=8.5,
+                               clip_on=False)
     ax = fig.add_subplot(grid[:, 3])
     diff = explanations[0].probability - explanations[1].probability
     limit = max(float(np.abs(diff).max()), 1e-3)
@@ -450,43 +440,13 @@ TextEncodeFn = Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]]  # repor
 def model_input(image: np.ndarray, model: nn.Module) -> torch.Tensor:
     """HxWxC uint8 -> ``[1, in_channels, S, S]`` float in [0, 1] at the model's training size, resized
     exactly as :class:`lvit.data.SegmentationDataset` does (so the explanation is of the tested input)."""
-    from ..data.dataset import to_channels
-    from ..data.transforms import resize_image
+    from ..data import resize_image, to_channels
 
     cfg = model.config
     image = to_channels(image if image.ndim == 3 else image[..., None], cfg.in_channels)
     tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)  # [C, H, W]
     tensor = resize_image(tensor, cfg.image_size)[None]  # [1, C, S, S]
     return tensor.to(next(model.parameters()).device)
-
-
-def run_text_encoder(model: nn.Module, run_config: dict) -> TextEncodeFn | None:
-    """The report encoder a run was trained with, as ``texts -> (emb [N, L, D], mask [N, L])``; None for a
-    text-free model (LViT-T, U-Net)."""
-    if not getattr(model.config, "use_text", False):
-        return None
-    from ..text import get_text_encoder
-
-    text_cfg = run_config.get("text") or {}
-    spec = str(text_cfg.get("encoder") or run_config.get("text_encoder") or "minilm")
-    max_tokens = model.config.text_tokens
-    if spec == "learned" or spec.startswith("learned:"):
-        embedding = getattr(model, "lvit_text_embedding", None)
-        run_dir = getattr(model, "lvit_run_dir", None)
-        vocab = Path(spec.split(":", 1)[1]) if ":" in spec else (Path(run_dir) / "vocab.json" if run_dir else None)
-        if embedding is None or vocab is None or not vocab.is_file():
-            raise ConfigError(f"run uses the learned text encoder but its vocabulary ({vocab}) or trained "
-                              "embedding is missing")
-        encoder = get_text_encoder(f"learned:{vocab}", max_tokens=max_tokens)
-
-        def encode_learned(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-            ids, mask = encoder.tokenize(texts)  # [N, L], [N, L]
-            with torch.no_grad():
-                return embedding(ids.to(next(embedding.parameters()).device)).float(), mask
-
-        return encode_learned
-    encoder = get_text_encoder(spec, max_tokens=max_tokens)
-    return encoder.encode
 
 
 def explain_image(model: nn.Module, image: np.ndarray, texts: list[str], encode: TextEncodeFn | None,
@@ -552,5 +512,5 @@ def write_explanation(out_dir: str | Path, image: np.ndarray, texts: tuple[str, 
 __all__ = [
     "DEFAULT_LAYER_CLASSES", "Explanation", "LayerInfo", "LayerTaps", "SegmentationGradCAM", "SegmentationScore",
     "counterfactual_report", "default_layers", "explain_image", "heatmap_overlay", "layer_file_name", "list_layers",
-    "mask_overlay", "model_input", "run_text_encoder", "text_attribution_figure", "to_rgb", "write_explanation",
+    "mask_overlay", "model_input", "text_attribution_figure", "to_rgb", "write_explanation",
 ]

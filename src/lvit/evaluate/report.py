@@ -27,7 +27,10 @@ from ..errors import DataError, LvitError
 from ..io import atomic_write_text, refuse_clobber
 
 REPORT_NAME = "report.html"
-TEST_DIRNAME = "test"  # default output folder of `lvit test RUN_DIR`
+#: Where `lvit test RUN_DIR` writes by default (``RUN_DIR/test-<split>``), then a plain ``RUN_DIR/test``.
+TEST_DIRNAMES = ("test-test", "test")
+#: metrics.json keys shown as text rather than numbers (the rest of the non-numeric keys are paths or prose).
+_METRIC_TEXT_KEYS = ("split", "model_name", "paper_metric", "empty_convention")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -200,18 +203,25 @@ def _flatten(prefix: str, value, out: list[tuple[str, str]]) -> None:
         out.append((prefix, str(value)))
 
 
-def read_test_metrics(test_dir: Path) -> list[tuple[str, str]]:
-    """``metrics.json`` -> (dotted key, formatted value) rows; [] when absent."""
+def read_test_metrics(test_dir: Path) -> tuple[list[tuple[str, str]], str]:
+    """``metrics.json`` -> ((dotted key, formatted value) rows of the numbers, a note of the protocol text);
+    ``([], "")`` when absent. Paths and file lists in the JSON are left out of the table."""
     path = test_dir / "metrics.json"
     if not path.is_file():
-        return []
+        return [], ""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DataError(path, f"unreadable test metrics ({exc})") from None
+    if not isinstance(data, dict):
+        raise DataError(path, "expected a JSON object of metrics")
     rows: list[tuple[str, str]] = []
-    _flatten("", data, rows)
-    return rows
+    _flatten("", {k: v for k, v in data.items() if isinstance(v, (int, float, dict)) or k == "split"}, rows)
+    rows = [(k, v) for k, v in rows if not v.startswith("[")]
+    prose = " ".join(f"{k.replace('_', ' ')}: {data[k]}." for k in _METRIC_TEXT_KEYS[2:] if isinstance(data.get(k), str))
+    if isinstance(data.get("model_name"), str):
+        rows.insert(0, ("model_name", data["model_name"]))
+    return rows, prose
 
 
 def _column(frame: pd.DataFrame, *names: str) -> str | None:
@@ -224,22 +234,24 @@ def _column(frame: pd.DataFrame, *names: str) -> str | None:
 
 def rank_cases(per_image_csv: Path, n_cases: int) -> list[tuple[str, str, float, float, dict]]:
     """``per_image.csv`` -> [(rank, name, dice, iou, row)]: the ``n_cases`` best then the ``n_cases`` worst
-    images by Dice (images without a ground-truth mask are skipped; a short list is not shown twice)."""
+    images by Dice (images without a ground-truth mask are skipped; an image is never both)."""
     try:
         frame = pd.read_csv(per_image_csv)
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise DataError(per_image_csv, f"unreadable per-image results ({str(exc).splitlines()[0]})") from None
     name_col = _column(frame, "name", "image", "file", "filename")
-    dice_col = _column(frame, "dice")
+    # `lvit test` ranks its overlays by Dice at the original resolution; fall back to the model's.
+    dice_col = _column(frame, "dice_original", "dice")
     if name_col is None or dice_col is None:
         raise DataError(per_image_csv, f"needs a name and a dice column (has {', '.join(map(str, frame.columns))})")
-    iou_col = _column(frame, "iou", "jaccard")
+    iou_col = _column(frame, "iou_original", "iou", "jaccard")
     frame = frame[pd.to_numeric(frame[dice_col], errors="coerce").notna()].copy()
     frame["_dice"] = pd.to_numeric(frame[dice_col])
-    frame = frame.sort_values(["_dice", name_col], ascending=[False, True], kind="mergesort")
-    best = frame.head(n_cases)
-    worst = frame.iloc[::-1].head(n_cases)
-    worst = worst[~worst.index.isin(best.index)]
+    # The order `lvit test` picks its overlays in: ascending (Dice, name); worst first, best from the top.
+    frame = frame.sort_values(["_dice", name_col], ascending=[True, True], kind="mergesort")
+    worst = frame.head(n_cases)
+    best = frame.iloc[::-1]
+    best = best[~best.index.isin(worst.index)].head(n_cases)
     out = []
     for rank, part in (("best", best), ("worst", worst)):
         for _, row in part.iterrows():
@@ -249,11 +261,15 @@ def rank_cases(per_image_csv: Path, n_cases: int) -> list[tuple[str, str, float,
 
 
 def _find_saved_overlay(test_dir: Path, name: str) -> Path | None:
+    """An overlay `lvit test` saved for ``name`` (``overlays/<best|worst>_<rank>_<stem>_dice<d>.png``)."""
     stem = Path(name).stem
-    for folder in (test_dir / "overlays", test_dir):
-        if folder.is_dir():
-            for candidate in sorted(folder.glob(f"{stem}*.png")):
-                return candidate
+    folder = test_dir / "overlays"
+    if not folder.is_dir():
+        return None
+    for pattern in (f"*_{stem}_dice*.png", f"{stem}.png", f"*{stem}*.png"):
+        found = sorted(folder.glob(pattern))
+        if found:
+            return found[0]
     return None
 
 
@@ -289,14 +305,16 @@ def _explain_cases(run_dir: Path, cases: list[Case], layers: list[str] | None, t
     from ..data.layout import load_split
     from ..data.dataset import load_pair
     from ..train.checkpoint import load_run
-    from .gradcam import default_layers, explain_image, run_text_encoder
+    from ..text import default_cache_dir
+    from .gradcam import default_layers, explain_image
+    from .predict import run_text_encoder
 
     model, run_config = load_run(run_dir)
-    root = (run_config.get("data") or {}).get("root")
+    root = (run_config.get("data") or {}).get("root") or (run_config.get("data_info") or {}).get("root")
     if not root or not Path(root).is_dir():
         return f"test data {root!r} of this run is not reachable here: Grad-CAM maps are not shown"
     records = {r.name: r for r in load_split(root, "test")}
-    encode = run_text_encoder(model, run_config)
+    encode = run_text_encoder(model, run_config, default_cache_dir(root))
     layers = layers or default_layers(model)[:2]
     from tqdm import tqdm
 
@@ -329,7 +347,9 @@ def collect_report(run_dir: str | Path, test_dir: str | Path | None = None, n_ca
         config = yaml.safe_load(config_text) or {}
     except yaml.YAMLError as exc:
         raise DataError(config_path, f"unreadable YAML ({str(exc).splitlines()[0]})") from None
-    test_dir = Path(test_dir) if test_dir else run_dir / TEST_DIRNAME
+    if test_dir is None:
+        test_dir = next((run_dir / d for d in TEST_DIRNAMES if (run_dir / d).is_dir()), run_dir / TEST_DIRNAMES[0])
+    test_dir = Path(test_dir)
     content = ReportContent(
         title=f"lvit run {run_dir.resolve().name}",
         run_dir=str(run_dir.resolve()),
@@ -341,11 +361,12 @@ def collect_report(run_dir: str | Path, test_dir: str | Path | None = None, n_ca
     for key in ("image_size", "base_channels", "use_text", "text_dim"):
         if key in model_cfg:
             content.summary.append((f"model.{key}", str(model_cfg[key])))
-    text_cfg = config.get("text") or {}
-    if text_cfg.get("encoder"):
-        content.summary.append(("text encoder", str(text_cfg["encoder"])))
-    if (config.get("data") or {}).get("root"):
-        content.summary.append(("data", str(config["data"]["root"])))
+    encoder = (config.get("text_encoder") or {}).get("spec") or (config.get("text") or {}).get("encoder")
+    if encoder and model_cfg.get("use_text", True) and config.get("model_name", "lvit") == "lvit":
+        content.summary.append(("text encoder", str(encoder)))
+    data_root = (config.get("data") or {}).get("root") or (config.get("data_info") or {}).get("root")
+    if data_root:
+        content.summary.append(("data", str(data_root)))
 
     metrics_csv = run_dir / "metrics.csv"
     if metrics_csv.is_file():
@@ -358,13 +379,13 @@ def collect_report(run_dir: str | Path, test_dir: str | Path | None = None, n_ca
     else:
         content.curves_note = f"{metrics_csv.name} not found: no training curves"
 
-    content.metrics = read_test_metrics(test_dir)
+    content.metrics, content.metrics_note = read_test_metrics(test_dir)
     if not content.metrics:
-        content.metrics_note = f"no {test_dir / 'metrics.json'}: run `lvit test {run_dir}` first"
+        content.metrics_note = f"no {test_dir / 'metrics.json'}: run `lvit test {run_dir} --data ROOT` first"
 
     per_image = test_dir / "per_image.csv"
     if not per_image.is_file():
-        content.cases_note = f"no {per_image}: run `lvit test {run_dir}` first"
+        content.cases_note = f"no {per_image}: run `lvit test {run_dir} --data ROOT` first"
         return content
     content.cases = [Case(rank, name, dice, iou, text=str(row.get("text", "") or ""))
                      for rank, name, dice, iou, row in rank_cases(per_image, n_cases)]
@@ -393,5 +414,5 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, force: bool
     return atomic_write_text(out, page)
 
 
-__all__ = ["Case", "Figure", "REPORT_NAME", "ReportContent", "TEST_DIRNAME", "case_figure", "collect_report",
+__all__ = ["Case", "Figure", "REPORT_NAME", "ReportContent", "TEST_DIRNAMES", "case_figure", "collect_report",
            "rank_cases", "read_test_metrics", "render_html", "write_report"]

@@ -171,7 +171,8 @@ def read_official_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
                               f"plain tensors/numbers ({first}); only load checkpoints you trust, and re-save them "
                               "as a plain state dict") from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})") from None
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: "
+                              f"{(str(exc).splitlines() or [''])[0][:160]})") from None
     if isinstance(payload, Mapping) and isinstance(payload.get("state_dict"), Mapping):
         payload = payload["state_dict"]
     if not isinstance(payload, Mapping) or not all(isinstance(k, str) for k in payload):

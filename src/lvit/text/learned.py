@@ -76,7 +76,7 @@ class LearnedEncoder(TextEncoder):
         min_words: int = OFFICIAL_MIN_WORDS,
         dim: int = 256,
         min_count: int = 1,
-    ) -> "LearnedEncoder":
+    ) -> LearnedEncoder:
         """Vocabulary = tokens seen >= ``min_count`` times in the (padded) training reports, sorted by
         frequency then alphabetically, so the same reports always give the same ids."""
         counts = Counter()
@@ -122,7 +122,7 @@ class LearnedEncoder(TextEncoder):
         return {"vocab": self.vocab, "max_tokens": self.max_tokens, "min_words": self.min_words, "dim": self.dim}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "LearnedEncoder":
+    def from_dict(cls, d: dict) -> LearnedEncoder:
         try:
             return cls(list(d["vocab"]), int(d["max_tokens"]), int(d["min_words"]), int(d["dim"]))
         except (KeyError, TypeError, ValueError) as exc:
@@ -132,7 +132,7 @@ class LearnedEncoder(TextEncoder):
         return atomic_write_json(path, self.to_dict())
 
     @classmethod
-    def load(cls, path: str | Path) -> "LearnedEncoder":
+    def load(cls, path: str | Path) -> LearnedEncoder:
         try:
             return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
         except (OSError, ValueError) as exc:

@@ -63,7 +63,7 @@ def load_state_file(path: str | Path, map_location: Any = "cpu") -> dict[str, An
         raise CheckpointError(f"{path}: refused to load: the checkpoint contains objects other than tensors "
                               f"and plain data ({first[:160]})") from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: not a readable checkpoint ({str(exc).splitlines()[0][:160]})") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint ({(str(exc).splitlines() or [type(exc).__name__])[0][:160]})") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: not a training checkpoint (top level is {type(state).__name__})")
     return state
@@ -129,7 +129,7 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({str(exc).splitlines()[0][:160]})") from None
+        raise CheckpointError(f"{path}: not a readable safetensors file ({(str(exc).splitlines() or [type(exc).__name__])[0][:160]})") from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -147,7 +147,7 @@ def read_run_config(run_dir: str | Path) -> dict:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise CheckpointError(f"{path}: unreadable run config ({str(exc).splitlines()[0]})") from None
+        raise CheckpointError(f"{path}: unreadable run config ({(str(exc).splitlines() or [type(exc).__name__])[0]})") from None
     if not isinstance(data, dict) or "model_name" not in data or "model" not in data:
         raise CheckpointError(f"{path}: not an lvit run config (model_name/model missing)")
     return data
@@ -206,7 +206,7 @@ def load_run(path: str | Path, map_location: str | torch.device = "cpu"):
         model.load_state_dict(model_tensors, strict=True)
     except RuntimeError as exc:
         raise CheckpointError(f"{weights_path}: weights do not fit the model in {CONFIG_NAME} "
-                              f"({str(exc).splitlines()[0][:200]}...)") from None
+                              f"({(str(exc).splitlines() or [type(exc).__name__])[0][:200]}...)") from None
     text_embedding = None
     if text_tensors:
         from ..text.learned import LearnedTextEmbedding

@@ -1,6 +1,11 @@
 """Semi-supervised LViT: EPI pseudo labels (paper Eq. 8) and the Language-Vision loss (Eqs. 16-18)."""
 
-from .labelled_subset import LabelledSubset, choose_fraction, choose_listed, write_subset
+from .labelled_subset import (
+    LabelledSubset,
+    choose_fraction,
+    choose_listed,
+    write_subset,
+)
 from .lv_loss import (
     ContrastLabelBank,
     default_contrast_bank,

@@ -12,10 +12,10 @@ equivalent bank from the labelled part of any training set (``ContrastLabelBank.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -84,7 +84,7 @@ class ContrastLabelBank:
         return len(self.texts)
 
     @classmethod
-    def from_folder(cls, folder: str | Path, image_size: int, table: str | None = None) -> "ContrastLabelBank":
+    def from_folder(cls, folder: str | Path, image_size: int, table: str | None = None) -> ContrastLabelBank:
         """Read template masks + a table (columns ``Image``, ``Description``; XLSX or CSV) from ``folder``."""
         folder = Path(folder)
         if not folder.is_dir():
@@ -99,7 +99,7 @@ class ContrastLabelBank:
         return cls(torch.stack(masks), texts, names)
 
     @classmethod
-    def from_labelled(cls, masks: torch.Tensor, texts: Sequence[str], names: Sequence[str]) -> "ContrastLabelBank":
+    def from_labelled(cls, masks: torch.Tensor, texts: Sequence[str], names: Sequence[str]) -> ContrastLabelBank:
         """The labelled training images themselves as contrast labels (masks ``[K, 1, H, W]``)."""
         return cls((masks > 0.5).float(), list(texts), list(names))
 
@@ -107,7 +107,7 @@ class ContrastLabelBank:
         """For each report in ``texts``, the index ``[U]`` of the contrast label with the nearest report."""
         return nearest_labelled(report_vectors(encoder, texts), report_vectors(encoder, self.texts))
 
-    def resized(self, image_size: int) -> "ContrastLabelBank":
+    def resized(self, image_size: int) -> ContrastLabelBank:
         if self.masks.shape[-1] == image_size and self.masks.shape[-2] == image_size:
             return self
         masks = F.interpolate(self.masks, size=(image_size, image_size), mode="nearest")

@@ -30,7 +30,13 @@ from ...errors import CheckpointError, ConfigError
 from ...evaluate.metrics import batch_dice_iou
 from ...io import atomic_write_json
 from ..module import SegmentationModule
-from .labelled_subset import SUBSET_FILE, LabelledSubset, choose_fraction, choose_listed, write_subset
+from .labelled_subset import (
+    SUBSET_FILE,
+    LabelledSubset,
+    choose_fraction,
+    choose_listed,
+    write_subset,
+)
 from .lv_loss import ContrastLabelBank, default_contrast_folder, lv_loss
 from .pseudo_labels import PseudoLabelBank, gather_updates
 
@@ -87,7 +93,7 @@ class SemiConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict, source: str = SEMI_FILE) -> "SemiConfig":
+    def from_dict(cls, data: dict, source: str = SEMI_FILE) -> SemiConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:

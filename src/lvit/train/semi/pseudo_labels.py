@@ -22,9 +22,9 @@ EPI at all, so the choices below are ours (documented in docs/SEMI_SUPERVISED.md
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch

@@ -1,0 +1,112 @@
+"""bench/monuseg.py on real MoNuSeg data (../shared): readers (PNG train/val, TIF test), the xlsx text table,
+the official augmentation and mask resize, the wall-clock budget, resume, and the RESULTS.md section.
+
+Kept small: 2 images per split at 64 px, base_channels 8, one epoch per call.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _load_bench():
+    spec = importlib.util.spec_from_file_location("bench_monuseg", REPO / "bench" / "monuseg.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = _load_bench()
+
+
+@pytest.fixture(scope="module")
+def monuseg(shared_dir) -> Path:
+    root = shared_dir / "datasets" / "MoNuSeg"
+    if not (root / "Train_Folder").is_dir():
+        pytest.skip(f"{root} is absent: the MoNuSeg tests need the shared data set")
+    return root
+
+
+def test_real_split_tables_and_readers(monuseg):
+    from lvit.data import load_split, read_image, read_mask
+
+    train, test = load_split(monuseg, "train"), load_split(monuseg, "test")
+    assert (len(train), len(load_split(monuseg, "val")), len(test)) == (24, 6, 14)
+    assert all(r.image_path.suffix.lower() == ".tif" for r in test)
+    assert all(r.mask_path.name == Path(r.image_path.name).with_suffix(".png").name for r in test)
+    assert all(r.text and "EOF" not in r.text for r in train + test)  # the Description column, unpadded
+    image, mask = read_image(test[0].image_path), read_mask(test[0].mask_path)
+    assert image.shape == (1000, 1000, 3) and image.dtype.name == "uint8"
+    assert mask.shape == (1000, 1000) and set(mask.ravel().tolist()) <= {0, 1} and 0 < mask.mean() < 0.6
+
+
+def test_official_augmenter_keeps_image_and_mask_aligned():
+    aug = bench.OfficialAugmenter()
+    mask = (torch.rand(1, 32, 32) > 0.7).float()  # [1, H, W]
+    mask[:, :4, :] = 1.0  # asymmetric, so a rotation or flip is visible
+    image = torch.cat([mask, torch.rand(2, 32, 32)])  # [3, H, W]: channel 0 is the mask
+    changed = 0
+    for seed in range(40):
+        img, msk = aug(image.clone(), mask.clone(), seed)
+        assert img.shape == image.shape and msk.shape == mask.shape
+        assert set(msk.unique().tolist()) <= {0.0, 1.0}
+        assert torch.equal(img[0:1], msk)  # the same geometric transform hit both
+        changed += not torch.equal(msk, mask)
+        again = aug(image.clone(), mask.clone(), seed)
+        assert torch.equal(again[0], img) and torch.equal(again[1], msk)  # reproducible per seed
+    # official: p 0.5 rot90+flip (one of 8 is the identity), p 0.25 rotation (angle 0 possible), else nothing
+    assert 15 <= changed <= 35
+
+
+def test_one_epoch_train_test_resume_and_results(monuseg, tmp_path):
+    s = bench.BenchSettings(data=monuseg, runs=tmp_path / "runs", minutes=1e-4, max_epochs=3, image_size=64,
+                            base_channels=8, limit=2, progress=False)
+    first = bench.train_model(s, "lvit")
+    # the budget (6 ms) stops after the first epoch, long before max_epochs
+    assert first["epochs"] == 1 and first["stopped_by_budget"]
+    run = s.runs / "lvit"
+    assert (run / "checkpoints" / "best.safetensors").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
+    assert "minilm" in (run / "config.yaml").read_text()  # LViT (text) read the real reports
+    assert any((s.runs / "text_cache").iterdir())  # encoded reports cached in the runs folder, not in ../shared
+
+    second = bench.train_model(s, "lvit", resume=True)  # a fresh budget: one more epoch
+    assert second["epochs"] == 2
+    curve = bench.read_curve(run)
+    assert [e for e, _, _ in curve] == [1, 2] and all(0.0 <= d <= 1.0 for _, d, _ in curve)
+
+    figures = bench.test_model(s, "lvit")  # 2 TIF test images, official-protocol ground truth
+    assert figures["n_test"] == 2
+    assert 0.0 <= figures["test_dice"] <= 1.0 and 0.0 <= figures["test_iou"] <= figures["test_dice"] + 1e-9
+
+    png = bench.plot_curves(s.runs, bench.MODELS, tmp_path / "curve.png")
+    assert png is not None and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    results = {"lvit": {**second, **figures, "train_seconds": sum(c[2] for c in curve), "text_encoder": "minilm",
+                        "machine": "test"}}
+    md = tmp_path / "RESULTS.md"
+    md.write_text("# results\n\n<!-- other:start -->\nkeep me\n<!-- other:end -->\n")
+    bench.write_section(bench.render(results, s, None), md)
+    bench.write_section(bench.render(results, s, None), md)  # replaces its own section, once
+    text = md.read_text()
+    assert "keep me" in text and text.count(bench.START) == 1 and "LViT (text) (`lvit`)" in text
+    assert "80.36 / 67.31" in text and not math.isnan(figures["test_dice"])
+
+
+def test_official_mask_resize_grows_small_nuclei(monuseg):
+    """The official loader resizes masks bilinearly and keeps every pixel > 0: at 224 px the nuclei come out
+    larger than with nearest-neighbour. The bench trains and tests on those masks, as the published figures do."""
+    from lvit.data import SegmentationDataset, load_split
+
+    records = load_split(monuseg, "test")[:1]
+    official = SegmentationDataset(records, 224, mask_resize="official")[0]["mask"]
+    nearest = SegmentationDataset(records, 224)[0]["mask"]
+    assert official.shape == nearest.shape == (1, 224, 224)
+    assert official.mean() > nearest.mean() * 1.1
