@@ -28,7 +28,9 @@ def register(subparsers) -> None:
                    help="also save an overlay of the predicted contour (one image: PNG path; --images: a flag)")
     p.add_argument("--threshold", type=float, default=0.5, help="probability threshold (default 0.5)")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--backend", default="torch", help="inference backend (default: torch)")
+    p.add_argument("--backend", default="torch", choices=("torch", "onnx"),
+                   help="inference backend: torch (default) or onnx (ONNX Runtime on CPU; uses RUN/model.onnx "
+                        "from `lvit export` when present, else exports on the fly)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
     p.set_defaults(func=run)

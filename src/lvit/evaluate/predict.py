@@ -63,16 +63,24 @@ def run_text_encoder(model, run_config: dict, cache_dir: str | Path | None = Non
 
 
 class Predictor:
-    """Segment images with a trained run. ``backend="torch"`` (ONNX Runtime is added by lvit.export)."""
+    """Segment images with a trained run. ``backend="torch"`` or ``"onnx"`` (ONNX Runtime, see lvit.export)."""
 
     def __init__(self, run_or_checkpoint: str | Path, device: str | torch.device = "cpu", backend: str = "torch",
                  cache_dir: str | Path | None = None):
         from ..train.checkpoint import load_run
 
-        if backend != "torch":
-            raise ConfigError(f"unknown backend {backend!r} (available: torch)")
+        if backend not in ("torch", "onnx"):
+            raise ConfigError(f"unknown backend {backend!r} (available: torch, onnx)")
         self.device = torch.device(device)
+        if backend == "onnx" and self.device.type != "cpu":
+            raise ConfigError("the onnx backend runs on CPU (ONNX Runtime's CPU provider): use --device cpu")
+        self.backend = backend
         self.model, self.run_config = load_run(run_or_checkpoint, map_location=self.device)
+        if backend == "onnx":
+            # Same call signature and logits as the model: <run>/model.onnx if exported, else exported now.
+            from ..export import onnx_for_run
+
+            self.model = onnx_for_run(self.model, getattr(self.model, "lvit_run_dir", None))
         model_cfg = self.run_config["model"]
         self.image_size = int(model_cfg["image_size"])
         self.in_channels = int(model_cfg.get("in_channels", 3))

@@ -1,0 +1,101 @@
+"""Run the reliability tests and record their counts in bench/RESULTS.md (section "Reliability").
+
+    python bench/reliability.py            # runs the tests (~2 min on 2 free cores), rewrites the section
+    python bench/reliability.py --dry-run  # print the section instead of writing it
+
+The tests (tests/test_reliability_inputs.py, test_reliability_faults.py, test_unsafe_files.py, test_io.py)
+add their counts (bad inputs tried / handled, faults injected / survived, unsafe files tried / refused) to the
+JSON file named by $LVIT_RELIABILITY_COUNTS; this script runs them with that variable set and turns the JSON
+into a table. Only the text between the reliability markers of RESULTS.md is replaced.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "RESULTS.md"
+START, END = "<!-- reliability:start -->", "<!-- reliability:end -->"
+TEST_FILES = ["tests/test_io.py", "tests/test_reliability_inputs.py", "tests/test_reliability_faults.py",
+              "tests/test_unsafe_files.py"]
+COUNTS_ENV = "LVIT_RELIABILITY_COUNTS"
+
+
+def run_tests(counts_file: Path) -> tuple[int, str, float]:
+    env = {**os.environ, COUNTS_ENV: str(counts_file)}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *TEST_FILES]
+    started = time.perf_counter()
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    summary = next((line for line in reversed(done.stdout.splitlines()) if " in " in line and
+                    ("passed" in line or "failed" in line)), "(no pytest summary)")
+    return done.returncode, summary.strip("= "), time.perf_counter() - started
+
+
+def section(counts: dict, summary: str, seconds: float) -> str:
+    rows = []
+    for area, figures in sorted(counts.items()):
+        for key, value in sorted(figures.items()):
+            rows.append(f"| {area} | {key} | {value} |")
+    lines = [
+        START,
+        "## Reliability",
+        "",
+        "Faults injected into real runs and broken or hostile files fed to the CLI; every one must end in a",
+        "clean state (one-line error, previous checkpoint intact, exact resume) or be handled where the data is",
+        "valid. See docs/RELIABILITY.md for what each test asserts.",
+        "",
+        "| area | count | n |",
+        "|---|---|---:|",
+        *rows,
+        "",
+        f"pytest: {summary}; {seconds:.0f} s wall on {platform.machine()} with {os.cpu_count()} CPU(s) "
+        f"({time.strftime('%Y-%m-%d')}).",
+        "",
+        "Command: `python bench/reliability.py` (runs " + ", ".join(f"`{t}`" for t in TEST_FILES) + ").",
+        END,
+    ]
+    return "\n".join(lines)
+
+
+def write_section(text: str) -> None:
+    from lvit.io import atomic_write_text
+
+    current = RESULTS.read_text(encoding="utf-8") if RESULTS.is_file() else "# lvit benchmark results\n"
+    if START in current and END in current:
+        head, rest = current.split(START, 1)
+        tail = rest.split(END, 1)[1]
+        new = head + text + tail
+    else:
+        new = current.rstrip("\n") + "\n\n" + text + "\n"
+    atomic_write_text(RESULTS, new)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dry-run", action="store_true", help="print the section, do not write RESULTS.md")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        counts_file = Path(tmp) / "counts.json"
+        code, summary, seconds = run_tests(counts_file)
+        counts = json.loads(counts_file.read_text()) if counts_file.is_file() else {}
+    text = section(counts, summary, seconds)
+    print(text)
+    if code != 0:
+        print(f"reliability tests failed (pytest exit {code}); RESULTS.md not updated", file=sys.stderr)
+        return 1
+    if not args.dry_run:
+        write_section(text)
+        print(f"wrote the Reliability section of {RESULTS}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
