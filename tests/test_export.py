@@ -106,3 +106,23 @@ def test_export_cli_on_a_run_folder(tmp_path):
     # The predict backend reuses <run>/model.onnx when it was exported from this run's config.
     (run / "model.onnx").write_bytes(out.read_bytes())
     assert onnx_for_run(model, run).path == run / "model.onnx"
+
+
+def test_predict_onnx_backend_matches_torch(tmp_path):
+    import numpy as np
+
+    from lvit.evaluate.predict import Predictor
+    from lvit.train.checkpoint import save_weights, write_run_config
+
+    model = _model("lvit-t")
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    write_run_config(run, {"model_name": "lvit-t", "model": {**LViTConfig(**TINY).to_dict(), "use_text": False}})
+    save_weights(run / "checkpoints" / "best.safetensors", model)
+    image = (np.random.default_rng(0).random((40, 48, 3)) * 255).astype(np.uint8)  # any size in
+    expected = Predictor(run, backend="torch").predict(image)
+    predictor = Predictor(run, backend="onnx")
+    assert isinstance(predictor.model, OnnxSegmenter)
+    got = predictor.predict(image)
+    assert got.shape == expected.shape == (40, 48)
+    assert float(np.abs(got - expected).max()) < 1e-5  # probabilities

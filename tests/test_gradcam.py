@@ -202,6 +202,19 @@ def test_hooks_are_removed_and_model_unchanged(loaded, test_case):
     assert not model.training
 
 
+def test_each_report_gets_its_own_pass(loaded, test_case):
+    """One explainer over two reports gives what two separate runs give (no stale cached pass)."""
+    model, _, encode = loaded
+    image, text = test_case
+    other = counterfactual_report(text)
+    both = explain_image(model, image, [text, other], encode, ["up.0", "up.1"])
+    (alone,) = explain_image(model, image, [other], encode, ["up.0", "up.1"])
+    assert both[0].score != both[1].score
+    assert both[1].score == pytest.approx(alone.score, rel=1e-5)
+    np.testing.assert_allclose(both[1].probability, alone.probability, atol=1e-6)
+    np.testing.assert_allclose(both[1].cams["up.1"], alone.cams["up.1"], atol=1e-5)
+
+
 def test_layer_listing_and_errors(loaded, test_case):
     model, _, encode = loaded
     image, text = test_case

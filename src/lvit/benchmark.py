@@ -50,7 +50,7 @@ FP32_GRAD_BOUND = 1e-2
 BF16_BOUND = 5e-2
 BF16_PROB_BOUND = 2e-2
 
-INFERENCE_VARIANTS = ("eager", "channels_last", "bf16", "compile", "compile-freeze", "onnx")
+INFERENCE_VARIANTS = ("eager", "channels_last", "fold-bn", "bf16", "compile", "compile-freeze", "onnx")
 TRAINING_VARIANTS = ("eager", "channels_last", "bf16", "fused-adam", "compile")
 
 SYNTH_FALLBACK = {"image_size": 128, "base_channels": 32, "text_dim": 384}  # when configs/synth.yaml is absent
@@ -239,6 +239,8 @@ def _inference_runner(task: Task, model, inputs):
     if variant == "channels_last":
         model.to(memory_format=torch.channels_last)
         image = image.contiguous(memory_format=torch.channels_last)
+    if variant == "fold-bn":
+        fold_batchnorm(model)
     fn = model
     if variant in ("compile", "compile-freeze"):
         import torch._inductor.config as inductor_config
@@ -252,6 +254,29 @@ def _inference_runner(task: Task, model, inputs):
             return fn(image, text, text_mask)
 
     return call, time.perf_counter() - t0
+
+
+def fold_batchnorm(model):
+    """Fold every eval-mode BatchNorm that directly follows a convolution into that convolution, in place.
+
+    Works on modules that hold ``conv`` and ``norm`` children and apply them as ``norm(conv(x))`` (LViT's
+    ConvBNReLU, Reconstruct and CTBN): the BatchNorm becomes ``nn.Identity``. The folded network computes the
+    same function in eval mode (up to float rounding) with one pass over each activation less. Returns the
+    number of folded pairs. Inference only: the folded model cannot be trained as the original.
+    """
+    from torch import nn
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    if model.training:
+        raise ValueError("fold_batchnorm needs an eval-mode model (it bakes in the running statistics)")
+    folded = 0
+    for module in model.modules():
+        conv, norm = getattr(module, "conv", None), getattr(module, "norm", None)
+        if isinstance(conv, (nn.Conv1d, nn.Conv2d)) and isinstance(norm, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            module.conv = fuse_conv_bn_eval(conv, norm)
+            module.norm = nn.Identity()
+            folded += 1
+    return folded
 
 
 def _training_runner(task: Task, model, inputs):
@@ -410,6 +435,50 @@ def attention_profile(task: Task) -> dict[str, Any]:
     }
 
 
+def measure_dataloader(image_size: int = 128, batch: int = 8, n_images: int = 48,
+                       settings: tuple[tuple[int, bool], ...] = ((0, False), (0, True), (2, False), (2, True)),
+                       epochs: int = 2) -> list[dict[str, Any]]:
+    """Images/s of the training DataLoader on a synthetic dataset, per (workers, cache decoded images).
+
+    Generates ``n_images`` synthetic radiographs (PNG, official layout) in a temporary folder and iterates
+    ``SegmentationDataset`` (augmentation on, as the synth preset) through a ``DataLoader`` for ``epochs``
+    epochs (workers persistent across epochs); reports the first epoch and the steady (last) epoch.
+    """
+    import shutil
+
+    import torch
+    from torch.utils.data import DataLoader
+
+    from .data import SegmentationDataset
+    from .data.layout import load_split
+    from .data.synthetic import generate_synthetic
+
+    root = Path(tempfile.mkdtemp(prefix="lvit-dl-bench-"))
+    try:
+        generate_synthetic(root / "synth", n_train=n_images, n_val=2, n_test=2, size=224, seed=0, progress=False)
+        records = load_split(root / "synth", "train")
+        gen = torch.Generator().manual_seed(0)
+        text = torch.randn(len(records), 10, 384, generator=gen)
+        rows = []
+        for workers, cache in settings:
+            dataset = SegmentationDataset(records, image_size, text, None, augment=False,
+                                          cache_in_memory=cache)
+            loader = DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=workers,
+                                persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
+            per_epoch = []
+            for _ in range(epochs):
+                t0 = time.perf_counter()
+                seen = sum(b["image"].shape[0] for b in loader)
+                per_epoch.append(seen / (time.perf_counter() - t0))
+            rows.append({"workers": workers, "cache": cache, "first_epoch_images_per_s": per_epoch[0],
+                         "steady_images_per_s": per_epoch[-1], "n_images": len(records), "batch": batch,
+                         "image_size": image_size})
+            del loader
+        return rows
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def run_task(task: Task) -> dict[str, Any]:
     """Run one worker job in this process and return its JSON-able result."""
     import torch
@@ -425,6 +494,9 @@ def run_task(task: Task) -> dict[str, Any]:
         return result
     if task.mode == "profile":
         result.update(attention_profile(task))
+        return result
+    if task.mode == "dataloader":
+        result["rows"] = measure_dataloader(task.case.image_size, task.case.batch)
         return result
     if task.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -483,6 +555,7 @@ class Options:
     threads: int = 0
     variants: tuple[str, ...] | None = None  # restrict variants (both modes)
     scaling: bool = True
+    dataloader: bool = True
     timeout_s: float = 1800.0
     repo_root: Path | None = None
 
@@ -590,6 +663,10 @@ def run_benchmark(opts: Options, command: str = "lvit bench", progress: bool = T
         for size in p["scaling_sizes"]:
             jobs.append(("profile", Case(f"size {size}", base.model, {**base.config, "image_size": size}, 1)))
 
+    if not opts.quick and opts.dataloader:
+        synth = p["cases"][-1]
+        jobs.append(("dataloader", Case("synth data", synth.model, synth.config, batch=8)))
+
     started = time.time()
     report: dict[str, Any] = {"machine": machine_info(), "command": command, "options": dataclasses.asdict(opts),
                               "synth_source": p["synth_source"], "cases": {}, "scaling": [], "profile": [],
@@ -635,6 +712,9 @@ def run_benchmark(opts: Options, command: str = "lvit bench", progress: bool = T
             res = spawn(Task(case, "profile", **common), opts.timeout_s)
             res["image_size"] = case.image_size
             report["profile"].append(res)
+        elif kind == "dataloader":
+            bar.set_postfix_str("dataloader")
+            report["dataloader"] = spawn(Task(payload, "dataloader", **common), opts.timeout_s)
     bar.close()
     report["elapsed_s"] = time.time() - started
     try:
@@ -778,7 +858,37 @@ def render_markdown(report: dict[str, Any]) -> str:
         if crossover:
             lines.append(crossover)
             lines.append("")
+    lines += render_dataloader(report)
     return "\n".join(lines)
+
+
+def render_dataloader(report: dict[str, Any]) -> list[str]:
+    """The data-loading table, compared with the synth preset's eager training step."""
+    dl = report.get("dataloader")
+    if not dl:
+        return []
+    if "error" in dl:
+        return [f"Data loading: failed ({dl['error']}).", ""]
+    rows = dl["rows"]
+    synth = [e for label, e in report["cases"].items() if label.startswith("synth")]
+    step = None
+    if synth:
+        train = synth[0]["training"].get("eager") or {}
+        step = train.get("images_per_s")
+    lines = [f"#### Data loading (synthetic PNGs, {rows[0]['image_size']} px, batch {rows[0]['batch']}, "
+             f"{rows[0]['n_images']} images, 2 epochs)", ""]
+    if step:
+        lines.append(f"The model consumes {step:.3g} images/s in training (synth preset, eager, same run): the "
+                     "loader starves it only below that rate.")
+        lines.append("")
+    lines += ["| workers | cache decoded images | first epoch images/s | steady images/s | x model need |",
+              "|---|---|---|---|---|"]
+    for r in rows:
+        need = f"{r['steady_images_per_s'] / step:.1f}x" if step else "-"
+        lines.append(f"| {r['workers']} | {'yes' if r['cache'] else 'no'} | {r['first_epoch_images_per_s']:.0f} "
+                     f"| {r['steady_images_per_s']:.0f} | {need} |")
+    lines.append("")
+    return lines
 
 
 def attention_crossover(profile_rows: list[dict[str, Any]]) -> str | None:

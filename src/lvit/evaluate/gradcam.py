@@ -128,7 +128,8 @@ class LayerTaps(ModelWithHooks):
         self.score: torch.Tensor | None = None
         self.class_idx: int | None = None
         self._image_hw = (1, 1)
-        self._cache_key: tuple | None = None
+        # The inputs of the cached result are kept (not their ids: a freed tensor's id can be reused).
+        self._cached_inputs: tuple | None = None
         self._cache: tuple | None = None
         modules = dict(inner.named_modules())
         missing = [name for name in self.target_layers if name not in modules]
@@ -155,11 +156,23 @@ class LayerTaps(ModelWithHooks):
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self.forget()
+
+    def forget(self) -> None:
+        """Drop the cached pass (and the tensors it holds)."""
+        self._cached_inputs = self._cache = None
+
+    def _is_cached(self, x, class_idx, kwargs) -> bool:
+        if self._cached_inputs is None:
+            return False
+        cached_x, cached_idx, cached_kwargs = self._cached_inputs
+        return (cached_x is x and cached_idx == class_idx and cached_kwargs.keys() == kwargs.keys()
+                and all(cached_kwargs[k] is v for k, v in kwargs.items()))
 
     def __call__(self, x, class_idx=None, retain_graph=False, **kwargs):
-        key = (id(x), class_idx, tuple((k, id(v)) for k, v in sorted(kwargs.items())))
-        if key == self._cache_key and self._cache is not None:
+        if self._is_cached(x, class_idx, kwargs):
             return self._cache
+        self.forget()
         self.gradients.clear()
         self.activations.clear()
         self.calls.clear()
@@ -173,7 +186,7 @@ class LayerTaps(ModelWithHooks):
             if name not in self.gradients:
                 raise ConfigError(f"layer {name} does not influence the prediction (no gradient reaches it); "
                                   "choose another layer")
-        self._cache_key, self._cache = key, result
+        self._cached_inputs, self._cache = (x, class_idx, dict(kwargs)), result
         return result
 
 
@@ -308,6 +321,7 @@ class SegmentationGradCAM:
         # when the loaded model's parameters are frozen.
         x = image.detach().clone().requires_grad_(True)
         kwargs = {"text": text, "text_mask": text_mask}
+        self.taps.forget()
         cams = {}
         for idx, layer in enumerate(self.layers):
             raw = self.cam.compute_map(x, class_idx=0, layer_idx=idx, **kwargs)  # [1, 1, h, w] >= 0

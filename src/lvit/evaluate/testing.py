@@ -62,8 +62,8 @@ def run_test(
     from .predict import Predictor, to_original_size
 
     data_root = Path(data_root)
-    records = load_split(data_root, split)
     predictor = Predictor(run_or_checkpoint, device=device, cache_dir=default_cache_dir(data_root))
+    records = load_split(data_root, split)
     run_dir = predictor.model.lvit_run_dir
     out = prepare_output_dir(Path(out) if out else default_out(run_dir, split), force=force, what="test output folder")
     dataset = _eval_dataset(predictor, records)

@@ -29,7 +29,6 @@ class RunCheckpoint(Checkpoint):
         self.rows: list[dict[str, Any]] = []
         self.best_dice = -math.inf
         self.best_epoch = -1
-        self._pending_rng: dict | None = None
         self._epoch_started = 0.0
 
     @property
@@ -42,11 +41,6 @@ class RunCheckpoint(Checkpoint):
 
     # ------------------------------------------------------------------ epoch hooks
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._pending_rng is not None:
-            # First epoch after --resume: continue the RNG streams exactly where the saved epoch left them
-            # (shuffling, augmentation and dropout then draw what an uninterrupted run draws).
-            set_rng_state(self._pending_rng)
-            self._pending_rng = None
         self._epoch_started = time.perf_counter()
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -95,4 +89,9 @@ class RunCheckpoint(Checkpoint):
         self.rows = [dict(r) for r in state_dict.get("rows", [])]
         self.best_dice = float(state_dict.get("best_dice", -math.inf))
         self.best_epoch = int(state_dict.get("best_epoch", -1))
-        self._pending_rng = state_dict.get("rng")
+        if state_dict.get("rng") is not None:
+            # Restored here, while Lightning loads the checkpoint: before it builds the first data iterator
+            # (which already draws the shuffle order and prefetches an augmented batch), so the resumed run
+            # draws exactly what the uninterrupted run drew after saving. Under DDP every process resumes
+            # from rank 0's streams (shuffling itself is epoch-seeded by the DistributedSampler).
+            set_rng_state(state_dict["rng"])

@@ -44,6 +44,9 @@ class TrainResult:
 
 def resume_config(run_dir: str | Path, overrides: list[str] | None = None) -> tuple[TrainConfig, str | None]:
     """The config saved in a run folder (plus overrides such as ``trainer.max_epochs=...``) and its data root."""
+    state_path = Path(run_dir) / CKPT_DIR / LAST_STATE
+    if not state_path.is_file():
+        raise CheckpointError(f"{state_path}: nothing to resume (no full-state checkpoint in this run folder)")
     saved = read_run_config(run_dir)
     data = {k: v for k, v in saved.items() if k not in RUN_ONLY_KEYS}
     for item in overrides or []:
