@@ -254,9 +254,9 @@ def plot_curves(runs: Path, models, out: Path) -> Path | None:
 
 
 def render(results: dict, s: BenchSettings, curve: Path | None) -> str:
-    rows = ["| Model (our name) | Epochs | Best epoch | Train wall-clock | Best val Dice | Test Dice | Test IoU | "
+    rows = ["| Model (our name) | Epochs | Best epoch | Train wall-clock | s / epoch | Best val Dice | Test Dice | Test IoU | "
             "Published Dice / IoU | Gap (Dice) | `lvit test` Dice / IoU |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for m in MODELS:
         r = results.get(m)
         if not r:
@@ -266,6 +266,7 @@ def render(results: dict, s: BenchSettings, curve: Path | None) -> str:
         gap = f"{r['test_dice'] * 100 - pub[0]:+.2f}" if pub else "-"
         rows.append(
             f"| {LABELS[m]} (`{m}`) | {r['epochs']} | {r['best_epoch']} | {r['train_seconds'] / 60:.1f} min | "
+            f"{r['train_seconds'] / max(r['epochs'], 1):.0f} | "
             f"{r['best_val_dice'] * 100:.2f} | {r['test_dice'] * 100:.2f} | {r['test_iou'] * 100:.2f} | {pub_s} | "
             f"{gap} | {r['lvit_test_dice'] * 100:.2f} / {r['lvit_test_iou'] * 100:.2f} |")
     any_r = next(iter(results.values()), {})
@@ -288,7 +289,9 @@ def render(results: dict, s: BenchSettings, curve: Path | None) -> str:
     if curve is not None:
         lines += [f"Learning curves (validation Dice per epoch): `{curve.relative_to(REPO)}`", "",
                   f"![MoNuSeg learning curves]({curve.name})", ""]
-    lines += ["Why the figures differ from the paper: see docs/MONUSEG.md.", "",
+    lines += ["These are snapshots after very few epochs on a shared 2-core CPU, not converged models: the official "
+              "run trains up to 2000 epochs (early stopping, patience 50). Why the figures differ from the paper, "
+              "and how to continue the runs: docs/MONUSEG.md.", "",
               f"Command: `nice -n 5 python bench/monuseg.py --minutes {s.minutes:g}` "
               "(continue: `--resume --minutes N`)."]
     return "\n".join(lines)

@@ -29,17 +29,26 @@ TEST_FILES = ["tests/test_io.py", "tests/test_reliability_inputs.py", "tests/tes
 COUNTS_ENV = "LVIT_RELIABILITY_COUNTS"
 
 
-def run_tests(counts_file: Path) -> tuple[int, str, float]:
+def run_tests(counts_file: Path) -> tuple[int, str, float, float]:
+    """(pytest exit code, its summary line, wall seconds, CPU seconds of pytest and its children)."""
+    import resource
+
     env = {**os.environ, COUNTS_ENV: str(counts_file)}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *TEST_FILES]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--basetemp={counts_file.parent / 'tmp'}",
+           *TEST_FILES]
     started = time.perf_counter()
+    cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
+    if done.returncode != 0:
+        print(done.stdout[-4000:], file=sys.stderr)
     summary = next((line for line in reversed(done.stdout.splitlines()) if " in " in line and
                     ("passed" in line or "failed" in line)), "(no pytest summary)")
-    return done.returncode, summary.strip("= "), time.perf_counter() - started
+    return done.returncode, summary.strip("= "), time.perf_counter() - started, cpu
 
 
-def section(counts: dict, summary: str, seconds: float) -> str:
+def section(counts: dict, summary: str, seconds: float, cpu: float) -> str:
     rows = []
     for area, figures in sorted(counts.items()):
         for key, value in sorted(figures.items()):
@@ -56,8 +65,8 @@ def section(counts: dict, summary: str, seconds: float) -> str:
         "|---|---|---:|",
         *rows,
         "",
-        f"pytest: {summary}; {seconds:.0f} s wall on {platform.machine()} with {os.cpu_count()} CPU(s) "
-        f"({time.strftime('%Y-%m-%d')}).",
+        f"pytest: {summary}; {seconds:.0f} s wall, {cpu:.0f} s CPU, on {platform.machine()} with "
+        f"{os.cpu_count()} CPU(s), load average {os.getloadavg()[0]:.1f} at the end ({time.strftime('%Y-%m-%d')}).",
         "",
         "Command: `python bench/reliability.py` (runs " + ", ".join(f"`{t}`" for t in TEST_FILES) + ").",
         END,
@@ -84,9 +93,9 @@ def main() -> int:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         counts_file = Path(tmp) / "counts.json"
-        code, summary, seconds = run_tests(counts_file)
+        code, summary, seconds, cpu = run_tests(counts_file)
         counts = json.loads(counts_file.read_text()) if counts_file.is_file() else {}
-    text = section(counts, summary, seconds)
+    text = section(counts, summary, seconds, cpu)
     print(text)
     if code != 0:
         print(f"reliability tests failed (pytest exit {code}); RESULTS.md not updated", file=sys.stderr)

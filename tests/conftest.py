@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
-import torch
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP; see lvit/__init__.py
+
+import torch  # noqa: E402
 
 # Tests use tiny tensors: one intra-op thread is fastest, and on a busy 2-core machine extra OpenMP threads only
 # spin waiting for CPU time (measured: a tiny backward pass 0.27 s with 1 thread vs 5.8 s with 2 under load).

@@ -3,11 +3,15 @@
 Two levels. ``aot_eager`` (seconds): TorchDynamo captures the whole forward in one graph (``fullgraph=True``,
 so a graph break in the model fails here) and AOTAutograd derives the backward, which is the path
 ``torch.compile`` training takes. ``inductor`` (the default backend the benchmark uses): generated C++ kernels
-for inference; on a cold cache its first compile builds C++ headers with gcc, which takes minutes on two busy
-cores, so it is marked ``slow`` (still in the default suite) with a generous timeout.
+for inference; on a cold cache its first compile builds C++ headers and kernels with gcc, which took 11 min
+for this tiny model on the two (shared, loaded) cores here, so it runs only with ``LVIT_SLOW_TESTS=1``.
+Inductor's results are still checked on every ``lvit bench`` run: each compile variant is compared with
+eager fp32 (logits and one step's gradients) and rejected if it breaks the bound.
 """
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -49,7 +53,9 @@ def test_compiled_model_matches_eager_in_inference_and_training():
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1800)
+@pytest.mark.skipif(os.environ.get("LVIT_SLOW_TESTS") != "1",
+                    reason="cold inductor compile takes minutes of gcc on 2 cores; set LVIT_SLOW_TESTS=1")
 def test_inductor_inference_matches_eager():
     torch._dynamo.reset()
     model = _model().eval()

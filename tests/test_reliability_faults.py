@@ -76,7 +76,8 @@ def assert_same_weights(a: Path, b: Path) -> None:
 
 
 def _spawn(argv: list[str], fault: str = "") -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # One intra-op thread: on a busy 2-core machine two OpenMP threads spin against each other (10x slower).
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     env.pop(FAULT_ENV, None)
     if fault:
         env[FAULT_ENV] = fault
@@ -111,6 +112,7 @@ def run_files_are_whole(run: Path) -> list[str]:
     return broken
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_then_resume_gives_identical_weights(data, tmp_path, tally):
     epochs = 4
     common = ["--data", data, "--epochs", str(epochs), *TINY]

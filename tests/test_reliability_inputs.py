@@ -8,6 +8,7 @@ end of the module and recorded by bench/reliability.py.
 
 from __future__ import annotations
 
+import os
 import re
 import warnings
 from pathlib import Path
@@ -204,8 +205,23 @@ def test_whole_stderr_is_one_line_in_a_real_subprocess(good_root, trained_run, t
     root, culprit = make_case(CASES["truncated_png"], good_root, tmp_path / "data")
     tally.add("tried")
     done = subprocess.run([sys.executable, "-m", "lvit.cli", "predict", str(trained_run), "--image",
-                           str(culprit), "--out", str(tmp_path / "m.png")], capture_output=True, text=True)
+                           str(culprit), "--out", str(tmp_path / "m.png")], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and done.stderr.startswith("error: "), done.stderr
     assert culprit.name in done.stderr and "truncated" in done.stderr
     assert "Traceback" not in done.stderr and not (tmp_path / "m.png").exists()
+    tally.add("handled")
+
+
+def test_broken_file_read_in_a_dataloader_worker_is_one_line(good_root, tmp_path, tally):
+    """With data.num_workers > 0 (the presets' default) torch re-raises a worker's error as
+    ``Type("Caught Type in DataLoader worker process 0. Original Traceback ...")``: still one line."""
+    root, culprit = make_case(CASES["truncated_png"], good_root, tmp_path / "data")
+    tally.add("tried")
+    argv = ["train", "--config", "synth", "--data", root, "--out", tmp_path / "run", *TINY, "--workers", "1"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        code, _, err = run_cli(argv)
+    line = assert_one_line_error(code, err, re.escape(culprit.name), "truncated")
+    assert "Traceback" not in line and "worker" not in line
     tally.add("handled")

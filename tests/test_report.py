@@ -14,13 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from test_gradcam import tiny_run  # the shared tiny trained run (tests/ is on sys.path)
 
 from lvit.cli import main as lvit_main
 from lvit.errors import DataError, OutputExistsError
 from lvit.evaluate.plots import read_metrics, training_curves
 from lvit.evaluate.report import Case, Figure, ReportContent, collect_report, render_html, write_report
-
-from test_gradcam import tiny_run  # noqa: E402  (the shared tiny trained run)
 
 VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
 
@@ -164,8 +163,8 @@ def test_report_of_trained_run(run_dir, report_page, capsys):
     checker = check_page(page)
     alts = [img["alt"] for img in checker.images]
     assert sum("per epoch" in a for a in alts) == 3
-    # One best and one worst case, each re-run through the model with Grad-CAM of the finest decoder level.
-    cams = [a for a in alts if "Grad-CAM of up.0, up.0.attention" in a]
+    # One best and one worst case, each re-run through the model with Grad-CAM of both branches.
+    cams = [a for a in alts if "Grad-CAM of up.0, vit_up.0" in a]
     assert len(cams) == 2, alts
     metrics = json.loads((run_dir / "test-test" / "metrics.json").read_text())
     assert f"{metrics['dice']:.4f}" in page and "mean_over_images.dice" in page
@@ -175,7 +174,8 @@ def test_report_of_trained_run(run_dir, report_page, capsys):
     assert "--force" in capsys.readouterr().err
     with pytest.raises(OutputExistsError):
         write_report(run_dir, report_page)
-    assert lvit_main(["report", str(run_dir), "--out", str(report_page), "--force", "--no-gradcam", "--cases", "1"]) == 0
+    assert lvit_main(["report", str(run_dir), "--out", str(report_page), "--force", "--no-gradcam",
+                      "--cases", "1"]) == 0
     checker = check_page(report_page.read_text(encoding="utf-8"))
     # Without Grad-CAM the cases show the overlays `lvit test` saved.
     assert sum("overlay saved by lvit test" in img["alt"] for img in checker.images) == 2

@@ -308,29 +308,65 @@ def _training_runner(task: Task, model, inputs):
     return step, time.perf_counter() - t0
 
 
+class _StepTooSlow(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _deadline(seconds: float):
+    """Raise :class:`_StepTooSlow` in this (main) thread after ``seconds`` (checked between torch ops)."""
+    import signal
+
+    if not (0 < seconds < 1e9) or not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def _expire(signum, frame):
+        raise _StepTooSlow()
+
+    previous = signal.signal(signal.SIGALRM, _expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def _time_steps(task: Task, call: Callable[[], Any]) -> dict[str, Any]:
-    """Warm up, then time ``task.repeats`` calls. The first call's extra time is the compile time."""
+    """Warm up, then time ``task.repeats`` calls. The first call's extra time is the compile time.
+
+    A variant whose step exceeds ``task.max_step_s`` (its first step: 3x that, unless it compiles) is cut off
+    mid-step and reported as aborted: bf16 on a CPU without bf16 units would otherwise take many minutes.
+    """
+    compiles = task.variant.startswith("compile") or task.variant == "onnx"
+    first_limit = float("inf") if compiles else 3 * task.max_step_s
     first_t0 = time.perf_counter()
-    call()
-    _sync(task.device)
+    try:
+        with _deadline(first_limit):
+            call()
+            _sync(task.device)
+    except _StepTooSlow:
+        return {"first_s": time.perf_counter() - first_t0, "times": [],
+                "aborted": f"first step > {first_limit:.0f} s, stopped"}
     first = time.perf_counter() - first_t0
     times: list[float] = []
     aborted = None
-    if first > task.max_step_s * 3:
-        aborted = f"first step took {first:.1f} s"
-    else:
-        for i in range(max(0, task.warmup - 1) + task.repeats):
-            t0 = time.perf_counter()
-            call()
-            _sync(task.device)
-            dt = time.perf_counter() - t0
-            if i >= task.warmup - 1:
-                times.append(dt)
-            if dt > task.max_step_s:
-                aborted = f"a step took {dt:.1f} s (limit {task.max_step_s:.1f} s)"
-                break
-    if not times:
-        times = [first]
+    for i in range(max(0, task.warmup - 1) + task.repeats):
+        t0 = time.perf_counter()
+        try:
+            with _deadline(task.max_step_s * 1.5):
+                call()
+                _sync(task.device)
+        except _StepTooSlow:
+            aborted = f"a step > {task.max_step_s * 1.5:.0f} s, stopped"
+            break
+        dt = time.perf_counter() - t0
+        if i >= task.warmup - 1:
+            times.append(dt)
+        if dt > task.max_step_s:
+            aborted = f"a step took {dt:.1f} s (limit {task.max_step_s:.1f} s)"
+            break
     return {"first_s": first, "times": times, "aborted": aborted}
 
 
@@ -509,6 +545,9 @@ def run_task(task: Task) -> dict[str, Any]:
     else:
         raise ValueError(f"unknown mode {task.mode!r}")
     timing = _time_steps(task, call)
+    if not timing["times"]:  # cut off during its first step: a lower bound on its step time only
+        result.update({"aborted": timing["aborted"], "min_step_s": timing["first_s"], "peak_rss_mb": _peak_rss_mb()})
+        return result
     stats = _summary(timing["times"])
     result.update(stats)
     result["images_per_s"] = task.case.batch / stats["median_s"]
@@ -519,7 +558,7 @@ def run_task(task: Task) -> dict[str, Any]:
     result["peak_rss_mb"] = _peak_rss_mb()  # read before the correctness check builds more models
     if task.device.startswith("cuda"):
         result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    if task.check and task.variant != "eager":
+    if task.check and task.variant != "eager" and not timing["aborted"]:
         if task.mode == "inference":
             result["check"] = _check_inference(task, call())
         else:
@@ -577,8 +616,11 @@ def plan(opts: Options) -> dict[str, Any]:
         Case("default-224, paper text (D=768)", "lvit", {"image_size": 224, "text_dim": 768}, batch),
         Case(f"synth preset ({synth_cfg.get('image_size', 224)} px)", "lvit", synth_cfg, batch),
     ]
-    inf = tuple(v for v in INFERENCE_VARIANTS if not opts.variants or v in opts.variants)
-    trn = tuple(v for v in TRAINING_VARIANTS if not opts.variants or v in opts.variants)
+    # --variants names variants for both modes ("onnx") or for one ("training:compile").
+    inf = tuple(v for v in INFERENCE_VARIANTS
+                if not opts.variants or v in opts.variants or f"inference:{v}" in opts.variants)
+    trn = tuple(v for v in TRAINING_VARIANTS
+                if not opts.variants or v in opts.variants or f"training:{v}" in opts.variants)
     if opts.device.startswith("cuda"):
         inf = tuple(v for v in inf if v != "onnx")
     return {"cases": cases, "full_variants": [cases[0].label], "inference": inf, "training": trn,
@@ -809,6 +851,14 @@ def render_markdown(report: dict[str, Any]) -> str:
             for variant, res in entry[mode].items():
                 if "error" in res:
                     lines.append(f"| {mode} | {variant} | failed: {res['error'][:120]} | | | | | | | | no |")
+                    continue
+                if "median_s" not in res:
+                    eager_s = (entry[mode].get("eager") or {}).get("median_s")
+                    slower = f" (> {res['min_step_s'] / eager_s:.1f}x eager's step)" if eager_s else ""
+                    lines.append(f"| {mode} | {variant} | - | > {res['min_step_s']:.3g} | | "
+                                 f"< {eager_s / res['min_step_s']:.2f}x | | | | not checked | no: {res['aborted']}"
+                                 f"{slower} |" if eager_s else
+                                 f"| {mode} | {variant} | - | > {res['min_step_s']:.3g} | | | | | | | no |")
                     continue
                 check = res.get("check") or {}
                 err = "reference" if variant == "eager" else (

@@ -143,6 +143,15 @@ def _write_error(dest: Path, exc: BaseException) -> LvitError:
     return LvitError(f"{dest}: cannot write ({cause}); the previous file is unchanged")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()
+
+
 @contextlib.contextmanager
 def atomic_path(dest: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to ``dest``; on success it is fsynced and renamed onto ``dest``.
@@ -166,6 +175,8 @@ def atomic_path(dest: str | Path) -> Iterator[Path]:
         with open(tmp, "rb+") as fh:
             fh.flush()
             os.fsync(fh.fileno())
+        # mkstemp creates 0600; give the result the permissions an ordinary open() would (0666 & ~umask).
+        os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, dest)
         _fsync_dir(dest.parent)
     except OSError as exc:

@@ -36,7 +36,9 @@ def register(subparsers) -> None:
     p.add_argument("--repeats", type=int, default=None, help="timed steps per variant (default 5; quick 3)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps per variant (default 2; quick 1)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
-    p.add_argument("--variants", default=None, help="comma-separated subset of variants to run")
+    p.add_argument("--variants", default=None,
+                   help="comma-separated subset of variants; 'training:compile' names one mode's variant")
+    p.add_argument("--timeout", type=float, default=1800.0, help="seconds before a variant's worker is stopped")
     p.add_argument("--no-scaling", action="store_true", help="skip the image-size / batch-size study")
     p.add_argument("--out", type=Path, default=None,
                    help="markdown file to write (default: print only); a .json with the raw numbers goes beside it")
@@ -70,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
         threads=args.threads,
         variants=tuple(v.strip() for v in args.variants.split(",")) if args.variants else None,
         scaling=not args.no_scaling,
+        timeout_s=args.timeout,
         repo_root=Path.cwd(),
     )
     command = "lvit " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["bench"] else "lvit bench"

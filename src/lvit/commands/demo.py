@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 # Sized so the demo finishes in about ten minutes on two CPU cores (see docs/TRAINING.md for timings).
 DEMO_SPLITS = {"n_train": 160, "n_val": 32, "n_test": 48}

@@ -18,7 +18,8 @@ def register(subparsers) -> None:
     p.add_argument("--test-dir", default=None, help="output of lvit test (default RUN_DIR/test)")
     p.add_argument("--cases", type=int, default=3, help="how many best and how many worst cases to show")
     p.add_argument("--layers", nargs="+", default=None, metavar="NAME",
-                   help="Grad-CAM layers of the cases (default: the finest decoder level and its PLAM)")
+                   help="Grad-CAM layers of the cases (default: up.0 and vit_up.0, the finest CNN decoder "
+                        "and ViT levels)")
     p.add_argument("--no-gradcam", action="store_true", help="skip Grad-CAM (no model run)")
     p.add_argument("--force", action="store_true", help="overwrite an existing report")
     p.set_defaults(func=run)

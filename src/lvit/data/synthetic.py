@@ -209,13 +209,13 @@ def make_case(seed: int, split: str, index: int, size: int = 224) -> SynthCase:
             cv = LUNG_TOP + band * (LEVELS.index(level) + 0.5) + rng.uniform(-0.12, 0.12) * band
             lateral = -1 if side == "left" else 1  # keep off the medial edge (heart, mediastinum)
             cu = cx + lateral * rng.uniform(-0.05, 0.35) * half_w * (0.75 if level == "upper" else 1.0)
-            radius = rng.uniform(0.028, 0.06)
+            radius = rng.uniform(0.045, 0.085)  # 10-19 px at 224: COVID opacities are large
             field, rows, cols = _blob(rng, size, cu, cv, radius)
             core = field > 0.5
             inside = core & lung_mask[rows, cols]
             if inside.sum() >= max(min_core, 0.7 * core.sum()):
                 break
-        contrast = rng.uniform(0.08, 0.16)
+        contrast = rng.uniform(0.20, 0.32)  # visible haze; only the report says lesion vs look-alike
         img[rows, cols] += contrast * np.clip(1.25 * field, 0, 1) * texture[rows, cols] * lung_soft[rows, cols]
         if (level, side) in lesion_set:
             mask[rows, cols] |= inside

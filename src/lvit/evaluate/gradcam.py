@@ -84,9 +84,10 @@ class SegmentationScore(nn.Module):
 # --------------------------------------------------------------------------------------------------------
 def _token_grid(n_tokens: int, height: int, width: int) -> tuple[int, int] | None:
     """The patch grid ``(h, w)`` with ``h * w == n_tokens`` and the image's aspect ratio, or None."""
-    h = max(1, round(math.sqrt(n_tokens * height / width)))
+    aspect = height / width
+    h = max(1, round(math.sqrt(n_tokens * aspect)))
     for cand in (h, h - 1, h + 1):
-        if cand > 0 and n_tokens % cand == 0 and abs(cand / (n_tokens // cand) - height / width) < 0.25 * height / width:
+        if cand > 0 and n_tokens % cand == 0 and abs(cand / (n_tokens // cand) - aspect) < 0.25 * aspect:
             return cand, n_tokens // cand
     return None
 
@@ -351,7 +352,8 @@ def heatmap_overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.45, cma
     return np.clip((1 - alpha) * rgb + alpha * colours, 0, 255).astype(np.uint8)
 
 
-def mask_overlay(image: np.ndarray, pred: np.ndarray, truth: np.ndarray | None = None, alpha: float = 0.4) -> np.ndarray:
+def mask_overlay(image: np.ndarray, pred: np.ndarray, truth: np.ndarray | None = None,
+                 alpha: float = 0.4) -> np.ndarray:
     """Prediction (HxW bool) filled red over ``image``; ground truth (if given) as the green contour that
     `lvit test` overlays draw -> HxWx3 uint8. (Filled, not outlined: a heat map sits beside it and small
     predictions stay visible when the figure is shown scaled down.)"""
@@ -436,7 +438,8 @@ def text_attribution_figure(image: np.ndarray, texts: tuple[str, str], explanati
     diff = explanations[0].probability - explanations[1].probability
     limit = max(float(np.abs(diff).max()), 1e-3)
     shown = ax.imshow(diff, cmap="RdBu_r", vmin=-limit, vmax=limit)
-    ax.set_title(f"P(report) - P(changed report)\nmean |diff| {float(np.abs(diff).mean()):.3f}", fontsize=9)
+    ax.set_title(f"P(report) - P(changed report)\nmean |diff| {float(np.abs(diff).mean()):.3g}, "
+                 f"max {float(np.abs(diff).max()):.3g}", fontsize=9)
     ax.set_axis_off()
     fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()

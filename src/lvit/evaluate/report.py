@@ -29,8 +29,11 @@ from ..io import atomic_write_text, refuse_clobber
 REPORT_NAME = "report.html"
 #: Where `lvit test RUN_DIR` writes by default (``RUN_DIR/test-<split>``), then a plain ``RUN_DIR/test``.
 TEST_DIRNAMES = ("test-test", "test")
-#: metrics.json keys shown as text rather than numbers (the rest of the non-numeric keys are paths or prose).
-_METRIC_TEXT_KEYS = ("split", "model_name", "paper_metric", "empty_convention")
+#: Grad-CAM layers of the report's cases: the finest CNN decoder level and the finest ViT level, one per
+#: branch. (The finest PLAM gate is often all zero: its positive evidence shows at coarser levels.)
+REPORT_LAYERS = ("up.0", "vit_up.0")
+#: metrics.json keys holding protocol prose, shown as a note under the table (paths and lists are left out).
+_METRIC_PROSE_KEYS = ("paper_metric", "empty_convention")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -152,7 +155,8 @@ def _img(fig: Figure, max_width: int | None = None) -> str:
 
 def _table(rows: list[tuple[str, str]], header: tuple[str, str]) -> str:
     body = "".join(f'<tr><th scope="row">{_esc(k)}</th><td class="num">{_esc(v)}</td></tr>' for k, v in rows)
-    return f'<table><thead><tr><th>{_esc(header[0])}</th><th>{_esc(header[1])}</th></tr></thead><tbody>{body}</tbody></table>'
+    head = f"<thead><tr><th>{_esc(header[0])}</th><th>{_esc(header[1])}</th></tr></thead>"
+    return f"<table>{head}<tbody>{body}</tbody></table>"
 
 
 def _note(text: str) -> str:
@@ -218,7 +222,7 @@ def read_test_metrics(test_dir: Path) -> tuple[list[tuple[str, str]], str]:
     rows: list[tuple[str, str]] = []
     _flatten("", {k: v for k, v in data.items() if isinstance(v, (int, float, dict)) or k == "split"}, rows)
     rows = [(k, v) for k, v in rows if not v.startswith("[")]
-    prose = " ".join(f"{k.replace('_', ' ')}: {data[k]}." for k in _METRIC_TEXT_KEYS[2:] if isinstance(data.get(k), str))
+    prose = " ".join(f"{k.replace('_', ' ')}: {data[k]}." for k in _METRIC_PROSE_KEYS if isinstance(data.get(k), str))
     if isinstance(data.get("model_name"), str):
         rows.insert(0, ("model_name", data["model_name"]))
     return rows, prose
@@ -302,10 +306,10 @@ def case_figure(image: np.ndarray, truth: np.ndarray | None, probability: np.nda
 def _explain_cases(run_dir: Path, cases: list[Case], layers: list[str] | None, threshold: float) -> str:
     """Fill ``case.figure`` with image / overlay / Grad-CAM panels by re-running the model; returns a note
     when that is not possible (the caller then falls back to saved overlays)."""
-    from ..data.layout import load_split
     from ..data.dataset import load_pair
-    from ..train.checkpoint import load_run
+    from ..data.layout import load_split
     from ..text import default_cache_dir
+    from ..train.checkpoint import load_run
     from .gradcam import default_layers, explain_image
     from .predict import run_text_encoder
 
@@ -315,7 +319,9 @@ def _explain_cases(run_dir: Path, cases: list[Case], layers: list[str] | None, t
         return f"test data {root!r} of this run is not reachable here: Grad-CAM maps are not shown"
     records = {r.name: r for r in load_split(root, "test")}
     encode = run_text_encoder(model, run_config, default_cache_dir(root))
-    layers = layers or default_layers(model)[:2]
+    if not layers:
+        names = dict(model.named_modules())
+        layers = [name for name in REPORT_LAYERS if name in names] or default_layers(model)[:1]
     from tqdm import tqdm
 
     for case in tqdm(cases, desc="report: Grad-CAM", unit="case", leave=False):
