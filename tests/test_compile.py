@@ -35,6 +35,8 @@ def _grads(model, compiled, inputs, target):
     return loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])
 
 
+@pytest.mark.slow  # ~60 s of CPU: Dynamo + AOTAutograd trace every module of the net (forward and backward)
+@pytest.mark.timeout(900)
 def test_compiled_model_matches_eager_in_inference_and_training():
     torch._dynamo.reset()
     model = _model()

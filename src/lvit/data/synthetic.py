@@ -205,15 +205,20 @@ def make_case(seed: int, split: str, index: int, size: int = 224) -> SynthCase:
     min_core = 20 * (size / 224) ** 2  # pixels: every opacity's core is clearly visible and maskable
     for level, side in picked:
         cx, half_w = lungs[side]
-        for _attempt in range(20):  # redraw until the opacity's core lies (>= 70 %) inside the lung
+        for _attempt in range(50):  # redraw until the core lies (>= 70 %) inside the lung and within its zone
             cv = LUNG_TOP + band * (LEVELS.index(level) + 0.5) + rng.uniform(-0.12, 0.12) * band
             lateral = -1 if side == "left" else 1  # keep off the medial edge (heart, mediastinum)
             cu = cx + lateral * rng.uniform(-0.05, 0.35) * half_w * (0.75 if level == "upper" else 1.0)
-            radius = rng.uniform(0.045, 0.085)  # 10-19 px at 224: COVID opacities are large
+            radius = rng.uniform(0.04, 0.07)  # 9-16 px at 224: large enough to learn on 2 CPU cores, within one zone
             field, rows, cols = _blob(rng, size, cu, cv, radius)
             core = field > 0.5
             inside = core & lung_mask[rows, cols]
-            if inside.sum() >= max(min_core, 0.7 * core.sum()):
+            # The core must stay inside its own zone band, so two lesions in neighbouring zones never merge
+            # into one connected region whose zone the report would misname.
+            core_rows = np.flatnonzero(core.any(axis=1)) + rows.start
+            top = (LUNG_TOP + band * LEVELS.index(level)) * size
+            in_band = core_rows.size > 0 and core_rows[0] > top + 1 and core_rows[-1] < top + band * size - 1
+            if in_band and inside.sum() >= max(min_core, 0.7 * core.sum()):
                 break
         contrast = rng.uniform(0.20, 0.32)  # visible haze; only the report says lesion vs look-alike
         img[rows, cols] += contrast * np.clip(1.25 * field, 0, 1) * texture[rows, cols] * lung_soft[rows, cols]
