@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import os
 import platform
 import sys
@@ -254,8 +253,8 @@ def plot_curves(runs: Path, models, out: Path) -> Path | None:
 
 
 def render(results: dict, s: BenchSettings, curve: Path | None) -> str:
-    rows = ["| Model (our name) | Epochs | Best epoch | Train wall-clock | s / epoch | Best val Dice | Test Dice | Test IoU | "
-            "Published Dice / IoU | Gap (Dice) | `lvit test` Dice / IoU |",
+    rows = [("| Model (our name) | Epochs | Best epoch | Train wall-clock | s / epoch | Best val Dice | Test Dice | Test IoU | "
+            "Published Dice / IoU | Gap (Dice) | `lvit test` Dice / IoU |"),
             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for m in MODELS:
         r = results.get(m)
@@ -273,7 +272,7 @@ def render(results: dict, s: BenchSettings, curve: Path | None) -> str:
     lines = [
         "## MoNuSeg: reproducing the published figures (`bench/monuseg.py`)",
         "",
-        f"Machine: {any_r.get('machine', platform.processor() or platform.machine())}, CPU only "
+        (f"Machine: {any_r.get('machine', platform.processor() or platform.machine())}, CPU only "
         "(no GPU was lent to this task). Official settings (configs/monuseg.yaml: 224 px, batch 2, Adam lr 1e-3, "
         "cosine warm restarts T_0=10 eta_min=1e-4, Dice 0.5 + BCE 0.5, seed 666; official augmentation and mask "
         f"resize), but a wall-clock budget of {s.minutes:g} min per model instead of up to 2000 epochs with "
@@ -281,7 +280,7 @@ def render(results: dict, s: BenchSettings, curve: Path | None) -> str:
         "the paper: BERT-base, 768-d; no BERT folder exists offline here). Test: 14 images, best-validation "
         "weights, Dice/IoU at 0.5 per image, mean over images, ground truth resized as the official loader "
         "(bilinear, > 0); `lvit test` column: nearest-neighbour ground truth. Published: the paper's LViT-T "
-        f"(with text) row; LViT-T without pretraining: {PUBLISHED_NO_PRETRAIN[0]} / {PUBLISHED_NO_PRETRAIN[1]}.",
+        f"(with text) row; LViT-T without pretraining: {PUBLISHED_NO_PRETRAIN[0]} / {PUBLISHED_NO_PRETRAIN[1]}."),
         "",
         *rows,
         "",
@@ -289,11 +288,11 @@ def render(results: dict, s: BenchSettings, curve: Path | None) -> str:
     if curve is not None:
         lines += [f"Learning curves (validation Dice per epoch): `{curve.relative_to(REPO)}`", "",
                   f"![MoNuSeg learning curves]({curve.name})", ""]
-    lines += ["These are snapshots after very few epochs on a shared 2-core CPU, not converged models: the official "
+    lines += [("These are snapshots after very few epochs on a shared 2-core CPU, not converged models: the official "
               "run trains up to 2000 epochs (early stopping, patience 50). Why the figures differ from the paper, "
-              "and how to continue the runs: docs/MONUSEG.md.", "",
-              f"Command: `nice -n 5 python bench/monuseg.py --minutes {s.minutes:g}` "
-              "(continue: `--resume --minutes N`)."]
+              "and how to continue the runs: docs/MONUSEG.md."), "",
+              (f"Command: `nice -n 5 python bench/monuseg.py --minutes {s.minutes:g}` "
+              "(continue: `--resume --minutes N`).")]
     return "\n".join(lines)
 
 

@@ -14,8 +14,16 @@ import numpy as np
 import pytest
 import torch
 
+from badinputs import Tally
 from lvit import io as lio
 from lvit.errors import LvitError, OutputExistsError
+
+
+@pytest.fixture(scope="module")
+def tally(request):
+    t = Tally("atomic writes (lvit.io)")
+    yield t
+    t.report(request)
 
 
 def temp_files(folder: Path) -> list[str]:
@@ -63,9 +71,10 @@ def test_a_failing_writer_keeps_the_old_file(tmp_path):
 
 
 @pytest.mark.parametrize("where", ["write", "fsync", "replace"])
-def test_disk_full_is_one_line_and_keeps_the_old_file(tmp_path, monkeypatch, where):
+def test_disk_full_is_one_line_and_keeps_the_old_file(tmp_path, monkeypatch, where, tally):
     dest = tmp_path / "last.ckpt"
     dest.write_bytes(b"GOOD")
+    tally.add(f"ENOSPC in {where} (simulated): injected")
 
     def enospc(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -82,9 +91,11 @@ def test_disk_full_is_one_line_and_keeps_the_old_file(tmp_path, monkeypatch, whe
     assert "previous file is unchanged" in message
     monkeypatch.undo()
     assert dest.read_bytes() == b"GOOD" and temp_files(tmp_path) == []
+    tally.add(f"ENOSPC in {where} (simulated): survived")
 
 
-def test_read_only_folder_is_one_line(tmp_path, monkeypatch):
+def test_read_only_folder_is_one_line(tmp_path, monkeypatch, tally):
+    tally.add("read-only folder: injected")
     folder = tmp_path / "ro"
     folder.mkdir()
     (folder / "keep.txt").write_text("old")
@@ -99,6 +110,7 @@ def test_read_only_folder_is_one_line(tmp_path, monkeypatch):
     finally:
         folder.chmod(0o755)
     assert (folder / "keep.txt").read_text() == "old" and temp_files(folder) == []
+    tally.add("read-only folder: survived")
 
 
 def test_library_errors_on_a_full_disk_are_reported_as_disk_full(tmp_path, monkeypatch):
@@ -127,7 +139,8 @@ def tiny_tmpfs(tmp_path):
     subprocess.run(["umount", str(mnt)], check=False)
 
 
-def test_real_full_disk_with_torch_and_safetensors(tiny_tmpfs):
+def test_real_full_disk_with_torch_and_safetensors(tiny_tmpfs, tally):
+    tally.add("real full disk (tmpfs), torch + safetensors: injected", 2)
     from safetensors.torch import save_file
 
     ckpt, weights = tiny_tmpfs / "last.ckpt", tiny_tmpfs / "last.safetensors"
@@ -145,6 +158,7 @@ def test_real_full_disk_with_torch_and_safetensors(tiny_tmpfs):
 
     assert load_file(str(weights))["w"].shape == (10,)
     assert temp_files(tiny_tmpfs) == []
+    tally.add("real full disk (tmpfs), torch + safetensors: survived", 2)
 
 
 _SLOW_WRITER = """
@@ -154,7 +168,8 @@ atomic_write_bytes(sys.argv[1], b"NEW" * 1000)
 """
 
 
-def test_sigkill_mid_write_leaves_old_file_and_next_write_reaps_the_temp(tmp_path):
+def test_sigkill_mid_write_leaves_old_file_and_next_write_reaps_the_temp(tmp_path, tally):
+    tally.add("SIGKILL mid-write: injected")
     dest = tmp_path / "last.ckpt"
     dest.write_bytes(b"GOOD")
     env = {**os.environ, lio.FAULT_ENV: "write_delay=30:last.ckpt"}
@@ -172,6 +187,7 @@ def test_sigkill_mid_write_leaves_old_file_and_next_write_reaps_the_temp(tmp_pat
     assert lio.stale_temp_files(dest) == [tmp_path / orphans[0]]
     lio.atomic_write_bytes(dest, b"NEXT")  # the next write removes the dead writer's temporary file
     assert dest.read_bytes() == b"NEXT" and temp_files(tmp_path) == []
+    tally.add("SIGKILL mid-write: survived")
 
 
 def test_temp_files_of_live_writers_are_never_reaped(tmp_path):

@@ -39,11 +39,9 @@ PREDICT_TABLE_CASES = ["latin1_csv", "missing_column", "path_traversal"]
 @pytest.fixture(scope="module")
 def tally(request):
     t = Tally("bad inputs")
+    t.add("distinct broken or odd files in the corpus", len(CORPUS))
     yield t
-    t.dump()
-    reporter = request.config.pluginmanager.getplugin("terminalreporter")
-    if reporter is not None:
-        reporter.write_line(t.line())
+    t.report(request)
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +69,7 @@ def relative(path: Path, root: Path) -> str:
 def test_check_data(name, good_root, tmp_path, tally):
     case = CASES[name]
     root, culprit = make_case(case, good_root, tmp_path / "data")
-    tally.add("tried")
+    tally.add("lvit check-data: tried")
     code, out, err = run_cli(["check-data", root])
     assert "Traceback" not in err + out
     if case.valid and name not in FLAGGED_BY_CHECK_DATA:
@@ -80,7 +78,7 @@ def test_check_data(name, good_root, tmp_path, tally):
         assert code == 1, (code, out, err)
         lines = [line for line in out.splitlines() if line.startswith(relative(culprit, root))]
         assert lines and re.search(case.problem, lines[0]), out
-    tally.add("handled")
+    tally.add("lvit check-data: handled")
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -88,7 +86,7 @@ def test_train_first_batch(name, good_root, tmp_path, tally):
     case = CASES[name]
     root, culprit = make_case(case, good_root, tmp_path / "data")
     run = tmp_path / "run"
-    tally.add("tried")
+    tally.add("lvit train: tried")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         code, _, err = run_cli(["train", "--config", "synth", "--data", root, "--out", run, *TINY])
@@ -99,7 +97,7 @@ def test_train_first_batch(name, good_root, tmp_path, tally):
         assert_one_line_error(code, err, re.escape(culprit.name), case.problem)
         assert not (run / "checkpoints").exists() or not any((run / "checkpoints").iterdir())
     assert half_written_files(run) == []
-    tally.add("handled")
+    tally.add("lvit train: handled")
 
 
 @pytest.mark.parametrize("name", PREDICT_IMAGE_CASES + PREDICT_TABLE_CASES)
@@ -110,7 +108,7 @@ def test_predict(name, good_root, trained_run, tmp_path, tally):
     argv = ["predict", trained_run, "--images", root / "Train_Folder/img", "--out", out]
     if name in PREDICT_TABLE_CASES:
         argv += ["--reports", culprit]
-    tally.add("tried")
+    tally.add("lvit predict: tried")
     code, _, err = run_cli(argv)
     if case.valid:
         assert code == 0, err
@@ -121,7 +119,7 @@ def test_predict(name, good_root, trained_run, tmp_path, tally):
     else:
         assert_one_line_error(code, err, re.escape(culprit.name), case.problem if case.level == "file" else ".")
     assert half_written_files(out) == []  # what exists is complete; nothing half-written
-    tally.add("handled")
+    tally.add("lvit predict: handled")
 
 
 def test_huge_image_is_refused_before_decoding(good_root, tmp_path, monkeypatch, tally):
@@ -135,11 +133,11 @@ def test_huge_image_is_refused_before_decoding(good_root, tmp_path, monkeypatch,
     real_load = Image.Image.load
     monkeypatch.setattr(Image.Image, "load", lambda self: (decoded.append(self.size), real_load(self))[1])
     for name in ("huge_dimensions", "oversized_side"):
-        tally.add("tried")
+        tally.add("reader (no decode): tried")
         _, culprit = make_case(CASES[name], good_root, tmp_path / name)
         with pytest.raises(DataError, match="absurd image size"):
             read_image(culprit)
-        tally.add("handled")
+        tally.add("reader (no decode): handled")
     assert decoded == []
 
 
@@ -151,13 +149,13 @@ def test_huge_image_is_refused_before_decoding(good_root, tmp_path, monkeypatch,
 def test_nan_in_config(yaml_text, key, good_root, tmp_path, tally):
     config = tmp_path / "bad.yaml"
     config.write_text(yaml_text)
-    tally.add("tried")
+    tally.add("lvit train (config): tried")
     code, _, err = run_cli(["train", "--config", config, "--data", good_root, "--out", tmp_path / "run"])
     assert_one_line_error(code, err, re.escape(str(config)), re.escape(key), "finite")
     code, _, err = run_cli(["train", "--data", good_root, "--out", tmp_path / "run2", "--set", f"{key}=nan"])
     assert_one_line_error(code, err, re.escape(key), "finite")
     assert not (tmp_path / "run").exists() and not (tmp_path / "run2").exists()
-    tally.add("handled")
+    tally.add("lvit train (config): handled")
 
 
 class _StubEncoder:
@@ -183,7 +181,7 @@ def test_text_cache_of_another_dimension_is_rebuilt(tmp_path, tally):
     from lvit.text import encode_cached
     from lvit.text.cache import cache_file
 
-    tally.add("tried")
+    tally.add("text cache: tried")
     texts = ["left lung", "right lung opacity"]
     encode_cached(_StubEncoder(dim=7), texts, tmp_path)  # a cache of 7-d vectors under the same name
     with pytest.warns(UserWarning, match="does not fit"):
@@ -194,7 +192,7 @@ def test_text_cache_of_another_dimension_is_rebuilt(tmp_path, tally):
 
     with safe_open(str(cache_file(_StubEncoder(dim=4), tmp_path)), framework="pt") as fh:
         assert fh.get_tensor("emb").shape[-1] == 4  # rewritten at the new width
-    tally.add("handled")
+    tally.add("text cache: handled")
 
 
 def test_whole_stderr_is_one_line_in_a_real_subprocess(good_root, trained_run, tmp_path, tally):
@@ -203,25 +201,25 @@ def test_whole_stderr_is_one_line_in_a_real_subprocess(good_root, trained_run, t
     import sys
 
     root, culprit = make_case(CASES["truncated_png"], good_root, tmp_path / "data")
-    tally.add("tried")
+    tally.add("lvit predict (subprocess): tried")
     done = subprocess.run([sys.executable, "-m", "lvit.cli", "predict", str(trained_run), "--image",
                            str(culprit), "--out", str(tmp_path / "m.png")], capture_output=True, text=True,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and done.stderr.startswith("error: "), done.stderr
     assert culprit.name in done.stderr and "truncated" in done.stderr
     assert "Traceback" not in done.stderr and not (tmp_path / "m.png").exists()
-    tally.add("handled")
+    tally.add("lvit predict (subprocess): handled")
 
 
 def test_broken_file_read_in_a_dataloader_worker_is_one_line(good_root, tmp_path, tally):
     """With data.num_workers > 0 (the presets' default) torch re-raises a worker's error as
     ``Type("Caught Type in DataLoader worker process 0. Original Traceback ...")``: still one line."""
     root, culprit = make_case(CASES["truncated_png"], good_root, tmp_path / "data")
-    tally.add("tried")
+    tally.add("lvit train (DataLoader worker): tried")
     argv = ["train", "--config", "synth", "--data", root, "--out", tmp_path / "run", *TINY, "--workers", "1"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         code, _, err = run_cli(argv)
     line = assert_one_line_error(code, err, re.escape(culprit.name), "truncated")
     assert "Traceback" not in line and "worker" not in line
-    tally.add("handled")
+    tally.add("lvit train (DataLoader worker): handled")

@@ -23,10 +23,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "lvit"
 def tally(request):
     t = Tally("unsafe files")
     yield t
-    t.dump()
-    reporter = request.config.pluginmanager.getplugin("terminalreporter")
-    if reporter is not None:
-        reporter.write_line(t.line())
+    t.report(request)
 
 
 class _Payload:
@@ -72,26 +69,26 @@ def test_training_checkpoint_loader_refuses_pickled_code(evil, tally):
     from lvit.train.checkpoint import load_state_file
 
     for kind, (path, marker) in evil.items():
-        tally.add("tried")
+        tally.add("pickled code, lvit checkpoint loader: tried")
         with pytest.raises(CheckpointError) as info:
             load_state_file(path)
         message = str(info.value)
         assert str(path) in message and "\n" not in message, message
         assert re.search("refused|not a readable", message), message
         assert not marker.exists(), f"{kind}: the pickled code ran"
-        tally.add("refused")
+        tally.add("pickled code, lvit checkpoint loader: refused")
 
 
 def test_official_checkpoint_converter_refuses_pickled_code(evil, tally):
     from lvit.models.convert import read_official_checkpoint
 
     for kind, (path, marker) in evil.items():
-        tally.add("tried")
+        tally.add("pickled code, official converter: tried")
         with pytest.raises(CheckpointError) as info:
             read_official_checkpoint(path)
         assert str(path) in str(info.value) and "\n" not in str(info.value), str(info.value)
         assert not marker.exists(), f"{kind}: the pickled code ran"
-        tally.add("refused")
+        tally.add("pickled code, official converter: refused")
 
 
 def test_official_converter_still_reads_plain_official_checkpoints(tmp_path):
@@ -121,17 +118,17 @@ def test_corrupt_and_foreign_checkpoints_are_one_line(tmp_path, tally):
     empty.write_bytes(b"")
     for path in (truncated, junk, empty):
         for loader in (load_state_file, read_official_checkpoint):
-            tally.add("tried")
+            tally.add("corrupt checkpoint/weights: tried")
             with pytest.raises(CheckpointError) as info:
                 loader(path)
             assert str(path) in str(info.value) and "\n" not in str(info.value), (loader, str(info.value))
-            tally.add("refused")
+            tally.add("corrupt checkpoint/weights: refused")
     fake = tmp_path / "fake.safetensors"
     fake.write_bytes(b"\xff" * 64)
-    tally.add("tried")
+    tally.add("corrupt checkpoint/weights: tried")
     with pytest.raises(CheckpointError, match="fake.safetensors: not a readable safetensors"):
         load_weights(fake)
-    tally.add("refused")
+    tally.add("corrupt checkpoint/weights: refused")
 
 
 @pytest.fixture(scope="module")
@@ -162,18 +159,18 @@ def test_cli_refuses_a_poisoned_run(tiny_run, tmp_path, tally):
     torch.save(state, ckpt)
     image = next((data / "Test_Folder/img").iterdir())
 
-    tally.add("tried")
+    tally.add("pickled code via lvit predict / train --resume: tried")
     code, _, err = run_cli(["predict", ckpt, "--image", image, "--out", tmp_path / "mask.png"])
     assert_one_line_error(code, err, re.escape(str(ckpt)), "refused")
     assert not (tmp_path / "mask.png").exists()
-    tally.add("refused")
+    tally.add("pickled code via lvit predict / train --resume: refused")
 
-    tally.add("tried")
+    tally.add("pickled code via lvit predict / train --resume: tried")
     before = ckpt.read_bytes()
     code, _, err = run_cli(["train", "--resume", "--out", run, "--epochs", "2", "--no-progress"])
     assert_one_line_error(code, err, "last.ckpt", "refused")
     assert ckpt.read_bytes() == before  # refused, not overwritten
-    tally.add("refused")
+    tally.add("pickled code via lvit predict / train --resume: refused")
     assert not marker.exists()
 
 

@@ -343,6 +343,19 @@ class Tally:
     def line(self) -> str:
         return f"reliability[{self.section}]: " + ", ".join(f"{k} {v}" for k, v in sorted(self.counts.items()))
 
+    def report(self, request) -> None:
+        """Print the counts on the terminal (past pytest's output capture) and add them to the JSON file."""
+        self.dump()
+        reporter = request.config.pluginmanager.getplugin("terminalreporter")
+        capture = request.config.pluginmanager.getplugin("capturemanager")
+        if reporter is None:
+            return
+        if capture is not None:
+            with capture.global_and_fixture_disabled():
+                reporter.write_line("\n" + self.line())
+        else:
+            reporter.write_line(self.line())
+
     def dump(self) -> None:
         """Merge the counts into the JSON file named by $LVIT_RELIABILITY_COUNTS (if set)."""
         import json
