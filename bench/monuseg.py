@@ -240,6 +240,9 @@ def plot_curves(runs: Path, models, out: Path) -> Path | None:
             ax.axhline(pub[0], ls="--", lw=0.8, color="gray")
             ax.annotate(f"published {LABELS[m]} test Dice {pub[0]}", (1, pub[0]), fontsize=7, color="gray",
                         va="bottom")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation Dice (%)")
     ax.set_title("MoNuSeg, official settings, CPU wall-clock budget")
@@ -269,13 +272,14 @@ def render(results: dict, s: BenchSettings, curve: Path | None) -> str:
             f"{r['best_val_dice'] * 100:.2f} | {r['test_dice'] * 100:.2f} | {r['test_iou'] * 100:.2f} | {pub_s} | "
             f"{gap} | {r['lvit_test_dice'] * 100:.2f} / {r['lvit_test_iou'] * 100:.2f} |")
     any_r = next(iter(results.values()), {})
+    minutes = any_r.get("budget_minutes", s.minutes)  # the budget the recorded runs had
     lines = [
         "## MoNuSeg: reproducing the published figures (`bench/monuseg.py`)",
         "",
         (f"Machine: {any_r.get('machine', platform.processor() or platform.machine())}, CPU only "
         "(no GPU was lent to this task). Official settings (configs/monuseg.yaml: 224 px, batch 2, Adam lr 1e-3, "
         "cosine warm restarts T_0=10 eta_min=1e-4, Dice 0.5 + BCE 0.5, seed 666; official augmentation and mask "
-        f"resize), but a wall-clock budget of {s.minutes:g} min per model instead of up to 2000 epochs with "
+        f"resize), but a wall-clock budget of {minutes:g} min per model instead of up to 2000 epochs with "
         f"patience 50. Text encoder for LViT (text): {any_r.get('text_encoder', s.text_encoder)} (MiniLM, 384-d; "
         "the paper: BERT-base, 768-d; no BERT folder exists offline here). Test: 14 images, best-validation "
         "weights, Dice/IoU at 0.5 per image, mean over images, ground truth resized as the official loader "
@@ -291,7 +295,7 @@ def render(results: dict, s: BenchSettings, curve: Path | None) -> str:
     lines += [("These are snapshots after very few epochs on a shared 2-core CPU, not converged models: the official "
               "run trains up to 2000 epochs (early stopping, patience 50). Why the figures differ from the paper, "
               "and how to continue the runs: docs/MONUSEG.md."), "",
-              (f"Command: `nice -n 5 python bench/monuseg.py --minutes {s.minutes:g}` "
+              (f"Command: `nice -n 5 python bench/monuseg.py --minutes {minutes:g}` "
               "(continue: `--resume --minutes N`).")]
     return "\n".join(lines)
 
