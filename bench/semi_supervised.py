@@ -36,6 +36,8 @@ def main(argv=None) -> int:
     p.add_argument("--work", default="/tmp/lvit-semi-bench", help="dataset + run folders (outside the repo)")
     p.add_argument("--models", default="lvit,lvit-t")
     p.add_argument("--settings", default=",".join(SETTINGS))
+    p.add_argument("--config", default=None,
+                   help="base preset (e.g. synth: 24 text tokens, augmentation); the flags below override it")
     p.add_argument("--n-train", type=int, default=48)
     p.add_argument("--n-val", type=int, default=16)
     p.add_argument("--n-test", type=int, default=32)
@@ -85,7 +87,7 @@ def run_one(args, data: Path, work: Path, model: str, setting: str) -> dict:
     from lvit.train.runner import train
     from lvit.train.semi.module import SemiConfig, make_setup_hook
 
-    cfg = load_config(None, [
+    cfg = load_config(args.config, [
         f"model_name={model}", f"model.image_size={args.size}", f"model.base_channels={args.base_channels}",
         f"data.batch_size={args.batch_size}", "data.num_workers=0", f"trainer.max_epochs={args.epochs}",
         "trainer.patience=null", "trainer.progress=false", f"trainer.seed={args.seed}", f"optim.lr={args.lr}",
