@@ -55,17 +55,8 @@ def official():
     return synthetic_official_state_dict()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Small forwards run fastest on one thread; on a loaded machine extra OpenMP threads spin-wait."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
-def default_model(single_thread):
+def default_model():
     return LViT(LViTConfig())  # 768-d text, 224x224: the official configuration
 
 

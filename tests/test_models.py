@@ -23,17 +23,8 @@ def make_inputs(batch: int, height: int, width: int, cfg: LViTConfig = TINY, see
     return image, text
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny models run fastest on one thread; on a loaded machine extra OpenMP threads spin-wait (20x slower)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
-def tiny_models(single_thread):
+def tiny_models():
     torch.manual_seed(0)
     return {name: build_model(name, TINY).eval() for name in ("lvit", "lvit-t", "unet")}
 
