@@ -99,6 +99,11 @@ class Augmenter:
             RandShiftIntensityd,
         )
 
+        from monai.data import set_track_meta
+
+        # Plain tensors in, plain tensors out: MONAI's MetaTensor bookkeeping (applied-operation lists) is pure
+        # overhead here, and with it the augmented epochs grew slower within a run (20 -> 28 s on the synth preset).
+        set_track_meta(False)
         cfg = self.config
         return Compose(
             [
