@@ -25,6 +25,10 @@ goes to ``bench/monuseg_curve.png`` and the table into ``bench/RESULTS.md`` betw
 
     nohup nice -n 5 python bench/monuseg.py --minutes 18 > /tmp/monuseg.log 2>&1 &
     python bench/monuseg.py --resume --minutes 120          # continue all three later
+
+Several processes may share one ``--runs`` folder with different ``--models`` (e.g. three models side by side on
+one GPU, ``bench/gpu/run.sh``): each merges its own entry into ``results.json``; ``--render-only`` then draws
+the curves and writes the section (``--section monuseg-gpu`` keeps the CPU section and writes its own).
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "RESULTS.md"
 CURVE = REPO / "bench" / "monuseg_curve.png"
-START, END = "<!-- monuseg:start -->", "<!-- monuseg:end -->"
+START, END = "<!-- monuseg:start -->", "<!-- monuseg:end -->"  # the default section (--section monuseg)
 MODELS = ("lvit", "lvit-t", "unet")
 LABELS = {"lvit": "LViT (text)", "lvit-t": "LViT without text", "unet": "U-Net"}
 # Published test figures (Dice, IoU in %): the paper's LViT-T (with text) is our "lvit".
@@ -204,7 +208,7 @@ def test_model(s: BenchSettings, model: str) -> dict:
     official = scores.summary()
     standard = {"dice": float("nan"), "iou": float("nan")}
     if s.limit is None:  # lvit test reads the whole split
-        m = run_test(run_dir, s.data, "test", force=True, progress=False)
+        m = run_test(run_dir, s.data, "test", force=True, progress=False, cache_dir=cache)
         standard = m["model_resolution"]["mean_over_images"]
     return {"test_dice": official["mean_over_images"]["dice"], "test_iou": official["mean_over_images"]["iou"],
             "test_pooled_dice": official["dataset_level"]["dice"], "n_test": official["n_images"],
@@ -220,7 +224,7 @@ def read_curve(run_dir: Path) -> list[tuple[int, float, float]]:
         return [(int(r["epoch"]), float(r["val_dice"]), float(r["seconds"])) for r in csv.DictReader(f)]
 
 
-def plot_curves(runs: Path, models, out: Path) -> Path | None:
+def plot_curves(runs: Path, models, out: Path, where: str = "CPU") -> Path | None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -245,7 +249,7 @@ def plot_curves(runs: Path, models, out: Path) -> Path | None:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation Dice (%)")
-    ax.set_title("MoNuSeg, official settings, CPU wall-clock budget")
+    ax.set_title(f"MoNuSeg, official settings, {where} wall-clock budget")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
     fig.tight_layout()
@@ -255,7 +259,7 @@ def plot_curves(runs: Path, models, out: Path) -> Path | None:
     return out
 
 
-def render(results: dict, s: BenchSettings, curve: Path | None) -> str:
+def render(results: dict, s: BenchSettings, curve: Path | None, section: str = "monuseg") -> str:
     rows = [("| Model (our name) | Epochs | Best epoch | Train wall-clock | s / epoch | Best val Dice | Test Dice | Test IoU | "
             "Published Dice / IoU | Gap (Dice) | `lvit test` Dice / IoU |"),
             "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -268,46 +272,63 @@ def render(results: dict, s: BenchSettings, curve: Path | None) -> str:
         gap = f"{r['test_dice'] * 100 - pub[0]:+.2f}" if pub else "-"
         rows.append(
             f"| {LABELS[m]} (`{m}`) | {r['epochs']} | {r['best_epoch']} | {r['train_seconds'] / 60:.1f} min | "
-            f"{r['train_seconds'] / max(r['epochs'], 1):.0f} | "
+            f"{r['train_seconds'] / max(r['epochs'], 1):.3g} | "
             f"{r['best_val_dice'] * 100:.2f} | {r['test_dice'] * 100:.2f} | {r['test_iou'] * 100:.2f} | {pub_s} | "
             f"{gap} | {r['lvit_test_dice'] * 100:.2f} / {r['lvit_test_iou'] * 100:.2f} |")
     any_r = next(iter(results.values()), {})
     minutes = any_r.get("budget_minutes", s.minutes)  # the budget the recorded runs had
+    gpu = any_r.get("gpu")
+    where = (f"GPU: {gpu} (one process per model, fp32)" if gpu else "CPU only (no GPU was lent to this task)")
+    data_note = ("" if not any_r.get("data_note") else f" Data: {any_r['data_note']}")
     lines = [
-        "## MoNuSeg: reproducing the published figures (`bench/monuseg.py`)",
+        "## MoNuSeg: reproducing the published figures (`bench/monuseg.py`)" + (", GPU run" if gpu else ""),
         "",
-        (f"Machine: {any_r.get('machine', platform.processor() or platform.machine())}, CPU only "
-        "(no GPU was lent to this task). Official settings (configs/monuseg.yaml: 224 px, batch 2, Adam lr 1e-3, "
+        (f"Machine: {any_r.get('machine', platform.processor() or platform.machine())}; {where}. Official settings (configs/monuseg.yaml: 224 px, batch 2, Adam lr 1e-3, "
         "cosine warm restarts T_0=10 eta_min=1e-4, Dice 0.5 + BCE 0.5, seed 666; official augmentation and mask "
         f"resize), but a wall-clock budget of {minutes:g} min per model instead of up to 2000 epochs with "
-        f"patience 50. Text encoder for LViT (text): {any_r.get('text_encoder', s.text_encoder)} (MiniLM, 384-d; "
+        f"patience 50. Text encoder for LViT (text): {results.get('lvit', any_r).get('text_encoder', s.text_encoder)} "
+        "(MiniLM, 384-d; "
         "the paper: BERT-base, 768-d; no BERT folder exists offline here). Test: 14 images, best-validation "
         "weights, Dice/IoU at 0.5 per image, mean over images, ground truth resized as the official loader "
         "(bilinear, > 0); `lvit test` column: nearest-neighbour ground truth. Published: the paper's LViT-T "
-        f"(with text) row; LViT-T without pretraining: {PUBLISHED_NO_PRETRAIN[0]} / {PUBLISHED_NO_PRETRAIN[1]}."),
+        f"(with text) row; LViT-T without pretraining: {PUBLISHED_NO_PRETRAIN[0]} / {PUBLISHED_NO_PRETRAIN[1]}."
+        + data_note),
         "",
         *rows,
         "",
     ]
+    notes = [f"- {LABELS[m]}: {results[m]['run_note']}" for m in MODELS if results.get(m, {}).get("run_note")]
+    if notes:
+        lines += [*notes, ""]
     if curve is not None:
-        lines += [f"Learning curves (validation Dice per epoch): `{curve.relative_to(REPO)}`", "",
+        shown = curve.relative_to(REPO) if curve.is_relative_to(REPO) else curve.name
+        lines += [f"Learning curves (validation Dice per epoch): `{shown}`", "",
                   f"![MoNuSeg learning curves]({curve.name})", ""]
-    lines += [("These are snapshots after very few epochs on a shared 2-core CPU, not converged models: the official "
-              "run trains up to 2000 epochs (early stopping, patience 50). Why the figures differ from the paper, "
-              "and how to continue the runs: docs/MONUSEG.md."), "",
-              (f"Command: `nice -n 5 python bench/monuseg.py --minutes {minutes:g}` "
-              "(continue: `--resume --minutes N`).")]
+    if gpu:
+        lines += [("A fixed wall-clock budget, not the official early-stopping run (up to 2000 epochs, patience 50): "
+                   "the lent GPU machine is held for 15 minutes per session. Why the figures differ from the paper: "
+                   "docs/MONUSEG.md."), "",
+                  f"Command: `bench/gpu/run.sh` on the lent machine (MoNuSeg step: `python bench/monuseg.py "
+                  f"--minutes {minutes:g} --models M --runs R` once per model, side by side, then "
+                  f"`--render-only --section {section}`); data packed by `python bench/gpu/prepare.py`."]
+    else:
+        lines += [("These are snapshots after very few epochs on a shared 2-core CPU, not converged models: the "
+                   "official run trains up to 2000 epochs (early stopping, patience 50). Why the figures differ "
+                   "from the paper, and how to continue the runs: docs/MONUSEG.md."), "",
+                  (f"Command: `nice -n 5 python bench/monuseg.py --minutes {minutes:g}` "
+                   "(continue: `--resume --minutes N`).")]
     return "\n".join(lines)
 
 
-def write_section(table: str, path: Path = RESULTS) -> None:
+def write_section(table: str, path: Path = RESULTS, section: str = "monuseg") -> None:
     from lvit.io import atomic_write_text
 
+    start, end = f"<!-- {section}:start -->", f"<!-- {section}:end -->"
     text = path.read_text(encoding="utf-8") if path.is_file() else "# lvit benchmark results\n"
-    block = f"{START}\n{table}\n{END}"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        _, tail = rest.split(END, 1)
+    block = f"{start}\n{table}\n{end}"
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        _, tail = rest.split(end, 1)
         text = head + block + tail
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
@@ -326,6 +347,16 @@ def machine() -> str:
     return f"{name}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
+def merge_result(results_file: Path, model: str, entry: dict) -> dict:
+    """Re-read ``results.json`` and replace one model's entry (other processes may have written theirs)."""
+    from lvit.io import atomic_write_text
+
+    results = json.loads(results_file.read_text()) if results_file.is_file() else {}
+    results[model] = entry
+    atomic_write_text(results_file, json.dumps(results, indent=2))
+    return results
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default=str(REPO.parent / "shared" / "datasets" / "MoNuSeg"),
@@ -342,12 +373,32 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     p.add_argument("--no-write", action="store_true", help="leave bench/RESULTS.md and the curve PNG alone")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--render-only", action="store_true",
+                   help="train nothing: draw the curves and write the section from --runs/results.json")
+    p.add_argument("--section", default="monuseg",
+                   help="RESULTS.md section name (markers <!-- NAME:start/end -->); the curve PNG is named after it")
+    p.add_argument("--data-note", default=None, help="a sentence on the data copy used, printed with the table")
+    p.add_argument("--results", type=Path, default=RESULTS, help="the RESULTS.md to write (curve PNG beside it)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from lvit.errors import LvitError
 
     data = Path(args.data)
+    curve_file = args.results.parent / (CURVE.name if args.section == "monuseg"
+                                        else f"{args.section.replace('-', '_')}_curve.png")
+    if args.render_only:
+        results_file = Path(args.runs) / "results.json"
+        if not results_file.is_file():
+            print(f"{results_file}: no results to render", file=sys.stderr)
+            return 2
+        results = json.loads(results_file.read_text())
+        s = BenchSettings(data=data, runs=Path(args.runs), minutes=args.minutes)
+        gpu = next((r.get("gpu") for r in results.values() if r.get("gpu")), None)
+        png = plot_curves(s.runs, MODELS, curve_file, where="GPU" if gpu else "CPU")
+        write_section(render(results, s, png, args.section), args.results, section=args.section)
+        print(f"wrote {args.results} (section {args.section}) and {png}")
+        return 0
     if not (data / "Train_Folder").is_dir():
         print(f"{data}: no MoNuSeg here (expected Train_Folder/Val_Folder/Test_Folder); pass --data", file=sys.stderr)
         return 2
@@ -374,15 +425,17 @@ def main(argv=None) -> int:
             figures = test_model(s, m)
             curve = read_curve(s.runs / m)
             previous = results.get(m, {})
-            results[m] = {
+            entry = {
                 **call, **figures,
                 "train_seconds": sum(sec for _, _, sec in curve),  # all epochs, across resumes
                 "calls_wall_seconds": previous.get("calls_wall_seconds", []) + [round(call["wall_seconds"], 1)],
                 "text_encoder": s.text_encoder if m == "lvit" else "none",
                 "machine": machine(),
                 "budget_minutes": s.minutes,
+                "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+                "data_note": args.data_note,
             }
-            results_file.write_text(json.dumps(results, indent=2))
+            results = merge_result(results_file, m, entry)
             print(f"{m}: {call['epochs']} epochs, best val Dice {call['best_val_dice']:.4f} (epoch "
                   f"{call['best_epoch']}), test Dice {figures['test_dice']:.4f} IoU {figures['test_iou']:.4f}, "
                   f"{call['wall_seconds'] / 60:.1f} min", flush=True)
@@ -390,11 +443,12 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     if not args.no_write:
-        curve_png = plot_curves(s.runs, MODELS, CURVE)
-        write_section(render(results, s, curve_png))
-        print(f"wrote {RESULTS} (section monuseg) and {curve_png}")
+        gpu = torch.cuda.is_available()
+        curve_png = plot_curves(s.runs, MODELS, curve_file, where="GPU" if gpu else "CPU")
+        write_section(render(results, s, curve_png, args.section), args.results, section=args.section)
+        print(f"wrote {args.results} (section {args.section}) and {curve_png}")
     else:
-        print(render(results, s, None))
+        print(render(results, s, None, args.section))
     return 0
 
 

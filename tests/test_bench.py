@@ -87,3 +87,27 @@ def test_speed_section_is_replaced_in_place(tmp_path):
     text = results.read_text()
     assert "second" in text and "first" not in text and "## Accuracy\n\nkept" in text
     assert text.count(benchmark.SPEED_START) == 1
+
+
+def test_gpu_report_gets_its_own_section_and_mfu_against_the_bf16_peak(tmp_path):
+    """A GPU run never replaces the CPU Speed section, and its MFU is taken against the measured bf16 matmul
+    rate for every variant (cuDNN's fp32 convolutions run in TF32: a strict-fp32 peak gave MFU > 100%)."""
+    results = tmp_path / "RESULTS.md"
+    benchmark.write_speed_section(results, "cpu figures")
+    benchmark.write_speed_section(results, "gpu figures", gpu=True)
+    benchmark.write_speed_section(results, "gpu figures, again", gpu=True)
+    text = results.read_text()
+    assert "cpu figures" in text and "gpu figures, again" in text and "gpu figures\n" not in text
+    assert text.count("## Speed on GPU") == 1 and text.count(benchmark.SPEED_START) == 1
+
+    def report(device):
+        res = {"median_s": 0.02, "images_per_s": 1000.0, "n": 20, "q1_s": 0.02, "q3_s": 0.02}
+        return {"options": {"device": device}, "matmul": {"fp32": {"flops": 50e12}, "bf16": {"flops": 800e12}},
+                "cases": {"c": {"inference": {"eager": {**res, "flops_per_image": {"total": 50e9}}},
+                                "training": {}}}, "scaling": []}
+
+    gpu, cpu = report("cuda"), report("cpu")
+    benchmark._derive(gpu)
+    benchmark._derive(cpu)
+    assert gpu["cases"]["c"]["inference"]["eager"]["mfu"] == pytest.approx(50e9 * 1000 / 800e12)
+    assert cpu["cases"]["c"]["inference"]["eager"]["mfu"] == pytest.approx(50e9 * 1000 / 50e12)

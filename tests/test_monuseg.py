@@ -110,3 +110,32 @@ def test_official_mask_resize_grows_small_nuclei(monuseg):
     nearest = SegmentationDataset(records, 224)[0]["mask"]
     assert official.shape == nearest.shape == (1, 224, 224)
     assert official.mean() > nearest.mean() * 1.05  # measured 1.10-1.13 on the test split
+
+
+def test_side_by_side_processes_merge_results_and_render_a_gpu_section(tmp_path):
+    """Three models trained by three processes share one runs folder: each merges only its own entry into
+    results.json; --render-only then writes the named section (here a GPU one) and leaves the others alone."""
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    base = {"epochs": 3, "best_epoch": 2, "best_val_dice": 0.7, "stopped_early": False, "stopped_by_budget": True,
+            "test_dice": 0.75, "test_iou": 0.6, "test_pooled_dice": 0.76, "n_test": 14, "lvit_test_dice": 0.74,
+            "lvit_test_iou": 0.59, "train_seconds": 30.0, "machine": "test", "budget_minutes": 3.0,
+            "gpu": "NVIDIA H200", "data_note": "a 224 px copy"}
+    bench.merge_result(runs / "results.json", "unet", {**base, "test_dice": 0.70})
+    stale_view = bench.merge_result(runs / "results.json", "lvit", base)  # a second process, same file
+    assert set(stale_view) == {"unet", "lvit"} and stale_view["unet"]["test_dice"] == 0.70
+    for m in ("lvit", "unet"):
+        (runs / m).mkdir()
+        (runs / m / "metrics.csv").write_text("epoch,val_dice,seconds\n1,0.5,10\n2,0.7,10\n3,0.65,10\n")
+
+    md = tmp_path / "RESULTS.md"
+    md.write_text(f"# results\n\n{bench.START}\nthe CPU table\n{bench.END}\n")
+    rc = bench.main(["--render-only", "--runs", str(runs), "--section", "monuseg-gpu", "--results", str(md),
+                     "--minutes", "3"])
+    assert rc == 0
+    text = md.read_text()
+    assert "the CPU table" in text  # the CPU section is untouched
+    assert text.count("<!-- monuseg-gpu:start -->") == 1 and "GPU: NVIDIA H200" in text
+    assert "| LViT (text) (`lvit`) | 3 | 2 |" in text and "U-Net (`unet`)" in text and "a 224 px copy" in text
+    assert (tmp_path / "monuseg_gpu_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert bench.main(["--render-only", "--runs", str(tmp_path / "none"), "--results", str(md)]) == 2

@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
         atomic_write_json(args.out.with_suffix(".json"), report)
         print(f"wrote {args.out} and {args.out.with_suffix('.json')}")
     if args.results is not None:
-        write_speed_section(args.results, text)
+        write_speed_section(args.results, text, gpu=args.device == "cuda")
         print(f"updated the Speed section of {args.results}")
     if args.out is None and args.results is None:
         print(text)

@@ -55,14 +55,18 @@ def run_test(
     batch_size: int = 8,
     device: str = "cpu",
     progress: bool = True,
+    cache_dir: str | Path | None = None,
 ) -> dict:
-    """Evaluate a run on ``split`` of ``data_root``; returns the metrics dict also written to metrics.json."""
+    """Evaluate a run on ``split`` of ``data_root``; returns the metrics dict also written to metrics.json.
+
+    ``cache_dir``: where encoded reports are cached (default: the dataset's own cache folder)."""
     from ..data import load_pair, load_split
     from ..text import default_cache_dir
     from .predict import Predictor, to_original_size
 
     data_root = Path(data_root)
-    predictor = Predictor(run_or_checkpoint, device=device, cache_dir=default_cache_dir(data_root))
+    predictor = Predictor(run_or_checkpoint, device=device,
+                          cache_dir=cache_dir if cache_dir is not None else default_cache_dir(data_root))
     records = load_split(data_root, split)
     run_dir = predictor.model.lvit_run_dir
     out = prepare_output_dir(Path(out) if out else default_out(run_dir, split), force=force, what="test output folder")
