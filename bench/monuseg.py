@@ -278,7 +278,7 @@ def render(results: dict, s: BenchSettings, curve: Path | None, section: str = "
     any_r = next(iter(results.values()), {})
     minutes = any_r.get("budget_minutes", s.minutes)  # the budget the recorded runs had
     gpu = any_r.get("gpu")
-    where = (f"GPU: {gpu} (one process per model, fp32)" if gpu else "CPU only (no GPU was lent to this task)")
+    where = (f"GPU: {gpu} (one process per model, fp32)" if gpu else "CPU only (a GPU run, where one was lent, has its own section: monuseg-gpu)")
     data_note = ("" if not any_r.get("data_note") else f" Data: {any_r['data_note']}")
     lines = [
         "## MoNuSeg: reproducing the published figures (`bench/monuseg.py`)" + (", GPU run" if gpu else ""),
