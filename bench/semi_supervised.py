@@ -49,6 +49,7 @@ def main(argv=None) -> int:
     p.add_argument("--fraction", type=float, default=0.25)
     p.add_argument("--warmup", type=int, default=4, help="supervised epochs before pseudo labels start")
     p.add_argument("--beta", type=float, default=0.99)
+    p.add_argument("--lv-weight", type=float, default=0.1, help="alpha of the LV loss (paper: 0.1)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-write", action="store_true", help="print the table, leave RESULTS.md alone")
@@ -67,7 +68,7 @@ def main(argv=None) -> int:
     done = json.loads(results_file.read_text()) if results_file.is_file() else {}
     for model in args.models.split(","):
         for setting in args.settings.split(","):
-            key = f"{model}/{setting}/e{args.epochs}/w{args.warmup}/b{args.beta}/s{args.size}"
+            key = f"{model}/{setting}/e{args.epochs}/w{args.warmup}/b{args.beta}/s{args.size}" + _lv_tag(args, setting)
             if key not in done:
                 done[key] = run_one(args, data, work, model, setting)
                 results_file.write_text(json.dumps(done, indent=2))
@@ -82,6 +83,11 @@ def main(argv=None) -> int:
     return 0
 
 
+def _lv_tag(args, setting: str) -> str:
+    """Results key / folder suffix for a non-default LV weight (the paper's 0.1 keeps the old names)."""
+    return f"/lv{args.lv_weight:g}" if "lv" in setting.split("-")[0] and args.lv_weight != 0.1 else ""
+
+
 def run_one(args, data: Path, work: Path, model: str, setting: str) -> dict:
     from lvit.train.config import load_config
     from lvit.train.runner import train
@@ -92,12 +98,13 @@ def run_one(args, data: Path, work: Path, model: str, setting: str) -> dict:
         f"data.batch_size={args.batch_size}", "data.num_workers=0", f"trainer.max_epochs={args.epochs}",
         "trainer.patience=null", "trainer.progress=false", f"trainer.seed={args.seed}", f"optim.lr={args.lr}",
     ])
-    run_dir = work / "runs" / f"{model}_{setting}_e{args.epochs}_w{args.warmup}_b{args.beta}"
+    run_dir = work / "runs" / (f"{model}_{setting}_e{args.epochs}_w{args.warmup}_b{args.beta}"
+                               + _lv_tag(args, setting).replace("/", "_"))
     hook = None
     if setting != "sup-100":
         mode = {"sup-25": "none", "epi-25": "epi", "epi+lv-25": "epi+lv"}[setting]
         semi = SemiConfig(mode=mode, labeled_fraction=args.fraction, seed=args.seed, beta=args.beta,
-                          warmup_epochs=args.warmup)
+                          warmup_epochs=args.warmup, lv_weight=args.lv_weight)
         hook = make_setup_hook(semi)
     started = time.perf_counter()
     result = train(cfg, data, run_dir, force=True, setup_hook=hook)

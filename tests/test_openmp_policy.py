@@ -1,0 +1,38 @@
+"""lvit picks how OpenMP threads wait (bounded spin alone, PASSIVE on a crowded machine) before torch loads."""
+
+from __future__ import annotations
+
+import os
+
+import lvit
+
+
+def _decide(monkeypatch, others, env=None):
+    for key in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in (env or {}).items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(lvit, "_other_runnable_tasks", lambda: others)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    lvit._openmp_wait_policy()
+    return os.environ.get("OMP_WAIT_POLICY"), os.environ.get("GOMP_SPINCOUNT")
+
+
+def test_quiet_machine_spins_briefly(monkeypatch):
+    assert _decide(monkeypatch, 0) == (None, "100000")
+    assert _decide(monkeypatch, None) == (None, "100000")  # unknown load: the quiet-machine choice
+
+
+def test_busy_machine_sleeps_at_once(monkeypatch):
+    assert _decide(monkeypatch, 1) == ("PASSIVE", None)  # one other busy task occupies half of 2 cores
+    assert _decide(monkeypatch, 5) == ("PASSIVE", None)
+
+
+def test_the_users_setting_wins(monkeypatch):
+    assert _decide(monkeypatch, 5, {"OMP_WAIT_POLICY": "ACTIVE"}) == ("ACTIVE", None)
+    assert _decide(monkeypatch, 0, {"GOMP_SPINCOUNT": "0"}) == (None, "0")
+
+
+def test_runnable_task_count_reads_proc():
+    others = lvit._other_runnable_tasks()
+    assert others is None or others >= 0
