@@ -50,6 +50,8 @@ def resize_monuseg(src: Path, dst: Path, size: int = 224) -> int:
                 if sub == "img":
                     image = torch.from_numpy(read_image(path)).permute(2, 0, 1).float().div_(255.0)
                     small = resize_image(image, size).mul_(255.0).round_().byte().permute(1, 2, 0).numpy()
+                    if small.shape[-1] == 1:  # grayscale: PIL wants H x W
+                        small = small[..., 0]
                     Image.fromarray(small).save(dst / split / sub / (path.stem + ".png"))
                 else:
                     mask = torch.from_numpy(binarise_mask(read_array(path)))[None].float()
