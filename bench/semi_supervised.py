@@ -50,6 +50,8 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=4, help="supervised epochs before pseudo labels start")
     p.add_argument("--beta", type=float, default=0.99)
     p.add_argument("--lv-weight", type=float, default=0.1, help="alpha of the LV loss (paper: 0.1)")
+    p.add_argument("--pseudo-threshold", type=float, default=None,
+                   help="train unlabelled images on P_t > T (hard labels) instead of the soft P_t")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-write", action="store_true", help="print the table, leave RESULTS.md alone")
@@ -84,8 +86,12 @@ def main(argv=None) -> int:
 
 
 def _lv_tag(args, setting: str) -> str:
-    """Results key / folder suffix for a non-default LV weight (the paper's 0.1 keeps the old names)."""
-    return f"/lv{args.lv_weight:g}" if "lv" in setting.split("-")[0] and args.lv_weight != 0.1 else ""
+    """Results key / folder suffix for a non-default LV weight or a pseudo-label threshold (the defaults keep the
+    old names)."""
+    tag = f"/lv{args.lv_weight:g}" if "lv" in setting.split("-")[0] and args.lv_weight != 0.1 else ""
+    if "epi" in setting and getattr(args, "pseudo_threshold", None) is not None:
+        tag += f"/t{args.pseudo_threshold:g}"
+    return tag
 
 
 def run_one(args, data: Path, work: Path, model: str, setting: str) -> dict:
@@ -104,7 +110,8 @@ def run_one(args, data: Path, work: Path, model: str, setting: str) -> dict:
     if setting != "sup-100":
         mode = {"sup-25": "none", "epi-25": "epi", "epi+lv-25": "epi+lv"}[setting]
         semi = SemiConfig(mode=mode, labeled_fraction=args.fraction, seed=args.seed, beta=args.beta,
-                          warmup_epochs=args.warmup, lv_weight=args.lv_weight)
+                          warmup_epochs=args.warmup, lv_weight=args.lv_weight,
+                          pseudo_threshold=args.pseudo_threshold)
         hook = make_setup_hook(semi)
     started = time.perf_counter()
     result = train(cfg, data, run_dir, force=True, setup_hook=hook)
