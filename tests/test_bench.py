@@ -30,7 +30,7 @@ def test_quick_bench_writes_report(tmp_path):
     assert _cli(["bench", "--quick", "--repeats", "2", "--out", str(out)]) == 0
     text = out.read_text()
     assert "images/s" in text and "| inference | eager |" in text and "| training | eager |" in text
-    assert "GPU: not run" in text
+    assert "this is a CPU run" in text
     report = json.loads(out.with_suffix(".json").read_text())
     entry = next(iter(report["cases"].values()))
     eager = entry["inference"]["eager"]

@@ -826,7 +826,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         + ".",
         f"Versions: Python {v['python']}, torch {v['torch']}, onnx {v['onnx']}, onnxruntime {v['onnxruntime']}, "
         f"onnxscript {v['onnxscript']}.",
-        "GPU: " + (m["gpu"] or "not run — no GPU lent to this task.") if report["options"]["device"] == "cpu"
+        "GPU: " + (m["gpu"] or "none on this machine") + " (this is a CPU run; a GPU run writes the section "
+        "'Speed on GPU')." if report["options"]["device"] == "cpu"
         else f"GPU: {m['gpu']}",
         "",
     ]
