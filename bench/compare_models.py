@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import re
 import shlex
 import sys
 import time
@@ -22,7 +21,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "RESULTS.md"
-START, END = "<!-- compare_models:start -->", "<!-- compare_models:end -->"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,7 +82,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def render(rows, config, machine, command, args) -> str:
     lines = [
-        START,
         "## LViT vs LViT-T vs U-Net on the synthetic dataset",
         "",
         f"Same budget for every model: preset `{Path(args.config).name}` ({config.model.image_size} px, "
@@ -101,20 +98,14 @@ def render(rows, config, machine, command, args) -> str:
                      f"{r['params'] / 1e6:.2f}M | {r['seconds']:.0f} s | {r['epochs']} ({r['best_epoch']}) | "
                      f"{r['val_dice']:.4f} |")
     lines += ["", f"Machine: {machine}. Recorded {time.strftime('%Y-%m-%d %H:%M')}.", "",
-              f"Command: `{command}`", END]
+              f"Command: `{command}`"]
     return "\n".join(lines)
 
 
 def write_section(section: str) -> None:
-    from lvit.io import atomic_write_text
+    from lvit.io import write_marked_section
 
-    text = RESULTS.read_text(encoding="utf-8") if RESULTS.is_file() else "# Benchmark results\n"
-    pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.S)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section, text)
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    atomic_write_text(RESULTS, text)
+    write_marked_section(RESULTS, "compare_models", section)
 
 
 if __name__ == "__main__":

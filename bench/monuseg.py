@@ -321,18 +321,9 @@ def render(results: dict, s: BenchSettings, curve: Path | None, section: str = "
 
 
 def write_section(table: str, path: Path = RESULTS, section: str = "monuseg") -> None:
-    from lvit.io import atomic_write_text
+    from lvit.io import write_marked_section
 
-    start, end = f"<!-- {section}:start -->", f"<!-- {section}:end -->"
-    text = path.read_text(encoding="utf-8") if path.is_file() else "# lvit benchmark results\n"
-    block = f"{start}\n{table}\n{end}"
-    if start in text and end in text:
-        head, rest = text.split(start, 1)
-        _, tail = rest.split(end, 1)
-        text = head + block + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    atomic_write_text(path, text)
+    write_marked_section(path, section, table)
 
 
 def machine() -> str:
@@ -347,14 +338,37 @@ def machine() -> str:
     return f"{name}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
+def read_results(results_file: Path) -> dict:
+    """``results.json`` of a runs folder ({} when absent); a damaged file is a one-line LvitError."""
+    from lvit.errors import LvitError
+
+    if not results_file.is_file():
+        return {}
+    try:
+        results = json.loads(results_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise LvitError(f"{results_file}: unreadable results file ({exc})") from None
+    if not isinstance(results, dict):
+        raise LvitError(f"{results_file}: not a results file (expected a JSON object of models)")
+    return results
+
+
 def merge_result(results_file: Path, model: str, entry: dict) -> dict:
     """Re-read ``results.json`` and replace one model's entry (other processes may have written theirs)."""
     from lvit.io import atomic_write_text
 
-    results = json.loads(results_file.read_text()) if results_file.is_file() else {}
+    results = read_results(results_file)
     results[model] = entry
     atomic_write_text(results_file, json.dumps(results, indent=2))
     return results
+
+
+def publish(results: dict, s: BenchSettings, curve_file: Path, results_md: Path, section: str) -> None:
+    """Learning-curve PNG + the RESULTS.md section for ``results`` (GPU or CPU wording from the runs' records)."""
+    gpu = next((r.get("gpu") for r in results.values() if r.get("gpu")), None)
+    png = plot_curves(s.runs, MODELS, curve_file, where="GPU" if gpu else "CPU")
+    write_section(render(results, s, png, section), results_md, section=section)
+    print(f"wrote {results_md} (section {section}) and {png}")
 
 
 def main(argv=None) -> int:
@@ -389,15 +403,16 @@ def main(argv=None) -> int:
                                         else f"{args.section.replace('-', '_')}_curve.png")
     if args.render_only:
         results_file = Path(args.runs) / "results.json"
-        if not results_file.is_file():
+        try:
+            results = read_results(results_file)
+        except LvitError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        if not results:
             print(f"{results_file}: no results to render", file=sys.stderr)
             return 2
-        results = json.loads(results_file.read_text())
-        s = BenchSettings(data=data, runs=Path(args.runs), minutes=args.minutes)
-        gpu = next((r.get("gpu") for r in results.values() if r.get("gpu")), None)
-        png = plot_curves(s.runs, MODELS, curve_file, where="GPU" if gpu else "CPU")
-        write_section(render(results, s, png, args.section), args.results, section=args.section)
-        print(f"wrote {args.results} (section {args.section}) and {png}")
+        publish(results, BenchSettings(data=data, runs=Path(args.runs), minutes=args.minutes), curve_file,
+                args.results, args.section)
         return 0
     if not (data / "Train_Folder").is_dir():
         print(f"{data}: no MoNuSeg here (expected Train_Folder/Val_Folder/Test_Folder); pass --data", file=sys.stderr)
@@ -407,7 +422,11 @@ def main(argv=None) -> int:
                       text_encoder=args.text_encoder, limit=args.limit, progress=not args.no_progress)
     s.runs.mkdir(parents=True, exist_ok=True)
     results_file = s.runs / "results.json"
-    results = json.loads(results_file.read_text()) if results_file.is_file() else {}
+    try:
+        results = read_results(results_file)
+    except LvitError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     for m in models:
         if m not in MODELS:
@@ -443,10 +462,7 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     if not args.no_write:
-        gpu = torch.cuda.is_available()
-        curve_png = plot_curves(s.runs, MODELS, curve_file, where="GPU" if gpu else "CPU")
-        write_section(render(results, s, curve_png, args.section), args.results, section=args.section)
-        print(f"wrote {args.results} (section {args.section}) and {curve_png}")
+        publish(results, s, curve_file, args.results, args.section)
     else:
         print(render(results, s, None, args.section))
     return 0

@@ -23,7 +23,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "RESULTS.md"
-START, END = "<!-- reliability:start -->", "<!-- reliability:end -->"
 TEST_FILES = ["tests/test_io.py", "tests/test_reliability_inputs.py", "tests/test_reliability_faults.py",
               "tests/test_unsafe_files.py"]
 COUNTS_ENV = "LVIT_RELIABILITY_COUNTS"
@@ -72,7 +71,6 @@ def table_rows(counts: dict) -> list[str]:
 
 def section(counts: dict, summary: str, seconds: float, cpu: float) -> str:
     lines = [
-        START,
         "## Reliability",
         "",
         "Faults injected into real runs and broken or hostile files fed to the CLI. \"Ended cleanly\" means: a",
@@ -87,22 +85,14 @@ def section(counts: dict, summary: str, seconds: float, cpu: float) -> str:
         f"{os.cpu_count()} CPU(s), load average {os.getloadavg()[0]:.1f} at the end ({time.strftime('%Y-%m-%d')}).",
         "",
         "Command: `python bench/reliability.py` (runs " + ", ".join(f"`{t}`" for t in TEST_FILES) + ").",
-        END,
     ]
     return "\n".join(lines)
 
 
 def write_section(text: str) -> None:
-    from lvit.io import atomic_write_text
+    from lvit.io import write_marked_section
 
-    current = RESULTS.read_text(encoding="utf-8") if RESULTS.is_file() else "# lvit benchmark results\n"
-    if START in current and END in current:
-        head, rest = current.split(START, 1)
-        tail = rest.split(END, 1)[1]
-        new = head + text + tail
-    else:
-        new = current.rstrip("\n") + "\n\n" + text + "\n"
-    atomic_write_text(RESULTS, new)
+    write_marked_section(RESULTS, "reliability", text)
 
 
 def main() -> int:

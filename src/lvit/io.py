@@ -207,6 +207,22 @@ def atomic_write_text(dest: str | Path, text: str) -> Path:
     return atomic_write_bytes(dest, text.encode("utf-8"))
 
 
+def write_marked_section(path: str | Path, name: str, body: str) -> Path:
+    """Put ``body`` between ``<!-- name:start -->`` and ``<!-- name:end -->`` in the markdown file ``path``:
+    replaces that block where it exists, else appends it; the rest of the file is kept. Atomic. The benchmark
+    scripts each own one such section of bench/RESULTS.md."""
+    path = Path(path)
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    block = f"{start}\n{body.rstrip()}\n{end}"
+    text = path.read_text(encoding="utf-8") if path.is_file() else "# lvit benchmark results\n"
+    head, found, rest = text.partition(start)
+    if found and end in rest:
+        text = head + block + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    return atomic_write_text(path, text)
+
+
 def atomic_write_json(dest: str | Path, obj: Any) -> Path:
     return atomic_write_text(dest, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
