@@ -43,7 +43,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
 
@@ -120,29 +119,6 @@ def official_data_hook(limit: int | None = None):
     return hook
 
 
-class WallClockBudget(pl.Callback):
-    """Stop at the end of an epoch when the next one (at the mean epoch time so far) would overrun ``minutes``.
-
-    Stateless on purpose: a ``--resume`` call gets a fresh budget (Lightning's Timer would restore the time
-    already spent and stop at once)."""
-
-    def __init__(self, minutes: float):
-        self.seconds = minutes * 60.0
-        self.started = time.perf_counter()
-        self.epochs = 0
-        self.stopped = False
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        self.started = time.perf_counter()
-
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
-        self.epochs += 1
-        elapsed = time.perf_counter() - self.started
-        if elapsed + elapsed / self.epochs > self.seconds:
-            trainer.should_stop = True
-            self.stopped = True
-
-
 # --------------------------------------------------------------------------------------------------
 # Train, test, record
 
@@ -174,6 +150,8 @@ def train_model(s: BenchSettings, model: str, resume: bool = False) -> dict:
         overrides += [f"model_name={model}", f"model.image_size={s.image_size}",
                       f"model.base_channels={s.base_channels}", f"text.encoder={s.text_encoder}"]
         config = load_config(REPO / "configs" / "monuseg.yaml", overrides)
+    from lvit.train.callbacks import WallClockBudget
+
     budget = WallClockBudget(s.minutes)
     started = time.perf_counter()
     result = train(config, s.data, run_dir, resume=resume, extra_callbacks=[budget],
@@ -340,17 +318,9 @@ def machine() -> str:
 
 def read_results(results_file: Path) -> dict:
     """``results.json`` of a runs folder ({} when absent); a damaged file is a one-line LvitError."""
-    from lvit.errors import LvitError
+    from lvit.io import read_results_file
 
-    if not results_file.is_file():
-        return {}
-    try:
-        results = json.loads(results_file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise LvitError(f"{results_file}: unreadable results file ({exc})") from None
-    if not isinstance(results, dict):
-        raise LvitError(f"{results_file}: not a results file (expected a JSON object of models)")
-    return results
+    return read_results_file(results_file)
 
 
 def merge_result(results_file: Path, model: str, entry: dict) -> dict:

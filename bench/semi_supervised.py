@@ -2,22 +2,31 @@
 
 For each model (LViT, LViT-T) and the same training budget (epochs, optimiser, seed), four runs:
 
-    sup-25     supervised on the 25% labelled subset only
+    sup-25     supervised on the 25% labelled subset only (an epoch = one pass over those images)
+    sup-25-steps  the same images with the semi runs' step count: every epoch is N/B labelled batches (what the
+               semi runs' warm-up does), never pseudo labels - the semi runs equal it up to the warm-up's end
     epi-25     25% labelled + EPI pseudo labels on the other 75%
     epi+lv-25  as epi-25 plus the LV loss (alpha 0.1, contrast labels = the labelled images' masks)
     sup-100    supervised on every mask
 
 Each run's best-validation-Dice weights are scored on the test split (Dice/IoU at 0.5, mean over images).
-The table goes into bench/RESULTS.md between <!-- semi:start --> and <!-- semi:end -->.
+The table goes into bench/RESULTS.md between <!-- semi:start --> and <!-- semi:end --> (``--section`` names
+another, e.g. ``semi-gpu``).
 
     nice -n 10 python bench/semi_supervised.py --work /tmp/lvit-semi-bench
+
+Several processes may share one ``--results`` file (one per model/setting, side by side on a GPU): each merges
+its row under a lock; ``--render-only`` then writes the table from the file.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import os
+import platform
 import sys
 import time
 from pathlib import Path
@@ -26,12 +35,20 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "RESULTS.md"
-SETTINGS = ("sup-25", "epi-25", "epi+lv-25", "sup-100")
+SETTINGS = ("sup-25", "sup-25-steps", "epi-25", "epi+lv-25", "sup-100")
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", default="/tmp/lvit-semi-bench", help="dataset + run folders (outside the repo)")
+    p.add_argument("--data", type=Path, default=None,
+                   help="an existing synthetic dataset (default: generate one in --work from the sizes below)")
+    p.add_argument("--results", type=Path, default=None, help="results JSON (default: WORK/results.json)")
+    p.add_argument("--text-cache", type=Path, default=None, help="text-embedding cache folder (text.cache_dir)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "gpu", "auto"), help="trainer.accelerator")
+    p.add_argument("--num-workers", type=int, default=0, help="data-loader worker processes per run")
+    p.add_argument("--minutes", type=float, default=None,
+                   help="wall-clock cap per run: stop after the epoch that would overrun it (the table says so)")
     p.add_argument("--models", default="lvit,lvit-t")
     p.add_argument("--settings", default=",".join(SETTINGS))
     p.add_argument("--config", default=None,
@@ -53,34 +70,87 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-write", action="store_true", help="print the table, leave RESULTS.md alone")
+    p.add_argument("--render-only", action="store_true",
+                   help="train nothing: write the table of the runs already in --results")
+    p.add_argument("--section", default="semi", help="RESULTS.md section to write")
+    p.add_argument("--command", default=None, help="the command to quote under the table (default: this one)")
+    p.add_argument("--results-md", type=Path, default=RESULTS, help="the Markdown file to write the section into")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    from lvit.data.synthetic import generate_synthetic
+    from lvit.errors import LvitError
 
     work = Path(args.work)
+    results_file = args.results or work / "results.json"
+    try:
+        done = read_results(results_file)
+        rows = []
+        for model in args.models.split(","):
+            for setting in args.settings.split(","):
+                key = result_key(args, model, setting)
+                if key not in done and not args.render_only:
+                    done = merge_result(results_file, key, run_one(args, dataset(args, work), work, model, setting))
+                if key in done:
+                    rows.append((model, setting, done[key]))
+                    print(f"{model:6s} {setting:10s} {done[key]}", flush=True)
+                else:
+                    print(f"{model} {setting}: no result in {results_file} ({key})", file=sys.stderr)
+                # Recorded variants of this run (key + "/tag", e.g. an earlier implementation kept for the record).
+                rows += [(model, f"{setting} ({k[len(key) + 1:].replace('/', ', ')})", done[k]) for k in sorted(done)
+                         if k.startswith(key + "/")]
+                if not args.no_write:  # partial tables land as soon as each run finishes
+                    write_section(render(args, rows), args.results_md, args.section)
+    except LvitError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    table = render(args, rows)
+    print(table)
+    if not args.no_write and rows:
+        write_section(table, args.results_md, args.section)
+    return 0
+
+
+def dataset(args, work: Path) -> Path:
+    """``--data``, or a synthetic set of the requested sizes generated once in ``work``."""
+    from lvit.data.synthetic import generate_synthetic
+    from lvit.errors import LvitError
+
+    if args.data is not None:
+        if not (args.data / "Train_Folder").is_dir():
+            raise LvitError(f"{args.data}: no Train_Folder here (expected a dataset in the QaTa-COV19 layout)")
+        return args.data
     data = work / f"synth_{args.size}px_{args.n_train}"
     if not (data / "Train_Folder").is_dir():
         generate_synthetic(data, args.n_train, args.n_val, args.n_test, size=args.size, seed=args.seed, force=True)
-    rows = []
-    results_file = work / "results.json"
-    done = json.loads(results_file.read_text()) if results_file.is_file() else {}
-    for model in args.models.split(","):
-        for setting in args.settings.split(","):
-            key = f"{model}/{setting}/e{args.epochs}/w{args.warmup}/b{args.beta}/s{args.size}" + _lv_tag(args, setting)
-            if key not in done:
-                done[key] = run_one(args, data, work, model, setting)
-                results_file.write_text(json.dumps(done, indent=2))
-            rows.append((model, setting, done[key]))
-            print(f"{model:6s} {setting:10s} {done[key]}", flush=True)
-            if not args.no_write:  # partial tables land as soon as each run finishes
-                write_section(render(args, rows))
-    table = render(args, rows)
-    print(table)
-    if not args.no_write:
-        write_section(table)
-    return 0
+    return data
+
+
+def result_key(args, model: str, setting: str) -> str:
+    return (f"{model}/{setting}/e{args.epochs}/w{args.warmup}/b{args.beta}/s{args.size}/n{args.n_train}"
+            + _lv_tag(args, setting))
+
+
+def read_results(results_file: Path) -> dict:
+    """The results JSON ({} when absent); a damaged file is a one-line LvitError."""
+    from lvit.io import read_results_file
+
+    return read_results_file(results_file)
+
+
+def merge_result(results_file: Path, key: str, entry: dict) -> dict:
+    """Add one run under an exclusive lock, re-reading the file first: processes side by side keep every row."""
+    from lvit.io import atomic_write_text
+
+    results_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(results_file.with_name(results_file.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        results = read_results(results_file)
+        results[key] = entry
+        atomic_write_text(results_file, json.dumps(results, indent=2))
+    with contextlib.suppress(OSError):
+        results_file.with_name(results_file.name + ".lock").unlink()
+    return results
 
 
 def _lv_tag(args, setting: str) -> str:
@@ -93,31 +163,41 @@ def _lv_tag(args, setting: str) -> str:
 
 
 def run_one(args, data: Path, work: Path, model: str, setting: str) -> dict:
+    from lvit.train.callbacks import WallClockBudget
     from lvit.train.config import load_config
     from lvit.train.runner import train
     from lvit.train.semi.module import SemiConfig, make_setup_hook
 
-    cfg = load_config(args.config, [
+    overrides = [
         f"model_name={model}", f"model.image_size={args.size}", f"model.base_channels={args.base_channels}",
-        f"data.batch_size={args.batch_size}", "data.num_workers=0", f"trainer.max_epochs={args.epochs}",
-        "trainer.patience=null", "trainer.progress=false", f"trainer.seed={args.seed}", f"optim.lr={args.lr}",
-    ])
-    run_dir = work / "runs" / (f"{model}_{setting}_e{args.epochs}_w{args.warmup}_b{args.beta}"
+        f"data.batch_size={args.batch_size}", f"data.num_workers={args.num_workers}",
+        f"trainer.max_epochs={args.epochs}", "trainer.patience=null", "trainer.progress=false",
+        f"trainer.seed={args.seed}", f"optim.lr={args.lr}", f"trainer.accelerator={args.device}",
+    ]
+    if args.text_cache is not None:
+        overrides.append(f"text.cache_dir={args.text_cache}")
+    cfg = load_config(args.config, overrides)
+    run_dir = work / "runs" / (f"{model}_{setting}_e{args.epochs}_w{args.warmup}_b{args.beta}_n{args.n_train}"
                                + _lv_tag(args, setting).replace("/", "_"))
     hook = None
     if setting != "sup-100":
-        mode = {"sup-25": "none", "epi-25": "epi", "epi+lv-25": "epi+lv"}[setting]
+        mode = {"sup-25": "none", "sup-25-steps": "epi", "epi-25": "epi", "epi+lv-25": "epi+lv"}[setting]
+        warmup = args.epochs if setting == "sup-25-steps" else args.warmup  # a warm-up as long as the run
         semi = SemiConfig(mode=mode, labeled_fraction=args.fraction, seed=args.seed, beta=args.beta,
-                          warmup_epochs=args.warmup, lv_weight=args.lv_weight,
+                          warmup_epochs=warmup, lv_weight=args.lv_weight,
                           pseudo_threshold=args.pseudo_threshold)
         hook = make_setup_hook(semi)
+    budget = [WallClockBudget(args.minutes)] if args.minutes else []
     started = time.perf_counter()
-    result = train(cfg, data, run_dir, force=True, setup_hook=hook)
+    result = train(cfg, data, run_dir, force=True, setup_hook=hook, extra_callbacks=budget)
     seconds = time.perf_counter() - started
     test = score_test(run_dir, cfg, data)
     pseudo = last_metric(run_dir, "pseudo_dice")
     return {"val_dice": round(result.best_dice, 4), "test_dice": round(test[0], 4), "test_iou": round(test[1], 4),
-            "pseudo_dice": None if pseudo is None else round(pseudo, 4), "minutes": round(seconds / 60, 1)}
+            "pseudo_dice": None if pseudo is None else round(pseudo, 4), "minutes": round(seconds / 60, 1),
+            "epochs": result.epochs, "best_epoch": result.best_epoch,
+            "stopped_by_budget": bool(budget and budget[0].stopped and result.epochs < args.epochs),
+            "machine": machine()}
 
 
 @torch.no_grad()
@@ -155,44 +235,67 @@ def last_metric(run_dir: Path, column: str) -> float | None:
 
 
 def render(args, rows) -> str:
+    where = next((r["machine"] for _, _, r in rows if r.get("machine")), "CPU")
     lines = [
-        "## Semi-supervised LViT (EPI + LV loss) on the synthetic dataset",
+        "## Semi-supervised LViT (EPI + LV loss) on the synthetic dataset"
+        + (" (GPU)" if "gpu" in args.section else ""),
         "",
         f"Synthetic data ({args.n_train} train / {args.n_val} val / {args.n_test} test, {args.size} px, seed "
         f"{args.seed}); base_channels {args.base_channels}, batch {args.batch_size}, Adam lr {args.lr}, "
-        f"{args.epochs} epochs for every run (same budget), labelled fraction {args.fraction}, EPI beta "
-        f"{args.beta}, {args.warmup} supervised warm-up epochs before pseudo labels, LV weight 0.1 with the "
-        "labelled images' masks as contrast labels. Test Dice/IoU: best-validation weights, threshold 0.5, mean "
-        "over test images. Pseudo Dice: the last epoch's pseudo labels (thresholded) against the hidden masks.",
+        f"{args.epochs} epochs for every run (same budget), labelled fraction {args.fraction} "
+        f"({round(args.fraction * args.n_train)} masks), EPI beta {args.beta}, {args.warmup} supervised warm-up "
+        f"epochs before pseudo labels, LV weight {args.lv_weight:g} with the labelled images' masks as contrast "
+        "labels. Test Dice/IoU: best-validation weights, threshold 0.5, mean over test images. Pseudo Dice: the last "
+        "epoch's pseudo labels (thresholded) against the hidden masks.",
         "",
-        "| model | setting | test Dice | test IoU | best val Dice | pseudo-label Dice | minutes |",
-        "|---|---|---|---|---|---|---|",
+        "| model | setting | test Dice | test IoU | best val Dice (epoch) | pseudo-label Dice | epochs | minutes |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for model, setting, r in rows:
         pd = "-" if r["pseudo_dice"] is None else f"{r['pseudo_dice']:.4f}"
-        lines.append(f"| {model} | {setting} | {r['test_dice']:.4f} | {r['test_iou']:.4f} | {r['val_dice']:.4f} "
-                     f"| {pd} | {r['minutes']} |")
+        best = f" ({r['best_epoch']})" if r.get("best_epoch") else ""
+        epochs = r.get("epochs", args.epochs)
+        epochs = f"{epochs} (wall-clock cap)" if r.get("stopped_by_budget") else f"{epochs}"
+        lines.append(f"| {model} | {setting} | {r['test_dice']:.4f} | {r['test_iou']:.4f} | {r['val_dice']:.4f}{best} "
+                     f"| {pd} | {epochs} | {r['minutes']} |")
     gaps = []
     by = {(m, s): r for m, s, r in rows}
     for model in dict.fromkeys(m for m, _, _ in rows):
-        lo, hi = by.get((model, "sup-25")), by.get((model, "sup-100"))
+        # The baseline is the better supervised-25% run (sup-25 or sup-25-steps): the semi rows must beat both.
+        los = [by[(model, b)] for b in ("sup-25", "sup-25-steps") if (model, b) in by]
+        lo, hi = max(los, key=lambda r: r["test_dice"], default=None), by.get((model, "sup-100"))
         if not lo or not hi or hi["test_dice"] - lo["test_dice"] <= 0:
             continue
         for s in ("epi-25", "epi+lv-25"):
             if (model, s) in by:
                 closed = (by[(model, s)]["test_dice"] - lo["test_dice"]) / (hi["test_dice"] - lo["test_dice"])
-                gaps.append(f"{model} {s}: {100 * closed:.0f}% of the sup-25 -> sup-100 test-Dice gap closed")
+                gaps.append(f"{model} {s}: {100 * closed:.0f}% of the (best) sup-25 -> sup-100 test-Dice gap closed")
     if gaps:
         lines += ["", "Gap closed: " + "; ".join(gaps) + "."]
-    lines += ["", f"Command: `nice -n 10 python bench/semi_supervised.py {' '.join(sys.argv[1:])}` (CPU, "
-              f"{args.threads} thread(s), machine shared with other jobs: minutes are indicative)."]
+    command = args.command or "python bench/semi_supervised.py " + " ".join(
+        a for a in sys.argv[1:] if a != "--render-only")
+    lines += ["", f"Command: `{command}`; machine: {where}, {args.threads} thread(s) per run (minutes are "
+              "indicative when runs share the machine)."]
     return "\n".join(lines)
 
 
-def write_section(table: str) -> None:
+def write_section(table: str, path: Path = RESULTS, section: str = "semi") -> None:
     from lvit.io import write_marked_section
 
-    write_marked_section(RESULTS, "semi", table)
+    write_marked_section(path, section, table)
+
+
+def machine() -> str:
+    """The device the run trained on, in words (GPU name, or CPU model and cores)."""
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
+    name = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    return f"CPU {name}, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
 if __name__ == "__main__":

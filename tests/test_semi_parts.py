@@ -294,3 +294,26 @@ def test_train_cli_semi_flags(tmp_path):
     assert callable(setup_hook_from_args(parser.parse_args(["train", "--out", "x"]), tmp_path, resume=True))
     with pytest.raises(ConfigError, match="--resume"):
         setup_hook_from_args(args, tmp_path, resume=True)
+
+
+def test_warmup_sampler_draws_labelled_batches_then_everything():
+    import numpy as np
+
+    from lvit.train.semi import WarmupSampler
+
+    labelled = np.zeros(10, dtype=bool)
+    labelled[[1, 4, 7]] = True
+    sampler = WarmupSampler(labelled, warmup_epochs=2, seed=3)
+    assert len(sampler) == 10
+    for epoch in (0, 1):  # warm-up: an epoch's worth of indices, labelled only, each 3 or 4 times
+        sampler.set_epoch(epoch)
+        order = list(sampler)
+        assert len(order) == 10 and set(order) == {1, 4, 7}
+        assert sorted(np.bincount(order, minlength=10)[[1, 4, 7]].tolist()) == [3, 3, 4]
+    sampler.set_epoch(2)  # after the warm-up: a permutation of every image
+    assert sorted(sampler) == list(range(10))
+    # Deterministic per (seed, epoch), different across epochs; epoch_source (the module's epoch) wins.
+    assert list(sampler) == list(WarmupSampler(labelled, 2, 3).order(2))
+    assert list(sampler.order(3)) != list(sampler.order(2))
+    sampler.epoch_source = lambda: 0
+    assert set(sampler) == {1, 4, 7}

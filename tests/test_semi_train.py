@@ -24,12 +24,12 @@ def tiny_data(tmp_path_factory):
                               seed=1, progress=False)
 
 
-def _train(data, run_dir, epochs, semi, resume=False):
+def _train(data, run_dir, epochs, semi, resume=False, overrides=()):
     from lvit.train.config import load_config
     from lvit.train.runner import train
     from lvit.train.semi.module import make_setup_hook
 
-    cfg = load_config(None, SEMI_OVERRIDES + [f"trainer.max_epochs={epochs}"])
+    cfg = load_config(None, SEMI_OVERRIDES + [f"trainer.max_epochs={epochs}", *overrides])
     return train(cfg, data, run_dir, resume=resume, force=not resume, setup_hook=make_setup_hook(semi))
 
 
@@ -48,6 +48,8 @@ def test_semi_supervised_run_end_to_end_and_exact_resume(tiny_data, tmp_path, mo
     rows = list(csv.DictReader((run / "metrics.csv").open()))
     assert len(rows) == 2 and "pseudo_dice" in rows[0]
     assert rows[0]["pseudo_dice"] == "nan"
+    # The warm-up epoch iterates labelled images only (no unlabelled prediction to score), the next one all.
+    assert rows[0]["unlabelled_pred_dice"] == "nan" and rows[1]["unlabelled_pred_dice"] != "nan"
     assert 0.0 <= float(rows[1]["pseudo_dice"]) <= 1.0
     assert float(rows[1]["unlabelled_loss"]) > 0
 
@@ -69,7 +71,17 @@ def test_semi_supervised_run_end_to_end_and_exact_resume(tiny_data, tmp_path, mo
         captured["last_epoch"] = self.bank.state_dict()["last_epoch"].clone()
 
     monkeypatch.setattr(semi_module.SemiSupervisedModule, "on_load_checkpoint", spy)
-    _train(tiny_data, run, 3, semi, resume=True)
+    # The LV report vectors were cached with the dataset's text cache: the resumed run never loads the encoder.
+    assert list((tiny_data / ".lvit_cache").glob("text-*-L64.safetensors"))
+    from lvit.text.encoders import HFEncoder
+
+    def no_model(self):
+        raise AssertionError("report vectors should come from the text cache")
+
+    monkeypatch.setattr(HFEncoder, "_load", no_model)
+    # With a worker process the first batches are drawn while Lightning restores the run, before it tells the
+    # sampler the epoch: the sampler must follow the restored epoch (past the warm-up) by itself.
+    _train(tiny_data, run, 3, semi, resume=True, overrides=["data.num_workers=1"])
     assert torch.equal(captured["values"], bank["values"])
     assert torch.equal(captured["last_epoch"], bank["last_epoch"])
     resumed = load_state_file(run / "checkpoints" / "last.ckpt")[CHECKPOINT_KEY]["bank"]
@@ -87,3 +99,40 @@ def test_supervised_subset_only_trains_on_labelled(tiny_data, tmp_path):
     assert result.epochs == 1 and "n_train: 4" in info  # only the labelled half is trained on
     split = json.loads((tmp_path / "sup" / "labelled_subset.json").read_text())
     assert split["n_labelled"] == 4
+
+
+def test_bank_starts_from_the_warm_up_models_eval_prediction():
+    import numpy as np
+    from torch import nn
+
+    from lvit.train.config import load_config
+    from lvit.train.semi.module import SemiConfig, SemiSupervisedModule
+    from lvit.train.semi.pseudo_labels import PseudoLabelBank
+
+    class Net(nn.Module):  # dropout makes train-mode and eval-mode predictions differ
+        def __init__(self):
+            super().__init__()
+            self.conv, self.drop = nn.Conv2d(1, 1, 3, padding=1), nn.Dropout(0.5)
+
+        def forward(self, image, text=None, text_mask=None):
+            return self.conv(self.drop(image))
+
+    torch.manual_seed(0)
+    images = torch.rand(5, 1, 8, 8)
+    dataset = [{"image": images[i], "index": i} for i in range(5)]
+    bank = PseudoLabelBank(5, (8, 8), beta=0.99, storage="memory")
+    cfg = load_config(None, SEMI_OVERRIDES)
+    net = Net()
+    module = SemiSupervisedModule(net, cfg, SemiConfig(mode="epi", labeled_fraction=0.4, warmup_epochs=0), bank,
+                                  unlabelled_source=(dataset, np.array([1, 3, 4])))
+    module.train()
+    module.initialise_bank()
+    assert module.training  # mode restored
+    assert bank.initialised().tolist() == [False, True, False, True, True]
+    expected = torch.sigmoid(net.eval()(images[[1, 3, 4]]))  # eval mode: no dropout
+    assert torch.allclose(bank.get([1, 3, 4]).float(), expected, atol=1e-3)
+    # Already-initialised images keep their pseudo label (a resumed run past the warm-up does not reset it).
+    before = bank.get([1, 3, 4]).clone()
+    net.conv.weight.data.add_(1.0)
+    module.initialise_bank()
+    assert torch.equal(bank.get([1, 3, 4]), before)

@@ -15,6 +15,9 @@ Writes
   (lvit reads the embedding width from it); a report missing from the cache then fails loudly instead of being
   encoded by something else.
 * ``.devrun/whl``: wheels of the pure-Python packages the GPU image lacks (monai, openpyxl, ...).
+* with ``--synth 640,64,96``: ``.devrun/synth`` (the synthetic dataset of bench/semi_supervised.py, 128 px) and
+  ``.devrun/synth_text_cache`` holding its reports as the synth preset's encoder (24 tokens) and the LV loss's
+  report encoder (64 tokens) will ask for them.
 """
 
 from __future__ import annotations
@@ -60,16 +63,40 @@ def resize_monuseg(src: Path, dst: Path, size: int = 224) -> int:
     return n
 
 
+def pack_synth(counts: list[int], size: int) -> None:
+    """The semi-supervised benchmark's dataset and every text embedding its runs will look up."""
+    from lvit.data import load_split
+    from lvit.data.synthetic import generate_synthetic
+    from lvit.text.cache import encode_cached
+    from lvit.train.config import load_config
+    from lvit.train.datamodule import build_text_encoder
+    from lvit.train.semi.module import SemiConfig, _report_encoder
+
+    data = OUT / "synth"
+    if not (data / "Train_Folder").is_dir():
+        generate_synthetic(data, *counts, size=size, seed=0, force=True)
+    cache = OUT / "synth_text_cache"
+    config = load_config(REPO / "configs" / "synth.yaml")
+    texts = [r.text for split in ("train", "val", "test") for r in load_split(data, split)]
+    encode_cached(build_text_encoder(config), texts, cache)  # the images' reports (model.text_tokens)
+    _report_encoder(config, SemiConfig(), cache).encode([r.text for r in load_split(data, "train")])  # LV vectors
+    print(f"synthetic set {counts} at {size} px in {data}; {len(set(texts))} distinct reports cached in {cache}")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--monuseg", type=Path, default=REPO.parent / "shared" / "datasets" / "MoNuSeg")
     p.add_argument("--text-cache", type=Path, default=REPO / "runs" / "monuseg" / "text_cache",
                    help="a folder holding the MiniLM cache of every MoNuSeg report (bench/monuseg.py makes one)")
+    p.add_argument("--synth", default=None, help="also pack a synthetic dataset: TRAIN,VAL,TEST image counts")
+    p.add_argument("--synth-size", type=int, default=128)
     args = p.parse_args()
     if not (args.monuseg / "Train_Folder").is_dir():
         print(f"{args.monuseg}: no MoNuSeg here", file=sys.stderr)
         return 2
     OUT.mkdir(exist_ok=True)
+    if args.synth:
+        pack_synth([int(n) for n in args.synth.split(",")], args.synth_size)
     n = resize_monuseg(args.monuseg, OUT / "MoNuSeg224")
     print(f"resized {n} files into {OUT / 'MoNuSeg224'}")
 

@@ -27,16 +27,7 @@ mkdir -p "$OUT"
 WORK=$(mktemp -d /dev/shm/lvit-gpu.XXXX 2>/dev/null || mktemp -d)  # checkpoints in RAM: no disk contention
 RUNS=$WORK/runs
 mkdir -p "$RUNS" "$WORK/logs"
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-
-if [ ! -d .devrun/whl ]; then echo "no .devrun/: run python bench/gpu/prepare.py and carry .devrun" >&2; exit 2; fi
-$PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$WORK/site" \
-    .devrun/whl/*.whl || exit 1
-# The stand-in encoder package first: every report must come from the carried cache.
-export PYTHONPATH="$REPO/.devrun/stub:$WORK/site:$REPO/src:${PYTHONPATH:-}"
-nvidia-smi -L 2>/dev/null
-$PY -c "import torch, lightning, monai; print('torch', torch.__version__, 'lightning', lightning.__version__,
-'monai', monai.__version__, 'cuda', torch.cuda.is_available() and torch.cuda.get_device_name(0))" || exit 1
+. bench/gpu/env.sh  # wheels, PYTHONPATH (stand-in encoder first), import check
 
 MODELS=${MODELS:-"lvit lvit-t unet"}
 if [ -z "${SKIP_BENCH:-}" ]; then

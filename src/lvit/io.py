@@ -223,6 +223,21 @@ def write_marked_section(path: str | Path, name: str, body: str) -> Path:
     return atomic_write_text(path, text)
 
 
+def read_results_file(path: str | Path) -> dict:
+    """A benchmark's results JSON (a JSON object; {} when the file does not exist). A damaged file is a one-line
+    LvitError naming it, never a traceback."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise LvitError(f"{path}: unreadable results file ({exc})") from None
+    if not isinstance(results, dict):
+        raise LvitError(f"{path}: not a results file (expected a JSON object)")
+    return results
+
+
 def atomic_write_json(dest: str | Path, obj: Any) -> Path:
     return atomic_write_text(dest, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 

@@ -1,4 +1,5 @@
-"""The run-folder callback: per-epoch CSV/TensorBoard rows, best/last weights, full state for ``--resume``.
+"""The run-folder callback: per-epoch CSV/TensorBoard rows, best/last weights, full state for ``--resume``;
+and a wall-clock budget for benchmarks.
 
 It subclasses Lightning's :class:`Checkpoint`, so Lightning runs it after the other callbacks (the early
 stopping state it saves is already updated for the epoch) and adds no default ModelCheckpoint.
@@ -95,3 +96,26 @@ class RunCheckpoint(Checkpoint):
             # draws exactly what the uninterrupted run drew after saving. Under DDP every process resumes
             # from rank 0's streams (shuffling itself is epoch-seeded by the DistributedSampler).
             set_rng_state(state_dict["rng"])
+
+
+class WallClockBudget(pl.Callback):
+    """Stop at the end of an epoch when the next one (at the mean epoch time so far) would overrun ``minutes``.
+
+    Benchmarks use it to fit a lent machine's time. Stateless on purpose: a ``--resume`` call gets a fresh budget
+    (Lightning's Timer would restore the time already spent and stop at once)."""
+
+    def __init__(self, minutes: float):
+        self.seconds = minutes * 60.0
+        self.started = time.perf_counter()
+        self.epochs = 0
+        self.stopped = False
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.started = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.epochs += 1
+        elapsed = time.perf_counter() - self.started
+        if elapsed + elapsed / self.epochs > self.seconds:
+            trainer.should_stop = True
+            self.stopped = True

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
 from ..data.dataset import SegmentationDataset, encode_records
 from ..data.layout import Record, load_split
@@ -63,12 +63,14 @@ class TrainData:
     train: SegmentationDataset
     val: SegmentationDataset
     encoder: object | None  # lvit.text.TextEncoder or None (model without text)
+    train_sampler: Sampler | None = None  # training order (semi-supervised warm-up); None: a plain shuffle
 
     def loaders(self, config: TrainConfig) -> tuple[DataLoader, DataLoader]:
         d = config.data
         workers = max(0, int(d.num_workers))
         common = dict(num_workers=workers, persistent_workers=workers > 0)
-        train = DataLoader(self.train, batch_size=d.batch_size, shuffle=True, drop_last=False, **common)
+        train = DataLoader(self.train, batch_size=d.batch_size, shuffle=self.train_sampler is None,
+                           sampler=self.train_sampler, drop_last=False, **common)
         val = DataLoader(self.val, batch_size=d.val_batch_size or d.batch_size, shuffle=False, **common)
         return train, val
 

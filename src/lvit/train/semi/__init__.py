@@ -15,11 +15,13 @@ from .lv_loss import (
     report_vectors,
 )
 from .pseudo_labels import PseudoLabelBank, gather_updates
+from .sampler import WarmupSampler
 
 __all__ = [
     "ContrastLabelBank",
     "LabelledSubset",
     "PseudoLabelBank",
+    "WarmupSampler",
     "choose_fraction",
     "choose_listed",
     "default_contrast_bank",

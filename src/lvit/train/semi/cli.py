@@ -24,7 +24,8 @@ def add_semi_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--beta", type=float, default=None, help="EPI momentum (default 0.99, paper Eq. 8)")
     g.add_argument("--lv-weight", type=float, default=None, help="weight of the LV loss (default 0.1, official)")
     g.add_argument("--semi-warmup", type=int, default=None, metavar="EPOCHS",
-                   help="supervised epochs before pseudo labels start (default 10)")
+                   help="epochs of labelled batches only before pseudo labels start (default 10); "
+                        "make it long enough for the model to be good: the pseudo labels start from its prediction")
     g.add_argument("--lv-contrast", default=None, metavar="SOURCE",
                    help="contrast labels of the LV loss: 'labelled' (the labelled images' masks, default), "
                         "'templates' (the 14 chest X-ray templates of the official release) or a folder "

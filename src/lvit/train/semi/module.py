@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 from torchmetrics import MeanMetric
 
 from ...errors import CheckpointError, ConfigError
@@ -39,6 +39,7 @@ from .labelled_subset import (
 )
 from .lv_loss import ContrastLabelBank, default_contrast_folder, lv_loss
 from .pseudo_labels import PseudoLabelBank, gather_updates
+from .sampler import WarmupSampler
 
 SEMI_MODES = ("none", "epi", "epi+lv")
 SEMI_FILE = "semi.json"  # the semi-supervised settings of a run (read back on --resume)
@@ -54,8 +55,8 @@ class SemiConfig:
     seed: int | None = None  # subset seed (None: trainer.seed)
     beta: float = 0.99  # EPI momentum (paper Eq. 8)
     lv_weight: float = 0.1  # alpha of the LV loss on unlabelled images (official 0.1)
-    # Epochs trained on the labelled images only before pseudo labels start (the bank is initialised by the
-    # first prediction after it). Not in the paper; see docs/SEMI_SUPERVISED.md.
+    # Epochs trained on labelled batches only before pseudo labels start (the bank is initialised by the first
+    # prediction after it); each as many steps as a full epoch. Not in the paper; see docs/SEMI_SUPERVISED.md.
     warmup_epochs: int = 10
     pseudo_threshold: float | None = None  # None: soft targets (probabilities); else binarise P_t at this value
     lv_contrast: str = "labelled"  # labelled (masks of the labelled images) | templates (14 chest X-rays) | PATH
@@ -148,10 +149,16 @@ class SemiSupervisedModule(SegmentationModule):
         contrast_index: torch.Tensor | None = None,
         contrast_masks: torch.Tensor | None = None,
         text_embedding: nn.Module | None = None,
+        sampler: WarmupSampler | None = None,
+        unlabelled_source: tuple[Dataset, np.ndarray] | None = None,
     ):
         super().__init__(model, config, text_embedding)
         self.semi = semi
         self.bank = bank
+        # (dataset without augmentation, its unlabelled rows): where P_0 is predicted from at the warm-up's end.
+        self.unlabelled_source = unlabelled_source
+        if sampler is not None:  # the training order follows this module's epoch (right after a resume, too)
+            sampler.epoch_source = lambda: self.current_epoch
         # contrast_index [N]: dataset index -> row of contrast_masks [K, 1, H, W] (-1: labelled, none needed).
         self.contrast_index = contrast_index
         if contrast_masks is not None:
@@ -162,6 +169,48 @@ class SemiSupervisedModule(SegmentationModule):
         self.unlabelled_pred_dice = MeanMetric()  # Dice of the current prediction on unlabelled images
         self.unlabelled_loss_mean = MeanMetric()
         self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    # ------------------------------------------------------------------ P_0: the warm-up model's prediction
+    def on_train_epoch_start(self) -> None:
+        super().on_train_epoch_start()
+        if self.semi.mode != "none" and self.current_epoch == self.semi.warmup_epochs:
+            self.initialise_bank()
+
+    @torch.no_grad()
+    def initialise_bank(self) -> None:
+        """Set P_0 of every unlabelled image not in the bank yet to the model's prediction in eval mode.
+
+        Why not the first training-step prediction: that one is made in train mode (dropout, batch statistics
+        of mixed labelled/unlabelled batches) in the epoch right after the warm-up, which under the official
+        warm-restart schedule runs at the top learning rate; on the synthetic set it scored Dice 0.56 where the
+        warm-up model scored 0.87 on validation, and beta = 0.99 kept it there. Recorded as this epoch's update,
+        so Eq. 8's averaging starts with the next epoch. Under DDP each rank predicts a share and all apply the
+        gathered updates in the same order: the banks stay identical.
+        """
+        if self.unlabelled_source is None:
+            return
+        dataset, rows = self.unlabelled_source
+        rows = np.asarray(rows)
+        rows = rows[~self.bank.initialised(rows).numpy()] if rows.size else rows
+        world = self.trainer.world_size if self._trainer is not None else 1
+        rank = self.trainer.global_rank if self._trainer is not None else 0
+        mine = rows[rank::world]
+        was_training = self.training
+        self.eval()
+        indices, probs = [], []
+        size = self.config.data.val_batch_size or self.config.data.batch_size
+        for start in range(0, len(mine), size):
+            batch = default_collate([dataset[int(i)] for i in mine[start : start + size]])
+            batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            probs.append(torch.sigmoid(self._logits(batch).float()))  # [b, 1, H, W]
+            indices.append(torch.as_tensor(mine[start : start + size], dtype=torch.long))
+        self.train(was_training)
+        h, w = self.bank.size
+        index = torch.cat(indices) if indices else torch.zeros(0, dtype=torch.long)
+        prob = torch.cat(probs) if probs else torch.zeros(0, 1, h, w, device=self.device)
+        index, prob = gather_updates(index.to(prob.device), prob, self.all_gather, world)
+        if index.numel():
+            self.bank.update(index.cpu(), prob, self.current_epoch)
 
     # ------------------------------------------------------------------ the unlabelled term
     def pseudo_labels_active(self) -> bool:
@@ -244,12 +293,14 @@ class SemiSetup:
     bank: PseudoLabelBank
     contrast_index: torch.Tensor | None
     contrast_masks: torch.Tensor | None
+    sampler: WarmupSampler | None = None
+    unlabelled_source: tuple[Dataset, np.ndarray] | None = None  # (plain dataset, unlabelled rows) for P_0
 
     def module(self, model: nn.Module, config, semi: SemiConfig, text_embedding: nn.Module | None = None):
         if semi.mode == "none":
             return SegmentationModule(model, config, text_embedding)
         return SemiSupervisedModule(model, config, semi, self.bank, self.contrast_index, self.contrast_masks,
-                                    text_embedding)
+                                    text_embedding, self.sampler, self.unlabelled_source)
 
 
 def setup_semi(config, semi: SemiConfig, data, data_root: str | Path | None, run_dir: str | Path,
@@ -288,20 +339,24 @@ def setup_semi(config, semi: SemiConfig, data, data_root: str | Path | None, run
         return SemiSetup(dataclasses.replace(data, train=train), subset, bank, None, None)
     plain = make_dataset(records, config, data.encoder, cache, augment=False)
     wrapped = SemiSupervisedDataset(data.train, plain, labelled)
-    new_data = dataclasses.replace(data, train=wrapped)
+    sampler = WarmupSampler(labelled, semi.warmup_epochs, config.trainer.seed)
+    new_data = dataclasses.replace(data, train=wrapped, train_sampler=sampler)
 
     bank = PseudoLabelBank(len(records), (size, size), semi.beta, semi.storage, run_dir / BANK_FILE)
     contrast_index = contrast_masks = None
     if semi.uses_lv:
         contrast = _contrast_bank(semi, plain, labelled, size)
-        encoder = _report_encoder(config, semi)
+        # Through the run's text cache like the image reports (a dataset's reports are embedded once; a machine
+        # without the encoder package can run from a filled cache).
+        encoder = _report_encoder(config, semi, text_cache_dir(config, root) if root is not None else None)
         unlabelled_rows = np.flatnonzero(~labelled)
         contrast_index = torch.full((len(records),), -1, dtype=torch.long)
         if unlabelled_rows.size:
             nearest = contrast.assign(encoder, [records[i].text for i in unlabelled_rows])
             contrast_index[torch.from_numpy(unlabelled_rows)] = nearest
         contrast_masks = contrast.masks
-    return SemiSetup(new_data, subset, bank, contrast_index, contrast_masks)
+    return SemiSetup(new_data, subset, bank, contrast_index, contrast_masks, sampler,
+                     (plain, np.flatnonzero(~labelled)))
 
 
 def make_setup_hook(semi: SemiConfig):
@@ -332,12 +387,15 @@ def _contrast_bank(semi: SemiConfig, plain: Dataset, labelled: np.ndarray, size:
                                            [plain.records[i].name for i in rows])
 
 
-def _report_encoder(config, semi: SemiConfig):
-    """A frozen encoder for whole-report vectors: the run's (unless trainable) or MiniLM, with more tokens."""
+def _report_encoder(config, semi: SemiConfig, cache_dir: Path | None = None):
+    """A frozen encoder for whole-report vectors: the run's (unless trainable) or MiniLM, with more tokens;
+    cached in ``cache_dir`` when given."""
     from ...text import get_text_encoder
+    from ...text.cache import CachedEncoder
 
     spec = semi.lv_encoder or (config.text.encoder if config.text.encoder != "learned" else "minilm")
-    return get_text_encoder(spec, semi.lv_max_tokens, min_words=0)
+    encoder = get_text_encoder(spec, semi.lv_max_tokens, min_words=0)
+    return encoder if cache_dir is None else CachedEncoder(encoder, cache_dir)
 
 
 def read_semi_config(run_dir: str | Path) -> SemiConfig | None:

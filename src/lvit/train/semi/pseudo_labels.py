@@ -7,9 +7,10 @@ Paper (LViT, Li et al., IEEE TMI 2023, Eq. 8): for an unlabelled image the pseud
 an exponential moving average of the model's per-pixel probabilities over epochs. The official code ships no
 EPI at all, so the choices below are ours (documented in docs/SEMI_SUPERVISED.md):
 
-* Initialisation: the first prediction seen for an image initialises its pseudo label (P_0 = prediction).
-  A constant start (0 or 0.5) would keep a weight beta**t on that constant: with beta = 0.99 still 37% after
-  100 epochs, i.e. the pseudo labels would stay washed out for most of a run.
+* Initialisation: the first prediction given for an image initialises its pseudo label (P_0 = prediction);
+  the semi-supervised module gives the warm-up model's eval-mode prediction (``initialise_bank``). A constant
+  start (0 or 0.5) would keep a weight beta**t on that constant: with beta = 0.99 still 37% after 100 epochs,
+  i.e. the pseudo labels would stay washed out for most of a run.
 * Update: per training step, for the images of that step, so each image is updated once per epoch (the epoch
   is passed in and a second update of the same image in the same epoch, e.g. an index that
   ``DistributedSampler`` repeats to even out the ranks, is ignored). ``update`` returns P_t, the value to train
