@@ -55,8 +55,8 @@ class SemiConfig:
     seed: int | None = None  # subset seed (None: trainer.seed)
     beta: float = 0.99  # EPI momentum (paper Eq. 8)
     lv_weight: float = 0.1  # alpha of the LV loss on unlabelled images (official 0.1)
-    # Epochs trained on labelled batches only before pseudo labels start (the bank is initialised by the first
-    # prediction after it); each as many steps as a full epoch. Not in the paper; see docs/SEMI_SUPERVISED.md.
+    # Epochs trained on labelled batches only before pseudo labels start (the bank starts from the warm-up
+    # model's prediction); each as many steps as a full epoch. Not in the paper; see docs/SEMI_SUPERVISED.md.
     warmup_epochs: int = 10
     pseudo_threshold: float | None = None  # None: soft targets (probabilities); else binarise P_t at this value
     lv_contrast: str = "labelled"  # labelled (masks of the labelled images) | templates (14 chest X-rays) | PATH
