@@ -3,8 +3,8 @@
 # LViT and LViT-T x {sup-25, epi-25, epi+lv-25, sup-100} on the synthetic set packed by
 #   python bench/gpu/prepare.py --synth 640,64,96
 # (640 training images, so the 25% subset holds 160 masks: as many as the CPU table's 100% row).
-# Rendered as the RESULTS.md section "semi-gpu"; packed into $OUT/semi_gpu.tar.gz (RESULTS.md, results JSON,
-# metrics.csv per run, logs).
+# Rendered as the section "semi-gpu" of a copy of bench/RESULTS.md; packed into $OUT/semi_gpu.tar.gz (that
+# RESULTS.md, results JSON, metrics.csv per run, logs).
 #
 # Knobs (environment): EPOCHS (40), WARMUP (20), MINUTES (wall-clock cap per run, 6.5), DEVICE (gpu),
 # RUNS ("model:setting[:extra bench options, comma-separated]" ...), WORKERS (data workers per run, 1), PY,
@@ -46,12 +46,14 @@ for run in $RUNS; do
 done
 for i in "${!pids[@]}"; do wait "${pids[$i]}"; echo "run $i exit $?"; done
 grep -h -E "^(lvit|lvit-t) |Error|error" "$WORK"/logs/*.log | tail -n 30
+cp bench/RESULTS.md "$WORK/RESULTS.md"  # rendered into a copy: the repository's file is never touched here
 $PY bench/semi_supervised.py "${COMMON[@]}" --models lvit,lvit-t --render-only --section semi-gpu \
+    --results-md "$WORK/RESULTS.md" \
     --command "bash bench/gpu/semi.sh (EPOCHS=$EPOCHS WARMUP=$WARMUP MINUTES=$MINUTES)" 2>&1 | tail -n 25
 
 echo "== packing ($(date +%T))"
 mkdir -p "$WORK/pack"
-cp bench/RESULTS.md "$WORK/semi_gpu_results.json" "$WORK/pack/"
+cp "$WORK/RESULTS.md" "$WORK/semi_gpu_results.json" "$WORK/pack/"
 for d in "$WORK"/runs/*/; do cp "$d/metrics.csv" "$WORK/pack/metrics-$(basename "$d").csv" 2>/dev/null; done
 cp "$WORK"/logs/*.log "$WORK/pack/"
 tar -czf "$OUT/semi_gpu.tar.gz" -C "$WORK/pack" .
