@@ -26,7 +26,6 @@ import contextlib
 import fcntl
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -80,11 +79,16 @@ def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     from lvit.errors import LvitError
+    from lvit.io import read_results_file
 
+    unknown = sorted(set(args.settings.split(",")) - set(SETTINGS))
+    if unknown:
+        print(f"error: unknown setting(s) {', '.join(unknown)} (choose from {', '.join(SETTINGS)})", file=sys.stderr)
+        return 2
     work = Path(args.work)
     results_file = args.results or work / "results.json"
     try:
-        done = read_results(results_file)
+        done = read_results_file(results_file)
         rows = []
         for model in args.models.split(","):
             for setting in args.settings.split(","):
@@ -131,21 +135,14 @@ def result_key(args, model: str, setting: str) -> str:
             + _lv_tag(args, setting))
 
 
-def read_results(results_file: Path) -> dict:
-    """The results JSON ({} when absent); a damaged file is a one-line LvitError."""
-    from lvit.io import read_results_file
-
-    return read_results_file(results_file)
-
-
 def merge_result(results_file: Path, key: str, entry: dict) -> dict:
     """Add one run under an exclusive lock, re-reading the file first: processes side by side keep every row."""
-    from lvit.io import atomic_write_text
+    from lvit.io import atomic_write_text, read_results_file
 
     results_file.parent.mkdir(parents=True, exist_ok=True)
     with open(results_file.with_name(results_file.name + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        results = read_results(results_file)
+        results = read_results_file(results_file)
         results[key] = entry
         atomic_write_text(results_file, json.dumps(results, indent=2))
     with contextlib.suppress(OSError):
@@ -293,13 +290,9 @@ def machine() -> str:
     """The device the run trained on, in words (GPU name, or CPU model and cores)."""
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
-    name = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    return f"CPU {name}, {os.cpu_count()} cores, torch {torch.__version__}"
+    from lvit.benchmark import cpu_name
+
+    return f"CPU {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
 if __name__ == "__main__":

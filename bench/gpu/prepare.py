@@ -70,7 +70,7 @@ def pack_synth(counts: list[int], size: int) -> None:
     from lvit.text.cache import encode_cached
     from lvit.train.config import load_config
     from lvit.train.datamodule import build_text_encoder
-    from lvit.train.semi.module import SemiConfig, _report_encoder
+    from lvit.train.semi.module import SemiConfig, report_encoder
 
     data = OUT / "synth"
     if not (data / "Train_Folder").is_dir():
@@ -79,8 +79,18 @@ def pack_synth(counts: list[int], size: int) -> None:
     config = load_config(REPO / "configs" / "synth.yaml")
     texts = [r.text for split in ("train", "val", "test") for r in load_split(data, split)]
     encode_cached(build_text_encoder(config), texts, cache)  # the images' reports (model.text_tokens)
-    _report_encoder(config, SemiConfig(), cache).encode([r.text for r in load_split(data, "train")])  # LV vectors
+    report_encoder(config, SemiConfig(), cache).encode([r.text for r in load_split(data, "train")])  # LV vectors
     print(f"synthetic set {counts} at {size} px in {data}; {len(set(texts))} distinct reports cached in {cache}")
+
+
+def _counts(text: str) -> list[int]:
+    try:
+        counts = [int(n) for n in text.split(",")]
+    except ValueError:
+        counts = []
+    if len(counts) != 3 or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"expected TRAIN,VAL,TEST positive counts, got {text!r}")
+    return counts
 
 
 def main() -> int:
@@ -88,7 +98,8 @@ def main() -> int:
     p.add_argument("--monuseg", type=Path, default=REPO.parent / "shared" / "datasets" / "MoNuSeg")
     p.add_argument("--text-cache", type=Path, default=REPO / "runs" / "monuseg" / "text_cache",
                    help="a folder holding the MiniLM cache of every MoNuSeg report (bench/monuseg.py makes one)")
-    p.add_argument("--synth", default=None, help="also pack a synthetic dataset: TRAIN,VAL,TEST image counts")
+    p.add_argument("--synth", type=_counts, default=None,
+                   help="also pack a synthetic dataset: TRAIN,VAL,TEST image counts")
     p.add_argument("--synth-size", type=int, default=128)
     args = p.parse_args()
     if not (args.monuseg / "Train_Folder").is_dir():
@@ -96,7 +107,7 @@ def main() -> int:
         return 2
     OUT.mkdir(exist_ok=True)
     if args.synth:
-        pack_synth([int(n) for n in args.synth.split(",")], args.synth_size)
+        pack_synth(args.synth, args.synth_size)
     n = resize_monuseg(args.monuseg, OUT / "MoNuSeg224")
     print(f"resized {n} files into {OUT / 'MoNuSeg224'}")
 

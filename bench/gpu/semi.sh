@@ -19,6 +19,7 @@ EPOCHS=${EPOCHS:-40}
 WARMUP=${WARMUP:-20}
 MINUTES=${MINUTES:-6.5}
 DEVICE=${DEVICE:-gpu}
+WORKERS=${WORKERS:-1}
 RUNS=${RUNS:-"lvit:sup-25 lvit:sup-25-steps lvit:epi-25 lvit:epi+lv-25 lvit:sup-100 lvit-t:sup-25 \
 lvit-t:sup-25-steps lvit-t:epi-25 lvit-t:epi+lv-25 lvit-t:sup-100"}
 PREVIOUS=${PREVIOUS:-bench/gpu/results/semi/semi_gpu_results.json}
@@ -34,7 +35,7 @@ cp -r .devrun/synth_text_cache "$WORK/text_cache"
 
 COMMON=(--config configs/synth.yaml --data .devrun/synth --work "$WORK" --results "$WORK/semi_gpu_results.json"
         --text-cache "$WORK/text_cache" --device "$DEVICE" --n-train 640 --n-val 64 --n-test 96 --size 128
-        --base-channels 16 --epochs "$EPOCHS" --warmup "$WARMUP" --threads 1 --num-workers "${WORKERS:-1}" --minutes "$MINUTES")
+        --base-channels 16 --epochs "$EPOCHS" --warmup "$WARMUP" --threads 1 --num-workers "$WORKERS" --minutes "$MINUTES")
 echo "== semi-supervised runs side by side ($(date +%T)): $RUNS"
 pids=()
 for run in $RUNS; do

@@ -653,6 +653,18 @@ def _spawn_process(task: Task, timeout_s: float) -> dict[str, Any]:
     return {"mode": task.mode, "variant": task.variant, "error": f"worker exited {proc.returncode}: {tail[0][:300]}"}
 
 
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo (``platform`` where that is missing), for benchmark records."""
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return name
+
+
 def machine_info() -> dict[str, Any]:
     import torch
 

@@ -348,7 +348,7 @@ def setup_semi(config, semi: SemiConfig, data, data_root: str | Path | None, run
         contrast = _contrast_bank(semi, plain, labelled, size)
         # Through the run's text cache like the image reports (a dataset's reports are embedded once; a machine
         # without the encoder package can run from a filled cache).
-        encoder = _report_encoder(config, semi, text_cache_dir(config, root) if root is not None else None)
+        encoder = report_encoder(config, semi, text_cache_dir(config, root) if root is not None else None)
         unlabelled_rows = np.flatnonzero(~labelled)
         contrast_index = torch.full((len(records),), -1, dtype=torch.long)
         if unlabelled_rows.size:
@@ -387,7 +387,7 @@ def _contrast_bank(semi: SemiConfig, plain: Dataset, labelled: np.ndarray, size:
                                            [plain.records[i].name for i in rows])
 
 
-def _report_encoder(config, semi: SemiConfig, cache_dir: Path | None = None):
+def report_encoder(config, semi: SemiConfig, cache_dir: Path | None = None):
     """A frozen encoder for whole-report vectors: the run's (unless trainable) or MiniLM, with more tokens;
     cached in ``cache_dir`` when given."""
     from ...text import get_text_encoder
