@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", default="/tmp/lvit-compare", help="scratch folder (dataset + runs)")
-    p.add_argument("--config", default=str(REPO / "configs" / "synth.yaml"))
+    p.add_argument("--config", default="synth", help="preset name or YAML file")
     p.add_argument("--models", nargs="+", default=["lvit", "lvit-t", "unet"])
     p.add_argument("--epochs", type=int, default=None, help="override trainer.max_epochs for every model")
     p.add_argument("--n-train", type=int, default=DEMO_SPLITS["n_train"])
@@ -43,19 +43,20 @@ def main(argv: list[str] | None = None) -> int:
     from lvit.data import generate_synthetic
     from lvit.evaluate.testing import run_test
     from lvit.models import build_model, count_parameters
+    from lvit.presets import resolve_config
     from lvit.train.config import load_config
     from lvit.train.runner import train
 
     overrides = list(args.overrides) + ["trainer.progress=false"]
     if args.epochs:
         overrides.append(f"trainer.max_epochs={args.epochs}")
-    base = load_config(args.config, overrides)
+    base = load_config(resolve_config(args.config), overrides)
     work = Path(args.work)
     data = generate_synthetic(work / "data", n_train=args.n_train, n_val=args.n_val, n_test=args.n_test,
                               size=base.model.image_size, seed=0, force=True, progress=False)
     rows = []
     for name in args.models:
-        config = load_config(args.config, overrides + [f"model_name={name}"])
+        config = load_config(resolve_config(args.config), overrides + [f"model_name={name}"])
         print(f"== {name}: training {config.trainer.max_epochs} epochs", flush=True)
         result = train(config, data, work / f"run-{name}", force=True)
         metrics = run_test(work / f"run-{name}", data, "test", work / f"run-{name}" / "test", force=True,

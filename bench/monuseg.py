@@ -9,7 +9,7 @@ Published (LViT README / paper, 224x224, batch 2, lr 1e-3, test split, mean Dice
 Naming: our ``--model lvit`` is "LViT (text)"; ``--model lvit-t`` is the TEXT-FREE ablation ("LViT without
 text"); ``unet`` is the official U-Net baseline.
 
-Each model trains with ``configs/monuseg.yaml`` (Adam lr 1e-3, batch 2, 224 px, cosine warm restarts T_0=10
+Each model trains with the ``monuseg`` preset (Adam lr 1e-3, batch 2, 224 px, cosine warm restarts T_0=10
 eta_min=1e-4, Dice 0.5 + BCE 0.5, early stopping patience 50, seed 666) plus what the preset cannot express:
 
 * the official augmentation (``Load_Dataset.RandomGenerator``): with p 0.5 a random rot90 and a flip, else with
@@ -45,6 +45,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from lvit.presets import preset_path
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "RESULTS.md"
@@ -149,7 +150,7 @@ def train_model(s: BenchSettings, model: str, resume: bool = False) -> dict:
     else:
         overrides += [f"model_name={model}", f"model.image_size={s.image_size}",
                       f"model.base_channels={s.base_channels}", f"text.encoder={s.text_encoder}"]
-        config = load_config(REPO / "configs" / "monuseg.yaml", overrides)
+        config = load_config(preset_path("monuseg"), overrides)
     from lvit.train.callbacks import WallClockBudget
 
     budget = WallClockBudget(s.minutes)
@@ -261,7 +262,7 @@ def render(results: dict, s: BenchSettings, curve: Path | None, section: str = "
     lines = [
         "## MoNuSeg: reproducing the published figures (`bench/monuseg.py`)" + (", GPU run" if gpu else ""),
         "",
-        (f"Machine: {any_r.get('machine', platform.processor() or platform.machine())}; {where}. Official settings (configs/monuseg.yaml: 224 px, batch 2, Adam lr 1e-3, "
+        (f"Machine: {any_r.get('machine', platform.processor() or platform.machine())}; {where}. Official settings (preset monuseg: 224 px, batch 2, Adam lr 1e-3, "
         "cosine warm restarts T_0=10 eta_min=1e-4, Dice 0.5 + BCE 0.5, seed 666; official augmentation and mask "
         f"resize), but a wall-clock budget of {minutes:g} min per model instead of up to 2000 epochs with "
         f"patience 50. Text encoder for LViT (text): {results.get('lvit', any_r).get('text_encoder', s.text_encoder)} "

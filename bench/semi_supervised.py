@@ -161,6 +161,7 @@ def _lv_tag(args, setting: str) -> str:
 
 def run_one(args, data: Path, work: Path, model: str, setting: str) -> dict:
     from lvit.train.callbacks import WallClockBudget
+    from lvit.presets import resolve_config
     from lvit.train.config import load_config
     from lvit.train.runner import train
     from lvit.train.semi.module import SemiConfig, make_setup_hook
@@ -173,7 +174,7 @@ def run_one(args, data: Path, work: Path, model: str, setting: str) -> dict:
     ]
     if args.text_cache is not None:
         overrides.append(f"text.cache_dir={args.text_cache}")
-    cfg = load_config(args.config, overrides)
+    cfg = load_config(resolve_config(args.config), overrides)
     run_dir = work / "runs" / (f"{model}_{setting}_e{args.epochs}_w{args.warmup}_b{args.beta}_n{args.n_train}"
                                + _lv_tag(args, setting).replace("/", "_"))
     hook = None

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from lvit.presets import preset_path
 from lvit.cli import main
 from lvit.train import load_config
 from lvit.train.runner import train
@@ -24,7 +25,7 @@ def tiny_run(tmp_path_factory) -> tuple[Path, Path]:
 
     base = tmp_path_factory.mktemp("predict")
     data = generate_synthetic(base / "data", n_train=6, n_val=2, n_test=3, size=64, seed=1, progress=False)
-    config = load_config(REPO / "configs" / "synth.yaml", [
+    config = load_config(preset_path("synth"), [
         "model.image_size=32", "model.base_channels=8", "model.vit_heads=4", "data.batch_size=3",
         "trainer.max_epochs=1", "trainer.progress=false", "data.num_workers=0"])
     train(config, data, base / "run")

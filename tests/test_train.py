@@ -10,6 +10,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
+from lvit.presets import preset_path
 from lvit.errors import CheckpointError, OutputExistsError, TrainingDiverged
 from lvit.train import load_config
 from lvit.train.checkpoint import load_run, load_state_file, load_weights
@@ -30,7 +31,7 @@ def synth64(tmp_path_factory) -> Path:
 
 
 def tiny_config(*extra: str):
-    return load_config(REPO / "configs" / "synth.yaml", TINY + list(extra))
+    return load_config(preset_path("synth"), TINY + list(extra))
 
 
 def read_rows(run: Path) -> list[dict]:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from lvit.presets import preset_path
 from lvit.errors import ConfigError
 from lvit.train.config import TrainConfig, load_config
 
@@ -14,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.mark.parametrize("name, lr, batch", [("qata", 3e-4, 24), ("mosmed", 1e-3, 24), ("monuseg", 1e-3, 2)])
 def test_paper_presets(name, lr, batch):
-    cfg = load_config(REPO / "configs" / f"{name}.yaml")
+    cfg = load_config(preset_path(name))
     assert cfg.optim.lr == lr and cfg.data.batch_size == batch
     assert cfg.model.image_size == 224 and cfg.model.text_tokens == 10
     assert cfg.optim.name == "adam" and cfg.optim.t0 == 10 and cfg.optim.eta_min == 1e-4
@@ -23,7 +24,7 @@ def test_paper_presets(name, lr, batch):
 
 
 def test_overrides_and_round_trip():
-    cfg = load_config(REPO / "configs" / "synth.yaml",
+    cfg = load_config(preset_path("synth"),
                       ["optim.lr=1e-2", "model.base_channels=32", "trainer.devices=2", "optim.grad_clip=1"])
     assert cfg.optim.lr == 0.01 and cfg.model.base_channels == 32 and cfg.trainer.devices == 2
     assert cfg.optim.grad_clip == 1
@@ -44,7 +45,7 @@ def test_overrides_and_round_trip():
 ])
 def test_bad_overrides(item, needle):
     with pytest.raises(ConfigError, match=needle):
-        load_config(REPO / "configs" / "synth.yaml", [item])
+        load_config(preset_path("synth"), [item])
 
 
 def test_eta_min_is_clamped_below_lr():

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from lvit.presets import preset_path
 
 REPO = Path(__file__).resolve().parents[2]
 OUT = REPO / ".devrun"
@@ -76,7 +77,7 @@ def pack_synth(counts: list[int], size: int) -> None:
     if not (data / "Train_Folder").is_dir():
         generate_synthetic(data, *counts, size=size, seed=0, force=True)
     cache = OUT / "synth_text_cache"
-    config = load_config(REPO / "configs" / "synth.yaml")
+    config = load_config(preset_path("synth"))
     texts = [r.text for split in ("train", "val", "test") for r in load_split(data, split)]
     encode_cached(build_text_encoder(config), texts, cache)  # the images' reports (model.text_tokens)
     report_encoder(config, SemiConfig(), cache).encode([r.text for r in load_split(data, "train")])  # LV vectors

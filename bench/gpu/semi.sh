@@ -33,7 +33,7 @@ fi
 cp -r .devrun/synth_text_cache "$WORK/text_cache"
 [ -f "$PREVIOUS" ] && cp "$PREVIOUS" "$WORK/semi_gpu_results.json"
 
-COMMON=(--config configs/synth.yaml --data .devrun/synth --work "$WORK" --results "$WORK/semi_gpu_results.json"
+COMMON=(--config synth --data .devrun/synth --work "$WORK" --results "$WORK/semi_gpu_results.json"
         --text-cache "$WORK/text_cache" --device "$DEVICE" --n-train 640 --n-val 64 --n-test 96 --size 128
         --base-channels 16 --epochs "$EPOCHS" --warmup "$WARMUP" --threads 1 --num-workers "$WORKERS" --minutes "$MINUTES")
 echo "== semi-supervised runs side by side ($(date +%T)): $RUNS"

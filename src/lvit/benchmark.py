@@ -53,7 +53,6 @@ BF16_PROB_BOUND = 2e-2
 INFERENCE_VARIANTS = ("eager", "channels_last", "fold-bn", "bf16", "compile", "compile-freeze", "onnx")
 TRAINING_VARIANTS = ("eager", "channels_last", "bf16", "fused-adam", "compile")
 
-SYNTH_FALLBACK = {"image_size": 128, "base_channels": 32, "text_dim": 384}  # when configs/synth.yaml is absent
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -108,30 +107,19 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
-def synth_config(repo_root: Path | None = None) -> tuple[dict[str, Any], str]:
-    """The synth preset's model config (``configs/synth.yaml``, key ``model``) or a documented fallback."""
-    candidates = []
-    if repo_root is not None:
-        candidates.append(Path(repo_root) / "configs" / "synth.yaml")
-    candidates.append(Path.cwd() / "configs" / "synth.yaml")
-    for path in candidates:
-        if path.is_file():
-            import yaml
+def synth_config() -> tuple[dict[str, Any], str]:
+    """The synth preset's model config (key ``model`` of the shipped preset) and where it came from."""
+    import yaml
 
-            data = yaml.safe_load(path.read_text()) or {}
-            model = dict(data.get("model") or {})
-            from .models import LViTConfig
+    from .models import LViTConfig
+    from .presets import preset_path
 
-            known = {f.name for f in dataclasses.fields(LViTConfig)}
-            cfg = {k: v for k, v in model.items() if k in known}
-            if "image_size" not in cfg:
-                size = (data.get("data") or {}).get("image_size") or data.get("image_size")
-                if size:
-                    cfg["image_size"] = int(size)
-            if "text_dim" not in cfg:
-                cfg["text_dim"] = 384
-            return cfg, str(path)
-    return dict(SYNTH_FALLBACK), "fallback (configs/synth.yaml absent)"
+    path = preset_path("synth")
+    model = dict((yaml.safe_load(path.read_text()) or {}).get("model") or {})
+    known = {f.name for f in dataclasses.fields(LViTConfig)}
+    cfg = {k: v for k, v in model.items() if k in known}
+    cfg.setdefault("text_dim", 384)  # the preset's MiniLM encoder
+    return cfg, f"preset synth ({path.name})"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -610,7 +598,7 @@ def plan(opts: Options) -> dict[str, Any]:
                 "training": train_variants, "repeats": opts.repeats or 3, "warmup": opts.warmup or 1,
                 "scaling_sizes": (), "scaling_batches": (), "synth_source": None}
     batch = opts.batch or (24 if opts.device.startswith("cuda") else 2)
-    synth_cfg, synth_source = synth_config(opts.repo_root)
+    synth_cfg, synth_source = synth_config()
     cases = [
         Case("default-224, MiniLM text (D=384)", "lvit", {"image_size": 224, "text_dim": 384}, batch),
         Case("default-224, paper text (D=768)", "lvit", {"image_size": 224, "text_dim": 768}, batch),

@@ -37,10 +37,11 @@ def run(args: argparse.Namespace) -> int:
     from ..train.config import load_config
     from ..train.runner import train
     from .test import format_summary
-    from .train import collect_overrides, resolve_preset
+    from ..presets import resolve_config
+    from .train import collect_overrides
 
     started = time.perf_counter()
-    config = load_config(resolve_preset(args.config), collect_overrides(args))
+    config = load_config(resolve_config(args.config), collect_overrides(args))
     out = prepare_output_dir(args.out, force=args.force, what="demo folder")
     progress = config.trainer.progress
     print(f"[1/3] generating the synthetic dataset in {out / 'data'}")

@@ -85,7 +85,8 @@ def _predict_one(args) -> int:
 
 def _pairs(args, uses_text: bool) -> list[tuple[Path, str | None]]:
     """(image path, report) of every image to predict in --images, matched through --reports."""
-    from ..data.layout import index_folder, match_row, read_table
+    from ..data.layout_official import match_row, read_table
+    from ..data.records import index_folder
     from ..errors import ConfigError, DataError
 
     folder = Path(args.images)

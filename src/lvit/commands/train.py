@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
-
 
 def add_override_arguments(p: argparse.ArgumentParser) -> None:
     """Flags shared by ``train`` and ``demo``: shortcuts for the common ``--set`` overrides."""
@@ -39,32 +37,6 @@ def collect_overrides(args: argparse.Namespace) -> list[str]:
     return out + list(args.overrides)
 
 
-def resolve_preset(name: str | None) -> Path | None:
-    """A config path, or a preset name (``qata``, ``synth`` ...) looked up in the project's configs/."""
-    from ..errors import ConfigError
-
-    if name is None:
-        return None
-    path = Path(name)
-    if path.is_file():
-        return path
-    if path.suffix == "" and path.parent == Path("."):
-        preset = configs_dir() / f"{name}.yaml"
-        if preset.is_file():
-            return preset
-        raise ConfigError(f"{name}: no such config file or preset (presets: {', '.join(preset_names())})")
-    raise ConfigError(f"{path}: config file not found")
-
-
-def configs_dir() -> Path:
-    # configs/ beside src/ in a checkout (pip install -e .)
-    return Path(__file__).resolve().parents[3] / "configs"
-
-
-def preset_names() -> list[str]:
-    return sorted(p.stem for p in configs_dir().glob("*.yaml"))
-
-
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "train",
@@ -89,6 +61,7 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..errors import ConfigError
+    from ..presets import resolve_config
     from ..train.config import load_config
     from ..train.runner import resume_config, train
 
@@ -99,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         config, saved_root = resume_config(args.out, overrides)
         root = args.data or saved_root
     else:
-        config = load_config(resolve_preset(args.config), overrides)
+        config = load_config(resolve_config(args.config), overrides)
         root = args.data or config.data.root
     if not root:
         raise ConfigError("no dataset: pass --data ROOT (or set data.root in the config)")

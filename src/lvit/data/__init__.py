@@ -1,4 +1,4 @@
-"""Datasets: the official LViT layout, readers, validation, the torch Dataset and the synthetic generator."""
+"""Datasets: the layouts (official LViT, annotation file), readers, validation, the torch Dataset and the synthetic generator."""
 
 from .dataset import (
     SegmentationDataset,
@@ -7,7 +7,8 @@ from .dataset import (
     load_pair,
     to_channels,
 )
-from .layout import Record, list_images, load_split
+from .layout import detect_layout, list_images, load_split
+from .records import Problem, Record
 from .readers import (
     IMAGE_SUFFIXES,
     binarise_mask,
@@ -24,7 +25,7 @@ from .transforms import (
     resize_mask,
     to_original_size,
 )
-from .validate import Problem, check_data, format_problems
+from .validate import check_data, format_problems
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -36,6 +37,7 @@ __all__ = [
     "TextTensors",
     "binarise_mask",
     "check_data",
+    "detect_layout",
     "encode_records",
     "format_problems",
     "generate_synthetic",

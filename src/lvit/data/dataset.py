@@ -11,8 +11,8 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import DataError
-from .layout import Record
 from .readers import binarise_mask, read_array, read_image
+from .records import Record
 from .transforms import AugmentConfig, Augmenter, resize_image, resize_mask
 
 

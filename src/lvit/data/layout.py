@@ -1,276 +1,78 @@
-"""The official LViT dataset layout and its report tables.
+"""Dataset layouts: where a dataset's images, masks and reports live, detected from the folder.
 
-::
+Each layout is a small adapter module with the same four functions (``detect(root)``, ``has_split(root,
+split)``, ``records(root, split, **options)`` -> list of :class:`Record`, ``check(root, add, **options)``);
+everything downstream (datasets, training, testing) sees only records.
 
-    <root>/Train_Folder/img/*        <root>/Train_Folder/labelcol/*     <root>/Train_Folder/Train_text.xlsx
-    <root>/Val_Folder/...            (optional: without it a seeded fraction of Train_Folder is held out)
-    <root>/Test_Folder/...
+* ``official`` (:mod:`.layout_official`): LViT's ``Train_Folder/img``, ``labelcol``, ``Train_text.xlsx``.
+* ``annotation`` (:mod:`.layout_annotation`): ``images/{train,valid,test}/{images,masks}`` +
+  ``prompts/annotation.json`` (the public cleaned copy of QaTa-COV19).
 
-The table (``.xlsx`` or ``.csv``) has the official columns ``Image`` (the MASK file name) and
-``Description`` (the report); other names can be mapped with ``image_column`` / ``text_column``.
-The image of a row is found per dataset: QaTa-COV19 masks are ``mask_<image name>``, MoNuSeg masks are
-``<image stem>.png`` (its test images are ``.tif``); a column holding image names also works.
-Names in the table must stay inside the dataset folder (``../x`` or absolute paths are refused).
+Splits are always named ``train``, ``val``, ``test``. A dataset without a validation split holds out a seeded
+fraction of its training split.
 """
 
 from __future__ import annotations
 
-import re
-import unicodedata
-import warnings
-from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 
 from ..errors import DataError
-from .readers import is_image_file, stem_of
+from . import layout_annotation, layout_official
+from .records import Record, index_folder
 
-SPLITS = {"train": "Train", "val": "Val", "test": "Test"}
-IMAGE_DIR, MASK_DIR = "img", "labelcol"
-DEFAULT_IMAGE_COLUMN, DEFAULT_TEXT_COLUMN = "Image", "Description"
-TABLE_SUFFIXES = (".xlsx", ".xls", ".csv")
-# UTF-8 bytes decoded as Latin-1/cp1252 ("Ã©" for "é"): the usual sign of a wrongly decoded spreadsheet.
-_MOJIBAKE = re.compile("[\u00c2\u00c3][\u0080-\u00bf]")
+LAYOUTS: dict[str, ModuleType] = {"annotation": layout_annotation, "official": layout_official}
+SPLIT_NAMES = ("train", "val", "test")
 
 
-@dataclass(frozen=True)
-class Record:
-    """One sample: ``name`` is the image file name; ``mask_path`` is None where no mask exists."""
-
-    name: str
-    image_path: Path
-    mask_path: Path | None
-    text: str
-
-
-@dataclass
-class TableRow:
-    row: int  # 1-based data row number as a spreadsheet shows it (header = row 1, so first data row = 2)
-    key: str  # the image-column cell (mask file name in the official layout)
-    text: str | None  # None: empty cell
-
-
-def split_folder(root: str | Path, split: str) -> Path:
-    if split not in SPLITS:
-        raise DataError(root, f"unknown split {split!r} (use train, val or test)")
-    return Path(root) / f"{SPLITS[split]}_Folder"
-
-
-def find_table(folder: Path, split: str, table: str | Path | None = None) -> Path:
-    """``<Split>_text.xlsx`` / ``.csv`` in the split folder, else the only table there."""
-    if table is not None:
-        path = Path(table)
-        path = path if path.is_absolute() else folder / path
-        if not path.is_file():
-            raise DataError(path, "report table not found")
-        return path
-    prefix = SPLITS[split]
-    for suffix in TABLE_SUFFIXES:
-        path = folder / f"{prefix}_text{suffix}"
-        if path.is_file():
-            return path
-    tables = sorted(p for p in folder.glob("*") if p.suffix.lower() in TABLE_SUFFIXES and not p.name.startswith((".", "~$")))
-    if len(tables) == 1:
-        return tables[0]
-    if not tables:
-        raise DataError(folder, f"no report table ({prefix}_text.xlsx or {prefix}_text.csv)")
-    raise DataError(folder, f"several report tables ({', '.join(t.name for t in tables)}); name one with table=")
-
-
-def _clean_cell(value) -> str | None:
-    if value is None:
-        return None
-    if isinstance(value, float) and np.isnan(value):
-        return None
-    text = str(value).strip()
-    return text or None
-
-
-def read_table(
-    path: Path, image_column: str = DEFAULT_IMAGE_COLUMN, text_column: str = DEFAULT_TEXT_COLUMN
-) -> list[TableRow]:
-    """Rows of a report table. Raises DataError for unreadable files, undecodable CSV or missing columns."""
-    import pandas as pd
-
-    if not path.is_file():
-        raise DataError(path, "report table not found")
-    if path.stat().st_size == 0:
-        raise DataError(path, "empty file (0 bytes)")
-    try:
-        if path.suffix.lower() == ".csv":
-            raw = path.read_bytes()
-            try:
-                raw.decode("utf-8-sig")
-            except UnicodeDecodeError as exc:
-                raise DataError(path, f"not UTF-8 text (byte {exc.start}); save the CSV as UTF-8") from None
-            df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
-        else:
-            df = pd.read_excel(path, dtype=object)
-    except DataError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - pandas/openpyxl raise many types for broken files
-        raise DataError(path, f"unreadable report table ({type(exc).__name__}: {exc})") from None
-    columns = [str(c).strip() for c in df.columns]
-    df.columns = columns
-    missing = [c for c in (image_column, text_column) if c not in columns]
-    if missing:
-        raise DataError(path, f"missing column {', '.join(repr(m) for m in missing)} (columns: {', '.join(columns)})")
-    rows = []
-    for i, (key, text) in enumerate(zip(df[image_column].tolist(), df[text_column].tolist())):
-        key = _clean_cell(key)
-        if key is None:
-            continue  # a blank line in the spreadsheet
-        rows.append(TableRow(row=i + 2, key=key, text=_clean_cell(text)))
-    return rows
-
-
-def garbled(text: str) -> bool:
-    """Mojibake / control characters: U+FFFD, C0/C1 controls other than whitespace, or 'Ã' sequences."""
-    if "\ufffd" in text or _MOJIBAKE.search(text):
-        return True
-    return any(unicodedata.category(c) == "Cc" and c not in "\t\n\r" for c in text)
-
-
-def safe_child(base: Path, name: str, what: Path) -> Path:
-    """``base / name`` when it stays inside ``base``; DataError otherwise (path traversal, absolute)."""
-    candidate = Path(name)
-    if candidate.is_absolute() or any(part == ".." for part in candidate.parts) or "\\" in name:
-        raise DataError(what, f"file name {name!r} points outside the dataset folder; refused")
-    resolved = (base / candidate).resolve()
-    if not resolved.is_relative_to(base.resolve()):
-        raise DataError(what, f"file name {name!r} points outside the dataset folder; refused")
-    return base / candidate
-
-
-def index_folder(folder: Path) -> dict[str, Path]:
-    """Image files of a folder by name."""
-    if not folder.is_dir():
-        return {}
-    return {p.name: p for p in sorted(folder.iterdir()) if p.is_file() and is_image_file(p)}
-
-
-def stem_index(images: dict[str, Path]) -> dict[str, list[str]]:
-    """Image names by stem (``a.tif`` -> ``a``), built once per folder for :func:`match_row`."""
-    by_stem: dict[str, list[str]] = {}
-    for name in images:
-        by_stem.setdefault(stem_of(name), []).append(name)
-    return by_stem
-
-
-def match_row(
-    key: str, images: dict[str, Path], masks: dict[str, Path], images_by_stem: dict[str, list[str]] | None = None
-) -> tuple[str | None, str | None]:
-    """(image name, mask name) of a table key, trying the official conventions:
-
-    key is a mask name -> ``mask_<image>`` (QaTa-COV19) or ``<image stem>.png`` (MoNuSeg, image any type);
-    key is an image name -> mask ``mask_<key>`` or ``<stem>.png`` or the same name.
-    """
-    if images_by_stem is None:
-        images_by_stem = stem_index(images)
-
-    def image_for(mask_name: str) -> str | None:
-        bare = mask_name[len("mask_") :] if mask_name.startswith("mask_") else None
-        for candidate in (bare, mask_name):
-            if candidate and candidate in images:
-                return candidate
-        for candidate in (bare, mask_name):
-            if candidate:
-                hits = images_by_stem.get(stem_of(candidate), [])
-                if len(hits) == 1:
-                    return hits[0]
-        return None
-
-    if key in masks or not images.get(key):
-        image = image_for(key)
-        return image, (key if key in masks else None)
-    # The key names an image: find its mask.
-    for mask in (f"mask_{key}", f"{stem_of(key)}.png", key, f"mask_{stem_of(key)}.png"):
-        if mask in masks:
-            return key, mask
-    return key, None
-
-
-def read_split_rows(
-    root: str | Path,
-    split: str,
-    image_column: str = DEFAULT_IMAGE_COLUMN,
-    text_column: str = DEFAULT_TEXT_COLUMN,
-    table: str | Path | None = None,
-):
-    """(folder, table path, rows, image index, mask index) of one split folder, without judging them."""
-    folder = split_folder(root, split)
-    if not folder.is_dir():
-        raise DataError(folder, "split folder not found")
-    table_path = find_table(folder, split, table)
-    rows = read_table(table_path, image_column, text_column)
-    return folder, table_path, rows, index_folder(folder / IMAGE_DIR), index_folder(folder / MASK_DIR)
-
-
-def _records_of_folder(root, split, image_column, text_column, table, require_masks) -> list[Record]:
-    folder, table_path, rows, images, masks = read_split_rows(root, split, image_column, text_column, table)
-    if not images:
-        raise DataError(folder / IMAGE_DIR, "no images found")
-    records, seen = [], {}
-    by_stem = stem_index(images)
-    for row in rows:
-        where = f"{table_path.name} row {row.row}"
-        safe_child(folder / MASK_DIR, row.key, table_path)
-        if row.key in seen:
-            raise DataError(table_path, f"duplicate name {row.key!r} in rows {seen[row.key]} and {row.row}")
-        seen[row.key] = row.row
-        if row.text is None:
-            raise DataError(table_path, f"{where}: empty report for {row.key!r}")
-        image, mask = match_row(row.key, images, masks, by_stem)
-        if image is None:
-            raise DataError(table_path, f"{where}: no image for {row.key!r} in {folder.name}/{IMAGE_DIR} (run lvit check-data)")
-        if mask is None and require_masks and masks:
-            raise DataError(table_path, f"{where}: no mask for {row.key!r} in {folder.name}/{MASK_DIR}")
-        records.append(Record(image, images[image], masks[mask] if mask else None, row.text))
-    named = {r.name for r in records}
-    orphans = sorted(set(images) - named)
-    if orphans:  # not fatal: such images are simply not used (as in the official loader); check-data lists them
-        warnings.warn(
-            f"{folder / IMAGE_DIR}: {len(orphans)} image(s) without a report are ignored, e.g. {orphans[0]!r} "
-            "(run lvit check-data)",
-            stacklevel=3,
-        )
-    return records
+def detect_layout(root: str | Path) -> str:
+    """The name of the layout of the dataset at ``root`` (``official`` when nothing matches, so that its
+    messages name the folders it expected)."""
+    root = Path(root)
+    for name, adapter in LAYOUTS.items():
+        if adapter.detect(root):
+            return name
+    return "official"
 
 
 def load_split(
     root: str | Path,
     split: str,
     *,
-    image_column: str = DEFAULT_IMAGE_COLUMN,
-    text_column: str = DEFAULT_TEXT_COLUMN,
-    table: str | Path | None = None,
     val_fraction: float = 0.2,
     seed: int = 0,
-    require_masks: bool = True,
+    **options,
 ) -> list[Record]:
-    """Records of ``split`` (train | val | test), sorted by the table's order.
+    """Records of ``split`` (train | val | test) of the dataset at ``root``, in the layout's order.
 
-    Without ``Val_Folder``, "val" is a seeded ``val_fraction`` of Train_Folder and "train" the rest (the two
-    never overlap; the same seed always gives the same split).
+    ``options`` go to the layout's reader (official layout: ``image_column``, ``text_column``, ``table``;
+    both: ``require_masks``). Without a validation split, "val" is a seeded ``val_fraction`` of the training
+    split and "train" the rest (the two never overlap; the same seed always gives the same split).
     """
     root = Path(root)
     if not root.is_dir():
         raise DataError(root, "dataset folder not found")
-    if split in ("train", "val") and not split_folder(root, "val").is_dir():
-        train = _records_of_folder(root, "train", image_column, text_column, table, require_masks)
+    if split not in SPLIT_NAMES:
+        raise DataError(root, f"unknown split {split!r} (use train, val or test)")
+    adapter = LAYOUTS[detect_layout(root)]
+    if split in ("train", "val") and not adapter.has_split(root, "val"):
+        train = adapter.records(root, "train", **options)
         if not 0.0 < val_fraction < 1.0:
-            raise DataError(root, f"no Val_Folder and val_fraction={val_fraction} (needs 0 < f < 1)")
+            raise DataError(root, f"no validation split and val_fraction={val_fraction} (needs 0 < f < 1)")
         n_val = max(1, round(len(train) * val_fraction))
         if n_val >= len(train):
-            raise DataError(root, f"no Val_Folder and only {len(train)} training sample(s) to split")
+            raise DataError(root, f"no validation split and only {len(train)} training sample(s) to split")
         order = np.random.default_rng(seed).permutation(len(train))
         val_idx = set(order[:n_val].tolist())
-        chosen = [r for i, r in enumerate(train) if (i in val_idx) == (split == "val")]
-        return chosen
-    return _records_of_folder(root, split, image_column, text_column, table, require_masks)
+        return [r for i, r in enumerate(train) if (i in val_idx) == (split == "val")]
+    return adapter.records(root, split, **options)
 
 
 def list_images(folder: str | Path) -> list[Path]:
     """Image files of a folder (for prediction on images without reports/masks)."""
     return list(index_folder(Path(folder)).values())
+
+
+__all__ = ["LAYOUTS", "SPLIT_NAMES", "Record", "detect_layout", "list_images", "load_split"]

@@ -1,6 +1,6 @@
 """Training configuration: YAML presets mapped onto dataclasses, with ``--set key=value`` overrides.
 
-A preset (``configs/qata.yaml`` ...) is plain data::
+A preset (``lvit.presets``: ``qata``, ``synth`` ...) is plain data::
 
     model_name: lvit            # lvit | lvit-t | unet
     model: {image_size: 224, base_channels: 64, text_tokens: 10, ...}   # LViTConfig fields
