@@ -1,7 +1,9 @@
-"""Official-checkpoint conversion, against the official key/shape table (tests/data, no official code)."""
+"""Official-checkpoint conversion, against the official key/shape table and the official forward pinned on
+reference weights (tests/data; no official code is needed to run these tests)."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -19,8 +21,18 @@ from lvit.models.convert import (
     official_prefixes,
     read_official_checkpoint,
 )
+from lvit.models.reference_weights import (
+    RECIPE_VERSION,
+    default_dtype,
+    fingerprint_difference,
+    output_fingerprint,
+    reference_inputs,
+    reference_state_dict,
+    uniform,
+)
 
 TABLE = Path(__file__).parent / "data" / "official_lvit_state_dict.txt"
+FORWARD = Path(__file__).parent / "data" / "official_lvit_forward.json"
 _LINE = re.compile(r"^(\S+) \(([\d, ]*)\) (used|unused|buffer)$")
 
 
@@ -96,14 +108,68 @@ def test_converts_every_used_tensor_strictly(default_model, official):
     for ours_key, official_key in pairs.items():
         assert torch.equal(converted[ours_key], official[official_key]), ours_key
 
-    model = load_official_state_dict(default_model, official).eval()
-    reference = LViT(LViTConfig())
-    reference.load_state_dict(converted, strict=True)
-    reference.eval()
+
+# --- the forward pass, pinned against the official code ---------------------------------------------------
+# tests/data/official_lvit_forward.json holds the official model's logits (a fingerprint: mean, RMS, 16x16 block
+# means and 128 pixels) on weights from lvit.models.reference_weights, written by bench/official_forward.py from
+# a checkout of HUANGLIZI/LViT. Here the same official-keyed weights go through the converter into our LViT.
+
+def reference_official_state_dict() -> dict[str, torch.Tensor]:
+    return reference_state_dict((name, shape, default_dtype(name)) for name, shape, _ in read_table())
+
+
+@pytest.fixture(scope="module")
+def pinned():
+    expected = json.loads(FORWARD.read_text())
+    config = LViTConfig(**expected["config"]["lvit"])
+    inputs = expected["input"]
+    image, text = reference_inputs(inputs["seed"], inputs["batch"], inputs["image_size"], inputs["in_channels"],
+                                   inputs["text_tokens"], inputs["text_dim"])
+    return expected, config, reference_official_state_dict(), image, text
+
+
+def pinned_difference(config, official_state, image, text, expected) -> float:
+    model = load_official_state_dict(LViT(config), official_state).eval()
     with torch.no_grad():
-        image, text = torch.rand(1, 3, 64, 64), torch.randn(1, 10, 768)
-        out = model(image, text)
-        assert torch.isfinite(out).all() and torch.equal(out, reference(image, text))
+        logits = model(image, text)
+    assert torch.isfinite(logits).all()
+    return fingerprint_difference(output_fingerprint(logits), expected["logits"])
+
+
+def test_reference_recipe_is_the_one_the_official_outputs_were_made_with(pinned):
+    """A changed recipe (or numpy stream) fails here, not as an unexplained model drift."""
+    expected, _, official, image, text = pinned
+    assert expected["recipe_version"] == RECIPE_VERSION
+    for key, values in expected["recipe_check"].items():
+        if key.startswith("input."):
+            actual = float((image if key == "input.image.sum" else text).double().sum())
+            assert actual == pytest.approx(values, rel=1e-8), key
+        elif key.startswith("uniform("):
+            assert uniform("probe", 4).tolist() == pytest.approx(values, rel=1e-8), key
+        else:
+            assert official[key].flatten()[:4].double().tolist() == pytest.approx(values, rel=1e-8), key
+    assert float(official["downVit.embeddings.position_embeddings"].abs().min()) > 0
+    assert float(official["inc.norm.running_var"].min()) > 0 and official["inc.norm.running_mean"].abs().sum() > 0
+
+
+def test_forward_matches_the_official_code(pinned):
+    expected, config, official, image, text = pinned
+    tolerance = expected["tolerance"]
+    assert tolerance == 1e-5
+    difference = pinned_difference(config, official, image, text, expected)
+    assert difference <= tolerance, (
+        f"our LViT (through the converter) differs from the official forward by {difference:.3g} "
+        f"(> {tolerance}) on the reference weights; official commit {expected['official']['commit'][:12]}")
+
+
+def test_pinned_forward_catches_a_wrong_mapping(pinned):
+    """The comparison can fail: swapping the PLAM's average and max branches of one decoder level (same shapes,
+    so no key or shape check notices) moves the output far beyond the tolerance."""
+    expected, config, official, image, text = pinned
+    swapped = dict(official)
+    avg, top = "up1.pixModule.conv_avg.weight", "up1.pixModule.conv_max.weight"
+    swapped[avg], swapped[top] = official[top], official[avg]
+    assert pinned_difference(config, swapped, image, text, expected) > 100 * expected["tolerance"]
 
 
 def test_dataparallel_prefix_is_accepted(default_model, official):
