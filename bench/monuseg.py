@@ -168,7 +168,7 @@ def test_model(s: BenchSettings, model: str) -> dict:
     to the model size and binarised > 0; prediction > 0.5; Dice/IoU per image, mean over images), plus the
     standard ``lvit test`` outputs (nearest-neighbour masks, original-size figures, overlays)."""
     from lvit.data import SegmentationDataset, load_split
-    from lvit.evaluate.metrics import SegmentationScores
+    from lvit.metrics import SegmentationScores
     from lvit.evaluate.predict import Predictor
     from lvit.evaluate.testing import run_test
 

@@ -3,10 +3,10 @@
     python bench/openmp_wait.py [--crowd 4] [--steps 5]
 
 Each measurement runs in a fresh Python process with the policy set in its environment before torch loads
-(lvit then leaves it alone). Two steps are timed: the synth preset's training step (128 px, base 16, batch 8,
+(the `lvit` command leaves a policy set by the user alone). Two steps are timed: the synth preset's training step (128 px, base 16, batch 8,
 2 threads) and a tiny LViT step (64 px, base 8, batch 2); the tiny one also with ``--crowd`` copies running at
-once, which is what a shared machine looks like. Prints the median step times (ms). lvit's own choice
-(``lvit/__init__.py``) is based on these figures.
+once, which is what a shared machine looks like. Prints the median step times (ms). The `lvit` command's own
+choice (``lvit.openmp.apply_wait_policy``) is based on these figures.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ POLICIES = {"bounded spin (GOMP_SPINCOUNT=100000)": {"GOMP_SPINCOUNT": "100000"}
 
 CHILD = r"""
 import json, sys, time
-import lvit, torch
+import torch
 from lvit.models import LViTConfig, build_model
 kind, steps = sys.argv[1], int(sys.argv[2])
 torch.set_num_threads(2)

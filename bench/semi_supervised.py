@@ -203,7 +203,7 @@ def score_test(run_dir: Path, cfg, data: Path) -> tuple[float, float]:
     from torch.utils.data import DataLoader
 
     from lvit.data.layout import load_split
-    from lvit.evaluate.metrics import batch_dice_iou
+    from lvit.metrics import batch_dice_iou
     from lvit.train.checkpoint import load_run
     from lvit.train.datamodule import build_text_encoder, make_dataset, text_cache_dir
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from lvit.data import load_split, read_image, read_mask
-from lvit.evaluate.metrics import dice_iou
+from lvit.metrics import dice_iou
 from lvit.evaluate.predict import Predictor
 from lvit.text import swap_left_right
 

@@ -1,10 +1,11 @@
-"""lvit picks how OpenMP threads wait (bounded spin alone, PASSIVE on a crowded machine) before torch loads."""
+"""The lvit command picks how OpenMP threads wait (bounded spin alone, PASSIVE on a crowded machine) before torch
+loads; importing lvit changes nothing."""
 
 from __future__ import annotations
 
 import os
 
-import lvit
+from lvit import openmp
 
 
 def _decide(monkeypatch, others, env=None):
@@ -12,9 +13,9 @@ def _decide(monkeypatch, others, env=None):
         monkeypatch.delenv(key, raising=False)
     for key, value in (env or {}).items():
         monkeypatch.setenv(key, value)
-    monkeypatch.setattr(lvit, "_other_runnable_tasks", lambda: others)
+    monkeypatch.setattr(openmp, "_other_runnable_tasks", lambda: others)
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
-    lvit._openmp_wait_policy()
+    openmp.apply_wait_policy()
     return os.environ.get("OMP_WAIT_POLICY"), os.environ.get("GOMP_SPINCOUNT")
 
 
@@ -34,5 +35,16 @@ def test_the_users_setting_wins(monkeypatch):
 
 
 def test_runnable_task_count_reads_proc():
-    others = lvit._other_runnable_tasks()
+    others = openmp._other_runnable_tasks()
     assert others is None or others >= 0
+
+
+def test_importing_lvit_sets_nothing():
+    import subprocess
+    import sys
+
+    code = ("import os; before = dict(os.environ); import lvit, lvit.data, lvit.models, lvit.train; "
+            "print(sorted(k for k in os.environ if os.environ.get(k) != before.get(k)))")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -14,12 +14,14 @@ import sys
 
 from . import __version__
 from .errors import LvitError
+from .openmp import apply_wait_policy
 
 # Order is the order shown in ``lvit --help``.
 COMMANDS = [
     "demo",
     "synth",
     "check_data",
+    "describe",
     "train",
     "test",
     "predict",
@@ -51,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    apply_wait_policy()  # before any command imports torch
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

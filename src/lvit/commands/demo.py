@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 # Sized so the demo finishes in about ten minutes on two CPU cores (see docs/TRAINING.md for timings).
 DEMO_SPLITS = {"n_train": 160, "n_val": 32, "n_test": 48}
+# The report variants the demo scores its weights on, to show whether the model reads the report.
+DEMO_PROBE = ("true", "swapped", "no_infection")
 
 
 def register(subparsers) -> None:
@@ -33,7 +36,8 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..data import generate_synthetic
     from ..evaluate.testing import run_test
-    from ..io import prepare_output_dir
+    from ..evaluate.text_probe import format_probe, probe_reports
+    from ..io import atomic_write_json, prepare_output_dir
     from ..train.config import load_config
     from ..train.runner import train
     from .test import format_summary
@@ -53,5 +57,15 @@ def run(args: argparse.Namespace) -> int:
     print(f"[3/3] testing the best checkpoint (epoch {result.best_epoch}, val Dice {result.best_dice:.4f})")
     metrics = run_test(out / "run", data, "test", out / "run" / "test-test", force=True, progress=progress)
     print(format_summary(metrics))
+    if metrics["model_name"] == "lvit":
+        probe = probe_reports(out / "run", data, "test", variants=DEMO_PROBE)
+        metrics["text_probe"] = probe
+        atomic_write_json(Path(metrics["out"]) / "metrics.json", {k: v for k, v in metrics.items() if k != "out"})
+        print(format_probe(probe))
+        true, swapped = probe["variants"]["true"]["dice"], probe["variants"]["swapped"]["dice"]
+        print(f"  the model reads the report: Dice {true:.4f} with the true reports, {swapped:.4f} with left and "
+              f"right swapped (saved under text_probe in metrics.json)" if true > swapped else
+              f"  the swapped reports score as well as the true ones ({swapped:.4f} vs {true:.4f}): this run has "
+              "not learned to read where the report puts the lesions")
     print(f"demo finished in {time.perf_counter() - started:.0f} s; train curve: {out / 'run' / 'metrics.csv'}")
     return 0

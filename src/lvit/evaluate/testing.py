@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ..io import atomic_write_json, atomic_write_text, prepare_output_dir, save_png
-from .metrics import SegmentationScores
+from ..metrics import SegmentationScores
 from .overlays import mask_png, overlay
 
 THRESHOLD = 0.5

@@ -7,14 +7,8 @@ from .cache import (
     default_cache_dir,
     encode_cached,
 )
-from .encoders import (
-    DEFAULT_MAX_TOKENS,
-    HFEncoder,
-    MiniLMEncoder,
-    TextEncoder,
-    get_text_encoder,
-    minilm_path,
-)
+from .base import DEFAULT_MAX_TOKENS, TextEncoder, backend_names, get_text_encoder, register_backend
+from .encoders import HFEncoder, MiniLMEncoder, minilm_path
 from .learned import LearnedEncoder, LearnedTextEmbedding, word_tokens
 from .reports import (
     EOF_PAD,
@@ -35,6 +29,8 @@ __all__ = [
     "LearnedTextEmbedding",
     "MiniLMEncoder",
     "TextEncoder",
+    "backend_names",
+    "register_backend",
     "cache_file",
     "default_cache_dir",
     "encode_cached",

