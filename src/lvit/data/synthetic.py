@@ -32,11 +32,9 @@ import numpy as np
 from scipy import ndimage
 
 from ..io import atomic_write_bytes, atomic_write_text, prepare_output_dir
+from .describe import LEVELS, SIDES, ZONES, Findings, format_report, named_zones
 
-SIDES = ("left", "right")  # image-left, image-right
-LEVELS = ("upper", "middle", "lower")
-ZONES = tuple((level, side) for side in SIDES for level in LEVELS)
-NUMBER_WORDS = ("no", "one", "two", "three", "four", "five", "six")
+# The report template (sides, levels, zone order, number words) is lvit.data.describe's, shared with real data.
 SPLIT_IDS = {"train": 1, "val": 2, "test": 3}
 SPLIT_DIRS = {"train": "Train", "val": "Val", "test": "Test"}
 NORMAL_FRACTION = 0.15
@@ -59,27 +57,16 @@ def zone_at(y: float, x: float, size: int) -> tuple[str, str]:
 
 
 def report_for(zones: list[tuple[str, str]]) -> str:
-    """QaTa-COV19-style report naming the side(s), count and zones of the lesions."""
-    if not zones:
-        return NORMAL_REPORT
-    count = len(zones)
-    area = f"{NUMBER_WORDS[count]} infected area{'s' if count > 1 else ''}"
-    per_side = {s: [lv for lv in LEVELS if (lv, s) in zones] for s in SIDES}
-    parts = [f"{' '.join(levels)} {side} lung" for side, levels in per_side.items() if levels]
-    if len(parts) == 1:
-        return f"Unilateral pulmonary infection, {area}, {parts[0]}."
-    return f"Bilateral pulmonary infection, {area}, {parts[0]} and {parts[1]}."
+    """QaTa-COV19-style report naming the side(s), count and zones of the lesions (capitalised, as the official
+    spreadsheets write it; :func:`lvit.data.describe.format_report` with ``capitalize=True``)."""
+    return format_report(Findings.from_zones(zones), capitalize=True)
 
 
 def parse_report(text: str) -> set[tuple[str, str]]:
-    """Inverse of :func:`report_for` (used by tests and the datasheet statistics)."""
-    zones = set()
-    for chunk in text.rstrip(".").split(","):
-        for part in chunk.split(" and "):
-            words = part.split()
-            if len(words) >= 3 and words[-1] == "lung" and words[-2] in SIDES:
-                zones.update((lv, words[-2]) for lv in words[:-2] if lv in LEVELS)
-    return zones
+    """Inverse of :func:`report_for`: the (level, side) zones a report names, synthetic or real (other text:
+    the zones its "<levels> <side> lung" phrases name, often none). The whole structure of a report in the
+    template (sides, count, zones): :func:`lvit.data.describe.parse_findings`."""
+    return set(named_zones(text))
 
 
 @dataclass
