@@ -20,16 +20,11 @@ from PIL import Image
 
 from lvit.cli import main as lvit_main
 from lvit.errors import ConfigError
-from lvit.evaluate.gradcam import (
-    SegmentationGradCAM,
-    counterfactual_report,
-    default_layers,
-    explain_image,
-    heatmap_overlay,
-    list_layers,
-)
+from lvit.evaluate.explanation import heatmap_overlay
+from lvit.evaluate.gradcam import SegmentationGradCAM, default_layers, explain_image, list_layers
 from lvit.evaluate.predict import run_text_encoder
 from lvit.models import LViT, LViTConfig
+from lvit.text.reports import counterfactual_report
 
 SIZE = 32
 STEPS = 40

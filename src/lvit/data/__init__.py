@@ -5,6 +5,7 @@ from .dataset import (
     TextTensors,
     encode_records,
     load_pair,
+    prepare_image,
     to_channels,
 )
 from .layout import detect_layout, list_images, load_split
@@ -47,6 +48,7 @@ __all__ = [
     "load_split",
     "make_case",
     "parse_report",
+    "prepare_image",
     "read_array",
     "read_image",
     "read_mask",

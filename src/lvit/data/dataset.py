@@ -52,6 +52,16 @@ def to_channels(image: np.ndarray, in_channels: int) -> np.ndarray:
     raise ValueError(f"cannot convert {c} channels to {in_channels}")
 
 
+def prepare_image(image: np.ndarray, image_size: int, in_channels: int = 3) -> torch.Tensor:
+    """``H x W [x C]`` uint8 -> ``[in_channels, S, S]`` float in [0, 1]: channels converted, scaled, resized
+    (bilinear, antialiased). The one preprocessing of training, testing, ``lvit predict`` and ``lvit explain``."""
+    if image.ndim == 2:
+        image = image[..., None]
+    image = to_channels(image, in_channels)
+    tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)  # [C, H, W]
+    return resize_image(tensor, image_size)
+
+
 def load_pair(record: Record, in_channels: int = 3, mask_threshold: float | None = None):
     """(image ``H x W x C`` uint8, mask ``H x W`` uint8 {0,1} or None) of a record, sizes checked."""
     image = to_channels(read_image(record.image_path), in_channels)
@@ -138,8 +148,7 @@ class SegmentationDataset(Dataset):
         """(image ``[C, S, S]`` float in [0, 1], mask ``[1, S, S]`` uint8 {0,1} or None, original (H, W))."""
         image_np, mask_np = load_pair(record, self.in_channels, self.mask_threshold)
         orig_size = tuple(image_np.shape[:2])
-        image = torch.from_numpy(image_np).permute(2, 0, 1).float().div_(255.0)  # [C, H, W]
-        image = resize_image(image, self.image_size)
+        image = prepare_image(image_np, self.image_size, self.in_channels)
         mask = None
         if mask_np is not None:
             mask = torch.from_numpy(mask_np)[None].float()  # [1, H, W]

@@ -15,16 +15,14 @@ hook on the output for its gradient (both unaffected by later in-place ops), tok
 to their patch grid ``[B, C, h, w]``, and one forward/backward pass serves every requested layer.
 
 Maps are returned at the size the caller asks for (the original image size), min-max scaled to [0, 1] with
-1 = most important (MONAI's default normaliser flips that: 1 = least important).
+1 = most important (MONAI's default normaliser flips that: 1 = least important). This module computes;
+:mod:`lvit.evaluate.explanation` draws and writes.
 """
 
 from __future__ import annotations
 
-import io
 import math
-import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -35,7 +33,6 @@ from monai.visualize.class_activation_maps import ModelWithHooks
 from torch import nn
 
 from ..errors import ConfigError
-from .overlays import GT_COLOR, PRED_COLOR, contour, default_thickness, to_rgb
 
 #: Module classes whose outputs the paper's interpretability figure shows: the CNN decoder levels and the
 #: pixel-level attention (PLAM) gates of the skip connections. ``UNetUpBlock`` covers the U-Net baseline.
@@ -339,131 +336,18 @@ class SegmentationGradCAM:
 
 
 # --------------------------------------------------------------------------------------------------------
-# Pictures
-# --------------------------------------------------------------------------------------------------------
-def heatmap_overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.45, cmap: str = "jet") -> np.ndarray:
-    """Blend a [0, 1] map ``cam`` (HxW) over ``image`` (HxW[xC] uint8) with a colormap -> HxWx3 uint8."""
-    from matplotlib import colormaps
-
-    rgb = to_rgb(image).astype(np.float32)
-    if cam.shape != rgb.shape[:2]:
-        raise ValueError(f"map {cam.shape} and image {rgb.shape[:2]} differ in size")
-    colours = colormaps[cmap](np.clip(cam, 0, 1))[..., :3] * 255.0  # HxWx3
-    return np.clip((1 - alpha) * rgb + alpha * colours, 0, 255).astype(np.uint8)
-
-
-def mask_overlay(image: np.ndarray, pred: np.ndarray, truth: np.ndarray | None = None,
-                 alpha: float = 0.4) -> np.ndarray:
-    """Prediction (HxW bool) filled red over ``image``; ground truth (if given) as the green contour that
-    `lvit test` overlays draw -> HxWx3 uint8. (Filled, not outlined: a heat map sits beside it and small
-    predictions stay visible when the figure is shown scaled down.)"""
-    rgb = to_rgb(image).astype(np.float32)
-    pred = pred.astype(bool)
-    rgb[pred] = (1 - alpha) * rgb[pred] + alpha * np.array(PRED_COLOR, np.float32)
-    if truth is not None:
-        rgb[contour(truth, default_thickness(rgb.shape))] = GT_COLOR
-    return rgb.astype(np.uint8)
-
-
-def layer_file_name(layer: str) -> str:
-    """``up.0.attention`` -> ``cam_up.0.attention.png`` (module names hold only identifier characters and dots)."""
-    safe = "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in layer)
-    return f"cam_{safe}.png"
-
-
-
-
-# --------------------------------------------------------------------------------------------------------
-# Text attribution: the same image with two reports
-# --------------------------------------------------------------------------------------------------------
-_ZONE_SWAP = {"upper": "lower", "lower": "upper", "top": "bottom", "bottom": "top"}
-_ZONE_WORDS = re.compile(r"\b(upper|lower|top|bottom)\b", re.IGNORECASE)
-
-
-def _same_case(word: str, like: str) -> str:
-    if like.isupper():
-        return word.upper()
-    if like[0].isupper():
-        return word.capitalize()
-    return word
-
-
-def counterfactual_report(text: str) -> str:
-    """A changed report for the text-attribution view: left <-> right, else upper <-> lower zones.
-
-    Raises :class:`ConfigError` when the report names neither a side nor a zone (then pass ``--alt-text``).
-    """
-    from ..text import swap_left_right
-
-    swapped = swap_left_right(text)
-    if swapped != text:
-        return swapped
-    swapped = _ZONE_WORDS.sub(lambda m: _same_case(_ZONE_SWAP[m.group(0).lower()], m.group(0)), text)
-    if swapped != text:
-        return swapped
-    raise ConfigError(f"cannot make a changed report from {text!r} (it names no side or zone); pass --alt-text")
-
-
-def text_attribution_figure(image: np.ndarray, texts: tuple[str, str], explanations: tuple[Explanation, Explanation],
-                            layer: str, threshold: float = 0.5) -> bytes:
-    """One PNG: for each report a row (image, prediction, Grad-CAM of ``layer``), and on the right the
-    difference of the probability maps (report 1 minus report 2), so the effect of the text is visible."""
-    import textwrap
-
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    rgb = to_rgb(image)
-    fig = Figure(figsize=(13.5, 7.0), dpi=100)
-    FigureCanvasAgg(fig)
-    grid = fig.add_gridspec(2, 4, width_ratios=(1, 1, 1, 1.15))
-    for row, (text, expl) in enumerate(zip(texts, explanations)):
-        pred = expl.probability >= threshold
-        panels = (
-            (rgb, "image"),
-            (mask_overlay(rgb, pred), f"prediction ({100 * pred.mean():.1f}% of pixels)"),
-            (heatmap_overlay(rgb, expl.cams[layer]), f"Grad-CAM {layer}"),
-        )
-        for col, (picture, title) in enumerate(panels):
-            ax = fig.add_subplot(grid[row, col])
-            ax.imshow(picture)
-            ax.set_title(title, fontsize=9)
-            ax.set_axis_off()
-        label = "report" if row == 0 else "changed report"
-        # The report under its row, left-aligned across the three panels.
-        fig.axes[row * 3].text(0.0, -0.04, f"{label}: " + "\n".join(textwrap.wrap(text, 110)[:2]),
-                               transform=fig.axes[row * 3].transAxes, va="top", ha="left", fontsize=8.5,
-                               clip_on=False)
-    ax = fig.add_subplot(grid[:, 3])
-    diff = explanations[0].probability - explanations[1].probability
-    limit = max(float(np.abs(diff).max()), 1e-3)
-    shown = ax.imshow(diff, cmap="RdBu_r", vmin=-limit, vmax=limit)
-    ax.set_title(f"P(report) - P(changed report)\nmean |diff| {float(np.abs(diff).mean()):.3g}, "
-                 f"max {float(np.abs(diff).max()):.3g}", fontsize=9)
-    ax.set_axis_off()
-    fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
-
-
-# --------------------------------------------------------------------------------------------------------
 # One image, end to end (what `lvit explain` runs)
 # --------------------------------------------------------------------------------------------------------
 TextEncodeFn = Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]]  # reports -> ([N, L, D], [N, L] bool)
 
 
 def model_input(image: np.ndarray, model: nn.Module) -> torch.Tensor:
-    """HxWxC uint8 -> ``[1, in_channels, S, S]`` float in [0, 1] at the model's training size, resized
-    exactly as :class:`lvit.data.SegmentationDataset` does (so the explanation is of the tested input)."""
-    from ..data import resize_image, to_channels
+    """HxWxC uint8 -> ``[1, in_channels, S, S]`` at the model's training size, preprocessed exactly as for
+    training and testing (:func:`lvit.data.prepare_image`), so the explanation is of the tested input."""
+    from ..data import prepare_image
 
     cfg = model.config
-    image = to_channels(image if image.ndim == 3 else image[..., None], cfg.in_channels)
-    tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)  # [C, H, W]
-    tensor = resize_image(tensor, cfg.image_size)[None]  # [1, C, S, S]
-    return tensor.to(next(model.parameters()).device)
+    return prepare_image(image, cfg.image_size, cfg.in_channels)[None].to(next(model.parameters()).device)
 
 
 def explain_image(model: nn.Module, image: np.ndarray, texts: list[str], encode: TextEncodeFn | None,
@@ -485,49 +369,7 @@ def explain_image(model: nn.Module, image: np.ndarray, texts: list[str], encode:
     return results
 
 
-def write_explanation(out_dir: str | Path, image: np.ndarray, texts: tuple[str, str],
-                      explanations: tuple[Explanation, Explanation], threshold: float = 0.5,
-                      figure_layer: str | None = None, extra: dict | None = None) -> dict:
-    """Save the heat-map overlays of the real report (``cam_<layer>.png``), the prediction overlay, the
-    probability map, the changed report's overlays (``alt/``) and ``text_attribution.png``; return a summary."""
-    from ..io import atomic_write_bytes, atomic_write_json, save_png
-
-    out_dir = Path(out_dir)
-    rgb = to_rgb(image)
-    files = []
-    for sub, expl in (("", explanations[0]), ("alt", explanations[1])):
-        folder = out_dir / sub if sub else out_dir
-        for layer, cam in expl.cams.items():
-            files.append(save_png(folder / layer_file_name(layer), heatmap_overlay(rgb, cam)))
-        files.append(save_png(folder / "prediction.png", mask_overlay(rgb, expl.probability >= threshold)))
-        files.append(save_png(folder / "probability.png", np.round(expl.probability * 255).astype(np.uint8)))
-    layer = figure_layer or next(iter(explanations[0].cams))
-    files.append(atomic_write_bytes(out_dir / "text_attribution.png",
-                                    text_attribution_figure(image, texts, explanations, layer, threshold)))
-    diff = explanations[0].probability - explanations[1].probability
-    summary = {
-        "image_size": list(image.shape[:2]),
-        "layers": list(explanations[0].cams),
-        "report": texts[0],
-        "changed_report": texts[1],
-        "threshold": threshold,
-        "foreground_fraction": float((explanations[0].probability >= threshold).mean()),
-        "changed_foreground_fraction": float((explanations[1].probability >= threshold).mean()),
-        "mean_abs_probability_change": float(np.abs(diff).mean()),
-        "max_abs_probability_change": float(np.abs(diff).max()),
-        "score": explanations[0].score,
-        # Grad-CAM keeps only positive evidence: an all-zero map means no channel mix of that layer
-        # supports the predicted region (common for gates such as PLAM), not a failure.
-        "empty_maps": [layer for layer, cam in explanations[0].cams.items() if not cam.any()],
-        "files": sorted(str(Path(f).relative_to(out_dir)) for f in files),
-        **(extra or {}),
-    }
-    atomic_write_json(out_dir / "explain.json", summary)
-    return summary
-
-
 __all__ = [
     "DEFAULT_LAYER_CLASSES", "Explanation", "LayerInfo", "LayerTaps", "SegmentationGradCAM", "SegmentationScore",
-    "counterfactual_report", "default_layers", "explain_image", "heatmap_overlay", "layer_file_name", "list_layers",
-    "mask_overlay", "model_input", "text_attribution_figure", "to_rgb", "write_explanation",
+    "default_layers", "explain_image", "list_layers", "model_input",
 ]

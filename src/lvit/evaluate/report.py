@@ -285,7 +285,8 @@ def case_figure(image: np.ndarray, truth: np.ndarray | None, probability: np.nda
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure as MplFigure
 
-    from .gradcam import heatmap_overlay, mask_overlay, to_rgb
+    from .explanation import heatmap_overlay, mask_overlay
+    from .overlays import to_rgb
 
     rgb = to_rgb(image)
     panels = [(rgb, "image"), (mask_overlay(rgb, probability >= threshold, truth), "prediction (red), truth (green)")]
