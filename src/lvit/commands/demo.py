@@ -22,7 +22,7 @@ def register(subparsers) -> None:
     )
     p.add_argument("--out", default="lvit-demo", help="output folder (default: ./lvit-demo)")
     p.add_argument("--force", action="store_true", help="write into a non-empty output folder")
-    p.add_argument("--model", choices=["lvit", "lvit-t", "unet"], default="lvit")
+    p.add_argument("--model", default="lvit", help="a registered network: lvit (default), lvit-t, unet")
     p.add_argument("--config", default="synth", help="preset or YAML (default: synth)")
     p.add_argument("--n-train", type=int, default=DEMO_SPLITS["n_train"])
     p.add_argument("--n-val", type=int, default=DEMO_SPLITS["n_val"])
@@ -37,6 +37,7 @@ def run(args: argparse.Namespace) -> int:
     from ..data import generate_synthetic
     from ..evaluate.testing import run_test
     from ..evaluate.text_probe import format_probe, probe_reports
+    from ..models import reads_text
     from ..io import atomic_write_json, prepare_output_dir
     from ..train.config import load_config
     from ..train.runner import train
@@ -57,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"[3/3] testing the best checkpoint (epoch {result.best_epoch}, val Dice {result.best_dice:.4f})")
     metrics = run_test(out / "run", data, "test", out / "run" / "test-test", force=True, progress=progress)
     print(format_summary(metrics))
-    if metrics["model_name"] == "lvit":
+    if reads_text(metrics["model_name"], config.model):
         probe = probe_reports(out / "run", data, "test", variants=DEMO_PROBE)
         metrics["text_probe"] = probe
         atomic_write_json(Path(metrics["out"]) / "metrics.json", {k: v for k, v in metrics.items() if k != "out"})

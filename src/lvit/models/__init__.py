@@ -1,32 +1,17 @@
 """The networks: LViT (text-guided), LViT-T (``use_text=False``) and a U-Net baseline, all built from one
-:class:`LViTConfig` and called as ``model(image, text=None, text_mask=None) -> logits``."""
+:class:`LViTConfig` and called as ``model(image, text=None, text_mask=None) -> logits``. Each registers itself
+in :mod:`.registry` (name, builder, whether it reads reports)."""
 
 from __future__ import annotations
 
-import dataclasses
-
 from torch import nn
 
-from ..errors import ConfigError
 from .lvit import LViT, LViTConfig
+from .registry import build_model, model_entry, model_names, reads_text, register_model
 from .unet import UNet
 
-MODEL_NAMES = ("lvit", "lvit-t", "unet")
-
-__all__ = ["MODEL_NAMES", "LViT", "LViTConfig", "UNet", "build_model", "count_parameters"]
-
-
-def build_model(name: str, config: LViTConfig | None = None) -> nn.Module:
-    """``"lvit"`` (text as the config says), ``"lvit-t"`` (forces ``use_text=False``) or ``"unet"``."""
-    config = config or LViTConfig()
-    key = name.lower().replace("_", "-")
-    if key == "lvit":
-        return LViT(config)
-    if key == "lvit-t":
-        return LViT(dataclasses.replace(config, use_text=False))
-    if key == "unet":
-        return UNet(config)
-    raise ConfigError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
+__all__ = ["LViT", "LViTConfig", "UNet", "build_model", "count_parameters", "model_entry", "model_names",
+           "reads_text", "register_model"]
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from .registry import register_model
 from .blocks import ConvBNReLU, DownBlock, TextToPatchProjection, UpBlock
 from .vit import DownViTLevel, Reconstruct, UpViTLevel
 
@@ -196,3 +197,13 @@ class LViT(nn.Module):
             enriched = self.reconstruct[level](tokens[level], grid, skip.shape[-2:]).add_(skip)
             x = self.up[level](x, enriched)
         return self.head(x)
+
+
+@register_model("lvit", reads_text=True, summary="LViT: CNN + ViT double U guided by the report (paper)")
+def _lvit(config: LViTConfig) -> LViT:
+    return LViT(config)
+
+
+@register_model("lvit-t", reads_text=False, summary="LViT without text (use_text=False): the paper's ablation")
+def _lvit_t(config: LViTConfig) -> LViT:
+    return LViT(dataclasses.replace(config, use_text=False))

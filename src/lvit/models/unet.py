@@ -14,6 +14,7 @@ from torch import nn
 
 from .blocks import ConvBNReLU, DownBlock, double_conv
 from .lvit import LViTConfig, check_image
+from .registry import register_model
 
 
 class UNetUpBlock(nn.Module):
@@ -53,3 +54,8 @@ class UNet(nn.Module):
         for level in reversed(range(len(self.up))):
             x = self.up[level](x, feats[level])
         return self.head(x)
+
+
+@register_model("unet", reads_text=False, summary="U-Net baseline (official nets/UNet.py widths)")
+def _unet(config: LViTConfig) -> UNet:
+    return UNet(config)
