@@ -9,8 +9,9 @@
 
 This is how the public cleaned copy of LViT's QaTa-COV19 split is laid out (ShuchangYe-bib/SGSeg,
 ``data/QaTa/``). ``image_path`` names the MASK, as the official spreadsheets' ``Image`` column does; the image
-is the same name without ``mask_``. lvit's split "val" is the file's "valid". Images that no entry mentions
-(that copy's test folder holds about 1,300) are not used; check-data counts them as a note.
+is the same name without ``mask_``. lvit's split "val" is the file's "valid". Images that no entry mentions are
+not used; check-data counts them as a note (in that copy all 2,810 of them are byte-identical copies of
+annotated images whose names differ only in letter case).
 """
 
 from __future__ import annotations
@@ -165,7 +166,10 @@ def check(root: Path, add, *, progress: bool = False, **_official_only) -> None:
                 add(path, f"{where}: mask not found in images/{key}/masks")
             pairs.append((image if image in images else None, masks.get(name)))
         used = {i for i, _ in pairs if i}
-        unused = len(set(images) - used)
+        unused = sorted(set(images) - used)
         if unused:
-            add(folder / "images", f"{unused} image(s) that no entry mentions (not used)", note=True)
+            lower = {name.lower() for name in used}
+            case_variants = sum(name.lower() in lower for name in unused)
+            why = f"; {case_variants} of them differ from a used image's name only in letter case" if case_variants else ""
+            add(folder / "images", f"{len(unused)} image(s) that no entry mentions (not used{why})", note=True)
         check_pixels({n: images[n] for n in sorted(used)}, pairs, add, progress=progress, desc=f"{key}")
