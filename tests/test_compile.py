@@ -5,8 +5,15 @@ so a graph break in the model fails here) and AOTAutograd derives the backward, 
 ``torch.compile`` training takes. ``inductor`` (the default backend the benchmark uses): generated C++ kernels
 for inference; on a cold cache its first compile builds C++ headers and kernels with gcc, which took 11 min
 for this tiny model on the two (shared, loaded) cores here, so it runs only with ``LVIT_SLOW_TESTS=1``.
-Inductor's results are still checked on every ``lvit bench`` run: each compile variant is compared with
-eager fp32 (logits and one step's gradients) and rejected if it breaks the bound.
+
+**Not CI evidence.** CI runs ``python -m pytest -q`` without ``LVIT_SLOW_TESTS``, so the inductor test is
+skipped there, and no claim in README.md, docs/ or bench/RESULTS.md rests on it. What does check inductor is
+``lvit bench`` when a run includes a ``compile`` variant (not ``--quick``, not a ``--variants`` list without
+it): each compile variant is compared with eager fp32 (logits and one step's gradients) and not kept if it
+breaks the bound; the result is the "max rel err (bound)" column of its table. The current CPU speed table has
+no compile row, and the GPU run's compile row broke the strict fp32 bound (2.5e-4 vs 1e-4, TF32 on both sides;
+docs/PERFORMANCE.md). Run this test by hand (``LVIT_SLOW_TESTS=1 python -m pytest tests/test_compile.py``)
+after changing the model's forward.
 """
 
 from __future__ import annotations
@@ -57,7 +64,8 @@ def test_compiled_model_matches_eager_in_inference_and_training():
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 @pytest.mark.skipif(os.environ.get("LVIT_SLOW_TESTS") != "1",
-                    reason="cold inductor compile takes minutes of gcc on 2 cores; set LVIT_SLOW_TESTS=1")
+                    reason="manual check, not run in CI: a cold inductor compile takes minutes of gcc on 2 cores; "
+                           "set LVIT_SLOW_TESTS=1")
 def test_inductor_inference_matches_eager():
     torch._dynamo.reset()
     model = _model().eval()

@@ -19,8 +19,12 @@ import torch
 from badinputs import (
     CORPUS,
     FLAGGED_BY_CHECK_DATA,
+    TINY_TRAIN,
+    USER_PATH,
     Tally,
+    UserPathContext,
     assert_one_line_error,
+    error_lines,
     half_written_files,
     make_case,
     run_cli,
@@ -28,9 +32,7 @@ from badinputs import (
 
 CASES = {case.name: case for case in CORPUS}
 # A tiny LViT-T (no text encoder to load) on 32 px images: the first batch is what matters here.
-TINY = ["--model", "lvit-t", "--epochs", "1", "--batch-size", "4", "--workers", "0", "--no-progress",
-        "--set", "model.image_size=32", "--set", "model.base_channels=8", "--set", "model.vit_heads=2",
-        "--set", "data.augment=false"]
+TINY = ["--model", "lvit-t", *TINY_TRAIN]
 # Cases lvit predict meets: broken images in --images, and report tables it reads with --reports.
 PREDICT_IMAGE_CASES = [c.name for c in CORPUS if c.level == "file" and not c.name.startswith("mask")]
 PREDICT_TABLE_CASES = ["latin1_csv", "missing_column", "path_traversal"]
@@ -223,3 +225,105 @@ def test_broken_file_read_in_a_dataloader_worker_is_one_line(good_root, tmp_path
     line = assert_one_line_error(code, err, re.escape(culprit.name), "truncated")
     assert "Traceback" not in line and "worker" not in line
     tally.add("lvit train (DataLoader worker): handled")
+
+
+# --------------------------------------------------------------------------------------------------
+# The user-path corpus (tests/badinputs USER_PATH): outputs, reports, weights, batches, devices, flags.
+
+USER_CASES = {case.name: case for case in USER_PATH}
+
+
+@pytest.fixture(scope="module")
+def user_tally(request):
+    t = Tally("user path")
+    yield t
+    t.report(request)
+
+
+@pytest.fixture(scope="module")
+def text_run(good_root, tmp_path_factory) -> Path:
+    """A tiny LViT that reads reports (MiniLM, 24 tokens): records its training reports' words."""
+    run = tmp_path_factory.mktemp("textrun") / "run"
+    code, _, err = run_cli(["train", "--config", "synth", "--data", good_root, "--out", run, "--model", "lvit",
+                            *TINY_TRAIN])
+    assert code == 0, err
+    assert (run / "report_words.json").is_file()
+    return run
+
+
+def _files(folder: Path) -> set[Path]:
+    return {p for p in folder.rglob("*")} if folder.exists() else set()
+
+
+@pytest.mark.parametrize("name", list(USER_CASES))
+def test_user_path(name, good_root, trained_run, text_run, tmp_path, monkeypatch, user_tally):
+    """Each case: the promised outcome, a line that names the file or flag, nothing written by a refused
+    command, no temporary file left behind, and (``before_model``) no model loaded before the refusal."""
+    import tempfile
+
+    case = USER_CASES[name]
+    ctx = UserPathContext(tmp=tmp_path / "case", data=good_root, text_run=text_run, t_run=trained_run)
+    ctx.tmp.mkdir()
+    system_tmp = tmp_path / "system-tmp"
+    system_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(system_tmp))  # where on-the-fly ONNX exports would be left
+    argv = case.argv(ctx)
+    if case.before_model:
+        from lvit.train import checkpoint
+
+        def refuse(*args, **kwargs):
+            raise AssertionError(f"{name}: the model was loaded before the inputs were checked")
+
+        monkeypatch.setattr(checkpoint, "load_run", refuse)
+    before = _files(ctx.tmp)
+    user_tally.add(f"{case.group}: tried")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        code, out, err = run_cli(argv)
+    assert "Traceback" not in err
+    warning_lines = [line for line in err.splitlines() if line.startswith("warning: ")]
+    if case.expect in ("error", "partial"):
+        line = assert_one_line_error(code, err, *case.needles)
+        assert "\n" not in line
+        if case.expect == "error":
+            assert _files(ctx.tmp) == before, f"a refused command wrote {sorted(_files(ctx.tmp) - before)}"
+    else:
+        assert code == 0, err
+        assert error_lines(err) == []
+        if case.expect == "warning":
+            assert any(all(re.search(n, line) for n in case.needles) for line in warning_lines), err
+        else:
+            assert warning_lines == [], err
+    if case.check is not None:
+        monkeypatch.undo()  # checks may load models
+        case.check(ctx, out, err)
+    assert list(system_tmp.iterdir()) == [], "a temporary file was left behind"
+    assert [p for p in half_written_files(ctx.tmp) if p not in before] == []  # (not the case's own broken files)
+    user_tally.add(f"{case.group}: handled")
+
+
+def test_onnx_file_without_weights_hash_is_not_trusted(tmp_path, capsys):
+    """An ONNX file of the run's model config but without the weights hash (exported by an older lvit) is passed
+    over with a warning: it may hold any weights. (A file with the right hash is reused: tests/test_export.py.)"""
+    import json
+
+    import onnx
+    from onnx import TensorProto, helper
+
+    from lvit.export import WEIGHTS_KEY, onnx_for_run
+    from lvit.models import LViTConfig, build_model
+
+    model = build_model("lvit-t", LViTConfig(image_size=32, base_channels=8, vit_heads=2, use_text=False)).eval()
+    run = tmp_path / "run"
+    run.mkdir()
+    graph = helper.make_graph([helper.make_node("Identity", ["image"], ["logits"])], "old",
+                              [helper.make_tensor_value_info("image", TensorProto.FLOAT, [None, 3, 32, 32])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [None, 3, 32, 32])])
+    old = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    old.ir_version = 8
+    helper.set_model_props(old, {"lvit.image_size": "32", "lvit.config": json.dumps(model.config.to_dict())})
+    onnx.save(old, str(run / "model.onnx"))
+    session = onnx_for_run(model, run)
+    assert session.path != run / "model.onnx" and WEIGHTS_KEY in session.metadata
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "model.onnx records no weights hash" in err, err

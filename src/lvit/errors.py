@@ -56,3 +56,14 @@ class OutputExistsError(LvitError):
 
 class TrainingDiverged(LvitError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+def warn(message: str) -> None:
+    """Tell the user something went differently than they may assume: ONE line ``warning: ...`` on stderr.
+
+    For what does not stop the command (a report cut to the model's tokens, a fallback to other weights, images
+    skipped in a batch). Line breaks in ``message`` are folded so the warning stays one line.
+    """
+    import sys
+
+    print("warning: " + " ".join(str(message).split()), file=sys.stderr)

@@ -37,6 +37,20 @@ from .io import atomic_path, refuse_clobber
 EXPORT_ATOL = 1e-3
 
 INPUT_NAMES = ("image", "text", "text_mask")
+#: ONNX metadata key of the sha256 of the weights a file was exported from (see :func:`weights_digest`).
+WEIGHTS_KEY = "lvit.weights_sha256"
+
+
+def weights_digest(model: nn.Module) -> str:
+    """sha256 of a model's state dict (names, dtypes, shapes and values): equal iff the weights are equal."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}|{flat.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+    return digest.hexdigest()
 
 
 def example_inputs(
@@ -102,6 +116,7 @@ def export_onnx(
         "lvit.text_tokens": str(cfg.text_tokens),
         "lvit.text_dim": str(cfg.text_dim),
         "lvit.config": json.dumps(cfg.to_dict() if hasattr(cfg, "to_dict") else {}),
+        WEIGHTS_KEY: weights_digest(model),  # keys the file to these weights (onnx_for_run checks it)
     }
     meta.update({k: str(v) for k, v in (metadata or {}).items()})
     try:
@@ -258,20 +273,34 @@ class OnnxSegmenter:
 def onnx_for_run(model: nn.Module, run_dir: str | Path | None, opset: int = 17) -> OnnxSegmenter:
     """The ONNX Runtime session for a loaded run (``lvit predict --backend onnx``).
 
-    Uses ``<run>/model.onnx`` when it exists and was exported from this run's model config (``lvit export RUN
-    --onnx RUN/model.onnx``); otherwise exports the loaded model to a temporary file for this session (a few
-    seconds), checked against PyTorch like every export.
+    Uses ``<run>/model.onnx`` (from ``lvit export RUN --onnx RUN/model.onnx``) only when it was exported from
+    exactly these weights (the sha256 in its metadata) and model config. Otherwise (no such file, or one left
+    by other weights: a retrained run, ``last`` vs ``best``, an export from before the hash was recorded) the
+    loaded model is exported for this session, with a one-line warning when a stale file was passed over. The
+    temporary file is deleted as soon as ONNX Runtime has read it.
     """
+    import shutil
+    import tempfile
+
+    from .errors import warn
+
     cfg_json = json.dumps(model.config.to_dict())
     if run_dir is not None:
         candidate = Path(run_dir) / "model.onnx"
         if candidate.is_file():
             session = OnnxSegmenter(candidate)
-            if session.metadata.get("lvit.config") == cfg_json:
+            digest = weights_digest(model)
+            if session.metadata.get("lvit.config") == cfg_json and session.metadata.get(WEIGHTS_KEY) == digest:
                 return session
-    import tempfile
-
+            weights = getattr(model, "lvit_weights", None)
+            why = ("records no weights hash (exported by an older lvit)" if WEIGHTS_KEY not in session.metadata
+                   else "was exported from other weights" + (f" than {weights}" if weights else ""))
+            warn(f"{candidate} {why}: not used; exporting the loaded weights for this session instead (refresh "
+                 f"the file with `lvit export {run_dir} --onnx {candidate} --force`)")
     folder = Path(tempfile.mkdtemp(prefix="lvit-onnx-"))
-    path = folder / "model.onnx"
-    export_onnx(model, path, opset=opset, force=True)
-    return OnnxSegmenter(path)
+    try:
+        path = folder / "model.onnx"
+        export_onnx(model, path, opset=opset, force=True)
+        return OnnxSegmenter(path)  # the session holds the model in memory: the file is no longer needed
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from .errors import LvitError, OutputExistsError
+from .errors import ConfigError, LvitError, OutputExistsError
 
 FAULT_ENV = "LVIT_FAULT_INJECT"
 TEMP_SUFFIX = ".tmp"
@@ -253,11 +253,71 @@ def atomic_save(dest: str | Path, writer: Callable[[io.BufferedWriter], None]) -
 
 def save_png(dest: str | Path, array) -> Path:
     """Save a uint8 HxW or HxWxC numpy array as PNG, atomically."""
+    return save_image(dest, array, "PNG")
+
+
+# Image files lvit writes for the user: the format is the one the file's extension names.
+IMAGE_FORMATS = {".png": "PNG", ".tif": "TIFF", ".tiff": "TIFF", ".bmp": "BMP", ".jpg": "JPEG", ".jpeg": "JPEG"}
+LOSSLESS_SUFFIXES = (".png", ".tif", ".tiff", ".bmp")
+
+
+def image_format(path: str | Path, lossless: bool = True, flag: str | None = None) -> str:
+    """The Pillow format named by ``path``'s extension; ConfigError when there is none or it does not fit.
+
+    ``lossless=True`` (masks, probability maps) refuses JPEG: it would blur the 0/255 values of a mask.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    where = f"{flag} {path}" if flag else str(path)
+    allowed = LOSSLESS_SUFFIXES if lossless else tuple(IMAGE_FORMATS)
+    if suffix in allowed:
+        return IMAGE_FORMATS[suffix]
+    if suffix in IMAGE_FORMATS:
+        raise ConfigError(f"{where}: JPEG is lossy and would blur the mask's values; use .png, .tif or .bmp")
+    known = ", ".join(dict.fromkeys(allowed))
+    if not path.suffix:
+        raise ConfigError(f"{where}: no file extension to name the image format; use {known}")
+    raise ConfigError(f"{where}: '{path.suffix}' is not an image format lvit writes; use {known}")
+
+
+def save_image(dest: str | Path, array, format: str | None = None) -> Path:
+    """Save a uint8 HxW or HxWxC numpy array, atomically, in ``format`` (default: the one ``dest``'s
+    extension names, see :func:`image_format`)."""
     from PIL import Image
 
+    fmt = format or image_format(dest, lossless=False)
     buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
+    image = Image.fromarray(array)
+    if fmt == "JPEG":
+        image.convert("RGB" if image.mode not in ("L", "RGB") else image.mode).save(buf, format=fmt, quality=95)
+    else:
+        image.save(buf, format=fmt)
     return atomic_write_bytes(dest, buf.getvalue())
+
+
+def same_file(a: str | Path, b: str | Path) -> bool:
+    """True when the two paths name the same file (or would: both resolved to one path)."""
+    a, b = Path(a), Path(b)
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+    except OSError:
+        pass
+    return a.resolve() == b.resolve()
+
+
+def check_writable(path: str | Path, what: str = "output") -> Path:
+    """Raise (one line) when ``path`` could not be created: its nearest existing folder is a file or is not
+    writable. Cheap; run it before slow work so a bad output path fails first."""
+    path = Path(path)
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise LvitError(f"{path}: cannot write {what} ({parent} is a file, not a folder)")
+    if not os.access(parent, os.W_OK):
+        raise LvitError(f"{path}: cannot write {what} ({parent} is not writable)")
+    return path
 
 
 def prepare_output_dir(path: str | Path, force: bool = False, what: str = "output folder") -> Path:
@@ -279,6 +339,48 @@ def prepare_output_dir(path: str | Path, force: bool = False, what: str = "outpu
 def refuse_clobber(path: str | Path, force: bool) -> Path:
     """Raise if the file ``path`` exists and ``force`` is false."""
     path = Path(path)
+    if path.is_dir():
+        raise OutputExistsError(f"{path}: is a folder; give the name of the file to write")
     if path.exists() and not force:
         raise OutputExistsError(f"{path}: exists; pass --force to overwrite it")
     return path
+
+
+def _missing_ancestors(path: Path) -> list[Path]:
+    """``path`` and its parents that do not exist yet, deepest first."""
+    missing = []
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing
+
+
+def remove_empty_tree(folder: str | Path) -> None:
+    """Remove the empty folders below ``folder``, then ``folder`` itself if it is left empty (best effort)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    for sub in sorted((p for p in folder.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+        with contextlib.suppress(OSError):
+            sub.rmdir()
+    with contextlib.suppress(OSError):
+        folder.rmdir()
+
+
+@contextlib.contextmanager
+def output_dir(path: str | Path, force: bool = False, what: str = "output folder") -> Iterator[Path]:
+    """:func:`prepare_output_dir` for a block of work that may fail: when it does, the folders this call
+    created are removed again if nothing was written into them (never an empty output folder left behind;
+    folders that existed before are left alone)."""
+    path = Path(path)
+    created = _missing_ancestors(path)
+    out = prepare_output_dir(path, force, what)
+    try:
+        yield out
+    except BaseException:
+        if created:
+            remove_empty_tree(out)
+            for parent in created[1:]:
+                with contextlib.suppress(OSError):
+                    parent.rmdir()
+        raise

@@ -372,3 +372,377 @@ class Tally:
         from lvit.io import atomic_write_json
 
         atomic_write_json(path, data)
+
+
+# --------------------------------------------------------------------------------------------------
+# The user-path corpus: commands used the wrong way round (clashing outputs, odd reports, absent devices, stale
+# exports, lossy batches, bad flags). Each case is one CLI call on a tiny trained run and says what must come
+# out: an error (exit 2, ONE `error:` line naming the file or flag, nothing written), a warning (exit 0, a
+# `warning:` line naming it), a partial batch (the good images written, the failures listed, exit 2), or plain
+# success. tests/test_reliability_inputs.py runs them (test_user_path); bench/reliability.py counts them.
+
+# A tiny LViT-T / LViT on 32 px images, one epoch (the same settings as tests/test_reliability_inputs.py).
+TINY_TRAIN = ["--epochs", "1", "--batch-size", "4", "--workers", "0", "--no-progress",
+              "--set", "model.image_size=32", "--set", "model.base_channels=8", "--set", "model.vit_heads=2",
+              "--set", "data.augment=false"]
+
+
+@dataclass
+class UserPathContext:
+    """What a case may use. ``tmp`` is the case's own folder (everything a case writes goes there); ``data``
+    (the good dataset) and the two runs are shared: copy them (``copy_run``) before changing anything."""
+
+    tmp: Path
+    data: Path
+    text_run: Path  # LViT reading reports (minilm), trained by this lvit: has report_words.json
+    t_run: Path  # LViT-T (no text)
+
+    @property
+    def image(self) -> Path:
+        """A test image copied into ``tmp`` (cases check it is never overwritten)."""
+        path = self.tmp / "input.png"
+        if not path.exists():
+            shutil.copyfile(sorted((self.data / "Test_Folder" / "img").iterdir())[0], path)
+        return path
+
+    def copy_run(self, which: str = "t") -> Path:
+        dest = self.tmp / f"run-{which}"
+        shutil.copytree(self.text_run if which == "text" else self.t_run, dest)
+        return dest
+
+    def image_folder(self, n: int = 6) -> Path:
+        folder = self.tmp / "imgs"
+        folder.mkdir(exist_ok=True)
+        for path in sorted((self.data / TRAIN / "img").iterdir())[:n]:
+            shutil.copyfile(path, folder / path.name)
+        return folder
+
+
+@dataclass(frozen=True)
+class UserPathCase:
+    name: str
+    group: str  # the row of the reliability table it counts in
+    what: str
+    argv: Callable[[UserPathContext], list]  # prepares files in ctx.tmp, returns the lvit command line
+    expect: str  # "error" | "warning" | "partial" | "ok"
+    needles: tuple[str, ...] = ()  # regexes the error line (or one warning line) must all match
+    check: Callable | None = None  # check(ctx, stdout, stderr): further assertions
+    before_model: bool = False  # must fail before any model is loaded
+
+
+def _predict_one(ctx: UserPathContext, *extra, run: str = "text", text: str | None = "Left lung: one infected "
+                 "area in the lower zone.") -> list:
+    argv = ["predict", ctx.text_run if run == "text" else ctx.t_run, "--image", ctx.image]
+    return argv + (["--text", text] if text is not None else []) + list(extra)
+
+
+def _read_png(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.array(im)
+
+
+def _unchanged_image(ctx: UserPathContext, out: str, err: str) -> None:
+    first = sorted((ctx.data / "Test_Folder" / "img").iterdir())[0]
+    assert ctx.image.read_bytes() == first.read_bytes(), "the input image was overwritten"
+
+
+def _image_formats(ctx: UserPathContext, out: str, err: str) -> None:
+    assert (ctx.tmp / "m.tif").read_bytes()[:4] in (b"II*\x00", b"MM\x00*"), "m.tif is not a TIFF"
+    assert (ctx.tmp / "o.jpg").read_bytes()[:3] == b"\xff\xd8\xff", "o.jpg is not a JPEG"
+    assert set(np.unique(_read_png(ctx.tmp / "m.tif"))) <= {0, 255}
+
+
+def _onnx_stale(ctx: UserPathContext) -> list:
+    """RUN/model.onnx exported, then the run's best weights change (as after `train --force` into the folder)."""
+    from safetensors.torch import save_file
+
+    from lvit.train.checkpoint import load_weights
+
+    run = ctx.copy_run("t")
+    code, _, err = run_cli(["export", run, "--onnx", run / "model.onnx"])
+    assert code == 0, err
+    best = run / "checkpoints" / "best.safetensors"
+    tensors = load_weights(best)
+    tensors["head.weight"], tensors["head.bias"] = -tensors["head.weight"], -tensors["head.bias"] + 1.0  # new logits
+    save_file(tensors, str(best), metadata={"format": "lvit"})
+    return ["predict", run, "--image", ctx.image, "--out", ctx.tmp / "onnx.png", "--prob", ctx.tmp / "onnx_prob.png",
+            "--backend", "onnx"]
+
+
+def _onnx_matches_torch(ctx: UserPathContext, out: str, err: str) -> None:
+    run = ctx.tmp / "run-t"
+    code, _, err = run_cli(["predict", run, "--image", ctx.image, "--out", ctx.tmp / "torch.png", "--prob",
+                            ctx.tmp / "torch_prob.png"])
+    assert code == 0, err
+    onnx, torch_ = _read_png(ctx.tmp / "onnx_prob.png").astype(int), _read_png(ctx.tmp / "torch_prob.png").astype(int)
+    assert np.abs(onnx - torch_).max() <= 1, "the ONNX backend did not use the run's current weights"
+    # Sanity: the stale file really predicts otherwise (else this case could not fail).
+    from lvit.data import read_image
+    from lvit.evaluate.predict import Predictor
+    from lvit.export import OnnxSegmenter
+
+    predictor = Predictor(run)
+    batch = predictor.preprocess(read_image(ctx.image))[None]
+    assert float((OnnxSegmenter(run / "model.onnx")(batch) - predictor.logits(batch)).abs().max()) > 1e-2
+
+
+def _without_best(ctx: UserPathContext) -> list:
+    run = ctx.copy_run("t")
+    (run / "checkpoints" / "best.safetensors").unlink()
+    return ["predict", run, "--image", ctx.image, "--out", ctx.tmp / "m.png"]
+
+
+def _truncated_ckpt(ctx: UserPathContext) -> list:
+    run = ctx.copy_run("t")
+    ckpt = run / "checkpoints" / "last.ckpt"
+    ckpt.write_bytes(ckpt.read_bytes()[:30_000])
+    return ["predict", ckpt, "--image", ctx.image, "--out", ctx.tmp / "m.png"]
+
+
+def _whole_sentence(ctx: UserPathContext, out: str, err: str) -> None:
+    line = error_lines(err)[0]
+    assert line.endswith(")") and "miniz" not in line and "..." not in line, line
+
+
+def _old_run(ctx: UserPathContext) -> list:
+    run = ctx.copy_run("text")
+    (run / "report_words.json").unlink()  # as a run trained before lvit recorded its reports' words
+    return ["predict", run, "--image", ctx.image, "--text", "Left lung: one infected area.", "--out", ctx.tmp / "m.png"]
+
+
+def _table(ctx: UserPathContext, names: list[str], text: str = "Right lung: one infected area in the upper zone.",
+           name: str = "reports.csv") -> Path:
+    table = ctx.tmp / name
+    table.write_text("Image,Description\n" + "".join(f"{n},{text}\n" for n in names), encoding="utf-8")
+    return table
+
+
+def _batch_skipped(ctx: UserPathContext) -> list:
+    folder = ctx.image_folder(6)
+    names = sorted(p.name for p in folder.iterdir())
+    return ["predict", ctx.text_run, "--images", folder, "--reports", _table(ctx, names[:4]), "--out",
+            ctx.tmp / "out", "--no-progress"]
+
+
+def _skipped_listed(ctx: UserPathContext, out: str, err: str) -> None:
+    masks = sorted(p.name for p in (ctx.tmp / "out" / "masks").iterdir())
+    names = sorted(p.name for p in (ctx.tmp / "imgs").iterdir())
+    assert masks == names[:4], masks
+    listing = (ctx.tmp / "out" / "skipped.csv").read_text()
+    assert all(f"{n},skipped," in listing for n in names[4:]), listing
+    assert "predicted 4 of 6" in out, out
+    assert "lvit predict" not in err, "--no-progress still drew a progress bar"
+
+
+def _batch_bad_image(ctx: UserPathContext) -> list:
+    folder = ctx.image_folder(6)
+    sorted(folder.iterdir())[2].write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)  # a broken third image
+    return ["predict", ctx.t_run, "--images", folder, "--out", ctx.tmp / "out", "--batch-size", "4", "--no-progress"]
+
+
+def _others_written(ctx: UserPathContext, out: str, err: str) -> None:
+    names = sorted(p.name for p in (ctx.tmp / "imgs").iterdir())
+    masks = sorted(p.name for p in (ctx.tmp / "out" / "masks").iterdir())
+    assert masks == [n for i, n in enumerate(names) if i != 2], masks
+    assert f"{names[2]},failed," in (ctx.tmp / "out" / "skipped.csv").read_text()
+
+
+def _batch_bad_table(ctx: UserPathContext) -> list:
+    folder = ctx.image_folder(3)
+    table = ctx.tmp / "reports.csv"
+    table.write_text("Image,Report\n" + "".join(f"{p.name},left lung\n" for p in sorted(folder.iterdir())))
+    return ["predict", ctx.text_run, "--images", folder, "--reports", table, "--out", ctx.tmp / "new" / "out"]
+
+
+def _no_folder_left(ctx: UserPathContext, out: str, err: str) -> None:
+    assert not (ctx.tmp / "new").exists(), "an empty output folder was left behind"
+
+
+def _failed_train(ctx: UserPathContext) -> list:
+    root = ctx.tmp / "data"
+    shutil.copytree(ctx.data, root, ignore=shutil.ignore_patterns(".lvit_cache"))
+    truncated_png(root)
+    return ["train", "--config", "synth", "--data", root, "--out", ctx.tmp / "run", "--model", "lvit-t", *TINY_TRAIN]
+
+
+def _retry_without_force(ctx: UserPathContext, out: str, err: str) -> None:
+    assert not (ctx.tmp / "run").exists(), "the failed run left a stub folder"
+    root = ctx.tmp / "data"
+    shutil.copyfile(sorted((ctx.data / TRAIN / "img").iterdir())[0], image_path(root))  # repaired
+    code, _, err = run_cli(["train", "--config", "synth", "--data", root, "--out", ctx.tmp / "run", "--model",
+                            "lvit-t", *TINY_TRAIN])
+    assert code == 0 and (ctx.tmp / "run" / "checkpoints" / "last.safetensors").is_file(), err
+
+
+def _stub_run(ctx: UserPathContext) -> list:
+    """The leftovers of a run killed before its first checkpoint: config.yaml, tensorboard/, empty checkpoints/."""
+    stub = ctx.tmp / "run"
+    (stub / "tensorboard").mkdir(parents=True)
+    (stub / "checkpoints").mkdir()
+    shutil.copyfile(ctx.t_run / "config.yaml", stub / "config.yaml")
+    return ["train", "--config", "synth", "--data", ctx.data, "--out", stub, "--model", "lvit-t", *TINY_TRAIN]
+
+
+def _trained(ctx: UserPathContext, out: str, err: str) -> None:
+    assert (ctx.tmp / "run" / "checkpoints" / "last.safetensors").is_file()
+
+
+def _model_info_run(ctx: UserPathContext, out: str, err: str) -> None:
+    import json
+
+    from lvit.models import count_parameters
+    from lvit.train.checkpoint import load_run
+
+    info = json.loads(out)
+    assert info["parameters"] == count_parameters(load_run(ctx.text_run)[0]), info["parameters"]
+    assert info["config"]["text_dim"] == 384
+
+
+def _model_info_preset(ctx: UserPathContext, out: str, err: str) -> None:
+    import json
+
+    import torch
+
+    from lvit.models import LViTConfig, build_model, count_parameters
+    from lvit.presets import preset_path
+    from lvit.train.config import load_config
+
+    cfg = load_config(preset_path("synth"))
+    with torch.device("meta"):
+        model = build_model(cfg.model_name, LViTConfig(**{**cfg.model.to_dict(), "text_dim": 384}))
+    assert json.loads(out)["parameters"] == count_parameters(model)  # the MiniLM width, as training sets it
+
+
+def _existing_folder(ctx: UserPathContext) -> Path:
+    folder = ctx.tmp / "folder"
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
+LONG_REPORT = ("Bilateral pulmonary infection, two infected areas, upper left lung and lower right lung. " * 120)[:10_000]
+SPEAKING = "Left lung: one infected area in the lower zone."
+
+USER_PATH: list[UserPathCase] = [
+    # Outputs of one image
+    UserPathCase("out_clash", "predict outputs", "--out, --prob and --overlay name one file",
+                 lambda c: _predict_one(c, "--out", c.tmp / "x.png", "--prob", c.tmp / "x.png", "--overlay",
+                                        c.tmp / "x.png"), "error", (r"--out and --prob", r"x\.png"), before_model=True),
+    UserPathCase("out_is_input", "predict outputs", "--out is the input image, with --force",
+                 lambda c: _predict_one(c, "--out", c.image, "--force"), "error",
+                 (r"--out", r"input\.png", "input image"), _unchanged_image, before_model=True),
+    UserPathCase("prob_is_input", "predict outputs", "--prob is the input image",
+                 lambda c: _predict_one(c, "--out", c.tmp / "m.png", "--prob", c.image, "--force"), "error",
+                 (r"--prob", r"input\.png", "input image"), _unchanged_image, before_model=True),
+    UserPathCase("out_jpg", "predict outputs", "--out m.jpg (a mask as lossy JPEG)",
+                 lambda c: _predict_one(c, "--out", c.tmp / "m.jpg"), "error", (r"--out", r"m\.jpg", "JPEG"),
+                 before_model=True),
+    UserPathCase("out_no_extension", "predict outputs", "--out without an extension",
+                 lambda c: _predict_one(c, "--out", c.tmp / "mask"), "error", (r"--out", r"mask", "no file extension"),
+                 before_model=True),
+    UserPathCase("out_formats", "predict outputs", "--out m.tif --overlay o.jpg: the formats they name",
+                 lambda c: _predict_one(c, "--out", c.tmp / "m.tif", "--overlay", c.tmp / "o.jpg"), "ok",
+                 check=_image_formats),
+    UserPathCase("out_folder", "predict outputs", "--out names an existing folder",
+                 lambda c: _predict_one(c, "--out", _existing_folder(c)), "error", (r"--out", r"folder", "is a folder"),
+                 before_model=True),
+    UserPathCase("out_folder_force", "predict outputs", "--out names an existing folder, with --force",
+                 lambda c: _predict_one(c, "--out", _existing_folder(c), "--force"), "error",
+                 (r"--out", "is a folder"), before_model=True),
+    UserPathCase("out_parent_is_file", "predict outputs", "--out inside a path that is a file",
+                 lambda c: _predict_one(c, "--out", c.image / "m.png"), "error", (r"input\.png", "not a folder"),
+                 before_model=True),
+    # Reports
+    UserPathCase("long_report", "reports", "a 10,000-character report",
+                 lambda c: _predict_one(c, "--out", c.tmp / "m.png", text=LONG_REPORT), "warning",
+                 ("--text", "truncated", r"keeps 24 of its [\d,]+ tokens")),
+    UserPathCase("emoji_report", "reports", "a report of emoji",
+                 lambda c: _predict_one(c, "--out", c.tmp / "m.png", text="🫁 😷 🫁"), "warning",
+                 ("--text", "no words")),
+    UserPathCase("foreign_report", "reports", "a report in another language",
+                 lambda c: _predict_one(c, "--out", c.tmp / "m.png", text="Opacité basale droite, 右下肺"), "warning",
+                 ("--text", "shares no words with the training reports")),
+    UserPathCase("unknown_words", "reports", "a report of words never seen in training",
+                 lambda c: _predict_one(c, "--out", c.tmp / "m.png", text="quantum banana spreadsheet"), "warning",
+                 ("--text", "shares no words")),
+    UserPathCase("text_to_lvit_t", "reports", "--text given to LViT-T (which ignores it)",
+                 lambda c: _predict_one(c, "--out", c.tmp / "m.png", run="t", text=SPEAKING), "warning",
+                 ("--text is ignored", "lvit-t")),
+    UserPathCase("old_run_words", "reports", "a run without report_words.json (older lvit)",
+                 _old_run, "warning", ("report_words.json", "not checked")),
+    UserPathCase("batch_reports", "reports", "--reports with unknown-word and long reports (batch)",
+                 lambda c: ["predict", c.text_run, "--images", c.image_folder(2), "--out", c.tmp / "out",
+                            "--reports", _table(c, sorted(p.name for p in (c.tmp / "imgs").iterdir()), text="zzz qqq")],
+                 "warning", ("--reports", r"2 report\(s\) share no words")),
+    # Weights and exports
+    UserPathCase("best_missing", "weights and ONNX", "no best.safetensors: last.safetensors is used",
+                 _without_best, "warning", ("best.safetensors", r"using .*last\.safetensors")),
+    UserPathCase("onnx_stale", "weights and ONNX", "RUN/model.onnx from older weights", _onnx_stale, "warning",
+                 (r"model\.onnx", "other weights", "--force"), _onnx_matches_torch),
+    UserPathCase("truncated_ckpt", "weights and ONNX", "a truncated last.ckpt", _truncated_ckpt, "error",
+                 (r"last\.ckpt", "truncated or damaged"), _whole_sentence),
+    # Batches
+    UserPathCase("batch_skipped", "batch predict", "images without a row in --reports", _batch_skipped, "warning",
+                 (r"2 image\(s\)", "no row", r"reports\.csv", r"skipped\.csv"), _skipped_listed),
+    UserPathCase("batch_bad_image", "batch predict", "one unreadable image in --images", _batch_bad_image,
+                 "partial", (r"1 image\(s\) could not be predicted", r"train_0002\.png", "truncated|unreadable"),
+                 _others_written),
+    UserPathCase("batch_bad_table", "batch predict", "a table without Description: no empty folder left",
+                 _batch_bad_table, "error", (r"reports\.csv", "Description"), _no_folder_left, before_model=True),
+    # Devices
+    UserPathCase("predict_cuda", "devices", "predict --device cuda on a CPU-only torch",
+                 lambda c: _predict_one(c, "--out", c.tmp / "m.png", "--device", "cuda:7"), "error",
+                 ("--device cuda:7", "CUDA|cuda"), before_model=True),
+    UserPathCase("predict_banana", "devices", "predict --device banana",
+                 lambda c: _predict_one(c, "--out", c.tmp / "m.png", "--device", "banana"), "error",
+                 ("--device banana", "not a device"), before_model=True),
+    UserPathCase("test_banana", "devices", "test --device banana",
+                 lambda c: ["test", c.t_run, "--data", c.data, "--out", c.tmp / "t", "--device", "banana"], "error",
+                 ("--device banana",), before_model=True),
+    UserPathCase("test_cuda", "devices", "test --device cuda:7 (no such GPU here)",
+                 lambda c: ["test", c.t_run, "--data", c.data, "--out", c.tmp / "t", "--device", "cuda:7"], "error",
+                 ("--device cuda:7",), before_model=True),
+    # Flags, configs and retries
+    UserPathCase("test_negative_k", "flags and retries", "test --k -3",
+                 lambda c: ["test", c.t_run, "--data", c.data, "--out", c.tmp / "t", "--k", "-3"], "error",
+                 ("--k", "-3"), before_model=True),
+    UserPathCase("report_bad_layer", "flags and retries", "report --layers banana",
+                 lambda c: ["report", c.t_run, "--layers", "banana", "--out", c.tmp / "r.html"], "error",
+                 ("--layers banana", "explain .*--list-layers"), before_model=True),
+    UserPathCase("set_nan_on_preset", "flags and retries", "--set optim.lr=nan with a preset",
+                 lambda c: ["train", "--config", "synth", "--data", c.data, "--out", c.tmp / "run",
+                            "--set", "optim.lr=nan"], "error", (r"^error: --set optim\.lr=nan", "finite"),
+                 before_model=True),
+    UserPathCase("set_bad_type_on_preset", "flags and retries", "--set optim.lr=fast with a preset",
+                 lambda c: ["train", "--config", "synth", "--data", c.data, "--out", c.tmp / "run",
+                            "--set", "optim.lr=fast"], "error", (r"^error: --set optim\.lr=fast", "number"),
+                 before_model=True),
+    UserPathCase("failed_train_retry", "flags and retries", "a failed train, then the retry without --force",
+                 _failed_train, "error", (r"train_0000\.png", "truncated|unreadable"), _retry_without_force),
+    UserPathCase("stub_run_retry", "flags and retries", "train into the stub of a run killed before a checkpoint",
+                 _stub_run, "warning", ("removed the leftovers", r"config\.yaml"), _trained),
+    UserPathCase("model_info_run", "flags and retries", "model-info RUN (a MiniLM run)",
+                 lambda c: ["model-info", c.text_run, "--json"], "ok", check=_model_info_run),
+    UserPathCase("model_info_run_config", "flags and retries", "model-info RUN/config.yaml",
+                 lambda c: ["model-info", "--config", c.text_run / "config.yaml", "--json"], "ok",
+                 check=_model_info_run),
+    UserPathCase("model_info_preset", "flags and retries", "model-info --config synth counts 384-d MiniLM text",
+                 lambda c: ["model-info", "--config", "synth", "--json"], "ok", check=_model_info_preset),
+    # Inputs before the model
+    UserPathCase("predict_missing_image", "inputs checked first", "predict --image that does not exist",
+                 lambda c: ["predict", c.text_run, "--image", c.tmp / "nothere.png", "--text", SPEAKING, "--out",
+                            c.tmp / "m.png"], "error", (r"nothere\.png", "not found"), before_model=True),
+    UserPathCase("predict_missing_folder", "inputs checked first", "predict --images that does not exist",
+                 lambda c: ["predict", c.t_run, "--images", c.tmp / "nothere", "--out", c.tmp / "out"], "error",
+                 (r"nothere", "not found"), before_model=True),
+    UserPathCase("test_missing_data", "inputs checked first", "test --data that does not exist",
+                 lambda c: ["test", c.t_run, "--data", c.tmp / "nodata", "--out", c.tmp / "t"], "error",
+                 (r"nodata", "not found"), before_model=True),
+    UserPathCase("test_out_not_empty", "inputs checked first", "test --out a non-empty folder",
+                 lambda c: ["test", c.t_run, "--data", c.data, "--out", c.image.parent], "error",
+                 ("not empty", "--force"), before_model=True),
+    UserPathCase("explain_missing_image", "inputs checked first", "explain --image that does not exist",
+                 lambda c: ["explain", c.t_run, "--image", c.tmp / "nothere.png", "--out", c.tmp / "ex"], "error",
+                 (r"nothere\.png",), before_model=True),
+]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import statistics
 import tempfile
 import time
@@ -139,7 +140,13 @@ def measure_matmul(device: str, dtype_name: str, budget_s: float = 0.3, max_n: i
         torch.matmul(a, b)
         sync(device)
         rates, elapsed = [], []
-        for _ in range(3 if device == "cpu" else 10):  # a GPU product takes ~1 ms: more samples, same cost
+        # Samples for about 0.15 s (3 to 50): a product of a few ms, preempted once on a busy machine, would
+        # otherwise set a low peak and inflate every MFU measured against it.
+        t0 = time.perf_counter()
+        torch.matmul(a, b)
+        sync(device)
+        samples = min(50, max(3, math.ceil(0.15 / max(time.perf_counter() - t0, 1e-6))))
+        for _ in range(samples):
             t0 = time.perf_counter()
             torch.matmul(a, b)
             sync(device)

@@ -31,11 +31,11 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..errors import ConfigError
+    from ..errors import ConfigError, DataError, warn
     from ..train.checkpoint import load_run
 
-    model, run_config = load_run(args.checkpoint)
     if args.list_layers:
+        model, _ = load_run(args.checkpoint)
         from ..evaluate.gradcam import list_layers
 
         print(f"{'layer':<32} {'branch':<6} {'class':<22} output shape (default: *)")
@@ -50,20 +50,35 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--threshold must be in (0, 1), got {args.threshold}")
 
     from ..data.readers import read_image
-    from ..evaluate.gradcam import counterfactual_report, explain_image, write_explanation
-    from ..evaluate.predict import run_text_encoder
-    from ..io import prepare_output_dir
+    from ..evaluate.predict import model_reads_text, read_run, run_text_encoder, weights_warning
+    from ..io import output_dir
 
-    encode = run_text_encoder(model, run_config)
-    if encode is not None and not args.text:
-        raise ConfigError(f"{args.checkpoint}: this model reads the report: pass --text \"...\"")
-    text = args.text or ""
-    alt_text = args.alt_text if args.alt_text is not None else (counterfactual_report(text) if encode else "")
+    # Inputs and the output folder first; the model (the slow part) last.
+    if Path(args.image).is_dir():
+        raise DataError(args.image, "is a folder; lvit explain takes one image file")
     image = read_image(args.image)  # HxWxC uint8; DataError names the file if unreadable
-    out = prepare_output_dir(args.out, args.force)
-    explanations = explain_image(model, image, [text, alt_text], encode, args.layers)
-    summary = write_explanation(out, image, (text, alt_text), tuple(explanations), args.threshold,
-                                extra={"checkpoint": str(Path(args.checkpoint)), "image": str(Path(args.image))})
+    _, weights, run_config = read_run(args.checkpoint)
+    note = weights_warning(args.checkpoint, weights)
+    if note:
+        warn(note)
+    reads_text = model_reads_text(run_config)
+    if reads_text and not args.text:
+        raise ConfigError(f"{args.checkpoint}: this model reads the report: pass --text \"...\"")
+    if not reads_text and (args.text or args.alt_text):
+        warn(f"--text/--alt-text are ignored: the model of {args.checkpoint} ({run_config.get('model_name')}) does "
+             "not read reports")
+    with output_dir(args.out, args.force) as out:
+        from ..evaluate.explanation import write_explanation
+        from ..evaluate.gradcam import explain_image
+        from ..text.reports import counterfactual_report
+
+        model, run_config = load_run(args.checkpoint)
+        encode = run_text_encoder(model, run_config)
+        text = args.text or ""
+        alt_text = args.alt_text if args.alt_text is not None else (counterfactual_report(text) if encode else "")
+        explanations = explain_image(model, image, [text, alt_text], encode, args.layers)
+        summary = write_explanation(out, image, (text, alt_text), tuple(explanations), args.threshold,
+                                    extra={"checkpoint": str(Path(args.checkpoint)), "image": str(Path(args.image))})
     print(f"explained {len(summary['layers'])} layer(s) of {args.image}: {', '.join(summary['layers'])}")
     print(f"report changed to: {alt_text!r}; mean |probability change| "
           f"{summary['mean_abs_probability_change']:.4f}")

@@ -107,27 +107,53 @@ def measure(model_name: str, config, height: int | None = None, width: int | Non
 
 
 def _read_model_section(path: Path) -> tuple[dict, str | None]:
-    """The ``model`` mapping and ``model_name`` of a YAML preset (validated by lvit.train when available)."""
-    try:
-        from ..train.config import load_config
-    except ImportError:  # pragma: no cover - lvit.train absent in a partial checkout
-        load_config = None
-    if load_config is not None:
-        cfg = load_config(path)
-        return cfg.model.to_dict(), cfg.model_name
+    """The ``model`` mapping and ``model_name`` of a YAML preset, a user's config or a run's config.yaml.
+
+    A run's config.yaml is taken as it is (its ``text_dim`` is the width the run's encoder gave). A preset's
+    ``text_dim`` follows its text encoder, as training does (MiniLM: 384), unless the preset sets it.
+    """
     import yaml
 
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{path}: cannot read config ({exc})") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: cannot read config ({' '.join(str(exc).split())})") from None
     if not isinstance(data, dict) or not isinstance(data.get("model", {}), dict):
         raise ConfigError(f"{path}: expected a mapping with a 'model' section")
-    return dict(data.get("model") or {}), data.get("model_name")
+    if any(key in data for key in ("lvit_version", "text_encoder", "data_info")):  # a trained run's config
+        return dict(data.get("model") or {}), data.get("model_name")
+    from ..train.config import load_config
+
+    cfg = load_config(path)
+    values = cfg.model.to_dict()
+    preset_sets_dim = "text_dim" in (data.get("model") or {})
+    reads_text = cfg.model_name == "lvit" and cfg.model.use_text
+    spec = cfg.text.encoder
+    if reads_text and not preset_sets_dim and not (spec == "learned" or spec.startswith("learned:")):
+        from ..text import get_text_encoder
+
+        values["text_dim"] = get_text_encoder(spec, cfg.model.text_tokens).dim  # reads config.json only
+    return values, cfg.model_name
+
+
+def source_path(source: str) -> Path:
+    """A run folder (its config.yaml), a YAML file, or a preset name -> the YAML file to read."""
+    from ..presets import resolve_config as resolve_preset
+
+    path = Path(source)
+    if path.is_dir():
+        if not (path / "config.yaml").is_file():
+            raise ConfigError(f"{path}: no config.yaml (not a run folder made by lvit train)")
+        return path / "config.yaml"
+    try:
+        return resolve_preset(source)
+    except ConfigError as exc:
+        raise ConfigError(str(exc).replace("no such config file", "no such run folder, config file")) from None
 
 
 def resolve_config(config_path: str | None, overrides: list[str]):
-    """LViTConfig from an optional preset plus ``key=value`` overrides (``model.`` prefix optional)."""
+    """LViTConfig from an optional preset, config file or run folder plus ``key=value`` overrides (``model.``
+    prefix optional)."""
     import yaml
 
     from ..models import LViTConfig
@@ -135,7 +161,7 @@ def resolve_config(config_path: str | None, overrides: list[str]):
     values: dict[str, Any] = {}
     model_name = None
     if config_path:
-        values, model_name = _read_model_section(Path(config_path))
+        values, model_name = _read_model_section(source_path(config_path))
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value, e.g. text_dim=768")
@@ -181,7 +207,13 @@ def _print_table(info: dict[str, Any]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    config, preset_model = resolve_config(args.config, [*args.overrides, *args.set])
+    overrides = list(args.overrides)
+    source = args.config
+    if overrides and "=" not in overrides[0]:  # model-info RUN_DIR | config.yaml | preset [KEY=VALUE ...]
+        if source:
+            raise ConfigError(f"{overrides[0]}: give either a run folder / config as the first argument or --config")
+        source = overrides.pop(0)
+    config, preset_model = resolve_config(source, [*overrides, *args.set])
     model_name = args.model or preset_model or "lvit"
     info = measure(model_name, config, *(args.size or (None, None)))
     if args.json:
@@ -195,11 +227,14 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("model-info", help="parameters and GFLOPs of a model, per module group",
                               description="Count parameters and forward GFLOPs (per image) of LViT, LViT-T or "
                                           "U-Net, in total and per module group.")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                   help="LViTConfig overrides, e.g. text_dim=768 image_size=224 base_channels=32")
+    p.add_argument("overrides", nargs="*", metavar="[RUN_DIR|CONFIG] KEY=VALUE",
+                   help="a trained run folder, its config.yaml or a preset name (first, optional), then LViTConfig "
+                        "overrides, e.g. text_dim=768 image_size=224 base_channels=32")
     p.add_argument("--model", choices=("lvit", "lvit-t", "unet"), default=None,
                    help="network (default: the preset's model_name, else lvit)")
-    p.add_argument("--config", default=None, help="a YAML preset (its 'model' section and model_name are used)")
+    p.add_argument("--config", default=None,
+                   help="a preset name, a YAML config or a run folder / its config.yaml (its 'model' section and "
+                        "model_name are used; a preset's text width follows its text encoder)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="same as a positional override")
     p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=None,
                    help="input size for the FLOP count (default: image_size x image_size)")

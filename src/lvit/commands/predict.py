@@ -21,7 +21,8 @@ def register(subparsers) -> None:
     p.add_argument("--reports", help="report table (.xlsx/.csv) for --images")
     p.add_argument("--image-column", default="Image", help="table column naming the image (or its mask)")
     p.add_argument("--text-column", default="Description", help="table column holding the report")
-    p.add_argument("--out", required=True, help="mask PNG (one image) or output folder (--images)")
+    p.add_argument("--out", required=True, help="mask file (one image: .png, .tif or .bmp, the format its extension "
+                                              "names) or output folder (--images)")
     p.add_argument("--prob", nargs="?", const=True, default=None,
                    help="also save the probability map (one image: its PNG path; --images: a flag)")
     p.add_argument("--overlay", nargs="?", const=True, default=None,
@@ -32,21 +33,25 @@ def register(subparsers) -> None:
                    help="inference backend: torch (default) or onnx (ONNX Runtime on CPU; uses RUN/model.onnx "
                         "from `lvit export` when present, else exports on the fly)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    p.add_argument("--force", action="store_true", help="overwrite existing outputs (never the input image)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (--images)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..errors import ConfigError
+    from ..evaluate.predict import resolve_device
 
     if bool(args.image) == bool(args.images):
         raise ConfigError("give either --image FILE (with --text) or --images DIR (with --reports)")
     if not 0.0 < args.threshold < 1.0:
         raise ConfigError(f"--threshold must be in (0, 1), got {args.threshold}")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    device = resolve_device(args.device)  # before anything slow
+    if args.backend == "onnx" and device.type != "cpu":
+        raise ConfigError("--backend onnx runs on CPU (ONNX Runtime's CPU provider): use --device cpu")
     if args.image:
-        for flag, value in (("--prob", args.prob), ("--overlay", args.overlay)):
-            if value is True:
-                raise ConfigError(f"{flag} needs a PNG path when predicting one image")
         return _predict_one(args)
     return _predict_folder(args)
 
@@ -57,84 +62,245 @@ def _predictor(args):
     return Predictor(args.checkpoint, device=args.device, backend=args.backend)
 
 
+def _read_run(args):
+    """(run folder, weights, run config) of CHECKPOINT_OR_RUN, without loading the model; warns when a run
+    folder has no best weights (the last ones are used)."""
+    from ..errors import warn
+    from ..evaluate.predict import read_run, weights_warning
+
+    run_dir, weights, run_config = read_run(args.checkpoint)
+    note = weights_warning(args.checkpoint, weights)
+    if note:
+        warn(note)
+    return run_dir, weights, run_config
+
+
+def _check_outputs(args, image_path: Path) -> list[tuple[str, Path, str]]:
+    """--out/--prob/--overlay of one image: each a distinct file, none the input, a format its extension names
+    (masks and probabilities lossless), not a folder, new unless --force, in a writable place.
+    -> [(flag, path, format)]"""
+    from ..errors import ConfigError, OutputExistsError
+    from ..io import check_writable, image_format, refuse_clobber, same_file
+
+    for flag, value in (("--prob", args.prob), ("--overlay", args.overlay)):
+        if value is True:
+            raise ConfigError(f"{flag} needs a file path when predicting one image (e.g. {flag} out.png)")
+    wanted = [(flag, Path(value), lossless) for flag, value, lossless in
+              (("--out", args.out, True), ("--prob", args.prob, True), ("--overlay", args.overlay, False)) if value]
+    seen: dict[Path, str] = {}
+    for flag, path, _ in wanted:
+        if same_file(path, image_path):
+            raise ConfigError(f"{flag} {path}: is the input image; lvit never overwrites its input, even with "
+                              "--force: choose another file")
+        key = path.resolve()
+        if key in seen:
+            raise ConfigError(f"{seen[key]} and {flag} both name {path}: give each output its own file")
+        seen[key] = flag
+    outputs = []
+    for flag, path, lossless in wanted:
+        if path.is_dir():
+            raise OutputExistsError(f"{flag} {path}: is a folder; name the file to write (e.g. {path / 'mask.png'}), "
+                                    "or predict a folder of images with --images")
+        fmt = image_format(path, lossless=lossless, flag=flag)
+        refuse_clobber(path, args.force)
+        check_writable(path)
+        outputs.append((flag, path, fmt))
+    return outputs
+
+
+def _warn_about_reports(checker, checks, names: list[str], where: str) -> None:
+    """One warning line per kind of doubt about the reports (truncated, no known words, nothing to check)."""
+    from ..errors import warn
+
+    def listed(idx: list[int]) -> str:
+        shown = ", ".join(names[i] for i in idx[:5])
+        return shown + (f" and {len(idx) - 5} more" if len(idx) > 5 else "")
+
+    single = len(checks) == 1
+    cut = [i for i, c in enumerate(checks) if c.truncated]
+    if cut:
+        c = max((checks[i] for i in cut), key=lambda c: c.tokens)
+        if single:
+            warn(f"{where}: report truncated: the model keeps {c.kept} of its {c.tokens:,} tokens (word pieces); "
+                 "the rest is ignored")
+        else:
+            warn(f"{where}: {len(cut)} report(s) truncated to the model's {c.kept} tokens (word pieces), the longest "
+                 f"has {c.tokens:,}: {listed(cut)}")
+    if checker.known_words is None:
+        warn(checker.no_record_note())
+        return
+    strange = [i for i, c in enumerate(checks) if c.unfamiliar]
+    if not strange:
+        return
+    if single:
+        c = checks[0]
+        what = ("has no words (only symbols or emoji)" if c.words == 0 else
+                f"shares no words with the training reports (none of its {c.words} words was seen in training; "
+                "another language?)")
+        warn(f"{where}: the report {what}: the model cannot read it, do not trust the mask")
+    else:
+        warn(f"{where}: {len(strange)} report(s) share no words with the training reports (no words, another "
+             f"language?): do not trust their masks: {listed(strange)}")
+
+
 def _predict_one(args) -> int:
     from ..data import read_image
-    from ..errors import ConfigError
+    from ..errors import ConfigError, DataError, warn
     from ..evaluate.overlays import mask_png, overlay, probability_png
-    from ..io import refuse_clobber, save_png
+    from ..evaluate.predict import model_reads_text
+    from ..io import save_image
 
-    outputs = [Path(p) for p in (args.out, args.prob, args.overlay) if p]
-    for path in outputs:
-        refuse_clobber(path, args.force)
-    predictor = _predictor(args)
-    if predictor.uses_text and not (args.text and args.text.strip()):
+    image_path = Path(args.image)
+    if image_path.is_dir():
+        raise DataError(image_path, "is a folder; predict a folder of images with --images")
+    outputs = _check_outputs(args, image_path)
+    run_dir, weights, run_config = _read_run(args)  # the run's config only: cheap
+    image = read_image(image_path)  # a broken image fails here, before the (slower) model load
+    reads_text = model_reads_text(run_config)
+    text = args.text
+    if reads_text and not (text and text.strip()):
         raise ConfigError(f"{args.checkpoint}: this model reads the report: pass --text \"...\"")
-    image = read_image(args.image)
-    prob = predictor.predict(image, args.text if predictor.uses_text else None)  # [H, W] original size
+    if not reads_text and text is not None:
+        warn(f"--text is ignored: the model of {args.checkpoint} ({run_config.get('model_name')}) does not read "
+             "reports")
+        text = None
+    if reads_text:
+        from ..text.vocabulary import ReportChecker
+
+        checker = ReportChecker(run_config, run_dir)
+        _warn_about_reports(checker, [checker.check(text)], [image_path.name], "--text")
+    predictor = _predictor(args)
+    prob = predictor.predict(image, text)  # [H, W] original size
     mask = prob >= args.threshold
-    save_png(args.out, mask_png(mask))
-    if args.prob:
-        save_png(args.prob, probability_png(prob))
-    if args.overlay:
-        save_png(args.overlay, overlay(image, mask))
+    render = {"--out": lambda: mask_png(mask), "--prob": lambda: probability_png(prob),
+              "--overlay": lambda: overlay(image, mask)}
+    for flag, path, fmt in outputs:
+        save_image(path, render[flag](), fmt)
     h, w = mask.shape
     print(f"{args.image}: {w}x{h}, {int(mask.sum())} foreground pixels ({100 * mask.mean():.2f}%) -> "
-          + ", ".join(str(p) for p in outputs))
+          + ", ".join(str(p) for _, p, _ in outputs) + f" (weights: {weights})")
     return 0
 
 
-def _pairs(args, uses_text: bool) -> list[tuple[Path, str | None]]:
-    """(image path, report) of every image to predict in --images, matched through --reports."""
-    from ..data.layout_official import match_row, read_table
-    from ..data.records import index_folder
-    from ..errors import ConfigError, DataError
+def _pairs(args, folder: Path, images: dict[str, Path], reads_text: bool, model_name: str):
+    """What to predict in --images: ([(image path, report)], skipped [(name, why)], failed [(name, why)]).
 
-    folder = Path(args.images)
-    if not folder.is_dir():
-        raise DataError(folder, "image folder not found")
-    images = index_folder(folder)
-    if not images:
-        raise DataError(folder, "no image files in this folder")
+    Images without a row in --reports are skipped; rows that name no image of the folder, or (text models)
+    hold an empty report, fail. A table that cannot be read at all stops everything (one line).
+    """
+    from ..data.layout_official import match_row, read_table
+    from ..errors import ConfigError, warn
+
     if not args.reports:
-        if uses_text:
+        if reads_text:
             raise ConfigError(f"{args.checkpoint}: this model reads reports: pass --reports table.xlsx|csv")
-        return [(path, None) for path in images.values()]
+        return [(path, None) for path in images.values()], [], []
     table = Path(args.reports)
-    pairs = []
+    if not reads_text:
+        warn(f"--reports {table}: the model of {args.checkpoint} ({model_name}) does not read reports; the table "
+             "only selects the images to predict")
+    pairs, failed, used = [], [], set()
     for row in read_table(table, args.image_column, args.text_column):
         name, _ = match_row(row.key, images, {})
         if name is None:
-            raise DataError(table, f"row {row.row}: no image in {folder} for {row.key!r}")
-        if uses_text and not row.text:
-            raise DataError(table, f"row {row.row}: empty report for {row.key!r}")
-        pairs.append((images[name], row.text))
-    return pairs
+            failed.append((row.key, f"{table}: row {row.row}: no image in {folder} for {row.key!r}"))
+            continue
+        used.add(name)
+        if reads_text and not (row.text and str(row.text).strip()):
+            failed.append((name, f"{table}: row {row.row}: empty report for {row.key!r}"))
+            continue
+        pairs.append((images[name], row.text if reads_text else None))
+    skipped = [(name, f"no row in {table}") for name in images if name not in used]
+    return pairs, skipped, failed
+
+
+def _write_skipped(path: Path, skipped, failed) -> None:
+    import csv
+    import io
+
+    from ..io import atomic_write_text
+
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["image", "status", "reason"])
+    for status, items in (("skipped", skipped), ("failed", failed)):
+        for name, why in items:
+            writer.writerow([name, status, why])
+    atomic_write_text(path, buf.getvalue())
 
 
 def _predict_folder(args) -> int:
     from tqdm import tqdm
 
     from ..data import read_image
+    from ..data.records import index_folder
+    from ..errors import ConfigError, DataError, LvitError, warn
     from ..evaluate.overlays import mask_png, overlay, probability_png
-    from ..io import prepare_output_dir, save_png
+    from ..evaluate.predict import model_reads_text
+    from ..io import output_dir, same_file, save_png
 
-    out = prepare_output_dir(args.out, args.force)
-    predictor = _predictor(args)
-    pairs = _pairs(args, predictor.uses_text)
-    size = max(1, args.batch_size)
-    with tqdm(total=len(pairs), desc="lvit predict", unit="img") as bar:
-        for start in range(0, len(pairs), size):
-            chunk = pairs[start:start + size]
-            images = [read_image(path) for path, _ in chunk]
-            texts = [text for _, text in chunk] if predictor.uses_text else None
-            for (path, _), image, prob in zip(chunk, images, predictor.predict_many(images, texts)):
-                mask = prob >= args.threshold
-                save_png(out / "masks" / f"{path.stem}.png", mask_png(mask))
-                if args.prob:
-                    save_png(out / "probs" / f"{path.stem}.png", probability_png(prob))
-                if args.overlay:
-                    save_png(out / "overlays" / f"{path.stem}.png", overlay(image, mask))
-                bar.update(1)
-    print(f"predicted {len(pairs)} image(s) -> {out}/masks/" + (", probs/" if args.prob else "")
-          + (", overlays/" if args.overlay else ""))
+    folder = Path(args.images)
+    if not folder.is_dir():
+        raise DataError(folder, "image folder not found" if not folder.exists() else "not a folder (--images)")
+    images = index_folder(folder)
+    if not images:
+        raise DataError(folder, "no image files in this folder")
+    out_arg = Path(args.out)
+    for sub in ("", "masks", "probs", "overlays"):
+        if same_file(out_arg / sub, folder):
+            raise ConfigError(f"--out {out_arg}: {'it' if not sub else sub + '/ in it'} is the --images folder: the "
+                              "predictions would mix with (or overwrite) the input images; choose another folder")
+    run_dir, weights, run_config = _read_run(args)
+    reads_text = model_reads_text(run_config)
+    pairs, skipped, failed = _pairs(args, folder, images, reads_text, run_config.get("model_name"))
+    total = len(pairs) + len(failed)
+    if not pairs:
+        reason = (failed or skipped or [("", "nothing to predict")])[0][1]
+        raise LvitError(f"{folder}: no image to predict ({len(skipped)} without a report row, {len(failed)} failed; "
+                        f"first: {reason})")
+    with output_dir(out_arg, args.force) as out:
+        if reads_text:
+            from ..text.vocabulary import ReportChecker
+
+            checker = ReportChecker(run_config, run_dir)
+            _warn_about_reports(checker, checker.check_many([t for _, t in pairs]), [p.name for p, _ in pairs],
+                                f"--reports {args.reports}")
+        predictor = _predictor(args)
+        written = 0
+        with tqdm(total=len(pairs), desc="lvit predict", unit="img", disable=args.no_progress) as bar:
+            for start in range(0, len(pairs), args.batch_size):
+                chunk = []
+                for path, text in pairs[start:start + args.batch_size]:
+                    try:
+                        chunk.append((path, text, read_image(path)))
+                    except DataError as exc:  # a broken image: note it, go on with the others
+                        failed.append((path.name, str(exc)))
+                        bar.update(1)
+                if not chunk:
+                    continue
+                texts = [text for _, text, _ in chunk] if predictor.uses_text else None
+                probs = predictor.predict_many([image for _, _, image in chunk], texts)
+                for (path, _, image), prob in zip(chunk, probs):
+                    mask = prob >= args.threshold
+                    save_png(out / "masks" / f"{path.stem}.png", mask_png(mask))
+                    if args.prob:
+                        save_png(out / "probs" / f"{path.stem}.png", probability_png(prob))
+                    if args.overlay:
+                        save_png(out / "overlays" / f"{path.stem}.png", overlay(image, mask))
+                    written += 1
+                    bar.update(1)
+        if not written:
+            raise LvitError(f"{folder}: none of the {total} image(s) could be predicted (first: {failed[0][1]})")
+        listing = out / "skipped.csv"
+        if skipped or failed:
+            _write_skipped(listing, skipped, failed)
+    print(f"predicted {written} of {total + len(skipped)} image(s) in {folder} -> {out}/masks/"
+          + (", probs/" if args.prob else "") + (", overlays/" if args.overlay else "") + f" (weights: {weights})")
+    if skipped:
+        names = ", ".join(name for name, _ in skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+        warn(f"{len(skipped)} image(s) in {folder} have no row in {args.reports} and were not predicted: {names} "
+             f"(listed in {listing})")
+    if failed:
+        raise LvitError(f"{len(failed)} image(s) could not be predicted ({written} were, into {out}/; every failure "
+                        f"is listed in {listing}); first: {failed[0][1]}")
     return 0

@@ -31,7 +31,31 @@ def run(args: argparse.Namespace) -> int:
 
     if args.cases < 1:
         raise ConfigError(f"--cases must be >= 1, got {args.cases}")
+    if args.layers and not args.no_gradcam:
+        check_layers(args.run_dir, args.layers)
     path = write_report(args.run_dir, args.out, args.force, test_dir=args.test_dir, n_cases=args.cases,
                         layers=args.layers, gradcam=not args.no_gradcam)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
     return 0
+
+
+def check_layers(run_dir: str, layers: list[str]) -> None:
+    """Every --layers name must be a module of the run's model (checked on a weightless copy: no model load),
+    so a typo is one error line, not a report whose Grad-CAM section holds the error."""
+    import torch
+
+    from ..errors import CheckpointError, ConfigError
+    from ..evaluate.predict import read_run
+    from ..models import LViTConfig, build_model
+
+    _, _, run_config = read_run(run_dir)
+    try:
+        with torch.device("meta"):
+            model = build_model(run_config["model_name"], LViTConfig.from_dict(run_config["model"]))
+    except (ConfigError, TypeError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"{run_dir}: invalid model config ({exc})") from None
+    names = {name for name, _ in model.named_modules() if name}
+    unknown = [name for name in layers if name not in names]
+    if unknown:
+        raise ConfigError(f"--layers {' '.join(unknown)}: no such layer in the {run_config['model_name']} model of "
+                          f"{run_dir}; list them with `lvit explain {run_dir} --list-layers`")

@@ -26,8 +26,13 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..errors import warn
+    from ..evaluate.predict import read_run, weights_warning
     from ..evaluate.testing import run_test
 
+    note = weights_warning(args.checkpoint, read_run(args.checkpoint)[1])
+    if note:
+        warn(note)
     m = run_test(args.checkpoint, args.data, args.split, args.out, force=args.force, k=args.k,
                  batch_size=args.batch_size, device=args.device, progress=not args.no_progress)
     print(format_summary(m))
@@ -47,6 +52,8 @@ def format_summary(m: dict) -> str:
     else:
         lines.append("  no ground-truth masks in this split: predictions only")
     lines.append(f"  metrics: {m['out']}/metrics.json, per_image.csv; masks: {m['masks']}")
+    if m.get("weights"):
+        lines.append(f"  weights: {m['weights']}")
     if m.get("overlays"):
         lines.append(f"  overlays: {m['out']}/overlays/ (best_*.png, worst_*.png; green = truth, red = prediction)")
     return "\n".join(lines)

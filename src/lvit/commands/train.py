@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
 
 def add_override_arguments(p: argparse.ArgumentParser) -> None:
     """Flags shared by ``train`` and ``demo``: shortcuts for the common ``--set`` overrides."""
@@ -48,7 +50,7 @@ def register(subparsers) -> None:
                    help="YAML config or preset name (qata, mosmed, monuseg, synth); default: built-in defaults")
     p.add_argument("--data", default=None, help="dataset root (Train_Folder/Val_Folder/...)")
     p.add_argument("--out", required=True, metavar="RUN_DIR", help="run folder to create (or resume)")
-    p.add_argument("--model", choices=["lvit", "lvit-t", "unet"], default=None, help="network (default: config)")
+    p.add_argument("--model", default=None, help="a registered network (lvit, lvit-t, unet; default: the config's)")
     p.add_argument("--resume", action="store_true",
                    help="continue RUN_DIR from checkpoints/last.ckpt with its saved config (plus overrides)")
     p.add_argument("--force", action="store_true", help="train into a non-empty RUN_DIR")
@@ -59,8 +61,20 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
+def _remove_failed_run(out: Path) -> None:
+    """After a failure before the first checkpoint, remove the run folder this call created (config.yaml,
+    tensorboard/ ...): no stub is left behind, and the retry needs no --force."""
+    import shutil
+
+    from ..train.checkpoint import CKPT_DIR
+
+    saved = [p for p in (out / CKPT_DIR).glob("*") if not p.name.endswith(".tmp")]  # weights or checkpoints
+    if out.is_dir() and not saved:
+        shutil.rmtree(out, ignore_errors=True)
+
+
 def run(args: argparse.Namespace) -> int:
-    from ..errors import ConfigError
+    from ..errors import ConfigError, DataError
     from ..presets import resolve_config
     from ..train.config import load_config
     from ..train.runner import resume_config, train
@@ -76,10 +90,19 @@ def run(args: argparse.Namespace) -> int:
         root = args.data or config.data.root
     if not root:
         raise ConfigError("no dataset: pass --data ROOT (or set data.root in the config)")
+    if not Path(root).is_dir():
+        raise DataError(root, "dataset folder not found" if not Path(root).exists() else "not a folder (--data)")
     from ..train.semi.cli import setup_hook_from_args
 
     semi_hook = setup_hook_from_args(args, args.out, args.resume)  # None for a supervised run
-    result = train(config, root, args.out, resume=args.resume, force=args.force, setup_hook=semi_hook)
+    out = Path(args.out)
+    fresh = not args.resume and (not out.exists() or (out.is_dir() and not any(out.iterdir())))
+    try:
+        result = train(config, root, args.out, resume=args.resume, force=args.force, setup_hook=semi_hook)
+    except BaseException:
+        if fresh:
+            _remove_failed_run(out)
+        raise
     print(f"trained {config.model_name}: {result.epochs} epoch(s), best val Dice {result.best_dice:.4f} "
           f"at epoch {result.best_epoch}{' (early stop)' if result.stopped_early else ''}, {result.seconds:.0f} s")
     print(f"run folder: {result.run_dir} (checkpoints/best.safetensors, metrics.csv, tensorboard/)")

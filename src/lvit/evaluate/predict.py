@@ -23,6 +23,52 @@ def model_reads_text(run_config: dict) -> bool:
     return run_config.get("model_name") == "lvit" and bool(run_config.get("model", {}).get("use_text", True))
 
 
+def resolve_device(name: str | torch.device, flag: str = "--device") -> torch.device:
+    """``cpu``, ``cuda``, ``cuda:N`` or ``mps`` as a torch.device, checked against this machine and torch build;
+    anything else is a one-line ConfigError naming ``flag`` (never torch's traceback)."""
+    if isinstance(name, torch.device):
+        device = name
+    else:
+        try:
+            device = torch.device(str(name).strip())
+        except (RuntimeError, ValueError):
+            raise ConfigError(f"{flag} {name}: not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cpu":
+        return device
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = ("this torch build has no CUDA support" if torch.version.cuda is None else
+                   "no CUDA GPU is visible")
+            raise ConfigError(f"{flag} {name}: {why} (torch {torch.__version__}); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"{flag} {name}: there are only {torch.cuda.device_count()} CUDA device(s) "
+                              f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
+        return device
+    if device.type == "mps":
+        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+            raise ConfigError(f"{flag} {name}: MPS is not available on this machine; use --device cpu")
+        return device
+    raise ConfigError(f"{flag} {name}: lvit runs on cpu, cuda (cuda:N) or mps")
+
+
+def read_run(run_or_checkpoint: str | Path) -> tuple[Path, Path, dict]:
+    """(run folder, weights file, run config) without loading the model: cheap checks before the slow load."""
+    from ..train.checkpoint import read_run_config, resolve_run
+
+    run_dir, weights = resolve_run(run_or_checkpoint)
+    return run_dir, weights, read_run_config(run_dir)
+
+
+def weights_warning(run_or_checkpoint: str | Path, weights: str | Path) -> str | None:
+    """A one-line warning when a run folder was given but its best weights are missing (last ones used)."""
+    from ..train.checkpoint import BEST_WEIGHTS, CKPT_DIR
+
+    if Path(run_or_checkpoint).is_dir() and Path(weights).name != BEST_WEIGHTS:
+        return (f"{run_or_checkpoint}: no {CKPT_DIR}/{BEST_WEIGHTS}; using {weights} (the weights after the last "
+                "finished epoch, not those of the best validation epoch)")
+    return None
+
+
 def run_text_encoder(model, run_config: dict, cache_dir: str | Path | None = None) -> TextFn | None:
     """``texts -> (emb [N, L, D], mask [N, L])`` for the model of a run, or None if the model ignores text.
 
@@ -71,11 +117,13 @@ class Predictor:
 
         if backend not in ("torch", "onnx"):
             raise ConfigError(f"unknown backend {backend!r} (available: torch, onnx)")
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         if backend == "onnx" and self.device.type != "cpu":
             raise ConfigError("the onnx backend runs on CPU (ONNX Runtime's CPU provider): use --device cpu")
         self.backend = backend
         self.model, self.run_config = load_run(run_or_checkpoint, map_location=self.device)
+        self.weights = Path(self.model.lvit_weights)  # the weights file in use (best, else last)
+        self.run_dir = self.model.lvit_run_dir
         if backend == "onnx":
             # Same call signature and logits as the model: <run>/model.onnx if exported, else exported now.
             from ..export import onnx_for_run

@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ..io import atomic_write_json, atomic_write_text, prepare_output_dir, save_png
+from ..io import atomic_write_json, atomic_write_text, save_png
 from ..metrics import SegmentationScores
 from .overlays import mask_png, overlay
 
@@ -60,16 +60,37 @@ def run_test(
     """Evaluate a run on ``split`` of ``data_root``; returns the metrics dict also written to metrics.json.
 
     ``cache_dir``: where encoded reports are cached (default: the dataset's own cache folder)."""
-    from ..data import load_pair, load_split
+    from ..data import load_split
+    from ..errors import ConfigError, DataError
+    from ..io import output_dir
     from ..text import default_cache_dir
-    from .predict import Predictor, to_original_size
+    from .predict import Predictor, read_run, resolve_device
 
+    # Everything cheap first (arguments, run folder, dataset, output folder), then the model.
+    if k < 0:
+        raise ConfigError(f"--k must be >= 0 (overlays of the k best and k worst images), got {k}")
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
+    device = resolve_device(device)
     data_root = Path(data_root)
-    predictor = Predictor(run_or_checkpoint, device=device,
-                          cache_dir=cache_dir if cache_dir is not None else default_cache_dir(data_root))
+    run_dir, _, _ = read_run(run_or_checkpoint)
+    if not data_root.is_dir():
+        raise DataError(data_root, "dataset folder not found" if not data_root.exists() else "not a folder (--data)")
     records = load_split(data_root, split)
-    run_dir = predictor.model.lvit_run_dir
-    out = prepare_output_dir(Path(out) if out else default_out(run_dir, split), force=force, what="test output folder")
+    folder = Path(out) if out else default_out(run_dir, split)
+    with output_dir(folder, force=force, what="test output folder") as folder:
+        predictor = Predictor(run_or_checkpoint, device=device,
+                              cache_dir=cache_dir if cache_dir is not None else default_cache_dir(data_root))
+        return _score(predictor, records, folder, data_root, split, k, batch_size, progress)
+
+
+def _score(predictor, records, out: Path, data_root: Path, split: str, k: int, batch_size: int,
+           progress: bool) -> dict:
+    """Predict ``records``, write masks, per_image.csv, overlays and metrics.json into ``out``."""
+    from ..data import load_pair
+    from .predict import to_original_size
+
+    run_dir = predictor.run_dir
     dataset = _eval_dataset(predictor, records)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0,
                         collate_fn=lambda items: items)
@@ -105,7 +126,7 @@ def run_test(
         "split": split,
         "data": str(data_root.resolve()),
         "run": str(run_dir),
-        "weights": str(predictor.model.lvit_weights),
+        "weights": str(predictor.weights),
         "model_name": predictor.run_config["model_name"],
         "threshold": THRESHOLD,
         "n_images": len(rows),

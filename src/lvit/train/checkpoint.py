@@ -59,14 +59,53 @@ def load_state_file(path: str | Path, map_location: Any = "cpu") -> dict[str, An
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsafe content"
         raise CheckpointError(f"{path}: refused to load: the checkpoint contains objects other than tensors "
-                              f"and plain data ({first[:160]})") from None
+                              f"and plain data ({_unpickling_problem(str(exc))})") from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: not a readable checkpoint ({(str(exc).splitlines() or [type(exc).__name__])[0][:160]})") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint ({_load_problem(path, exc)})") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: not a training checkpoint (top level is {type(state).__name__})")
     return state
+
+
+def short_reason(text: str, limit: int = 160) -> str:
+    """A library's error text as a short clause: its first sentence, cut at a word boundary (with "...")."""
+    text = " ".join(str(text).split())
+    head, dot, _ = text.partition(". ")
+    text = head if dot else text.rstrip(".")
+    if len(text) > limit:
+        text = text[:limit].rsplit(" ", 1)[0].rstrip(",;:") + "..."
+    return text
+
+
+def _unpickling_problem(text: str) -> str:
+    """The specific part of torch's weights_only refusal (its first paragraph is generic advice)."""
+    import re
+
+    found = re.search(r"(unsupported GLOBAL \S+)|WeightsUnpickler error:\s*(.+?)(?:\n\n|$)", text, flags=re.S)
+    if found:
+        return short_reason(found.group(1) or found.group(2))
+    return short_reason(text) if text.strip() else "unsafe content"
+
+
+def _load_problem(path: Path, exc: BaseException) -> str:
+    """Why torch.load failed, in words: a cut-off archive is named as such (not torch's miniz paragraph)."""
+    text = " ".join(str(exc).split())
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+    except OSError:
+        size, head = -1, b""
+    if size == 0:
+        return "empty file (0 bytes)"
+    archive = "zip archive" in text or "central directory" in text
+    if head.startswith(b"PK") and (archive or isinstance(exc, (OSError, EOFError))):
+        return (f"truncated or damaged: the checkpoint archive is incomplete ({size:,} bytes); it was probably cut "
+                "off while being written or copied")
+    if archive:
+        return "not a checkpoint archive (damaged, or another kind of file)"
+    return short_reason(text or type(exc).__name__)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -129,7 +168,7 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({(str(exc).splitlines() or [type(exc).__name__])[0][:160]})") from None
+        raise CheckpointError(f"{path}: not a readable safetensors file ({short_reason(str(exc) or type(exc).__name__)})") from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -206,7 +245,7 @@ def load_run(path: str | Path, map_location: str | torch.device = "cpu"):
         model.load_state_dict(model_tensors, strict=True)
     except RuntimeError as exc:
         raise CheckpointError(f"{weights_path}: weights do not fit the model in {CONFIG_NAME} "
-                              f"({(str(exc).splitlines() or [type(exc).__name__])[0][:200]}...)") from None
+                              f"({short_reason(str(exc) or type(exc).__name__, 200)})") from None
     text_embedding = None
     if text_tensors:
         from ..text.learned import LearnedTextEmbedding

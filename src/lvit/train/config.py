@@ -16,6 +16,7 @@ Every key is checked: an unknown key, a value of the wrong type or a NaN/inf num
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from dataclasses import dataclass, field
@@ -26,7 +27,6 @@ import yaml
 
 from ..errors import ConfigError
 
-MODEL_NAMES = ("lvit", "lvit-t", "unet")
 PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true")
 
 
@@ -94,7 +94,7 @@ class TrainerConfig:
 
 @dataclass
 class TrainConfig:
-    model_name: str = "lvit"
+    model_name: str = "lvit"  # a name registered in lvit.models (lvit.models.model_names())
     model: Any = field(default_factory=_default_model_config)  # lvit.models.LViTConfig
     text: TextConfig = field(default_factory=TextConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -121,8 +121,10 @@ class TrainConfig:
         cfg = cls()
         if "model_name" in data:
             cfg.model_name = _coerce(data["model_name"], str, f"{source}: model_name")
-        if cfg.model_name not in MODEL_NAMES:
-            raise ConfigError(f"{source}: model_name '{cfg.model_name}' is not one of {', '.join(MODEL_NAMES)}")
+        from ..models import model_names
+
+        if cfg.model_name not in model_names():
+            raise ConfigError(f"{source}: model_name '{cfg.model_name}' is not one of {', '.join(model_names())}")
         cfg.model = _build(LViTConfig, data.get("model", {}) or {}, f"{source}: model")
         for name, klass in (("text", TextConfig), ("data", DataConfig), ("optim", OptimConfig),
                             ("loss", LossConfig), ("trainer", TrainerConfig)):
@@ -183,9 +185,27 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{path}: invalid YAML ({problem})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    file_data = copy.deepcopy(data)
     for item in overrides or []:
         apply_override(data, item)
-    return TrainConfig.from_dict(data, source)
+    try:
+        return TrainConfig.from_dict(data, source)
+    except ConfigError as exc:
+        if not overrides:
+            raise
+        TrainConfig.from_dict(file_data, source)  # the file (or the defaults) alone at fault: raises naming it
+        raise ConfigError(_blame_overrides(str(exc), source, list(overrides))) from None
+
+
+def _blame_overrides(message: str, source: str, overrides: list[str]) -> str:
+    """Re-address a validation error caused by ``--set`` overrides to them instead of the preset file."""
+    import re
+
+    body = message[len(source) + 2:] if message.startswith(f"{source}: ") else message
+    keys = {item.split("=", 1)[0].strip(): item for item in overrides}
+    named = [item for key, item in keys.items() if re.search(rf"\b{re.escape(key.split('.')[-1])}\b", body)]
+    culprits = named or list(keys.values())
+    return f"--set {', --set '.join(culprits)}: {body}"
 
 
 def apply_override(data: dict, item: str) -> None:
@@ -204,6 +224,8 @@ def apply_override(data: dict, item: str) -> None:
             value = float(value)
         except ValueError:
             pass
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"--set {item}: {key.strip()}: value must be a finite number (got {raw.strip()})")
     parts = key.split(".")
     if not all(parts):
         raise ConfigError(f"--set {item}: empty key component")

@@ -21,7 +21,9 @@ from .config import TrainConfig
 
 
 def model_uses_text(config: TrainConfig) -> bool:
-    return config.model_name == "lvit" and bool(config.model.use_text)
+    from ..models import reads_text
+
+    return reads_text(config.model_name, config.model)
 
 
 def build_text_encoder(config: TrainConfig, train_texts: list[str] | None = None):
@@ -94,3 +96,14 @@ def describe_encoder(encoder) -> dict | None:
     info = dict(encoder.describe())
     info["name"] = encoder.name
     return info
+
+
+def record_training_words(run_dir: str | Path, data: TrainData) -> None:
+    """Write ``run_dir/report_words.json`` (the training reports' words) for models that read reports: lvit
+    predict warns when a report shares none of them (lvit.text.vocabulary)."""
+    records = getattr(data.train, "records", None)
+    if data.encoder is None or not records:
+        return  # no reports read, or none to learn words from: predict then says it cannot check
+    from ..text.vocabulary import write_training_words
+
+    write_training_words(run_dir, [r.text for r in records])

@@ -26,7 +26,7 @@ from ..io import prepare_output_dir
 from .callbacks import RunCheckpoint
 from .checkpoint import CKPT_DIR, LAST_STATE, SafeCheckpointIO, read_run_config, write_run_config
 from .config import TrainConfig, apply_override
-from .datamodule import build_train_data, describe_encoder
+from .datamodule import build_train_data, describe_encoder, record_training_words
 from .module import SegmentationModule
 
 RUN_ONLY_KEYS = ("lvit_version", "text_encoder", "data_info")
@@ -112,6 +112,7 @@ def train(
         if not state_path.is_file():
             raise CheckpointError(f"{state_path}: nothing to resume (no full-state checkpoint in this run folder)")
     elif _launched_as_rank_zero():
+        clear_failed_start(run_dir)  # the stub of a run that failed before its first checkpoint
         prepare_output_dir(run_dir, force=force, what="run folder")
     if data_root is None:
         raise ConfigError("no dataset: pass --data ROOT (or set data.root in the config)")
@@ -140,6 +141,7 @@ def train(
     }
     if _launched_as_rank_zero():
         write_run_config(run_dir, run_config)
+        record_training_words(run_dir, data)  # report_words.json: what lvit predict checks reports against
 
     module = module_class(model, config, text_embedding)
     run_callback = RunCheckpoint(run_dir)
@@ -170,6 +172,49 @@ def train(
         stopped_early=bool(early is not None and early.stopped_epoch > 0),
         seconds=time.perf_counter() - started,
     )
+
+
+# What a run folder holds before its first checkpoint (a run that failed or was killed that early).
+_STUB_ENTRIES = {"config.yaml", "tensorboard", "vocab.json", "report_words.json", "checkpoints"}
+
+
+def clear_failed_start(run_dir: str | Path) -> list[str]:
+    """Remove the leftovers of a run that stopped before its first checkpoint, so the retry needs no --force.
+
+    Acts only when ``run_dir`` holds nothing but such leftovers: an lvit ``config.yaml`` plus ``tensorboard/``,
+    ``vocab.json``, ``report_words.json``, an empty ``checkpoints/`` and temporary files; anything else (weights,
+    metrics.csv, a file of the user's) leaves the folder untouched. Returns the names removed (warned about).
+    """
+    import shutil
+
+    from ..errors import warn
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        return []
+    entries = list(run_dir.iterdir())
+    for entry in entries:
+        if entry.name.startswith(".") and entry.name.endswith(".tmp"):
+            continue
+        if entry.name not in _STUB_ENTRIES:
+            return []
+        if entry.name == "checkpoints" and (not entry.is_dir() or any(not p.name.endswith(".tmp")
+                                                                      for p in entry.iterdir())):
+            return []
+    try:
+        read_run_config(run_dir)
+    except CheckpointError:
+        return []
+    removed = []
+    for entry in entries:
+        removed.append(entry.name + ("/" if entry.is_dir() else ""))
+        if entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+    warn(f"{run_dir}: removed the leftovers of a run that stopped before its first checkpoint "
+         f"({', '.join(sorted(removed))})")
+    return removed
 
 
 def _launched_as_rank_zero() -> bool:
