@@ -1,112 +1,131 @@
-"""LViT vs LViT-T vs U-Net on the synthetic dataset, same budget (preset, epochs, seed, data).
+"""LViT vs LViT-T vs U-Net on the synthetic dataset, same budget (preset, epochs, seed, data), plus the text probe.
 
-    python bench/compare_models.py [--work /tmp/lvit-compare] [--epochs N] [--models lvit lvit-t unet]
+    python bench/compare_models.py [--work /tmp/lvit-compare] [--seeds 666,0] [--models lvit,lvit-t,unet]
+    python bench/compare_models.py --render-only
 
-Generates the synthetic dataset once (the demo's sizes), trains each model with the ``synth`` preset, tests
-the best checkpoint on the test split and writes a table into bench/RESULTS.md between the markers
-``<!-- compare_models:start -->`` and ``<!-- compare_models:end -->`` (the rest of the file is kept).
-The synthetic reports say which opacities are lesions and which are distractors, so LViT (text) should beat
-LViT-T (no text) clearly; U-Net is the text-free CNN baseline.
+Generates the demo's synthetic dataset once (data seed 0), trains each model with the ``synth`` preset for each
+trainer seed (the data stay the same), tests the best checkpoint on the test split (Dice/IoU at 0.5, mean over
+images and pooled) and scores the LViT runs under changed reports (lvit.evaluate.text_probe: true, left/right
+swapped, no-infection). Raw results: bench/compare_models.json (one entry per model and seed, merged with what is
+there); bench/RESULTS.md section ``compare_models`` is rendered from that file.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
-import platform
 import shlex
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "bench" / "RESULTS.md"
+RESULTS_JSON = REPO / "bench" / "compare_models.json"
+RESULTS_MD = REPO / "bench" / "RESULTS.md"
+LABELS = {"lvit": "LViT (text)", "lvit-t": "LViT-T (no text)", "unet": "U-Net"}
 
 
 def main(argv: list[str] | None = None) -> int:
     from lvit.commands.demo import DEMO_SPLITS
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--work", default="/tmp/lvit-compare", help="scratch folder (dataset + runs)")
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--work", type=Path, default=Path("/tmp/lvit-compare"), help="scratch folder (dataset + runs)")
     p.add_argument("--config", default="synth", help="preset name or YAML file")
-    p.add_argument("--models", nargs="+", default=["lvit", "lvit-t", "unet"])
+    p.add_argument("--models", default="lvit,lvit-t,unet")
+    p.add_argument("--seeds", default="666", help="trainer seeds (666 = the preset's)")
     p.add_argument("--epochs", type=int, default=None, help="override trainer.max_epochs for every model")
-    p.add_argument("--n-train", type=int, default=DEMO_SPLITS["n_train"])
-    p.add_argument("--n-val", type=int, default=DEMO_SPLITS["n_val"])
-    p.add_argument("--n-test", type=int, default=DEMO_SPLITS["n_test"])
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--no-write", action="store_true", help="print the table, leave RESULTS.md alone")
+    p.add_argument("--render-only", action="store_true", help="train nothing: render the table from the file")
+    p.add_argument("--results", type=Path, default=RESULTS_JSON)
+    p.add_argument("--results-md", type=Path, default=RESULTS_MD)
     args = p.parse_args(argv)
 
-    import torch
+    from lvit.io import atomic_write_text, read_results_file
 
-    from lvit.data import generate_synthetic
-    from lvit.evaluate.testing import run_test
-    from lvit.models import build_model, count_parameters
-    from lvit.presets import resolve_config
-    from lvit.train.config import load_config
-    from lvit.train.runner import train
+    results = read_results_file(args.results)
+    if not args.render_only:
+        import torch
 
-    overrides = list(args.overrides) + ["trainer.progress=false"]
-    if args.epochs:
-        overrides.append(f"trainer.max_epochs={args.epochs}")
-    base = load_config(resolve_config(args.config), overrides)
-    work = Path(args.work)
-    data = generate_synthetic(work / "data", n_train=args.n_train, n_val=args.n_val, n_test=args.n_test,
-                              size=base.model.image_size, seed=0, force=True, progress=False)
-    rows = []
-    for name in args.models:
-        config = load_config(resolve_config(args.config), overrides + [f"model_name={name}"])
-        print(f"== {name}: training {config.trainer.max_epochs} epochs", flush=True)
-        result = train(config, data, work / f"run-{name}", force=True)
-        metrics = run_test(work / f"run-{name}", data, "test", work / f"run-{name}" / "test", force=True,
-                           progress=False)
-        params = count_parameters(build_model(name, config.model))
-        mo = metrics["model_resolution"]["mean_over_images"]
-        dl = metrics["model_resolution"]["dataset_level"]
-        rows.append({"model": name, "dice": mo["dice"], "iou": mo["iou"], "pooled_dice": dl["dice"],
-                     "params": params, "seconds": result.seconds, "epochs": result.epochs,
-                     "best_epoch": result.best_epoch, "val_dice": result.best_dice})
-        print(f"   test Dice {mo['dice']:.4f} IoU {mo['iou']:.4f}  ({result.seconds:.0f} s)", flush=True)
+        from lvit.benchmark import cpu_name
+        from lvit.data import generate_synthetic
+        from lvit.evaluate.testing import run_test
+        from lvit.evaluate.text_probe import probe_reports
+        from lvit.models import build_model, count_parameters, reads_text
+        from lvit.presets import resolve_config
+        from lvit.train.config import load_config
+        from lvit.train.runner import train
 
-    machine = (f"{platform.machine()} {platform.processor() or ''}".strip()
-               + f", {os.cpu_count()} CPU cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-               + f"Python {platform.python_version()}, load average at start {os.getloadavg()[0]:.1f}")
-    command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
-    section = render(rows, base, machine, command, args)
+        overrides = list(args.overrides) + ["trainer.progress=false"]
+        if args.epochs:
+            overrides.append(f"trainer.max_epochs={args.epochs}")
+        base = load_config(resolve_config(args.config), overrides)
+        data = generate_synthetic(args.work / "data", size=base.model.image_size, seed=0, force=True, progress=False,
+                                  **DEMO_SPLITS)
+        command = "python " + " ".join(
+            shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
+        for seed in [int(s) for s in args.seeds.split(",")]:
+            for name in args.models.split(","):
+                config = load_config(resolve_config(args.config), overrides + [f"model_name={name}",
+                                                                             f"trainer.seed={seed}"])
+                run = args.work / f"run-{name}-s{seed}"
+                print(f"== {name}, seed {seed}: training {config.trainer.max_epochs} epochs", flush=True)
+                result = train(config, data, run, force=True)
+                metrics = run_test(run, data, "test", run / "test", force=True, progress=False)
+                mo = metrics["model_resolution"]["mean_over_images"]
+                dl = metrics["model_resolution"]["dataset_level"]
+                entry = {"model": name, "seed": seed, "dice": mo["dice"], "iou": mo["iou"], "pooled_dice": dl["dice"],
+                         "params": count_parameters(build_model(name, config.model)),
+                         "train_seconds": result.seconds, "epochs": result.epochs, "best_epoch": result.best_epoch,
+                         "best_val_dice": result.best_dice, "preset": str(args.config),
+                         "machine": f"CPU {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}",
+                         "load_at_start": round(os.getloadavg()[0], 1), "command": command,
+                         "recorded": time.strftime("%Y-%m-%d %H:%M")}
+                if reads_text(name, config.model):
+                    probe = probe_reports(run, data, "test", variants=("true", "swapped", "no_infection"))
+                    entry["probe"] = {v: r["dice"] for v, r in probe["variants"].items()}
+                    entry["probe_swapped_changed"] = probe["variants"]["swapped"]["changed"]
+                results[f"{name}/s{seed}"] = entry
+                atomic_write_text(args.results, json.dumps(results, indent=1, sort_keys=True) + "\n")
+                print(f"   test Dice {mo['dice']:.4f} IoU {mo['iou']:.4f} ({result.seconds:.0f} s)", flush=True)
+    section = render(results)
     print(section)
-    if not args.no_write:
-        write_section(section)
-        print(f"wrote the table into {RESULTS}")
+    if section:
+        from lvit.io import write_marked_section
+
+        write_marked_section(args.results_md, "compare_models", section)
     return 0
 
 
-def render(rows, config, machine, command, args) -> str:
+def render(results: dict) -> str:
+    if not results:
+        return ""
+    rows = sorted(results.values(), key=lambda r: (r["seed"] != 666, r["seed"], list(LABELS).index(r["model"])))
     lines = [
-        "## LViT vs LViT-T vs U-Net on the synthetic dataset",
+        "## LViT vs LViT-T vs U-Net on the synthetic dataset (the demo's data and preset)",
         "",
-        f"Same budget for every model: preset `{Path(args.config).name}` ({config.model.image_size} px, "
-        f"base_channels {config.model.base_channels}, text encoder `{config.text.encoder}`, "
-        f"{config.model.text_tokens} tokens), {config.trainer.max_epochs} epochs max, seed {config.trainer.seed}, "
-        f"synthetic data seed 0 ({args.n_train} train / {args.n_val} val / {args.n_test} test). Test figures: "
-        "best-validation checkpoint, threshold 0.5, mean over images (the paper's figure) and pooled.",
+        "Same data (`lvit synth`, seed 0: 160 train / 32 val / 48 test, 128 px), same preset (`synth`: base width 16, "
+        "MiniLM text with 24 tokens, Adam 1e-3, cosine warm restarts T_0 = 10, batch 8, augmentation on), 40 epochs "
+        "each; test figures from the best-validation weights, Dice/IoU at 0.5, mean over images (the paper's figure; "
+        "both-empty = 1) and pooled over all test pixels. Text probe: the same LViT weights with left and right "
+        "swapped in every report, and with \"No pulmonary infection.\" for every image.",
         "",
-        "| model | test Dice | test IoU | pooled Dice | params | train time | epochs (best) | best val Dice |",
-        "|---|---|---|---|---|---|---|---|",
+        "| trainer seed | model | test Dice | test IoU | pooled Dice | best val Dice (epoch) | Dice, swapped | "
+        "Dice, no-infection | params | train time |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['dice']:.4f} | {r['iou']:.4f} | {r['pooled_dice']:.4f} | "
-                     f"{r['params'] / 1e6:.2f}M | {r['seconds']:.0f} s | {r['epochs']} ({r['best_epoch']}) | "
-                     f"{r['val_dice']:.4f} |")
-    lines += ["", f"Machine: {machine}. Recorded {time.strftime('%Y-%m-%d %H:%M')}.", "",
-              f"Command: `{command}`"]
+        probe = r.get("probe") or {}
+        sw = f"{probe['swapped']:.3f}" if "swapped" in probe else "-"
+        ni = f"{probe['no_infection']:.3f}" if "no_infection" in probe else "-"
+        lines.append(f"| {r['seed']} | {LABELS.get(r['model'], r['model'])} | {r['dice']:.3f} | {r['iou']:.3f} | "
+                     f"{r['pooled_dice']:.3f} | {r['best_val_dice']:.3f} ({r['best_epoch']}) | {sw} | {ni} | "
+                     f"{r['params'] / 1e6:.2f}M | {r['train_seconds']:.0f} s (load {r['load_at_start']}) |")
+    machines = sorted({r["machine"] for r in rows})
+    commands = sorted({r["command"] for r in rows})
+    lines += ["", f"Machine: {'; '.join(machines)}. Raw results: `bench/compare_models.json`. Command(s): "
+              + "; ".join(f"`{c}`" for c in commands) + "."]
     return "\n".join(lines)
-
-
-def write_section(section: str) -> None:
-    from lvit.io import write_marked_section
-
-    write_marked_section(RESULTS, "compare_models", section)
 
 
 if __name__ == "__main__":

@@ -153,8 +153,10 @@ def calibrate(train: Split, val: Split | None) -> dict:
     grid.sort(key=lambda r: -r["exact"])
     val_best = None
     if val is not None:  # how far the val split is from any rule of the grid (not used to choose)
-        val_best = max(({"upper_end": r["upper_end"], "middle_end": r["middle_end"], "min_zone_fraction": r["min_zone_fraction"],
-                         **agreement(val.true, predict(val, Rule(r["upper_end"], r["middle_end"], r["min_zone_fraction"])))}
+        val_best = max(({"upper_end": r["upper_end"], "middle_end": r["middle_end"],
+                         "min_zone_fraction": r["min_zone_fraction"],
+                         **agreement(val.true,
+                                     predict(val, Rule(r["upper_end"], r["middle_end"], r["min_zone_fraction"])))}
                         for r in grid), key=lambda r: r["exact"])
     shipped = DEFAULT_RULE
     alternatives = {
@@ -179,9 +181,10 @@ def calibrate(train: Split, val: Split | None) -> dict:
     sources = np.array([re.match(r"[A-Za-z]*", n)[0].lower() or "?" for n in train.names])
     for source in sorted(set(sources)):
         sel = sources == source
-        by_source[source] = agreement({k: v[sel] for k, v in train.true.items()}, {k: v[sel] for k, v in shipped_pred.items()})
-    return {"grid_size": len(grid), "grid_top": grid[:8], "shipped_rank": shipped_rank, "best": best, "val_best": val_best,
-            "train_by_source": by_source,
+        by_source[source] = agreement({k: v[sel] for k, v in train.true.items()},
+                                      {k: v[sel] for k, v in shipped_pred.items()})
+    return {"grid_size": len(grid), "grid_top": grid[:8], "shipped_rank": shipped_rank, "best": best,
+            "val_best": val_best, "train_by_source": by_source,
             "alternatives": rows, "n_train": train.n, "n_val": val.n if val else 0}
 
 
@@ -205,10 +208,11 @@ def characterise(split: Split) -> dict:
                        "report_only": int((t & ~p).sum()), "agree": float((t == p).mean())}
     # per level, both sides pooled: where the rule and the annotators draw the lines
     levels = {}
-    for j, level in enumerate(LEVELS):
+    for _j, level in enumerate(LEVELS):
         cols = [i for i, (lv, _) in enumerate(ZONES) if lv == level]
         t, p = true["flags"][:, cols], pred["flags"][:, cols]
-        levels[level] = {"agree": float((t == p).mean()), "rule_only": int((p & ~t).sum()), "report_only": int((t & ~p).sum())}
+        levels[level] = {"agree": float((t == p).mean()), "rule_only": int((p & ~t).sum()),
+                         "report_only": int((t & ~p).sum())}
     # side patterns: what the annotators call a lung's lesions vs what the rule calls them
     side_patterns = collections.Counter()
     for tf, pf in zip(true_f, pred_f):
@@ -223,7 +227,8 @@ def characterise(split: Split) -> dict:
                    for a, c in sorted(pattern_rows.items(), key=lambda kv: -sum(kv[1].values()))}
     # by lesion size (fraction of the image): small masks are where the boundaries matter
     area = np.array([p.sum() for p in split.profiles]) / (split.height * split.width)
-    exact = (pred["flags"] == true["flags"]).all(1) & (pred["sides"] == true["sides"]) & (pred["count"] == true["count"])
+    exact = ((pred["flags"] == true["flags"]).all(1) & (pred["sides"] == true["sides"])
+             & (pred["count"] == true["count"]))
     edges = [0, 0.02, 0.05, 0.10, 1.01]
     by_size = []
     for lo, hi in zip(edges[:-1], edges[1:]):
@@ -283,7 +288,8 @@ def render(res: dict) -> str:
         "",
         f"The rule `lvit describe` runs (`lvit.data.describe.mask_findings`: side = image half; zones = rows above "
         f"{pct(res['rule']['upper_end'])} / {pct(res['rule']['upper_end'])}-{pct(res['rule']['middle_end'])} / below "
-        f"{pct(res['rule']['middle_end'])} of the image height, named when >= {100 * res['rule']['min_zone_fraction']:.1f} % "
+        f"{pct(res['rule']['middle_end'])} of the image height, named when >= "
+        f"{100 * res['rule']['min_zone_fraction']:.1f} % "
         "of the image's pixels lie there on that side; count = zones named) against every report of the "
         f"{res['split']} split ({o['n']} masks of `{res['data']}`, layout {res['layout']}). Fields: sides = "
         "unilateral/bilateral, count = infected areas, one column per zone (left = image left). The rule was "
@@ -305,7 +311,8 @@ def render(res: dict) -> str:
         "|---|---|---|---|---|---|",
     ]
     for name, z in m["zones"].items():
-        lines.append(f"| {name} | {z['report']} | {z['rule']} | {z['rule_only']} | {z['report_only']} | {pct(z['agree'])} |")
+        lines.append(f"| {name} | {z['report']} | {z['rule']} | {z['rule_only']} | {z['report_only']} "
+                     f"| {pct(z['agree'])} |")
     lines += ["", "Per lung: what the annotators called the lesions of one lung (row) and what the rule calls them "
               "(the three most frequent answers; `-` = nothing in that lung).", "",
               "| report says | lungs | rule agrees | rule says instead (most frequent) |", "|---|---|---|---|"]

@@ -45,6 +45,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from lvit.presets import preset_path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -108,16 +109,17 @@ def official_dataset(dataset, augment: bool, limit: int | None):
     return out
 
 
-def official_data_hook(limit: int | None = None):
-    """A ``setup_hook`` for :func:`lvit.train.runner.train` that applies :func:`official_dataset`."""
-    from lvit.train.module import SegmentationModule
+def official_data_plugin(limit: int | None = None):
+    """A training plug-in (:class:`lvit.train.plugins.TrainingPlugin`) that applies :func:`official_dataset`."""
+    from lvit.train.plugins import TrainingPlugin
 
-    def hook(config, data, data_root, run_dir, resume):
-        data.train = official_dataset(data.train, augment=config.data.augment, limit=limit)
-        data.val = official_dataset(data.val, augment=False, limit=limit)
-        return data, SegmentationModule
+    class OfficialData(TrainingPlugin):
+        def setup(self, config, data, data_root, run_dir, resume):
+            data.train = official_dataset(data.train, augment=config.data.augment, limit=limit)
+            data.val = official_dataset(data.val, augment=False, limit=limit)
+            return data
 
-    return hook
+    return OfficialData()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -152,11 +154,12 @@ def train_model(s: BenchSettings, model: str, resume: bool = False) -> dict:
                       f"model.base_channels={s.base_channels}", f"text.encoder={s.text_encoder}"]
         config = load_config(preset_path("monuseg"), overrides)
     from lvit.train.callbacks import WallClockBudget
+    from lvit.train.plugins import Callbacks
 
     budget = WallClockBudget(s.minutes)
     started = time.perf_counter()
-    result = train(config, s.data, run_dir, resume=resume, extra_callbacks=[budget],
-                   setup_hook=official_data_hook(s.limit))
+    result = train(config, s.data, run_dir, resume=resume,
+                   plugins=[official_data_plugin(s.limit), Callbacks(budget)])
     return {"wall_seconds": time.perf_counter() - started, "epochs": result.epochs,
             "best_epoch": result.best_epoch, "best_val_dice": result.best_dice,
             "stopped_early": result.stopped_early, "stopped_by_budget": budget.stopped}
@@ -168,9 +171,9 @@ def test_model(s: BenchSettings, model: str) -> dict:
     to the model size and binarised > 0; prediction > 0.5; Dice/IoU per image, mean over images), plus the
     standard ``lvit test`` outputs (nearest-neighbour masks, original-size figures, overlays)."""
     from lvit.data import SegmentationDataset, load_split
-    from lvit.metrics import SegmentationScores
     from lvit.evaluate.predict import Predictor
     from lvit.evaluate.testing import run_test
+    from lvit.metrics import SegmentationScores
 
     run_dir, cache = s.runs / model, s.runs / "text_cache"
     predictor = Predictor(run_dir, cache_dir=cache)
@@ -239,7 +242,8 @@ def plot_curves(runs: Path, models, out: Path, where: str = "CPU") -> Path | Non
 
 
 def render(results: dict, s: BenchSettings, curve: Path | None, section: str = "monuseg") -> str:
-    rows = [("| Model (our name) | Epochs | Best epoch | Train wall-clock | s / epoch | Best val Dice | Test Dice | Test IoU | "
+    rows = [("| Model (our name) | Epochs | Best epoch | Train wall-clock | s / epoch | Best val Dice | Test Dice "
+             "| Test IoU | "
             "Published Dice / IoU | Gap (Dice) | `lvit test` Dice / IoU |"),
             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for m in MODELS:
@@ -257,12 +261,14 @@ def render(results: dict, s: BenchSettings, curve: Path | None, section: str = "
     any_r = next(iter(results.values()), {})
     minutes = any_r.get("budget_minutes", s.minutes)  # the budget the recorded runs had
     gpu = any_r.get("gpu")
-    where = (f"GPU: {gpu} (one process per model, fp32)" if gpu else "CPU only (a GPU run, where one was lent, has its own section: monuseg-gpu)")
+    where = (f"GPU: {gpu} (one process per model, fp32)" if gpu
+             else "CPU only (a GPU run, where one was lent, has its own section: monuseg-gpu)")
     data_note = ("" if not any_r.get("data_note") else f" Data: {any_r['data_note']}")
     lines = [
         "## MoNuSeg: reproducing the published figures (`bench/monuseg.py`)" + (", GPU run" if gpu else ""),
         "",
-        (f"Machine: {any_r.get('machine', platform.processor() or platform.machine())}; {where}. Official settings (preset monuseg: 224 px, batch 2, Adam lr 1e-3, "
+        (f"Machine: {any_r.get('machine', platform.processor() or platform.machine())}; {where}. "
+        "Official settings (preset monuseg: 224 px, batch 2, Adam lr 1e-3, "
         "cosine warm restarts T_0=10 eta_min=1e-4, Dice 0.5 + BCE 0.5, seed 666; official augmentation and mask "
         f"resize), but a wall-clock budget of {minutes:g} min per model instead of up to 2000 epochs with "
         f"patience 50. Text encoder for LViT (text): {results.get('lvit', any_r).get('text_encoder', s.text_encoder)} "

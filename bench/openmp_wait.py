@@ -2,11 +2,11 @@
 
     python bench/openmp_wait.py [--crowd 4] [--steps 5]
 
-Each measurement runs in a fresh Python process with the policy set in its environment before torch loads
-(the `lvit` command leaves a policy set by the user alone). Two steps are timed: the synth preset's training step (128 px, base 16, batch 8,
-2 threads) and a tiny LViT step (64 px, base 8, batch 2); the tiny one also with ``--crowd`` copies running at
-once, which is what a shared machine looks like. Prints the median step times (ms). The `lvit` command's own
-choice (``lvit.openmp.apply_wait_policy``) is based on these figures.
+Each measurement runs in a fresh Python process with the policy set in its environment before torch loads (the
+`lvit` command leaves a policy set by the user alone). Two steps are timed: the synth preset's training step (128
+px, base 16, batch 8, 2 threads) and a tiny LViT step (64 px, base 8, batch 2); the tiny one also with ``--crowd``
+copies running at once, which is what a shared machine looks like. Prints the median step times (ms). The `lvit`
+command's own choice (``lvit.openmp.apply_wait_policy``) is based on these figures.
 """
 
 from __future__ import annotations

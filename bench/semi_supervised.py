@@ -160,11 +160,11 @@ def _lv_tag(args, setting: str) -> str:
 
 
 def run_one(args, data: Path, work: Path, model: str, setting: str) -> dict:
-    from lvit.train.callbacks import WallClockBudget
     from lvit.presets import resolve_config
+    from lvit.train.callbacks import WallClockBudget
     from lvit.train.config import load_config
+    from lvit.train.plugins import Callbacks
     from lvit.train.runner import train
-    from lvit.train.semi.module import SemiConfig, make_setup_hook
 
     overrides = [
         f"model_name={model}", f"model.image_size={args.size}", f"model.base_channels={args.base_channels}",
@@ -174,20 +174,19 @@ def run_one(args, data: Path, work: Path, model: str, setting: str) -> dict:
     ]
     if args.text_cache is not None:
         overrides.append(f"text.cache_dir={args.text_cache}")
-    cfg = load_config(resolve_config(args.config), overrides)
-    run_dir = work / "runs" / (f"{model}_{setting}_e{args.epochs}_w{args.warmup}_b{args.beta}_n{args.n_train}"
-                               + _lv_tag(args, setting).replace("/", "_"))
-    hook = None
     if setting != "sup-100":
         mode = {"sup-25": "none", "sup-25-steps": "epi", "epi-25": "epi", "epi+lv-25": "epi+lv"}[setting]
         warmup = args.epochs if setting == "sup-25-steps" else args.warmup  # a warm-up as long as the run
-        semi = SemiConfig(mode=mode, labeled_fraction=args.fraction, seed=args.seed, beta=args.beta,
-                          warmup_epochs=warmup, lv_weight=args.lv_weight,
-                          pseudo_threshold=args.pseudo_threshold)
-        hook = make_setup_hook(semi)
+        overrides += [f"semi.mode={mode}", f"semi.labeled_fraction={args.fraction}", f"semi.seed={args.seed}",
+                      f"semi.beta={args.beta}", f"semi.warmup_epochs={warmup}", f"semi.lv_weight={args.lv_weight}"]
+        if args.pseudo_threshold is not None:
+            overrides.append(f"semi.pseudo_threshold={args.pseudo_threshold}")
+    cfg = load_config(resolve_config(args.config), overrides)
+    run_dir = work / "runs" / (f"{model}_{setting}_e{args.epochs}_w{args.warmup}_b{args.beta}_n{args.n_train}"
+                               + _lv_tag(args, setting).replace("/", "_"))
     budget = [WallClockBudget(args.minutes)] if args.minutes else []
     started = time.perf_counter()
-    result = train(cfg, data, run_dir, force=True, setup_hook=hook, extra_callbacks=budget)
+    result = train(cfg, data, run_dir, force=True, plugins=[Callbacks(*budget)])
     seconds = time.perf_counter() - started
     test = score_test(run_dir, cfg, data)
     pseudo = last_metric(run_dir, "pseudo_dice")
@@ -204,10 +203,10 @@ def score_test(run_dir: Path, cfg, data: Path) -> tuple[float, float]:
 
     from lvit.data.layout import load_split
     from lvit.metrics import batch_dice_iou
-    from lvit.train.checkpoint import load_run
+    from lvit.runs import load_run
     from lvit.train.datamodule import build_text_encoder, make_dataset, text_cache_dir
 
-    model, _ = load_run(run_dir)
+    model = load_run(run_dir).model
     records = load_split(data, "test", seed=cfg.trainer.seed)
     encoder = build_text_encoder(cfg)
     cache = text_cache_dir(cfg, data) if encoder is not None else None

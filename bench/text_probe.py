@@ -1,24 +1,17 @@
-"""Does a trained LViT read its reports? Score one run on a split three times: with the true reports, with
-"left" and "right" swapped, and with "No pulmonary infection." for every image.
+"""Does a trained LViT read its reports? Score one run on a split with the true reports and with changed ones.
 
-    python bench/text_probe.py RUN_DIR --data ROOT [--split test]
+    python bench/text_probe.py RUN_DIR --data ROOT [--split test] [--json OUT.json]
 
-A model that ignores text scores the same three times; one that reads it loses Dice when the report lies.
+A thin command over :func:`lvit.evaluate.text_probe.probe_reports` (true, left/right swapped, another image's
+report, "No pulmonary infection."; each also on the reports the change alters). bench/compare_models.py and
+bench/qata.py record these figures in their raw results; ``--json`` writes them for any other run.
 """
 
 from __future__ import annotations
 
 import argparse
-
-import numpy as np
-import torch
-
-from lvit.data import load_split, read_image, read_mask
-from lvit.metrics import dice_iou
-from lvit.evaluate.predict import Predictor
-from lvit.text import swap_left_right
-
-NORMAL = "No pulmonary infection."
+import json
+import sys
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,21 +19,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run")
     p.add_argument("--data", required=True)
     p.add_argument("--split", default="test")
+    p.add_argument("--json", default=None, help="also write the result to this JSON file")
     args = p.parse_args(argv)
+    import torch
+
+    from lvit.errors import LvitError
+    from lvit.evaluate.text_probe import format_probe, probe_reports
+    from lvit.io import atomic_write_text
+
     torch.set_num_threads(1)
-    predictor = Predictor(args.run)
-    variants = {"true report": lambda t: t, "left/right swapped": swap_left_right, "'No pulmonary infection.'": lambda t: NORMAL}
-    scores: dict[str, list[float]] = {k: [] for k in variants}
-    for record in load_split(args.data, args.split):
-        image, truth = read_image(record.image_path), read_mask(record.mask_path).astype(bool)
-        for name, change in variants.items():
-            prob = predictor.predict(image, change(record.text))
-            scores[name].append(dice_iou(prob > 0.5, truth)[0])
-    print(f"{args.run} on {args.split} ({len(scores['true report'])} images): Dice at 0.5, mean over images")
-    for name, values in scores.items():
-        print(f"  {name:28s} {np.mean(values):.3f}")
+    try:
+        result = probe_reports(args.run, args.data, args.split)
+    except LvitError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(format_probe(result))
+    if args.json:
+        atomic_write_text(args.json, json.dumps(result, indent=1) + "\n")
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

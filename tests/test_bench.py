@@ -11,9 +11,8 @@ import pytest
 import torch
 
 from lvit import benchmark
-from lvit.benchmark import harness, render, worker
+from lvit.benchmark import Case, Task, harness, render, worker
 from lvit.benchmark.runners import build_case
-from lvit.benchmark import Case, Task
 from lvit.models.flops import count_flops
 
 
@@ -87,8 +86,9 @@ def test_flop_count_includes_attention():
 
 def test_training_check_flags_a_wrong_variant(monkeypatch):
     case = Case("tiny", "lvit", {"image_size": 32, "base_channels": 8, "text_dim": 16, "vit_heads": 2}, batch=2)
-    good = worker._check_training(Task(case, "training", "fused-adam"))
+    good = worker._check_training(Task(case, "training", "fused-adam", check_warmup=2))
     assert good["ok"] and good["rel_err"] < 1e-6  # same gradients; only the optimizer kernel differs
+    assert good["rel_err_init"] < 1e-6 and good["warmup_steps"] == 2
     # bf16 autocast: gradients differ, within its looser bound, and the report says so.
     bf16 = worker._check_inference(Task(case, "inference", "bf16"),
                                       _logits(case, torch.bfloat16))
@@ -137,3 +137,28 @@ def test_gpu_report_gets_its_own_section_and_mfu_against_the_bf16_peak(tmp_path)
     harness._derive(cpu)
     assert gpu["cases"]["c"]["inference"]["eager"]["mfu"] == pytest.approx(50e9 * 1000 / 800e12)
     assert cpu["cases"]["c"]["inference"]["eager"]["mfu"] == pytest.approx(50e9 * 1000 / 50e12)
+
+
+def test_fast_path_variants_are_cumulative_and_planned_on_cuda_or_by_name():
+    from lvit.benchmark.tasks import FAST_PATH_VARIANTS, Steps, uses_bf16, variant_steps
+
+    assert variant_steps("bf16+channels_last") == Steps(bf16=True, channels_last=True)
+    assert variant_steps("+fused") == Steps(bf16=True, channels_last=True, fused=True)
+    assert variant_steps("+compile").compile == "default" and variant_steps("+cuda-graphs").compile == "reduce-overhead"
+    assert variant_steps("+gpu-data") == Steps(bf16=True, channels_last=True, fused=True, compile="reduce-overhead",
+                                               gpu_data=True)
+    assert all(uses_bf16(v) for v in FAST_PATH_VARIANTS) and not uses_bf16("channels_last") and uses_bf16("bf16")
+    with pytest.raises(ValueError):
+        variant_steps("+warp-speed")
+    cpu = harness.plan(harness.Options())
+    gpu = harness.plan(harness.Options(device="cuda"))
+    assert not set(FAST_PATH_VARIANTS) & set(cpu["training"]) and set(FAST_PATH_VARIANTS) <= set(gpu["training"])
+    named = harness.plan(harness.Options(quick=True, variants=("+fused", "training:+gpu-data")))
+    assert named["training"] == ("eager", "+fused", "+gpu-data")
+    # MFU of a bf16 fast-path step is taken against the bf16 peak (on CPU too).
+    report = {"options": {"device": "cpu"}, "matmul": {"fp32": {"flops": 50e12}, "bf16": {"flops": 800e12}},
+              "cases": {"c": {"inference": {"eager": {"median_s": 1.0, "images_per_s": 1.0,
+                                                       "flops_per_image": {"total": 1e9}}},
+                              "training": {"+fused": {"median_s": 1.0, "images_per_s": 1.0}}}}, "scaling": []}
+    harness._derive(report)
+    assert report["cases"]["c"]["training"]["+fused"]["mfu"] == pytest.approx(3e9 / 800e12)

@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from lvit.cli import main  # noqa: E402  (the real CLI entry point: one-line errors, exit 2)
 from lvit.data import (
     AugmentConfig,
     SegmentationDataset,
@@ -21,9 +22,6 @@ from lvit.data import (
     resize_mask,
 )
 from lvit.errors import DataError
-
-
-from lvit.cli import main  # noqa: E402  (the real CLI entry point: one-line errors, exit 2)
 
 
 def _write_xlsx(path: Path, rows, columns=("Image", "Description")) -> None:

@@ -144,7 +144,8 @@ def test_parse_describe_round_trip_on_random_masks():
 
 
 def test_parser_reads_the_real_template_and_keeps_fields_apart():
-    text = "bilateral pulmonary infection, five infected areas, upper middle lower left lung and middle lower right lung."
+    text = ("bilateral pulmonary infection, five infected areas, upper middle lower left lung and "
+            "middle lower right lung.")
     findings = parse_findings(text)
     assert (findings.sides, findings.count) == (2, 5)
     assert findings.flags == (1, 1, 1, 0, 1, 1)  # QaTa's pseudo_label order: UL ML LL UR MR LR
@@ -152,7 +153,8 @@ def test_parser_reads_the_real_template_and_keeps_fields_apart():
     assert Findings.from_flags([1, 1, 1, 0, 1, 1]).report() == text
     assert parse_findings("  Unilateral  pulmonary infection, one infected area, lower right lung") == \
         Findings(1, 1, frozenset({("lower", "right")}))
-    odd = parse_findings("bilateral pulmonary infection, two infected areas, lower left lung and middle lower right lung.")
+    odd = parse_findings("bilateral pulmonary infection, two infected areas, lower left lung and "
+                         "middle lower right lung.")
     assert odd.count == 2 and len(odd.zones) == 3 and not odd.consistent  # parsed as written
     with pytest.raises(ValueError, match="inconsistent"):
         format_report(odd)
@@ -222,7 +224,8 @@ def test_dataset_form_official_layout_fills_what_is_missing_and_keeps_the_rest(t
     records = {r.mask_path.name: r for r in _records(root, "train")}
     assert sorted(records) == names  # every mask has a report lvit reads back
     for i, name in enumerate(names):
-        expected = original[name] if i < 6 and i != 1 else describe_mask(read_mask(records[name].mask_path), capitalize=True)
+        expected = (original[name] if i < 6 and i != 1
+                    else describe_mask(read_mask(records[name].mask_path), capitalize=True))
         assert records[name].text == expected
     import pandas as pd
 
@@ -260,7 +263,8 @@ def test_dataset_form_csv_table_keeps_its_columns(tiny_synth, tmp_path):
     folder = root / "Test_Folder"
     names = sorted(r.mask_path.name for r in _records(root, "test"))
     (folder / "Test_text.xlsx").unlink()
-    (folder / "Test_text.csv").write_text("Image,Description,Note\n" + f"{names[0]},my report,keep me\n", encoding="utf-8")
+    (folder / "Test_text.csv").write_text("Image,Description,Note\n" + f"{names[0]},my report,keep me\n",
+                                          encoding="utf-8")
     shutil.copy(folder / "img" / names[0].removeprefix("mask_"), folder / "img" / "TEST_0000.png")
     shutil.copy(folder / "labelcol" / names[0], folder / "labelcol" / "mask_TEST_0000.png")  # a case-variant copy
     report = describe_dataset(root, ["test"])[0]

@@ -87,7 +87,7 @@ def test_export_refuses_clobber_and_wrong_sizes(tmp_path):
 
 
 def test_export_cli_on_a_run_folder(tmp_path):
-    from lvit.train.checkpoint import save_weights, write_run_config
+    from lvit.runs import save_weights, write_run_config
 
     model = _model()
     run = tmp_path / "run"
@@ -112,7 +112,7 @@ def test_predict_onnx_backend_matches_torch(tmp_path):
     import numpy as np
 
     from lvit.evaluate.predict import Predictor
-    from lvit.train.checkpoint import save_weights, write_run_config
+    from lvit.runs import save_weights, write_run_config
 
     model = _model("lvit-t")
     run = tmp_path / "run"

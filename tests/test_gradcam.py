@@ -45,8 +45,8 @@ def tiny_run(tmp_path_factory) -> Path:
     from lvit.data.dataset import load_pair
     from lvit.data.layout import load_split
     from lvit.data.synthetic import generate_synthetic
+    from lvit.runs import save_weights
     from lvit.text import get_text_encoder
-    from lvit.train.checkpoint import save_weights
 
     base = tmp_path_factory.mktemp("tiny_run")
     data = generate_synthetic(base / "data", n_train=8, n_val=2, n_test=4, size=SIZE, seed=3, progress=False)
@@ -113,10 +113,10 @@ def run_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def loaded(run_dir):
-    from lvit.train.checkpoint import load_run
+    from lvit.runs import load_run
 
-    model, run_config = load_run(run_dir)
-    return model, run_config, run_text_encoder(model, run_config)
+    run = load_run(run_dir)
+    return run.model, run.config, run_text_encoder(run)
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from badinputs import Tally
+
 from lvit import io as lio
 from lvit.errors import LvitError, OutputExistsError
 

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from badinputs import Tally, assert_one_line_error, file_is_complete, run_cli
+
 from lvit.io import FAULT_ENV
 
 TINY = ["--config", "synth", "--model", "lvit-t", "--batch-size", "2", "--workers", "0", "--no-progress",
@@ -137,7 +137,7 @@ def test_sigkill_at_random_moments_then_resume_gives_identical_weights(data, tmp
         rows_before = len(read_rows(run))
         proc = _spawn(argv, fault)
         if trigger is None:  # mid-epoch: once this process has finished an epoch, kill it in the next one
-            trigger = lambda: len(read_rows(run)) > rows_before  # noqa: E731
+            trigger = lambda rows_before=rows_before: len(read_rows(run)) > rows_before  # noqa: E731
         assert _wait_for(proc, trigger), f"{what}: the run ended before the kill: {proc.communicate()[1]}"
         time.sleep(rng.uniform(lo, hi))
         assert proc.poll() is None, f"{what}: the run ended before the kill: {proc.communicate()[1]}"

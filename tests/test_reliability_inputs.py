@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from badinputs import (
     CORPUS,
     FLAGGED_BY_CHECK_DATA,
@@ -269,12 +268,12 @@ def test_user_path(name, good_root, trained_run, text_run, tmp_path, monkeypatch
     monkeypatch.setattr(tempfile, "tempdir", str(system_tmp))  # where on-the-fly ONNX exports would be left
     argv = case.argv(ctx)
     if case.before_model:
-        from lvit.train import checkpoint
+        from lvit import runs
 
         def refuse(*args, **kwargs):
             raise AssertionError(f"{name}: the model was loaded before the inputs were checked")
 
-        monkeypatch.setattr(checkpoint, "load_run", refuse)
+        monkeypatch.setattr(runs, "load_run", refuse)
     before = _files(ctx.tmp)
     user_tally.add(f"{case.group}: tried")
     with warnings.catch_warnings():

@@ -271,29 +271,34 @@ def test_labelled_list_by_name_or_stem(tmp_path):
 
 
 # ---------------------------------------------------------------------- CLI flags
-def test_train_cli_semi_flags(tmp_path):
+def test_train_cli_semi_flags_are_overrides_of_the_semi_section(tmp_path):
     import argparse
 
     from lvit.commands import train as train_cmd
     from lvit.errors import ConfigError
-    from lvit.train.semi.cli import setup_hook_from_args
-    from lvit.train.semi.module import SemiConfig
+    from lvit.train.config import load_config
+    from lvit.train.semi.cli import semi_overrides
 
     parser = argparse.ArgumentParser()
     train_cmd.register(parser.add_subparsers())
     args = parser.parse_args(["train", "--out", str(tmp_path), "--labeled-fraction", "0.25", "--semi", "epi+lv",
                               "--beta", "0.9", "--lv-weight", "0.2", "--semi-warmup", "3"])
-    assert callable(setup_hook_from_args(args, tmp_path, resume=False))
-    assert setup_hook_from_args(parser.parse_args(["train", "--out", "x"]), tmp_path, resume=False) is None
+    overrides = semi_overrides(args)
+    assert overrides == ["semi.labeled_fraction=0.25", "semi.mode=epi+lv", "semi.beta=0.9", "semi.lv_weight=0.2",
+                         "semi.warmup_epochs=3"]
+    semi = load_config(None, overrides + ["semi.pseudo_threshold=0.6"]).semi
+    assert (semi.active, semi.mode, semi.labeled_fraction, semi.beta, semi.lv_weight, semi.warmup_epochs,
+            semi.pseudo_threshold) == (True, "epi+lv", 0.25, 0.9, 0.2, 3, 0.6)
+    assert semi_overrides(parser.parse_args(["train", "--out", "x"])) == []
+    assert not load_config(None).semi.active
     with pytest.raises(ConfigError, match="needs --labeled-fraction"):
-        setup_hook_from_args(parser.parse_args(["train", "--out", "x", "--semi", "epi"]), tmp_path, resume=False)
-    with pytest.raises(ConfigError, match="beta"):
-        SemiConfig(mode="epi", labeled_fraction=0.5, beta=1.0).validate()
-    # On --resume the saved settings win and new flags are refused.
-    (tmp_path / "semi.json").write_text(json.dumps(SemiConfig(mode="epi", labeled_fraction=0.5).to_dict()))
-    assert callable(setup_hook_from_args(parser.parse_args(["train", "--out", "x"]), tmp_path, resume=True))
-    with pytest.raises(ConfigError, match="--resume"):
-        setup_hook_from_args(args, tmp_path, resume=True)
+        load_config(None, semi_overrides(parser.parse_args(["train", "--out", "x", "--semi", "epi"])))
+    with pytest.raises(ConfigError, match=r"semi\.beta=1\.0.*beta"):
+        load_config(None, ["semi.mode=epi", "semi.labeled_fraction=0.5", "semi.beta=1.0"])
+    # A resumed run keeps the settings in its config.yaml: new flags are refused.
+    assert semi_overrides(parser.parse_args(["train", "--out", "x"]), resume=True) == []
+    with pytest.raises(ConfigError, match="--resume keeps"):
+        semi_overrides(args, resume=True)
 
 
 def test_warmup_sampler_draws_labelled_batches_then_everything():

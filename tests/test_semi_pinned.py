@@ -172,7 +172,7 @@ def test_beta_and_lv_weight_flags_reach_the_bank_and_the_loss(tmp_path, monkeypa
     checkpointed bank records beta 0.8. Two epochs, warm-up 0: epoch 0 sets P_0, epoch 1 averages."""
     from lvit.cli import main
     from lvit.data.synthetic import generate_synthetic
-    from lvit.train.checkpoint import load_state_file
+    from lvit.runs import load_state_file
     from lvit.train.semi import module as semi_module
 
     beta, weight = 0.8, 0.7

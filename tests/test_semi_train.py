@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from lvit.train.checkpoint import load_state_file
+from lvit.runs import load_state_file
 
 pytestmark = pytest.mark.slow
 
@@ -27,10 +27,11 @@ def tiny_data(tmp_path_factory):
 def _train(data, run_dir, epochs, semi, resume=False, overrides=()):
     from lvit.train.config import load_config
     from lvit.train.runner import train
-    from lvit.train.semi.module import make_setup_hook
 
     cfg = load_config(None, SEMI_OVERRIDES + [f"trainer.max_epochs={epochs}", *overrides])
-    return train(cfg, data, run_dir, resume=resume, force=not resume, setup_hook=make_setup_hook(semi))
+    cfg.semi = semi
+    cfg.validate()
+    return train(cfg, data, run_dir, resume=resume, force=not resume)
 
 
 def test_semi_supervised_run_end_to_end_and_exact_resume(tiny_data, tmp_path, monkeypatch):

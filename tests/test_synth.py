@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from lvit.cli import main  # noqa: E402  (the real CLI entry point: one-line errors, exit 2)
 from lvit.data import (
     generate_synthetic,
     load_split,
@@ -18,9 +19,6 @@ from lvit.data import (
     zone_at,
 )
 from lvit.data.synthetic import NORMAL_REPORT, report_for
-
-
-from lvit.cli import main  # noqa: E402  (the real CLI entry point: one-line errors, exit 2)
 
 
 def _files(root):
@@ -34,7 +32,9 @@ def test_same_seed_gives_byte_identical_files(tmp_path):
     fa, fb, fc = _files(a), _files(b), _files(c)
     assert len(fa) == 3 * 2 + 2 + 2 + 3 + 2  # images + masks, 3 tables, DATASHEET.md, synth_meta.json
     assert fa == fb
-    assert fa[next(k for k in fa if k.name == "train_0000.png")] != fc[next(k for k in fc if k.name == "train_0000.png")]
+    key_a = next(k for k in fa if k.name == "train_0000.png")
+    key_c = next(k for k in fc if k.name == "train_0000.png")
+    assert fa[key_a] != fc[key_c]
 
 
 def test_official_layout_and_naming(tiny_synth):

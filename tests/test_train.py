@@ -10,11 +10,12 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from lvit.presets import preset_path
 from lvit.errors import CheckpointError, OutputExistsError, TrainingDiverged
+from lvit.presets import preset_path
+from lvit.runs import load_run, load_state_file, load_weights
 from lvit.train import load_config
-from lvit.train.checkpoint import load_run, load_state_file, load_weights
 from lvit.train.module import SegmentationModule
+from lvit.train.plugins import Callbacks
 from lvit.train.runner import resume_config, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,7 +55,8 @@ def test_two_epochs_write_run_folder_and_loss_goes_down(synth64, tmp_path):
     # The full state loads with weights_only=True (no pickled code) and the run rebuilds for inference.
     state = torch.load(run / "checkpoints/last.ckpt", weights_only=True)
     assert state["epoch"] == 1 and "RunCheckpoint" in state["callbacks"]
-    model, cfg = load_run(run)
+    loaded = load_run(run)
+    model, cfg = loaded.model, loaded.config
     assert cfg["model_name"] == "lvit" and cfg["text_encoder"]["dim"] == cfg["model"]["text_dim"]
     best = load_weights(run / "checkpoints/best.safetensors")
     for key, value in model.state_dict().items():
@@ -82,7 +84,7 @@ def test_resume_after_interruption_gives_identical_weights(synth64, tmp_path):
     train(tiny_config(*epochs), synth64, tmp_path / "full")
 
     with pytest.raises(_Crash):
-        train(tiny_config(*epochs), synth64, tmp_path / "cut", extra_callbacks=[_CrashAt(epoch=2)])
+        train(tiny_config(*epochs), synth64, tmp_path / "cut", plugins=[Callbacks(_CrashAt(epoch=2))])
     assert len(read_rows(tmp_path / "cut")) == 2  # epochs 1-2 finished before the kill
     config, root = resume_config(tmp_path / "cut")
     assert Path(root) == synth64.resolve()

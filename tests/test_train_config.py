@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from lvit.presets import preset_path
 from lvit.errors import ConfigError
+from lvit.presets import preset_path
 from lvit.train.config import TrainConfig, load_config
 
 REPO = Path(__file__).resolve().parents[1]

@@ -23,11 +23,13 @@ COMMANDS = [
     "check_data",
     "describe",
     "train",
+    "train_reporter",
     "test",
     "predict",
     "explain",
     "report",
     "export",
+    "app",
     "bench",
     "model_info",
 ]

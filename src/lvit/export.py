@@ -270,14 +270,16 @@ class OnnxSegmenter:
         return torch.from_numpy(logits)
 
 
-def onnx_for_run(model: nn.Module, run_dir: str | Path | None, opset: int = 17) -> OnnxSegmenter:
+def onnx_for_run(model: nn.Module, run_dir: str | Path | None, opset: int = 17,
+                 weights: str | Path | None = None) -> OnnxSegmenter:
     """The ONNX Runtime session for a loaded run (``lvit predict --backend onnx``).
 
     Uses ``<run>/model.onnx`` (from ``lvit export RUN --onnx RUN/model.onnx``) only when it was exported from
     exactly these weights (the sha256 in its metadata) and model config. Otherwise (no such file, or one left
     by other weights: a retrained run, ``last`` vs ``best``, an export from before the hash was recorded) the
     loaded model is exported for this session, with a one-line warning when a stale file was passed over. The
-    temporary file is deleted as soon as ONNX Runtime has read it.
+    temporary file is deleted as soon as ONNX Runtime has read it. ``weights``: the loaded weights file (named in
+    that warning).
     """
     import shutil
     import tempfile
@@ -292,7 +294,6 @@ def onnx_for_run(model: nn.Module, run_dir: str | Path | None, opset: int = 17) 
             digest = weights_digest(model)
             if session.metadata.get("lvit.config") == cfg_json and session.metadata.get(WEIGHTS_KEY) == digest:
                 return session
-            weights = getattr(model, "lvit_weights", None)
             why = ("records no weights hash (exported by an older lvit)" if WEIGHTS_KEY not in session.metadata
                    else "was exported from other weights" + (f" than {weights}" if weights else ""))
             warn(f"{candidate} {why}: not used; exporting the loaded weights for this session instead (refresh "

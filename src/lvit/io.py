@@ -33,8 +33,9 @@ import os
 import socket
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from .errors import ConfigError, LvitError, OutputExistsError
 
@@ -139,7 +140,8 @@ def _disk_full(folder: Path) -> bool:
 
 
 def _write_error(dest: Path, exc: BaseException) -> LvitError:
-    cause = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    cause = (exc.strerror if isinstance(exc, OSError) and exc.strerror
+             else str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
     return LvitError(f"{dest}: cannot write ({cause}); the previous file is unchanged")
 
 
@@ -187,7 +189,8 @@ def atomic_path(dest: str | Path) -> Iterator[Path]:
         # torch.save and safetensors turn ENOSPC into RuntimeError / SafetensorError: check the disk itself
         # (before the temporary file is removed) so a full disk still reads as one line, not a traceback.
         if _disk_full(dest.parent) or "No space left" in str(exc) or "os error 28" in str(exc):
-            raise LvitError(f"{dest}: cannot write ({os.strerror(errno.ENOSPC)}); the previous file is unchanged") from exc
+            raise LvitError(f"{dest}: cannot write ({os.strerror(errno.ENOSPC)}); "
+                            "the previous file is unchanged") from exc
         raise
     finally:
         with contextlib.suppress(FileNotFoundError):

@@ -17,9 +17,9 @@ from __future__ import annotations
 import shutil
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -458,7 +458,7 @@ def _onnx_stale(ctx: UserPathContext) -> list:
     """RUN/model.onnx exported, then the run's best weights change (as after `train --force` into the folder)."""
     from safetensors.torch import save_file
 
-    from lvit.train.checkpoint import load_weights
+    from lvit.runs import load_weights
 
     run = ctx.copy_run("t")
     code, _, err = run_cli(["export", run, "--onnx", run / "model.onnx"])
@@ -593,10 +593,10 @@ def _model_info_run(ctx: UserPathContext, out: str, err: str) -> None:
     import json
 
     from lvit.models import count_parameters
-    from lvit.train.checkpoint import load_run
+    from lvit.runs import load_run
 
     info = json.loads(out)
-    assert info["parameters"] == count_parameters(load_run(ctx.text_run)[0]), info["parameters"]
+    assert info["parameters"] == count_parameters(load_run(ctx.text_run).model), info["parameters"]
     assert info["config"]["text_dim"] == 384
 
 
@@ -621,7 +621,8 @@ def _existing_folder(ctx: UserPathContext) -> Path:
     return folder
 
 
-LONG_REPORT = ("Bilateral pulmonary infection, two infected areas, upper left lung and lower right lung. " * 120)[:10_000]
+LONG_REPORT = ("Bilateral pulmonary infection, two infected areas, upper left lung and lower right lung. "
+               * 120)[:10_000]
 SPEAKING = "Left lung: one infected area in the lower zone."
 
 USER_PATH: list[UserPathCase] = [

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .tasks import INFERENCE_VARIANTS, TRAINING_VARIANTS, Case, Task, synth_config
+from .tasks import FAST_PATH_VARIANTS, INFERENCE_VARIANTS, TRAINING_VARIANTS, Case, Task, synth_config, uses_bf16
 from .worker import run_task
 
 
@@ -33,6 +33,13 @@ class Options:
     dataloader: bool = True
     timeout_s: float = 1800.0
     repo_root: Path | None = None
+    compile_backend: str = "inductor"
+    cases: tuple[str, ...] | None = None  # subset of CASE_KEYS (default: all)
+
+
+#: Names of the full run's cases (``--cases``), in order: the default model with MiniLM text, with the paper's
+#: 768-d text, the synth preset.
+CASE_KEYS = ("default", "paper-text", "synth")
 
 
 def plan(opts: Options) -> dict[str, Any]:
@@ -41,7 +48,9 @@ def plan(opts: Options) -> dict[str, Any]:
         tiny = {"image_size": 64, "base_channels": 16, "text_dim": 384, "vit_heads": 4}
         cases = [Case("tiny-64 (quick)", "lvit", tiny, batch=opts.batch or 2)]
         inf_variants = ("eager", "channels_last")
-        train_variants = ("eager",)
+        # Named training variants join the quick run too (the GPU script's dry run: the fast path on a tiny model).
+        train_variants = ("eager",) + tuple(v for v in TRAINING_VARIANTS if v != "eager" and opts.variants and (
+            v in opts.variants or f"training:{v}" in opts.variants))
         return {"cases": cases, "full_variants": [cases[0].label], "inference": inf_variants,
                 "training": train_variants, "repeats": opts.repeats or 3, "warmup": opts.warmup or 1,
                 "scaling_sizes": (), "scaling_batches": (), "synth_source": None}
@@ -52,11 +61,19 @@ def plan(opts: Options) -> dict[str, Any]:
         Case("default-224, paper text (D=768)", "lvit", {"image_size": 224, "text_dim": 768}, batch),
         Case(f"synth preset ({synth_cfg.get('image_size', 224)} px)", "lvit", synth_cfg, batch),
     ]
+    if opts.cases:
+        unknown = set(opts.cases) - set(CASE_KEYS)
+        if unknown:
+            raise ValueError(f"unknown case(s) {', '.join(sorted(unknown))} (known: {', '.join(CASE_KEYS)})")
+        cases = [c for key, c in zip(CASE_KEYS, cases) if key in opts.cases]
     # --variants names variants for both modes ("onnx") or for one ("training:compile").
     inf = tuple(v for v in INFERENCE_VARIANTS
                 if not opts.variants or v in opts.variants or f"inference:{v}" in opts.variants)
+    # The fast GPU path's steps run by default on CUDA only (bf16 is a loss on a CPU without bf16 units, and
+    # inductor compiles take minutes there); named in --variants they run anywhere.
     trn = tuple(v for v in TRAINING_VARIANTS
-                if not opts.variants or v in opts.variants or f"training:{v}" in opts.variants)
+                if (not opts.variants and (v not in FAST_PATH_VARIANTS or opts.device.startswith("cuda")))
+                or (opts.variants and (v in opts.variants or f"training:{v}" in opts.variants)))
     if opts.device.startswith("cuda"):
         inf = tuple(v for v in inf if v != "onnx")
     return {"cases": cases, "full_variants": [cases[0].label], "inference": inf, "training": trn,
@@ -162,7 +179,8 @@ def run_benchmark(opts: Options, command: str = "lvit bench", progress: bool = T
                               "synth_source": p["synth_source"], "cases": {}, "scaling": [], "profile": [],
                               "repeats": p["repeats"], "warmup": p["warmup"]}
     report["options"]["repo_root"] = str(opts.repo_root) if opts.repo_root else None
-    common = dict(device=opts.device, warmup=p["warmup"], repeats=p["repeats"], threads=opts.threads)
+    common = dict(device=opts.device, warmup=p["warmup"], repeats=p["repeats"], threads=opts.threads,
+                  compile_backend=opts.compile_backend)
     eager_step: dict[tuple[str, str], float] = {}
     isolate = not opts.quick
 
@@ -240,7 +258,7 @@ def _derive(report: dict[str, Any]) -> None:
                     continue
                 if eager.get("median_s"):
                     res["speedup"] = eager["median_s"] / res["median_s"]
-                dtype_peak = peak["bf16"] if variant == "bf16" else peak["fp32"]
+                dtype_peak = peak["bf16"] if uses_bf16(variant) else peak["fp32"]
                 if flops and dtype_peak:
                     res["achieved_flops"] = factor * flops * res["images_per_s"]
                     res["mfu"] = res["achieved_flops"] / dtype_peak

@@ -15,7 +15,47 @@ BF16_BOUND = 5e-2
 BF16_PROB_BOUND = 2e-2
 
 INFERENCE_VARIANTS = ("eager", "channels_last", "fold-bn", "bf16", "compile", "compile-freeze", "onnx")
-TRAINING_VARIANTS = ("eager", "channels_last", "bf16", "fused-adam", "compile")
+#: The fast GPU training path, one step at a time; each adds to the one before (``+x`` = the previous step + x).
+#: ``+gpu-data`` is the whole step ``lvit train`` runs with ``fast.enabled``: batches gathered and augmented on the
+#: device (lvit.data.device), the official Dice + BCE loss, the loss accumulated on the device.
+FAST_PATH_VARIANTS = ("bf16+channels_last", "+fused", "+compile", "+cuda-graphs", "+gpu-data")
+TRAINING_VARIANTS = ("eager", "channels_last", "bf16", "fused-adam", "compile") + FAST_PATH_VARIANTS
+
+
+@dataclass(frozen=True)
+class Steps:
+    """What a variant turns on (every variant is eager fp32 plus these)."""
+
+    bf16: bool = False
+    channels_last: bool = False
+    fused: bool = False
+    compile: str = "none"  # lvit.fastpath.compile_module mode
+    gpu_data: bool = False
+    fold_bn: bool = False
+    onnx: bool = False
+
+
+def variant_steps(variant: str) -> Steps:
+    """The :class:`Steps` of a variant name (ValueError for an unknown one)."""
+    simple = {"eager": Steps(), "channels_last": Steps(channels_last=True), "bf16": Steps(bf16=True),
+              "fused-adam": Steps(fused=True), "compile": Steps(compile="default"),
+              "compile-freeze": Steps(compile="default"), "fold-bn": Steps(fold_bn=True), "onnx": Steps(onnx=True)}
+    if variant in simple:
+        return simple[variant]
+    if variant not in FAST_PATH_VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}")
+    upto = FAST_PATH_VARIANTS[: FAST_PATH_VARIANTS.index(variant) + 1]
+    compile_mode = "reduce-overhead" if "+cuda-graphs" in upto else ("default" if "+compile" in upto else "none")
+    return Steps(bf16=True, channels_last=True, fused="+fused" in upto, compile=compile_mode,
+                 gpu_data="+gpu-data" in upto)
+
+
+def uses_bf16(variant: str) -> bool:
+    """Whether a variant computes in bf16 (so BF16_BOUND applies and MFU is against the bf16 peak)."""
+    try:
+        return variant_steps(variant).bf16
+    except ValueError:
+        return False
 
 
 @dataclass
@@ -49,6 +89,12 @@ class Task:
     #: without bf16 units) must not eat the run.
     max_step_s: float = float("inf")
     matmul_max_n: int = 4096
+    #: torch.compile backend of the compile variants: inductor; aot_eager / eager check the wiring on a CPU
+    #: where inductor's code generation takes minutes.
+    compile_backend: str = "inductor"
+    #: fp32 training steps on a structured task before a training variant's gradients are compared (0: compare
+    #: at the random initialisation, where this BatchNorm network is chaotic: docs/PERFORMANCE.md).
+    check_warmup: int = 50
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), default=json_default)

@@ -10,12 +10,13 @@ import math
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ..models.flops import count_flops
-from .runners import build_case, inference_runner, peak_rss_mb, rss_mb, sync, training_runner
-from .tasks import BF16_BOUND, BF16_PROB_BOUND, FP32_BOUND, FP32_GRAD_BOUND, Task
+from .runners import blob_batch, build_case, inference_runner, peak_rss_mb, rss_mb, sync, training_runner, warm_state
+from .tasks import BF16_BOUND, BF16_PROB_BOUND, FP32_BOUND, FP32_GRAD_BOUND, Steps, Task, uses_bf16, variant_steps
 
 
 class _StepTooSlow(Exception):
@@ -49,7 +50,7 @@ def _time_steps(task: Task, call: Callable[[], Any]) -> dict[str, Any]:
     A variant whose step exceeds ``task.max_step_s`` (its first step: 3x that, unless it compiles) is cut off
     mid-step and reported as aborted: bf16 on a CPU without bf16 units would otherwise take many minutes.
     """
-    compiles = task.variant.startswith("compile") or task.variant == "onnx"
+    compiles = variant_steps(task.variant).compile != "none" or task.variant == "onnx"
     first_limit = float("inf") if compiles else 3 * task.max_step_s
     first_t0 = time.perf_counter()
     try:
@@ -102,30 +103,59 @@ def _check_inference(task: Task, variant_logits) -> dict[str, Any]:
     scale = float(ref.abs().max()) or 1.0
     rel = float((got - ref).abs().max()) / scale
     prob = float((torch.sigmoid(got) - torch.sigmoid(ref)).abs().max())
-    bf16 = task.variant == "bf16"
+    bf16 = uses_bf16(task.variant)
     bound = BF16_BOUND if bf16 else FP32_BOUND
     ok = rel <= bound and (not bf16 or prob <= BF16_PROB_BOUND)
     return {"rel_err": rel, "prob_err": prob, "bound": bound, "ok": ok}
 
 
-def _grads_of_one_step(task: Task, variant: str):
+def _gradient_probe(task: Task, steps: Steps):
+    """``grads(state) -> (loss, gradients)``: one training step of the variant ``steps`` (one model, built and
+    compiled once) from the weights ``state`` (None: the seeded initialisation) on a fixed :func:`blob_batch`
+    (``+gpu-data``: the first batch its device data gives after ``torch.manual_seed(7)``)."""
     import torch
 
-    model, inputs = build_case(task.case, task.device)
-    step, _ = training_runner(dataclasses.replace(task, variant=variant), model, inputs)
+    model, _ = build_case(task.case, task.device)
+    init = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    step, _ = training_runner(task, model, blob_batch(task.case, task.device, seed=12345), steps)
     params = list(model.parameters())
-    loss = step()  # the step zeroes gradients first, so after it .grad holds exactly this step's gradients
-    grads = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten().float() for p in params])
-    return float(loss), grads
+
+    def grads(state):
+        with torch.no_grad():
+            for key, value in model.state_dict().items():  # in place: a compiled/graphed step keeps its buffers
+                value.copy_((state or init)[key])
+        torch.manual_seed(7)  # the +gpu-data batch (shuffle and augmentation) is the same on both sides
+        loss = step()  # zeroes gradients first: afterwards .grad holds exactly this step's gradients
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten().float() for p in params])
+        return float(loss), flat
+
+    return grads
 
 
 def _check_training(task: Task) -> dict[str, Any]:
-    ref_loss, ref_grads = _grads_of_one_step(task, "eager")
-    loss, grads = _grads_of_one_step(task, task.variant)
-    rel = float((grads - ref_grads).norm() / ref_grads.norm().clamp_min(1e-30))
-    loss_rel = abs(loss - ref_loss) / max(abs(ref_loss), 1e-30)
-    bound = BF16_BOUND if task.variant == "bf16" else FP32_GRAD_BOUND
-    return {"rel_err": rel, "loss_rel_err": loss_rel, "bound": bound, "ok": rel <= bound and loss_rel <= bound}
+    """One step's gradients of the variant against eager fp32 (same weights, same batch; ``+gpu-data`` against
+    eager fp32 on the same device data and loss), after ``task.check_warmup`` fp32 steps on a structured task,
+    and, for information, at the random initialisation."""
+    steps = variant_steps(task.variant)
+    reference = _gradient_probe(task, Steps(gpu_data=steps.gpu_data))
+    variant = _gradient_probe(task, steps)
+    bound = BF16_BOUND if steps.bf16 else FP32_GRAD_BOUND
+
+    def compare(state):
+        ref_loss, ref_grads = reference(state)
+        loss, grads = variant(state)
+        rel = float((grads - ref_grads).norm() / ref_grads.norm().clamp_min(1e-30))
+        return rel, abs(loss - ref_loss) / max(abs(ref_loss), 1e-30)
+
+    init_rel, init_loss_rel = compare(None)
+    out = {"bound": bound, "rel_err_init": init_rel, "loss_rel_err_init": init_loss_rel,
+           "warmup_steps": task.check_warmup}
+    if task.check_warmup > 0:
+        rel, loss_rel = compare(warm_state(task, task.check_warmup))
+    else:
+        rel, loss_rel = init_rel, init_loss_rel
+    out.update(rel_err=rel, loss_rel_err=loss_rel, ok=rel <= bound and loss_rel <= bound)
+    return out
 
 
 def measure_matmul(device: str, dtype_name: str, budget_s: float = 0.3, max_n: int = 4096) -> dict[str, Any]:

@@ -39,6 +39,11 @@ def register(subparsers) -> None:
     p.add_argument("--variants", default=None,
                    help="comma-separated subset of variants; 'training:compile' names one mode's variant")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds before a variant's worker is stopped")
+    p.add_argument("--cases", default=None,
+                   help="comma-separated subset of the full run's cases: default, paper-text, synth (default: all)")
+    p.add_argument("--no-dataloader", action="store_true", help="skip the data-loading measurement")
+    p.add_argument("--compile-backend", default="inductor",
+                   help="torch.compile backend of the compile variants (aot_eager/eager: check the wiring on a CPU)")
     p.add_argument("--no-scaling", action="store_true", help="skip the image-size / batch-size study")
     p.add_argument("--out", type=Path, default=None,
                    help="markdown file to write (default: print only); a .json with the raw numbers goes beside it")
@@ -59,6 +64,12 @@ def run(args: argparse.Namespace) -> int:
 
         if not torch.cuda.is_available():
             raise ConfigError("--device cuda: no CUDA device is available to this torch build")
+    if args.cases:
+        from ..benchmark.harness import CASE_KEYS
+
+        unknown = sorted({c.strip() for c in args.cases.split(",") if c.strip()} - set(CASE_KEYS))
+        if unknown:
+            raise ConfigError(f"--cases: unknown case(s) {', '.join(unknown)} (known: {', '.join(CASE_KEYS)})")
     if args.out is not None:
         refuse_clobber(args.out, args.force)
     opts = Options(
@@ -74,6 +85,9 @@ def run(args: argparse.Namespace) -> int:
         scaling=not args.no_scaling,
         timeout_s=args.timeout,
         repo_root=Path.cwd(),
+        compile_backend=args.compile_backend,
+        cases=tuple(c.strip() for c in args.cases.split(",") if c.strip()) if args.cases else None,
+        dataloader=not args.no_dataloader,
     )
     command = "lvit " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["bench"] else "lvit bench"
     report = run_benchmark(opts, command=command)

@@ -37,12 +37,12 @@ def run(args: argparse.Namespace) -> int:
     from ..data import generate_synthetic
     from ..evaluate.testing import run_test
     from ..evaluate.text_probe import format_probe, probe_reports
-    from ..models import reads_text
     from ..io import atomic_write_json, prepare_output_dir
+    from ..models import reads_text
+    from ..presets import resolve_config
     from ..train.config import load_config
     from ..train.runner import train
     from .test import format_summary
-    from ..presets import resolve_config
     from .train import collect_overrides
 
     started = time.perf_counter()

@@ -15,7 +15,8 @@ def register(subparsers) -> None:
                     "text_attribution.png: the same image predicted and explained with the report and with a "
                     "changed report (--alt-text, or left/right swapped, else upper/lower zones swapped).",
     )
-    p.add_argument("checkpoint", metavar="CHECKPOINT_OR_RUN", help="a run folder or its .safetensors weights")
+    p.add_argument("checkpoint", metavar="CHECKPOINT_OR_RUN",
+                   help="a run folder, its .safetensors weights, or a model folder (lvit export --hf)")
     p.add_argument("--image", help="image file to explain (PNG, JPEG, TIFF, DICOM, NIfTI)")
     p.add_argument("--text", help="the image's report (needed by text-guided models)")
     p.add_argument("--alt-text", default=None,
@@ -32,10 +33,10 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..errors import ConfigError, DataError, warn
-    from ..train.checkpoint import load_run
+    from ..runs import load_run
 
     if args.list_layers:
-        model, _ = load_run(args.checkpoint)
+        model = load_run(args.checkpoint).model
         from ..evaluate.gradcam import list_layers
 
         print(f"{'layer':<32} {'branch':<6} {'class':<22} output shape (default: *)")
@@ -72,8 +73,8 @@ def run(args: argparse.Namespace) -> int:
         from ..evaluate.gradcam import explain_image
         from ..text.reports import counterfactual_report
 
-        model, run_config = load_run(args.checkpoint)
-        encode = run_text_encoder(model, run_config)
+        run = load_run(args.checkpoint)
+        model, encode = run.model, run_text_encoder(run)
         text = args.text or ""
         alt_text = args.alt_text if args.alt_text is not None else (counterfactual_report(text) if encode else "")
         explanations = explain_image(model, image, [text, alt_text], encode, args.layers)

@@ -120,7 +120,7 @@ def _read_model_section(path: Path) -> tuple[dict, str | None]:
         raise ConfigError(f"{path}: cannot read config ({' '.join(str(exc).split())})") from None
     if not isinstance(data, dict) or not isinstance(data.get("model", {}), dict):
         raise ConfigError(f"{path}: expected a mapping with a 'model' section")
-    if any(key in data for key in ("lvit_version", "text_encoder", "data_info")):  # a trained run's config
+    if any(key in data for key in ("lvit_version", "text_encoder", "data_info", "lvit_format")):  # a trained run's
         return dict(data.get("model") or {}), data.get("model_name")
     from ..train.config import load_config
 
@@ -137,11 +137,16 @@ def _read_model_section(path: Path) -> tuple[dict, str | None]:
 
 
 def source_path(source: str) -> Path:
-    """A run folder (its config.yaml), a YAML file, or a preset name -> the YAML file to read."""
+    """A run folder (its config.yaml), a model folder (its config.json, YAML's subset), a YAML file, or a preset
+    name -> the file to read."""
     from ..presets import resolve_config as resolve_preset
+    from ..runs import is_model_folder, read_run_config
 
     path = Path(source)
     if path.is_dir():
+        if is_model_folder(path):
+            read_run_config(path)  # the folder's files and config.json checked (one-line error)
+            return path / "config.json"
         if not (path / "config.yaml").is_file():
             raise ConfigError(f"{path}: no config.yaml (not a run folder made by lvit train)")
         return path / "config.yaml"
@@ -154,23 +159,19 @@ def source_path(source: str) -> Path:
 def resolve_config(config_path: str | None, overrides: list[str]):
     """LViTConfig from an optional preset, config file or run folder plus ``key=value`` overrides (``model.``
     prefix optional)."""
-    import yaml
-
     from ..models import LViTConfig
+    from ..train.config import apply_override
 
     values: dict[str, Any] = {}
     model_name = None
     if config_path:
         values, model_name = _read_model_section(source_path(config_path))
-    for item in overrides:
+    raw = {"model": values}
+    for item in overrides:  # the one key=value parser of --set, with the "model." prefix optional here
         if "=" not in item:
-            raise ConfigError(f"override {item!r}: expected key=value, e.g. text_dim=768")
-        key, raw = (s.strip() for s in item.split("=", 1))
-        key = key.removeprefix("model.")
-        try:
-            values[key] = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            values[key] = raw
+            raise ConfigError(f"--set {item}: expected key=value, e.g. text_dim=768")
+        apply_override(raw, item if item.strip().startswith("model.") else f"model.{item.strip()}")
+    values = raw["model"]
     try:
         return LViTConfig.from_dict(values), model_name
     except TypeError as exc:  # a value of the wrong kind reaching a comparison in validation

@@ -12,13 +12,22 @@ def register(subparsers) -> None:
         help="segment an image (or a folder of images with a report table) with a trained run",
         description="Predict a mask at the input's original size. One image: --image X.png --text '...' --out "
                     "mask.png [--prob prob.png] [--overlay ov.png]. A folder: --images DIR --reports table.xlsx|csv "
-                    "--out OUT_DIR [--prob] [--overlay] (writes OUT_DIR/masks/, probs/, overlays/).",
+                    "--out OUT_DIR [--prob] [--overlay] (writes OUT_DIR/masks/, probs/, overlays/). A text-guided "
+                    "model given no report (no --text / --reports, or 'auto') uses the run's report writer (lvit "
+                    "train-reporter; RUN/reporter/ or --reporter DIR) to write one from the image, prints it and "
+                    "saves it beside the mask (MASK.report.txt; OUT_DIR/reports.csv).",
     )
     p.add_argument("checkpoint", metavar="CHECKPOINT_OR_RUN", help="a run folder or its .safetensors weights")
     p.add_argument("--image", help="one image file (PNG, JPEG, TIFF, DICOM, NIfTI)")
-    p.add_argument("--text", help="the image's report (needed by text-guided models)")
+    p.add_argument("--text", help="the image's report (text-guided models); without it, or with 'auto', the run's "
+                                 "report writer writes one from the image")
     p.add_argument("--images", help="folder of images (batch form)")
-    p.add_argument("--reports", help="report table (.xlsx/.csv) for --images")
+    p.add_argument("--reports", help="report table (.xlsx/.csv) for --images; without it, or with 'auto', "
+                                    "a text-guided "
+                                    "model gets reports written from the images by the run's report writer")
+    p.add_argument("--reporter", metavar="DIR",
+                   help="report writer folder (lvit train-reporter --out DIR) for images without a report (default: "
+                        "RUN/reporter/)")
     p.add_argument("--image-column", default="Image", help="table column naming the image (or its mask)")
     p.add_argument("--text-column", default="Description", help="table column holding the report")
     p.add_argument("--out", required=True, help="mask file (one image: .png, .tif or .bmp, the format its extension "
@@ -44,6 +53,8 @@ def run(args: argparse.Namespace) -> int:
 
     if bool(args.image) == bool(args.images):
         raise ConfigError("give either --image FILE (with --text) or --images DIR (with --reports)")
+    if args.reporter is not None and not Path(args.reporter).is_dir():
+        raise ConfigError(f"--reporter {args.reporter}: not a folder (give a folder written by lvit train-reporter)")
     if not 0.0 < args.threshold < 1.0:
         raise ConfigError(f"--threshold must be in (0, 1), got {args.threshold}")
     if args.batch_size < 1:
@@ -73,6 +84,37 @@ def _read_run(args):
     if note:
         warn(note)
     return run_dir, weights, run_config
+
+
+AUTO = "auto"
+
+
+def _wants_generated(value: str | None) -> bool:
+    """No report given, or 'auto': the report writer writes it."""
+    return value is None or value.strip().lower() == AUTO
+
+
+def _report_writer_folder(args, run_dir: Path, flag: str) -> Path:
+    """The report writer a text-guided model uses for images without a report: --reporter DIR, else the run's
+    own (RUN/reporter/). A one-line error says how to get one when there is none."""
+    from ..errors import ConfigError
+    from ..reporter_folder import find_reporter, read_reporter_meta
+
+    where = Path(args.reporter) if args.reporter else Path(run_dir)
+    folder = find_reporter(where)
+    if folder is None:
+        if args.reporter:
+            raise ConfigError(f"--reporter {args.reporter}: no report writer in this folder (reporter.json missing)")
+        raise ConfigError(f"{args.checkpoint}: this model reads the report: pass {flag}, or give it a report "
+                          f"writer to write one from the image (lvit train-reporter {run_dir} --data ROOT, or "
+                          "--reporter DIR)")
+    read_reporter_meta(folder)  # damaged -> one line now, before the slow work
+    return folder
+
+
+def report_path_for(mask_path: Path) -> Path:
+    """Where a generated report is saved beside the mask: ``mask.png`` -> ``mask.report.txt``."""
+    return mask_path.with_name(mask_path.stem + ".report.txt")
 
 
 def _check_outputs(args, image_path: Path) -> list[tuple[str, Path, str]]:
@@ -158,13 +200,32 @@ def _predict_one(args) -> int:
     image = read_image(image_path)  # a broken image fails here, before the (slower) model load
     reads_text = model_reads_text(run_config)
     text = args.text
-    if reads_text and not (text and text.strip()):
-        raise ConfigError(f"{args.checkpoint}: this model reads the report: pass --text \"...\"")
+    writer_folder = report_file = None
+    if reads_text and _wants_generated(text):
+        from ..io import check_writable, refuse_clobber, same_file
+
+        writer_folder = _report_writer_folder(args, run_dir, '--text "..."')
+        report_file = report_path_for(outputs[0][1])
+        if any(same_file(report_file, p) for p in [image_path, *(p for _, p, _ in outputs)]):
+            raise ConfigError(f"{report_file}: the generated report would overwrite another file; rename --out")
+        refuse_clobber(report_file, args.force)
+        check_writable(report_file)
+    elif reads_text and not text.strip():
+        raise ConfigError(f"{args.checkpoint}: this model reads the report: pass --text \"...\" (or --text auto)")
     if not reads_text and text is not None:
         warn(f"--text is ignored: the model of {args.checkpoint} ({run_config.get('model_name')}) does not read "
              "reports")
         text = None
-    if reads_text:
+    if not reads_text and args.reporter:
+        warn(f"--reporter is ignored: the model of {args.checkpoint} ({run_config.get('model_name')}) does not read "
+             "reports")
+    if writer_folder is not None:
+        from ..evaluate.reporter import ReportWriter
+
+        text = ReportWriter(writer_folder, device=args.device).report(image)
+        print(f"{args.image}: no report given: generated from the image by the report writer {writer_folder}: "
+              f"\"{text}\"")
+    elif reads_text:
         from ..text.vocabulary import ReportChecker
 
         checker = ReportChecker(run_config, run_dir)
@@ -176,9 +237,15 @@ def _predict_one(args) -> int:
               "--overlay": lambda: overlay(image, mask)}
     for flag, path, fmt in outputs:
         save_image(path, render[flag](), fmt)
+    written = [str(p) for _, p, _ in outputs]
+    if report_file is not None:
+        from ..io import atomic_write_text
+
+        atomic_write_text(report_file, text + "\n")
+        written.append(f"{report_file} (generated report)")
     h, w = mask.shape
     print(f"{args.image}: {w}x{h}, {int(mask.sum())} foreground pixels ({100 * mask.mean():.2f}%) -> "
-          + ", ".join(str(p) for _, p, _ in outputs) + f" (weights: {weights})")
+          + ", ".join(written) + f" (weights: {weights})")
     return 0
 
 
@@ -189,11 +256,13 @@ def _pairs(args, folder: Path, images: dict[str, Path], reads_text: bool, model_
     hold an empty report, fail. A table that cannot be read at all stops everything (one line).
     """
     from ..data.layout_official import match_row, read_table
-    from ..errors import ConfigError, warn
+    from ..errors import warn
 
-    if not args.reports:
-        if reads_text:
-            raise ConfigError(f"{args.checkpoint}: this model reads reports: pass --reports table.xlsx|csv")
+    if _wants_generated(args.reports):
+        # No table (or 'auto'): every image; a text-guided model gets reports written from the images.
+        if args.reports is not None and not reads_text:
+            warn(f"--reports {args.reports} is ignored: the model of {args.checkpoint} ({model_name}) does not read "
+                 "reports")
         return [(path, None) for path in images.values()], [], []
     table = Path(args.reports)
     if not reads_text:
@@ -229,6 +298,21 @@ def _write_skipped(path: Path, skipped, failed) -> None:
     atomic_write_text(path, buf.getvalue())
 
 
+def _write_generated(path: Path, rows: list[tuple[str, str]], writer_folder: Path) -> None:
+    """OUT/reports.csv: image, report (written by the report writer), writer folder."""
+    import csv
+    import io
+
+    from ..io import atomic_write_text
+
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["image", "report", "source"])
+    for name, text in rows:
+        writer.writerow([name, text, f"generated by {writer_folder}"])
+    atomic_write_text(path, buf.getvalue())
+
+
 def _predict_folder(args) -> int:
     from tqdm import tqdm
 
@@ -252,6 +336,11 @@ def _predict_folder(args) -> int:
                               "predictions would mix with (or overwrite) the input images; choose another folder")
     run_dir, weights, run_config = _read_run(args)
     reads_text = model_reads_text(run_config)
+    generate = reads_text and _wants_generated(args.reports)
+    writer_folder = _report_writer_folder(args, run_dir, "--reports table.xlsx|csv") if generate else None
+    if not reads_text and args.reporter:
+        warn(f"--reporter is ignored: the model of {args.checkpoint} ({run_config.get('model_name')}) does not read "
+             "reports")
     pairs, skipped, failed = _pairs(args, folder, images, reads_text, run_config.get("model_name"))
     total = len(pairs) + len(failed)
     if not pairs:
@@ -259,7 +348,14 @@ def _predict_folder(args) -> int:
         raise LvitError(f"{folder}: no image to predict ({len(skipped)} without a report row, {len(failed)} failed; "
                         f"first: {reason})")
     with output_dir(out_arg, args.force) as out:
-        if reads_text:
+        writer, generated = None, []
+        if generate:
+            from ..evaluate.reporter import ReportWriter
+
+            writer = ReportWriter(writer_folder, device=args.device)
+            print(f"no report table: the report writer {writer_folder} writes each image's report "
+                  f"(saved in {out / 'reports.csv'})")
+        elif reads_text:
             from ..text.vocabulary import ReportChecker
 
             checker = ReportChecker(run_config, run_dir)
@@ -279,6 +375,9 @@ def _predict_folder(args) -> int:
                 if not chunk:
                     continue
                 texts = [text for _, text, _ in chunk] if predictor.uses_text else None
+                if writer is not None:
+                    texts = writer.reports([image for _, _, image in chunk])
+                    generated += [(path.name, text) for (path, _, _), text in zip(chunk, texts)]
                 probs = predictor.predict_many([image for _, _, image in chunk], texts)
                 for (path, _, image), prob in zip(chunk, probs):
                     mask = prob >= args.threshold
@@ -294,10 +393,14 @@ def _predict_folder(args) -> int:
         listing = out / "skipped.csv"
         if skipped or failed:
             _write_skipped(listing, skipped, failed)
+        if generated:
+            _write_generated(out / "reports.csv", generated, writer_folder)
     print(f"predicted {written} of {total + len(skipped)} image(s) in {folder} -> {out}/masks/"
-          + (", probs/" if args.prob else "") + (", overlays/" if args.overlay else "") + f" (weights: {weights})")
+          + (", probs/" if args.prob else "") + (", overlays/" if args.overlay else "")
+          + (", reports.csv (generated reports)" if generated else "") + f" (weights: {weights})")
     if skipped:
-        names = ", ".join(name for name, _ in skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+        more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
+        names = ", ".join(name for name, _ in skipped[:5]) + more
         warn(f"{len(skipped)} image(s) in {folder} have no row in {args.reports} and were not predicted: {names} "
              f"(listed in {listing})")
     if failed:

@@ -21,6 +21,11 @@ def register(subparsers) -> None:
     p.add_argument("--k", type=int, default=4, help="overlays of the k best and k worst images (default 4)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--reports", default="true", choices=["true", "generated"],
+                   help="true: the dataset's reports (default); generated: reports written from each image by the "
+                        "run's report writer (lvit train-reporter; text-guided models), to score report-less use")
+    p.add_argument("--reporter", metavar="DIR", help="report writer folder for --reports generated (default: "
+                                                     "RUN/reporter/)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 
@@ -34,17 +39,25 @@ def run(args: argparse.Namespace) -> int:
     if note:
         warn(note)
     m = run_test(args.checkpoint, args.data, args.split, args.out, force=args.force, k=args.k,
-                 batch_size=args.batch_size, device=args.device, progress=not args.no_progress)
+                 batch_size=args.batch_size, device=args.device, progress=not args.no_progress,
+                 reports=args.reports, reporter=args.reporter)
     print(format_summary(m))
     return 0
 
 
 def format_summary(m: dict) -> str:
     lines = [f"{m['model_name']} on {m['split']} ({m['n_images']} images):"]
+    reports = m.get("reports") or {}
+    if reports.get("source") == "generated":
+        agree = reports.get("agreement_with_true_reports")
+        lines.append(f"  reports generated from the images by {reports['writer']}"
+                     + (f" (same as the dataset's for {agree['exact']:.1%} of images)" if agree else "")
+                     + f"; listed in {m['out']}/reports.csv")
     model_res = m.get("model_resolution", {})
     if "mean_over_images" in model_res:
         mo, dl = model_res["mean_over_images"], model_res["dataset_level"]
-        lines.append(f"  Dice {mo['dice']:.4f}  IoU {mo['iou']:.4f}  (mean over images at {model_res['image_size']} px, "
+        lines.append(f"  Dice {mo['dice']:.4f}  IoU {mo['iou']:.4f}  "
+                     f"(mean over images at {model_res['image_size']} px, "
                      "as the paper reports)")
         lines.append(f"  Dice {dl['dice']:.4f}  IoU {dl['iou']:.4f}  (dataset level, pooled pixels)")
         orig = m["original_resolution"]["mean_over_images"]

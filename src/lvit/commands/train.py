@@ -47,13 +47,19 @@ def register(subparsers) -> None:
                     "metrics.csv, tensorboard/, checkpoints/{best,last}.safetensors and last.ckpt (for --resume).",
     )
     p.add_argument("--config", default=None,
-                   help="YAML config or preset name (qata, mosmed, monuseg, synth); default: built-in defaults")
-    p.add_argument("--data", default=None, help="dataset root (Train_Folder/Val_Folder/...)")
+                   help="YAML config or preset name (qata, qata-cpu, qata-gpu, mosmed, monuseg, synth); "
+                        "default: built-in defaults")
+    p.add_argument("--data", default=None,
+                   help="dataset root (Train_Folder/Val_Folder/..., or images/ + prompts/annotation.json)")
     p.add_argument("--out", required=True, metavar="RUN_DIR", help="run folder to create (or resume)")
     p.add_argument("--model", default=None, help="a registered network (lvit, lvit-t, unet; default: the config's)")
     p.add_argument("--resume", action="store_true",
                    help="continue RUN_DIR from checkpoints/last.ckpt with its saved config (plus overrides)")
     p.add_argument("--force", action="store_true", help="train into a non-empty RUN_DIR")
+    p.add_argument("--init-from", default=None, metavar="RUN_OR_WEIGHTS",
+                   help="start from another run's weights: every tensor whose name and shape match is loaded (a U-Net "
+                        "run into LViT's CNN branch, as the official LViT_pretrain); RUN_DIR/init_from.json lists "
+                        "what was and was not loaded (trainer.init_from)")
     add_override_arguments(p)
     from ..train.semi.cli import add_semi_arguments  # semi-supervised flags (lvit.train.semi)
 
@@ -66,7 +72,7 @@ def _remove_failed_run(out: Path) -> None:
     tensorboard/ ...): no stub is left behind, and the retry needs no --force."""
     import shutil
 
-    from ..train.checkpoint import CKPT_DIR
+    from ..runs import CKPT_DIR
 
     saved = [p for p in (out / CKPT_DIR).glob("*") if not p.name.endswith(".tmp")]  # weights or checkpoints
     if out.is_dir() and not saved:
@@ -78,8 +84,13 @@ def run(args: argparse.Namespace) -> int:
     from ..presets import resolve_config
     from ..train.config import load_config
     from ..train.runner import resume_config, train
+    from ..train.semi.cli import semi_overrides
 
-    overrides = collect_overrides(args)
+    overrides = collect_overrides(args) + semi_overrides(args, resume=args.resume)
+    if args.init_from is not None:
+        if args.resume:
+            raise ConfigError("--init-from starts a new run; a resumed run continues from its own checkpoint")
+        overrides.append(f"trainer.init_from={args.init_from}")
     if args.resume:
         if args.config:
             raise ConfigError("--resume uses the config saved in RUN_DIR; change values with --set instead of --config")
@@ -92,13 +103,10 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("no dataset: pass --data ROOT (or set data.root in the config)")
     if not Path(root).is_dir():
         raise DataError(root, "dataset folder not found" if not Path(root).exists() else "not a folder (--data)")
-    from ..train.semi.cli import setup_hook_from_args
-
-    semi_hook = setup_hook_from_args(args, args.out, args.resume)  # None for a supervised run
     out = Path(args.out)
     fresh = not args.resume and (not out.exists() or (out.is_dir() and not any(out.iterdir())))
     try:
-        result = train(config, root, args.out, resume=args.resume, force=args.force, setup_hook=semi_hook)
+        result = train(config, root, args.out, resume=args.resume, force=args.force)
     except BaseException:
         if fresh:
             _remove_failed_run(out)

@@ -1,4 +1,5 @@
-"""Datasets: the layouts (official LViT, annotation file), readers, validation, the torch Dataset and the synthetic generator."""
+"""Datasets: the layouts (official LViT, annotation file), readers, validation, the torch Dataset and the
+synthetic generator."""
 
 from .dataset import (
     SegmentationDataset,
@@ -9,7 +10,6 @@ from .dataset import (
     to_channels,
 )
 from .layout import detect_layout, list_images, load_split
-from .records import Problem, Record
 from .readers import (
     IMAGE_SUFFIXES,
     binarise_mask,
@@ -18,6 +18,7 @@ from .readers import (
     read_image,
     read_mask,
 )
+from .records import Problem, Record
 from .synthetic import generate_synthetic, make_case, parse_report, report_for, zone_at
 from .transforms import (
     AugmentConfig,

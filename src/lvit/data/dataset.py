@@ -27,7 +27,8 @@ class TextTensors:
     mask_flipped: torch.Tensor | None = None  # [N, L]
 
 
-def encode_records(records: Sequence[Record], encoder, cache_dir: str | Path | None = None, flipped: bool = False) -> TextTensors:
+def encode_records(records: Sequence[Record], encoder, cache_dir: str | Path | None = None,
+                   flipped: bool = False) -> TextTensors:
     """Encode the reports of ``records`` through the on-disk cache (and their left/right-swapped variants)."""
     from ..text import encode_cached, swap_left_right
 
@@ -171,7 +172,8 @@ class SegmentationDataset(Dataset):
             # torch's RNG is seeded per DataLoader worker and by torch.manual_seed: reproducible, no repeats.
             seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
             image, mask = self.augmenter(image, mask, seed)
-            if self.augment_config.hflip_prob > 0 and np.random.default_rng(seed).random() < self.augment_config.hflip_prob:
+            if (self.augment_config.hflip_prob > 0
+                    and np.random.default_rng(seed).random() < self.augment_config.hflip_prob):
                 image, mask, flipped = image.flip(-1), mask.flip(-1), True
         item = {
             "image": image.contiguous(),

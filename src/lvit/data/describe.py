@@ -83,7 +83,8 @@ class Findings:
         zones = frozenset((str(level), str(side)) for level, side in zones)
         unknown = sorted(z for z in zones if z not in ZONES)
         if unknown:
-            raise ValueError(f"unknown zone(s) {unknown}; zones are (level, side) with level in {LEVELS}, side in {SIDES}")
+            raise ValueError(f"unknown zone(s) {unknown}; zones are (level, side) with level in {LEVELS}, "
+                             f"side in {SIDES}")
         return cls(sides=len({side for _, side in zones}), count=len(zones), zones=zones)
 
     @classmethod

@@ -12,7 +12,8 @@ never changed without a backup: its bytes are first copied to ``<name>.bak`` (``
 taken). Nothing is written when nothing changes, or with ``dry_run``. Masks without an image are skipped
 (load_split would refuse such a row) and counted; so are masks without a report whose name differs only in
 letter case from a mask that has one (the public QaTa-COV19 copy holds about 1,600 such byte-identical
-copies, ``mask_sub-S...`` beside ``mask_sub-s...``: describing them would duplicate samples). Reports are written in the table's own style: capitalised
+copies, ``mask_sub-S...`` beside ``mask_sub-s...``: describing them would duplicate samples).
+Reports are written in the table's own style: capitalised
 when most existing reports are (the official spreadsheets), lower case when most are not (annotation.json);
 an empty table: capitalised for the official layout, lower case for the annotation layout.
 """

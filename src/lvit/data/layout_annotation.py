@@ -170,6 +170,7 @@ def check(root: Path, add, *, progress: bool = False, **_official_only) -> None:
         if unused:
             lower = {name.lower() for name in used}
             case_variants = sum(name.lower() in lower for name in unused)
-            why = f"; {case_variants} of them differ from a used image's name only in letter case" if case_variants else ""
+            why = (f"; {case_variants} of them differ from a used image's name only in letter case"
+                   if case_variants else "")
             add(folder / "images", f"{len(unused)} image(s) that no entry mentions (not used{why})", note=True)
         check_pixels({n: images[n] for n in sorted(used)}, pairs, add, progress=progress, desc=f"{key}")

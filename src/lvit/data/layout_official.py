@@ -57,7 +57,8 @@ def find_table(folder: Path, split: str, table: str | Path | None = None) -> Pat
         path = folder / f"{prefix}_text{suffix}"
         if path.is_file():
             return path
-    tables = sorted(p for p in folder.glob("*") if p.suffix.lower() in TABLE_SUFFIXES and not p.name.startswith((".", "~$")))
+    tables = sorted(p for p in folder.glob("*")
+                    if p.suffix.lower() in TABLE_SUFFIXES and not p.name.startswith((".", "~$")))
     if len(tables) == 1:
         return tables[0]
     if not tables:
@@ -194,7 +195,8 @@ def records(
             raise DataError(table_path, f"{where}: empty report for {row.key!r}")
         image, mask = match_row(row.key, images, masks, by_stem)
         if image is None:
-            raise DataError(table_path, f"{where}: no image for {row.key!r} in {folder.name}/{IMAGE_DIR} (run lvit check-data)")
+            raise DataError(table_path, f"{where}: no image for {row.key!r} in {folder.name}/{IMAGE_DIR} "
+                                        "(run lvit check-data)")
         if mask is None and require_masks and masks:
             raise DataError(table_path, f"{where}: no mask for {row.key!r} in {folder.name}/{MASK_DIR}")
         out.append(Record(image, images[image], masks[mask] if mask else None, row.text))
@@ -255,7 +257,8 @@ def check(root: Path, add, *, image_column: str = DEFAULT_IMAGE_COLUMN,
             if image is None:
                 add(table, f"{where}: report without image")
             elif mask is None:
-                add(folder / IMAGE_DIR / image, "missing mask" + ("" if masks else f" (no {MASK_DIR}/ folder or it is empty)"))
+                add(folder / IMAGE_DIR / image,
+                    "missing mask" + ("" if masks else f" (no {MASK_DIR}/ folder or it is empty)"))
             pairs.append((image, mask))
         matched_images = {i for i, _ in pairs if i}
         matched_masks = {m for _, m in pairs if m}

@@ -91,6 +91,7 @@ class Augmenter:
         self._by_size: dict[tuple[int, int], object] = {}
 
     def _build(self, h: int, w: int):
+        from monai.data import set_track_meta
         from monai.transforms import (
             Compose,
             RandAdjustContrastd,
@@ -98,8 +99,6 @@ class Augmenter:
             RandGaussianNoised,
             RandShiftIntensityd,
         )
-
-        from monai.data import set_track_meta
 
         # Plain tensors in, plain tensors out: MONAI's MetaTensor bookkeeping (applied-operation lists) is pure
         # overhead here, and with it the augmented epochs grew slower within a run (20 -> 28 s on the synth preset).

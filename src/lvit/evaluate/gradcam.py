@@ -22,8 +22,8 @@ Maps are returned at the size the caller asks for (the original image size), min
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch

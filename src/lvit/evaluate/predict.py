@@ -7,14 +7,15 @@ original ``H x W`` (bilinear) before the sigmoid, so the mask has the input's ex
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..errors import CheckpointError, ConfigError
+from ..runs import LoadedRun
 
 TextFn = Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]]
 
@@ -52,8 +53,9 @@ def resolve_device(name: str | torch.device, flag: str = "--device") -> torch.de
 
 
 def read_run(run_or_checkpoint: str | Path) -> tuple[Path, Path, dict]:
-    """(run folder, weights file, run config) without loading the model: cheap checks before the slow load."""
-    from ..train.checkpoint import read_run_config, resolve_run
+    """(run or model folder, weights file, run config) without loading the model: cheap checks before the slow
+    load."""
+    from ..runs import read_run_config, resolve_run
 
     run_dir, weights = resolve_run(run_or_checkpoint)
     return run_dir, weights, read_run_config(run_dir)
@@ -61,22 +63,23 @@ def read_run(run_or_checkpoint: str | Path) -> tuple[Path, Path, dict]:
 
 def weights_warning(run_or_checkpoint: str | Path, weights: str | Path) -> str | None:
     """A one-line warning when a run folder was given but its best weights are missing (last ones used)."""
-    from ..train.checkpoint import BEST_WEIGHTS, CKPT_DIR
+    from ..runs import BEST_WEIGHTS, CKPT_DIR, LAST_WEIGHTS
 
-    if Path(run_or_checkpoint).is_dir() and Path(weights).name != BEST_WEIGHTS:
+    if Path(run_or_checkpoint).is_dir() and Path(weights).name == LAST_WEIGHTS:
         return (f"{run_or_checkpoint}: no {CKPT_DIR}/{BEST_WEIGHTS}; using {weights} (the weights after the last "
                 "finished epoch, not those of the best validation epoch)")
     return None
 
 
-def run_text_encoder(model, run_config: dict, cache_dir: str | Path | None = None) -> TextFn | None:
-    """``texts -> (emb [N, L, D], mask [N, L])`` for the model of a run, or None if the model ignores text.
+def run_text_encoder(run: LoadedRun, cache_dir: str | Path | None = None) -> TextFn | None:
+    """``texts -> (emb [N, L, D], mask [N, L])`` for the model of a loaded run, or None if the model ignores text.
 
-    Rebuilds the encoder recorded in ``config.yaml`` (``text_encoder.spec``); the learned backend uses the
-    trained embedding layer that :func:`lvit.train.checkpoint.load_run` attached to the model.
+    Rebuilds the encoder recorded in the run config (``text_encoder.spec``); the learned backend uses the
+    trained embedding layer :func:`lvit.runs.load_run` loaded (``run.text_embedding``).
     """
     from ..text import encode_cached, get_text_encoder
 
+    run_config, run_dir = run.config, run.run_dir
     if not model_reads_text(run_config):
         return None
     info = run_config.get("text_encoder") or {}
@@ -86,11 +89,10 @@ def run_text_encoder(model, run_config: dict, cache_dir: str | Path | None = Non
     max_tokens = int(info.get("max_tokens", run_config["model"].get("text_tokens", 10)))
     if spec.startswith("learned:"):
         vocab = Path(spec[len("learned:"):])
-        run_dir = getattr(model, "lvit_run_dir", None)
-        if not vocab.is_absolute() and run_dir is not None:
+        if not vocab.is_absolute():
             vocab = Path(run_dir) / vocab
         encoder = get_text_encoder(f"learned:{vocab}")
-        embedding = getattr(model, "lvit_text_embedding", None)
+        embedding = run.text_embedding
         if embedding is None:
             raise CheckpointError(f"{run_dir}: learned text backend but no text embedding weights in the checkpoint")
 
@@ -113,7 +115,7 @@ class Predictor:
 
     def __init__(self, run_or_checkpoint: str | Path, device: str | torch.device = "cpu", backend: str = "torch",
                  cache_dir: str | Path | None = None):
-        from ..train.checkpoint import load_run
+        from ..runs import load_run
 
         if backend not in ("torch", "onnx"):
             raise ConfigError(f"unknown backend {backend!r} (available: torch, onnx)")
@@ -121,18 +123,20 @@ class Predictor:
         if backend == "onnx" and self.device.type != "cpu":
             raise ConfigError("the onnx backend runs on CPU (ONNX Runtime's CPU provider): use --device cpu")
         self.backend = backend
-        self.model, self.run_config = load_run(run_or_checkpoint, map_location=self.device)
-        self.weights = Path(self.model.lvit_weights)  # the weights file in use (best, else last)
-        self.run_dir = self.model.lvit_run_dir
+        self.run = load_run(run_or_checkpoint, map_location=self.device)
+        self.model, self.run_config = self.run.model, self.run.config
+        self.weights = self.run.weights  # the weights file in use (best, else last; model.safetensors)
+        self.run_dir = self.run.run_dir
         if backend == "onnx":
-            # Same call signature and logits as the model: <run>/model.onnx if exported, else exported now.
+            # Same call signature and logits as the model: <run>/model.onnx if exported, else exported now (a
+            # model folder holds no ONNX file: always exported now).
             from ..export import onnx_for_run
 
-            self.model = onnx_for_run(self.model, getattr(self.model, "lvit_run_dir", None))
-        model_cfg = self.run_config["model"]
-        self.image_size = int(model_cfg["image_size"])
-        self.in_channels = int(model_cfg.get("in_channels", 3))
-        self.encode_text = run_text_encoder(self.model, self.run_config, cache_dir)
+            self.model = onnx_for_run(self.model, None if self.run.is_model_folder else self.run_dir,
+                                      weights=self.weights)
+        self.image_size = self.run.image_size
+        self.in_channels = self.run.in_channels
+        self.encode_text = run_text_encoder(self.run, cache_dir)
 
     @property
     def uses_text(self) -> bool:

@@ -309,17 +309,18 @@ def _explain_cases(run_dir: Path, cases: list[Case], layers: list[str] | None, t
     when that is not possible (the caller then falls back to saved overlays)."""
     from ..data.dataset import load_pair
     from ..data.layout import load_split
+    from ..runs import load_run
     from ..text import default_cache_dir
-    from ..train.checkpoint import load_run
     from .gradcam import default_layers, explain_image
     from .predict import run_text_encoder
 
-    model, run_config = load_run(run_dir)
+    run = load_run(run_dir)
+    model, run_config = run.model, run.config
     root = (run_config.get("data") or {}).get("root") or (run_config.get("data_info") or {}).get("root")
     if not root or not Path(root).is_dir():
         return f"test data {root!r} of this run is not reachable here: Grad-CAM maps are not shown"
     records = {r.name: r for r in load_split(root, "test")}
-    encode = run_text_encoder(model, run_config, default_cache_dir(root))
+    encode = run_text_encoder(run, default_cache_dir(root))
     if not layers:
         names = dict(model.named_modules())
         layers = [name for name in REPORT_LAYERS if name in names] or default_layers(model)[:1]
@@ -415,6 +416,12 @@ def collect_report(run_dir: str | Path, test_dir: str | Path | None = None, n_ca
 
 def write_report(run_dir: str | Path, out: str | Path | None = None, force: bool = False, **kwargs) -> Path:
     """Build the report of ``run_dir`` and write it atomically (default ``RUN_DIR/report.html``)."""
+    from ..errors import ConfigError
+    from ..runs import is_model_folder
+
+    if not out and is_model_folder(run_dir):
+        raise ConfigError(f"{run_dir}: a model folder holds only the model (lvit does not write into it): pass "
+                          "--out FILE.html")
     out = Path(out) if out else Path(run_dir) / REPORT_NAME
     refuse_clobber(out, force)
     page = render_html(collect_report(run_dir, **kwargs))

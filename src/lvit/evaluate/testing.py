@@ -9,6 +9,8 @@ Outputs (folder ``OUT``, default ``RUN_DIR/test-<split>``):
 * ``masks/<image stem>.png``: predicted masks (0/255) at the original image size.
 * ``overlays/best_*.png``, ``overlays/worst_*.png``: image + ground truth (green) + prediction (red)
   contours for the ``k`` best and worst images by Dice.
+* with ``reports="generated"``: ``reports.csv`` (name, the dataset's report, the generated one, whether they
+  say the same); the text-guided model then reads reports its report writer wrote from the images alone.
 """
 
 from __future__ import annotations
@@ -56,13 +58,18 @@ def run_test(
     device: str = "cpu",
     progress: bool = True,
     cache_dir: str | Path | None = None,
+    reports: str = "true",
+    reporter: str | Path | None = None,
 ) -> dict:
     """Evaluate a run on ``split`` of ``data_root``; returns the metrics dict also written to metrics.json.
 
-    ``cache_dir``: where encoded reports are cached (default: the dataset's own cache folder)."""
+    ``cache_dir``: where encoded reports are cached (default: the dataset's own cache folder). ``reports``:
+    "true" (the dataset's) or "generated" (written from each image by the report writer ``reporter``, default
+    the run's own ``RUN/reporter/``; text-guided models only)."""
     from ..data import load_split
     from ..errors import ConfigError, DataError
     from ..io import output_dir
+    from ..runs import is_model_folder
     from ..text import default_cache_dir
     from .predict import Predictor, read_run, resolve_device
 
@@ -74,18 +81,77 @@ def run_test(
     device = resolve_device(device)
     data_root = Path(data_root)
     run_dir, _, _ = read_run(run_or_checkpoint)
+    if out is None and is_model_folder(run_dir):
+        raise ConfigError(f"{run_dir}: a model folder holds only the model (lvit does not write into it): pass "
+                          "--out DIR for the test outputs")
     if not data_root.is_dir():
         raise DataError(data_root, "dataset folder not found" if not data_root.exists() else "not a folder (--data)")
+    if reports not in REPORT_SOURCES:
+        raise ConfigError(f"--reports must be one of {', '.join(REPORT_SOURCES)}, got {reports!r}")
+    writer_folder = _writer_folder(run_or_checkpoint, run_dir, reporter) if reports == "generated" else None
     records = load_split(data_root, split)
     folder = Path(out) if out else default_out(run_dir, split)
     with output_dir(folder, force=force, what="test output folder") as folder:
         predictor = Predictor(run_or_checkpoint, device=device,
                               cache_dir=cache_dir if cache_dir is not None else default_cache_dir(data_root))
-        return _score(predictor, records, folder, data_root, split, k, batch_size, progress)
+        extra = {"reports": {"source": "true"}}
+        if writer_folder is not None:
+            records, extra = _generated_records(records, writer_folder, folder, device, batch_size, progress)
+        return _score(predictor, records, folder, data_root, split, k, batch_size, progress, extra)
+
+
+REPORT_SOURCES = ("true", "generated")
+
+
+def _writer_folder(run_or_checkpoint, run_dir: Path, reporter) -> Path:
+    """The report writer of ``--reports generated`` (checked before anything slow)."""
+    from ..errors import ConfigError
+    from ..reporter_folder import find_reporter, read_reporter_meta
+    from .predict import model_reads_text, read_run
+
+    if not model_reads_text(read_run(run_or_checkpoint)[2]):
+        raise ConfigError(f"--reports generated: the model of {run_or_checkpoint} does not read reports")
+    folder = find_reporter(reporter if reporter is not None else run_dir)
+    if folder is None:
+        where = f"--reporter {reporter}" if reporter is not None else f"{run_dir}/reporter"
+        raise ConfigError(f"--reports generated: no report writer in {where} (train one with lvit train-reporter "
+                          f"{run_dir} --data ROOT, or pass --reporter DIR)")
+    read_reporter_meta(folder)
+    return folder
+
+
+def _generated_records(records, writer_folder: Path, out: Path, device, batch_size: int, progress: bool):
+    """The records with the writer's reports instead of the dataset's; writes ``out/reports.csv``.
+    -> (records, metrics entry ``{"reports": {source, writer, agreement}}``)"""
+    import dataclasses
+
+    from ..data.flags import report_agreement, same_findings
+    from .reporter import ReportWriter, write_reports
+
+    writer = ReportWriter(writer_folder, device=device)
+    bar = tqdm(total=len(records), desc="report writer", unit="img", disable=not progress)
+
+    def advance(done: int, total: int) -> None:
+        bar.update(done - bar.n)
+
+    generated, _ = write_reports(writer, records, batch_size=max(batch_size, 32), progress=advance)
+    bar.close()
+    buf = io.StringIO()
+    table = csv.writer(buf, lineterminator="\n")
+    table.writerow(["name", "true_report", "generated_report", "same_findings"])
+    for r, g in zip(records, generated):
+        table.writerow([r.name, r.text, g, int(same_findings(r.text, g))])
+    atomic_write_text(out / "reports.csv", buf.getvalue())
+    try:
+        agreement = report_agreement(generated, [r.text for r in records])
+    except ValueError:  # the dataset's reports are not in the template: nothing to compare with
+        agreement = None
+    info = {"source": "generated", "writer": str(writer_folder), "agreement_with_true_reports": agreement}
+    return [dataclasses.replace(r, text=g) for r, g in zip(records, generated)], {"reports": info}
 
 
 def _score(predictor, records, out: Path, data_root: Path, split: str, k: int, batch_size: int,
-           progress: bool) -> dict:
+           progress: bool, extra: dict | None = None) -> dict:
     """Predict ``records``, write masks, per_image.csv, overlays and metrics.json into ``out``."""
     from ..data import load_pair
     from .predict import to_original_size
@@ -140,6 +206,7 @@ def _score(predictor, records, out: Path, data_root: Path, split: str, k: int, b
         "iou": _figures(model_scores).get("mean_over_images", {}).get("iou"),
         "overlays": overlays,
         "masks": str(out / "masks"),
+        **(extra or {}),
     }
     atomic_write_json(out / "metrics.json", metrics)
     metrics["out"] = str(out)

@@ -11,20 +11,21 @@ Variants (each image keeps its own image and mask; only the report changes):
 A model that ignores text scores the same under every variant. Many reports are unchanged by a variant (a
 bilateral report naming the same zones on both sides says the same after a swap), so each variant also reports
 ``changed``: the images whose report the variant changes in meaning (:func:`meaning_changed`), with the
-true-report Dice on the same images beside it. Figures: Dice/IoU at 0.5 at the model's resolution, mean over images (the paper's figure) and pooled.
+true-report Dice on the same images beside it. Figures: Dice/IoU at 0.5 at the model's resolution,
+mean over images (the paper's figure) and pooled.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from ..text import swap_left_right
 from ..metrics import batch_counts, dice_iou_from_counts
+from ..text import swap_left_right
 
 NO_INFECTION = "No pulmonary infection."
 VARIANTS = ("true", "swapped", "shuffled", "no_infection")

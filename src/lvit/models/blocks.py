@@ -12,7 +12,10 @@ from torch import nn
 
 
 class ConvBNReLU(nn.Sequential):
-    """3x3 convolution (with bias, as the official code) -> BatchNorm2d -> ReLU. ``[B, Cin, H, W] -> [B, Cout, H, W]``."""
+    """3x3 convolution (with bias, as the official code) -> BatchNorm2d -> ReLU.
+
+    ``[B, Cin, H, W] -> [B, Cout, H, W]``.
+    """
 
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__()

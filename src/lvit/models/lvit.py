@@ -27,8 +27,9 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .registry import register_model
 from .blocks import ConvBNReLU, DownBlock, TextToPatchProjection, UpBlock
+from .pretrained import PretrainedMixin
+from .registry import register_model
 from .vit import DownViTLevel, Reconstruct, UpViTLevel
 
 #: The CNN downsamples four times and ViT level 1 uses 16x16 patches; we ask for multiples of 32 so every
@@ -102,8 +103,11 @@ def check_image(image: torch.Tensor, in_channels: int) -> None:
         raise ValueError(f"image height and width must be positive multiples of {SIZE_MULTIPLE}, got {h}x{w}")
 
 
-class LViT(nn.Module):
-    """LViT (``use_text=True``) or LViT-T (``use_text=False``). ``forward`` returns logits (no sigmoid)."""
+class LViT(PretrainedMixin, nn.Module):
+    """LViT (``use_text=True``) or LViT-T (``use_text=False``). ``forward`` returns logits (no sigmoid).
+    ``save_pretrained(folder)`` / ``LViT.from_pretrained(folder)``: :mod:`lvit.models.pretrained`."""
+
+    pretrained_names = ("lvit", "lvit-t")
 
     def __init__(self, config: LViTConfig | None = None):
         super().__init__()

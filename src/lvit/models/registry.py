@@ -10,8 +10,9 @@ list of models or a "does it read text" answer (configs, the CLI, data loading, 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from ..errors import ConfigError
 

@@ -14,6 +14,7 @@ from torch import nn
 
 from .blocks import ConvBNReLU, DownBlock, double_conv
 from .lvit import LViTConfig, check_image
+from .pretrained import PretrainedMixin
 from .registry import register_model
 
 
@@ -29,8 +30,11 @@ class UNetUpBlock(nn.Module):
         return self.convs(torch.cat((self.upsample(x), skip), dim=1))
 
 
-class UNet(nn.Module):
-    """``forward(image [B, C, H, W], text=None, text_mask=None) -> logits [B, n_classes, H, W]``; text ignored."""
+class UNet(PretrainedMixin, nn.Module):
+    """``forward(image [B, C, H, W], text=None, text_mask=None) -> logits [B, n_classes, H, W]``; text ignored.
+    ``save_pretrained(folder)`` / ``UNet.from_pretrained(folder)``: :mod:`lvit.models.pretrained`."""
+
+    pretrained_names = ("unet",)
 
     def __init__(self, config: LViTConfig | None = None):
         super().__init__()

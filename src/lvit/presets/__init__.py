@@ -1,4 +1,5 @@
-"""Training presets shipped inside the package (``qata``, ``qata-cpu``, ``mosmed``, ``monuseg``, ``synth``).
+"""Training presets shipped inside the package (``qata``, ``qata-cpu``, ``qata-gpu``, ``mosmed``, ``monuseg``,
+``synth``).
 
 Each preset is a YAML file beside this module, read by :func:`lvit.train.config.load_config`. A name is looked
 up here; anything else is taken as the path of a user's own YAML file.

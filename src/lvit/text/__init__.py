@@ -1,5 +1,6 @@
 """Reports -> token embeddings: encoders (MiniLM, local Hugging Face, learned) and the on-disk cache."""
 
+from .base import DEFAULT_MAX_TOKENS, TextEncoder, backend_names, get_text_encoder, register_backend
 from .cache import (
     CACHE_DIRNAME,
     CachedEncoder,
@@ -7,7 +8,6 @@ from .cache import (
     default_cache_dir,
     encode_cached,
 )
-from .base import DEFAULT_MAX_TOKENS, TextEncoder, backend_names, get_text_encoder, register_backend
 from .encoders import HFEncoder, MiniLMEncoder, minilm_path
 from .learned import LearnedEncoder, LearnedTextEmbedding, word_tokens
 from .reports import (

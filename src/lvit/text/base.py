@@ -9,7 +9,7 @@ registers them all.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -17,7 +17,7 @@ from ..errors import ConfigError
 from .reports import OFFICIAL_MIN_WORDS, prepare_report
 
 DEFAULT_MAX_TOKENS = 10
-_BACKENDS: dict[str, Callable[..., "TextEncoder"]] = {}
+_BACKENDS: dict[str, Callable[..., TextEncoder]] = {}
 
 
 class TextEncoder:

@@ -15,9 +15,9 @@ _LAZY = {
     "train": ".runner",
     "resume_config": ".runner",
     "TrainResult": ".runner",
-    "load_run": ".checkpoint",
-    "resolve_run": ".checkpoint",
-    "read_run_config": ".checkpoint",
+    "load_run": "..runs",  # the run-folder format lives in lvit.runs (no Lightning)
+    "resolve_run": "..runs",
+    "read_run_config": "..runs",
 }
 
 __all__ = ["TrainConfig", "load_config", *_LAZY]

@@ -18,7 +18,8 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Checkpoint
 
 from ..io import atomic_write_text
-from .checkpoint import BEST_WEIGHTS, CKPT_DIR, LAST_STATE, LAST_WEIGHTS, rng_state, save_weights, set_rng_state
+from ..runs import BEST_WEIGHTS, CKPT_DIR, LAST_STATE, LAST_WEIGHTS, save_weights
+from .checkpoint import rng_state, set_rng_state
 
 CSV_COLUMNS = ("epoch", "train_loss", "val_loss", "val_dice", "val_iou", "lr", "best", "seconds")
 

@@ -19,9 +19,10 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 
@@ -90,6 +91,90 @@ class TrainerConfig:
     deterministic: bool = True
     progress: bool = True  # tqdm progress bars
     log_every_n_steps: int = 10
+    # Start from another run's weights (run folder or .safetensors): tensors matching by name and shape are
+    # loaded (lvit.train.init_from); ignored on resume.
+    init_from: str | None = None
+
+
+SEMI_MODES = ("none", "epi", "epi+lv")
+
+
+@dataclass
+class SemiConfig:
+    """Semi-supervised training (section ``semi``; docs/SEMI_SUPERVISED.md). Inactive unless a labelled subset
+    or a mode other than ``none`` is set."""
+
+    mode: str = "none"  # none (supervised on the labelled subset only) | epi | epi+lv
+    labeled_fraction: float | None = None  # seeded random fraction of the training images keeping masks
+    labeled_list: str | None = None  # or a file of names (one per line, or JSON)
+    seed: int | None = None  # subset seed (None: trainer.seed)
+    beta: float = 0.99  # EPI momentum (paper Eq. 8)
+    lv_weight: float = 0.1  # alpha of the LV loss on unlabelled images (official 0.1)
+    # Epochs trained on labelled batches only before pseudo labels start (the bank starts from the warm-up
+    # model's prediction); each as many steps as a full epoch. Not in the paper; see docs/SEMI_SUPERVISED.md.
+    warmup_epochs: int = 10
+    pseudo_threshold: float | None = None  # None: soft targets (probabilities); else binarise P_t at this value
+    lv_contrast: str = "labelled"  # labelled (masks of the labelled images) | templates (14 chest X-rays) | PATH
+    lv_encoder: str | None = None  # text encoder spec for report vectors (None: the run's, or minilm)
+    lv_max_tokens: int = 64  # tokens of a report seen by the report vectors (whole structured reports)
+    storage: str = "auto"  # pseudo-label bank: memory | disk | auto
+
+    @property
+    def active(self) -> bool:
+        return self.labeled_fraction is not None or self.labeled_list is not None or self.mode != "none"
+
+    @property
+    def uses_lv(self) -> bool:
+        return self.mode == "epi+lv"
+
+    def validate(self, source: str = "config") -> None:
+        where = f"{source}: semi"
+        if self.mode not in SEMI_MODES:
+            raise ConfigError(f"{where}.mode (--semi) must be one of {', '.join(SEMI_MODES)}, got {self.mode!r}")
+        if self.labeled_fraction is not None and self.labeled_list is not None:
+            raise ConfigError(f"{where}: give labeled_fraction or labeled_list (--labeled-fraction/--labeled-list), "
+                              "not both")
+        if self.mode != "none" and self.labeled_fraction is None and self.labeled_list is None:
+            raise ConfigError(f"{where}.mode {self.mode} needs --labeled-fraction or --labeled-list")
+        if self.labeled_fraction is not None and not 0.0 < self.labeled_fraction <= 1.0:
+            raise ConfigError(f"{where}.labeled_fraction must be in (0, 1], got {self.labeled_fraction}")
+        if not 0.0 <= self.beta < 1.0:
+            raise ConfigError(f"{where}.beta (--beta) must be in [0, 1), got {self.beta}")
+        if self.lv_weight < 0:
+            raise ConfigError(f"{where}.lv_weight (--lv-weight) must be >= 0, got {self.lv_weight}")
+        if self.warmup_epochs < 0:
+            raise ConfigError(f"{where}.warmup_epochs (--semi-warmup) must be >= 0, got {self.warmup_epochs}")
+        if self.pseudo_threshold is not None and not 0.0 < self.pseudo_threshold < 1.0:
+            raise ConfigError(f"{where}.pseudo_threshold must be in (0, 1), got {self.pseudo_threshold}")
+        if self.storage not in ("auto", "memory", "disk"):
+            raise ConfigError(f"{where}.storage must be auto, memory or disk, got {self.storage!r}")
+
+
+# = lvit.fastpath.COMPILE_MODES (kept here so that reading a config never imports torch; a test keeps them equal)
+FAST_COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+@dataclass
+class FastConfig:
+    """The fast GPU training path (section ``fast``; docs/PERFORMANCE.md, preset ``qata-gpu``). Off unless
+    ``enabled``; bf16 is ``trainer.precision: bf16-mixed`` as before. One device only, not with ``semi``."""
+
+    enabled: bool = False
+    channels_last: bool = True  # NHWC model and batches
+    fused_optimizer: bool = True  # Adam/AdamW(fused=True)
+    compile: str = "default"  # none | default | reduce-overhead (CUDA graphs) | max-autotune[-no-cudagraphs]
+    # inductor; aot_eager_decomp_partition / eager test the wiring where inductor is too slow (lvit.fastpath)
+    compile_backend: str = "inductor"
+    device_data: bool = True  # datasets decoded once into uint8 tensors on the device, augmented there
+    decode_workers: int = 8  # threads decoding the files once at start-up
+
+    def validate(self, source: str = "config") -> None:
+        if self.compile not in FAST_COMPILE_MODES:
+            raise ConfigError(f"{source}: fast.compile '{self.compile}' is not one of {', '.join(FAST_COMPILE_MODES)}")
+        if not self.compile_backend:
+            raise ConfigError(f"{source}: fast.compile_backend must name a torch.compile backend")
+        if self.decode_workers < 1:
+            raise ConfigError(f"{source}: fast.decode_workers must be >= 1 (got {self.decode_workers})")
 
 
 @dataclass
@@ -101,15 +186,17 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    semi: SemiConfig = field(default_factory=SemiConfig)
+    fast: FastConfig = field(default_factory=FastConfig)
 
     def to_dict(self) -> dict:
         out = {"model_name": self.model_name, "model": self.model.to_dict()}
-        for name in ("text", "data", "optim", "loss", "trainer"):
+        for name in ("text", "data", "optim", "loss", "trainer", "semi", "fast"):
             out[name] = dataclasses.asdict(getattr(self, name))
         return out
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], source: str = "config") -> "TrainConfig":
+    def from_dict(cls, data: Mapping[str, Any], source: str = "config") -> TrainConfig:
         from ..models import LViTConfig
 
         if not isinstance(data, Mapping):
@@ -127,12 +214,19 @@ class TrainConfig:
             raise ConfigError(f"{source}: model_name '{cfg.model_name}' is not one of {', '.join(model_names())}")
         cfg.model = _build(LViTConfig, data.get("model", {}) or {}, f"{source}: model")
         for name, klass in (("text", TextConfig), ("data", DataConfig), ("optim", OptimConfig),
-                            ("loss", LossConfig), ("trainer", TrainerConfig)):
+                            ("loss", LossConfig), ("trainer", TrainerConfig), ("semi", SemiConfig),
+                            ("fast", FastConfig)):
             setattr(cfg, name, _build(klass, data.get(name, {}) or {}, f"{source}: {name}"))
         cfg.validate(source)
         return cfg
 
     def validate(self, source: str = "config") -> None:
+        self.semi.validate(source)
+        self.fast.validate(source)
+        if self.fast.enabled and (self.trainer.devices != 1 or self.trainer.num_nodes != 1):
+            raise ConfigError(f"{source}: fast.enabled trains on one device (trainer.devices 1, num_nodes 1)")
+        if self.fast.enabled and self.semi.active:
+            raise ConfigError(f"{source}: fast.enabled does not combine with semi-supervised training (section semi)")
         o, t = self.optim, self.trainer
         if o.name not in ("adam", "adamw"):
             raise ConfigError(f"{source}: optim.name '{o.name}' is not adam or adamw")

@@ -13,9 +13,9 @@ import math
 import os
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import lightning.pytorch as pl
 import torch
@@ -23,11 +23,15 @@ import torch
 from .. import __version__
 from ..errors import CheckpointError, ConfigError
 from ..io import prepare_output_dir
+from ..runs import CKPT_DIR, LAST_STATE, read_run_config, write_run_config
 from .callbacks import RunCheckpoint
-from .checkpoint import CKPT_DIR, LAST_STATE, SafeCheckpointIO, read_run_config, write_run_config
+from .checkpoint import SafeCheckpointIO
 from .config import TrainConfig, apply_override
 from .datamodule import build_train_data, describe_encoder, record_training_words
+from .init_from import load_matching
+from .init_from import write_report as write_init_report
 from .module import SegmentationModule
+from .plugins import TrainingPlugin
 
 RUN_ONLY_KEYS = ("lvit_version", "text_encoder", "data_info")
 
@@ -91,17 +95,14 @@ def train(
     *,
     resume: bool = False,
     force: bool = False,
-    module_class: Callable[..., SegmentationModule] = SegmentationModule,
-    extra_callbacks: list | None = None,
-    setup_hook: Callable | None = None,
+    plugins: Sequence[TrainingPlugin] = (),
 ) -> TrainResult:
     """Train ``config`` on the dataset at ``data_root`` into ``run_dir``.
 
     ``resume=True`` continues ``run_dir/checkpoints/last.ckpt`` exactly (weights, optimizer, scheduler,
     epoch, early-stopping state, RNG). Otherwise ``run_dir`` must be new or empty unless ``force``.
-    ``module_class`` lets extensions (semi-supervised training) substitute a SegmentationModule subclass.
-    ``setup_hook(config, data, data_root, run_dir, resume) -> (data, module_class)``: extension point for
-    lvit.train.semi, which hides the unlabelled masks in ``data.train`` and supplies its module.
+    ``plugins``: :class:`~lvit.train.plugins.TrainingPlugin` instances (the one extension point: data set-up,
+    the module, callbacks); semi-supervised training is added automatically when ``config.semi`` is active.
     """
     from ..models import build_model
 
@@ -122,9 +123,20 @@ def train(
     pl.seed_everything(seed, workers=True, verbose=False)
 
     data = build_train_data(config, data_root)  # may set config.model.text_dim from the encoder
-    if setup_hook is not None:  # extension point (semi-supervised training: lvit.train.semi.setup_hook)
-        data, module_class = setup_hook(config, data, data_root, run_dir, resume)
+    plugins = list(plugins)
+    if config.semi.active:
+        from .semi.module import SemiSupervisedPlugin
+
+        plugins.insert(0, SemiSupervisedPlugin())
+    if config.fast.enabled:  # the fast GPU path (lvit.train.fast): datasets on the device, its module first
+        from .fast import FastPathPlugin
+
+        plugins.insert(0, FastPathPlugin())
+    for plugin in plugins:
+        data = plugin.setup(config, data, data_root, run_dir, resume)
     model = build_model(config.model_name, config.model)  # initialised from the seed: same start every time
+    if config.trainer.init_from and not resume:
+        init_report = load_matching(model, config.trainer.init_from)  # CheckpointError when nothing matches
     text_embedding = None
     text_info = describe_encoder(data.encoder)
     if data.encoder is not None and getattr(data.encoder, "trainable", False):
@@ -141,9 +153,12 @@ def train(
     }
     if _launched_as_rank_zero():
         write_run_config(run_dir, run_config)
+        if config.trainer.init_from and not resume:
+            write_init_report(run_dir, init_report)
         record_training_words(run_dir, data)  # report_words.json: what lvit predict checks reports against
 
-    module = module_class(model, config, text_embedding)
+    module = next((m for m in (p.make_module(model, config, text_embedding) for p in plugins) if m is not None),
+                  None) or SegmentationModule(model, config, text_embedding)
     run_callback = RunCheckpoint(run_dir)
     callbacks = [run_callback]
     early = None
@@ -153,7 +168,7 @@ def train(
         early = EarlyStopping(monitor="val_dice", mode="max", patience=config.trainer.patience,
                               check_on_train_epoch_end=False, check_finite=False)
         callbacks.insert(0, early)
-    callbacks += list(extra_callbacks or [])
+    callbacks += [cb for plugin in plugins for cb in plugin.callbacks()]
     logger = _tensorboard_logger(run_dir)
     try:
         trainer = pl.Trainer(callbacks=callbacks, logger=logger, default_root_dir=str(run_dir),

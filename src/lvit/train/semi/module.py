@@ -28,8 +28,9 @@ from torchmetrics import MeanMetric
 
 from ...errors import CheckpointError, ConfigError
 from ...metrics import batch_dice_iou
-from ...io import atomic_write_json
+from ..config import SemiConfig
 from ..module import SegmentationModule
+from ..plugins import TrainingPlugin
 from .labelled_subset import (
     SUBSET_FILE,
     LabelledSubset,
@@ -41,67 +42,8 @@ from .lv_loss import ContrastLabelBank, default_contrast_folder, lv_loss
 from .pseudo_labels import PseudoLabelBank, gather_updates
 from .sampler import WarmupSampler
 
-SEMI_MODES = ("none", "epi", "epi+lv")
-SEMI_FILE = "semi.json"  # the semi-supervised settings of a run (read back on --resume)
 BANK_FILE = "pseudo_labels.npy"  # scratch memmap of large banks; the checkpoint holds the durable copy
 CHECKPOINT_KEY = "semi_supervised"
-
-
-@dataclass
-class SemiConfig:
-    mode: str = "none"  # none (supervised on the labelled subset only) | epi | epi+lv
-    labeled_fraction: float | None = None  # seeded random fraction of the training images keeping masks
-    labeled_list: str | None = None  # or a file of names (one per line, or JSON)
-    seed: int | None = None  # subset seed (None: trainer.seed)
-    beta: float = 0.99  # EPI momentum (paper Eq. 8)
-    lv_weight: float = 0.1  # alpha of the LV loss on unlabelled images (official 0.1)
-    # Epochs trained on labelled batches only before pseudo labels start (the bank starts from the warm-up
-    # model's prediction); each as many steps as a full epoch. Not in the paper; see docs/SEMI_SUPERVISED.md.
-    warmup_epochs: int = 10
-    pseudo_threshold: float | None = None  # None: soft targets (probabilities); else binarise P_t at this value
-    lv_contrast: str = "labelled"  # labelled (masks of the labelled images) | templates (14 chest X-rays) | PATH
-    lv_encoder: str | None = None  # text encoder spec for report vectors (None: the run's, or minilm)
-    lv_max_tokens: int = 64  # tokens of a report seen by the report vectors (whole structured reports)
-    storage: str = "auto"  # pseudo-label bank: memory | disk | auto
-
-    @property
-    def active(self) -> bool:
-        return self.labeled_fraction is not None or self.labeled_list is not None or self.mode != "none"
-
-    @property
-    def uses_lv(self) -> bool:
-        return self.mode == "epi+lv"
-
-    def validate(self) -> None:
-        if self.mode not in SEMI_MODES:
-            raise ConfigError(f"--semi must be one of {', '.join(SEMI_MODES)}, got {self.mode!r}")
-        if self.labeled_fraction is not None and self.labeled_list is not None:
-            raise ConfigError("give --labeled-fraction or --labeled-list, not both")
-        if self.mode != "none" and self.labeled_fraction is None and self.labeled_list is None:
-            raise ConfigError(f"--semi {self.mode} needs --labeled-fraction or --labeled-list")
-        if self.labeled_fraction is not None and not 0.0 < self.labeled_fraction <= 1.0:
-            raise ConfigError(f"--labeled-fraction must be in (0, 1], got {self.labeled_fraction}")
-        if not 0.0 <= self.beta < 1.0:
-            raise ConfigError(f"--beta must be in [0, 1), got {self.beta}")
-        if self.lv_weight < 0:
-            raise ConfigError(f"--lv-weight must be >= 0, got {self.lv_weight}")
-        if self.warmup_epochs < 0:
-            raise ConfigError(f"--semi-warmup must be >= 0, got {self.warmup_epochs}")
-        if self.pseudo_threshold is not None and not 0.0 < self.pseudo_threshold < 1.0:
-            raise ConfigError(f"pseudo_threshold must be in (0, 1), got {self.pseudo_threshold}")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict, source: str = SEMI_FILE) -> SemiConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ConfigError(f"{source}: unknown key(s) {sorted(unknown)}")
-        cfg = cls(**data)
-        cfg.validate()
-        return cfg
 
 
 class SemiSupervisedDataset(Dataset):
@@ -276,7 +218,8 @@ class SemiSupervisedModule(SegmentationModule):
 
     # ------------------------------------------------------------------ checkpoint (exact resume)
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint[CHECKPOINT_KEY] = {"bank": self.bank.state_dict(), "config": json.dumps(self.semi.to_dict())}
+        checkpoint[CHECKPOINT_KEY] = {"bank": self.bank.state_dict(),
+                                      "config": json.dumps(dataclasses.asdict(self.semi))}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get(CHECKPOINT_KEY)
@@ -296,22 +239,22 @@ class SemiSetup:
     sampler: WarmupSampler | None = None
     unlabelled_source: tuple[Dataset, np.ndarray] | None = None  # (plain dataset, unlabelled rows) for P_0
 
-    def module(self, model: nn.Module, config, semi: SemiConfig, text_embedding: nn.Module | None = None):
-        if semi.mode == "none":
+    def module(self, model: nn.Module, config, text_embedding: nn.Module | None = None):
+        if config.semi.mode == "none":
             return SegmentationModule(model, config, text_embedding)
-        return SemiSupervisedModule(model, config, semi, self.bank, self.contrast_index, self.contrast_masks,
+        return SemiSupervisedModule(model, config, config.semi, self.bank, self.contrast_index, self.contrast_masks,
                                     text_embedding, self.sampler, self.unlabelled_source)
 
 
-def setup_semi(config, semi: SemiConfig, data, data_root: str | Path | None, run_dir: str | Path,
-               resume: bool = False) -> SemiSetup:
-    """Hide the unlabelled masks of ``data.train``, write the split and settings, build bank + contrast labels.
+def setup_semi(config, data, data_root: str | Path | None, run_dir: str | Path, resume: bool = False) -> SemiSetup:
+    """Hide the unlabelled masks of ``data.train``, write the split, build bank + contrast labels, as
+    ``config.semi`` says (the settings themselves are saved with the run's config.yaml).
 
     On ``resume`` the split is read back from ``run_dir/labelled_subset.json`` (never re-drawn).
     """
     from ..datamodule import make_dataset, text_cache_dir
 
-    semi.validate()
+    semi = config.semi
     run_dir = Path(run_dir)
     records = list(data.train.records)
     names = [r.name for r in records]
@@ -325,7 +268,6 @@ def setup_semi(config, semi: SemiConfig, data, data_root: str | Path | None, run
         subset = choose_fraction(names, semi.labeled_fraction if semi.labeled_fraction is not None else 1.0, seed)
     if not resume:
         write_subset(run_dir, subset)
-        atomic_write_json(run_dir / SEMI_FILE, semi.to_dict())
     labelled = subset.mask_for(names)
 
     root = data_root if data_root is not None else config.data.root
@@ -359,19 +301,19 @@ def setup_semi(config, semi: SemiConfig, data, data_root: str | Path | None, run
                      (plain, np.flatnonzero(~labelled)))
 
 
-def make_setup_hook(semi: SemiConfig):
-    """The ``setup_hook`` for :func:`lvit.train.runner.train`: ``train(..., setup_hook=make_setup_hook(semi))``."""
-    semi.validate()
+class SemiSupervisedPlugin(TrainingPlugin):
+    """Semi-supervised training as a :class:`~lvit.train.plugins.TrainingPlugin`; the runner adds it whenever
+    ``config.semi`` asks for a labelled subset or pseudo labels."""
 
-    def hook(config, data, data_root, run_dir, resume):
-        setup = setup_semi(config, semi, data, data_root, run_dir, resume)
+    def __init__(self):
+        self._setup: SemiSetup | None = None
 
-        def module_class(model, cfg, text_embedding=None):
-            return setup.module(model, cfg, semi, text_embedding)
+    def setup(self, config, data, data_root, run_dir, resume):
+        self._setup = setup_semi(config, data, data_root, run_dir, resume)
+        return self._setup.data
 
-        return setup.data, module_class
-
-    return hook
+    def make_module(self, model, config, text_embedding=None):
+        return self._setup.module(model, config, text_embedding)
 
 
 def _contrast_bank(semi: SemiConfig, plain: Dataset, labelled: np.ndarray, size: int) -> ContrastLabelBank:
@@ -396,15 +338,3 @@ def report_encoder(config, semi: SemiConfig, cache_dir: Path | None = None):
     spec = semi.lv_encoder or (config.text.encoder if config.text.encoder != "learned" else "minilm")
     encoder = get_text_encoder(spec, semi.lv_max_tokens, min_words=0)
     return encoder if cache_dir is None else CachedEncoder(encoder, cache_dir)
-
-
-def read_semi_config(run_dir: str | Path) -> SemiConfig | None:
-    """The semi-supervised settings a run was started with (None for a supervised run)."""
-    path = Path(run_dir) / SEMI_FILE
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read semi-supervised settings ({exc})") from None
-    return SemiConfig.from_dict(data, str(path))

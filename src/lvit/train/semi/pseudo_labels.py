@@ -74,7 +74,8 @@ class PseudoLabelBank:
         if on_disk:
             if path is None:
                 raise ConfigError(
-                    f"pseudo-label bank of {nbytes / 1024**2:.0f} MB needs a file path (the run folder) for disk storage"
+                    f"pseudo-label bank of {nbytes / 1024**2:.0f} MB needs a file path (the run folder) "
+                    "for disk storage"
                 )
             self.path: Path | None = Path(path)
             self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,314 @@
+"""Run folders and model folders on disk: what training writes and what testing, prediction and export read.
+
+This module needs neither Lightning nor :mod:`lvit.train`: loading a model for prediction imports torch,
+safetensors and lvit's networks only. Both :mod:`lvit.train` (writing) and :mod:`lvit.evaluate` (reading) use it.
+
+A **run folder** (``lvit train --out RUN``)::
+
+    RUN/config.yaml                      everything needed to rebuild the model and its text encoder
+    RUN/metrics.csv                      one row per epoch
+    RUN/tensorboard/                     TensorBoard event files
+    RUN/checkpoints/best.safetensors     weights of the epoch with the best validation Dice
+    RUN/checkpoints/last.safetensors     weights after the last finished epoch
+    RUN/checkpoints/last.ckpt            full training state for ``lvit train --resume`` (lvit.train)
+    RUN/vocab.json, RUN/report_words.json
+
+A **model folder** (Hugging Face layout, ``lvit export RUN --hf DIR`` or ``model.save_pretrained(DIR)``):
+``config.json`` + ``model.safetensors`` + ``README.md`` (:mod:`lvit.models.pretrained`). Everything that takes a
+run folder (:func:`resolve_run`, :func:`read_run_config`, :func:`load_run`) takes a model folder too.
+
+Weights are safetensors; ``.ckpt`` files load with ``torch.load(weights_only=True)``, so a checkpoint carrying
+pickled code is refused instead of executed. Every file is written atomically (:mod:`lvit.io`).
+"""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from .errors import CheckpointError, ConfigError
+from .io import atomic_path, atomic_write_text
+from .models.pretrained import (
+    MODEL_CONFIG,
+    MODEL_WEIGHTS,
+    TEXT_EMBEDDING_WEIGHTS,
+    looks_like_model_folder,
+    model_from_folder,
+    not_local_error,
+    read_model_config,
+)
+
+CONFIG_NAME = "config.yaml"
+CKPT_DIR = "checkpoints"
+BEST_WEIGHTS = "best.safetensors"
+LAST_WEIGHTS = "last.safetensors"
+LAST_STATE = "last.ckpt"
+TEXT_EMBEDDING_PREFIX = "text_embedding."  # trainable ("learned") text embedding, stored beside the model
+VOCAB_NAME = "vocab.json"
+
+
+# --------------------------------------------------------------------------------------------------
+# Error wording shared by the loaders
+
+
+def short_reason(text: str, limit: int = 160) -> str:
+    """A library's error text as a short clause: its first sentence, cut at a word boundary (with "...")."""
+    text = " ".join(str(text).split())
+    head, dot, _ = text.partition(". ")
+    text = head if dot else text.rstrip(".")
+    if len(text) > limit:
+        text = text[:limit].rsplit(" ", 1)[0].rstrip(",;:") + "..."
+    return text
+
+
+def _unpickling_problem(text: str) -> str:
+    """The specific part of torch's weights_only refusal (its first paragraph is generic advice)."""
+    import re
+
+    found = re.search(r"(unsupported GLOBAL \S+)|WeightsUnpickler error:\s*(.+?)(?:\n\n|$)", text, flags=re.S)
+    if found:
+        return short_reason(found.group(1) or found.group(2))
+    return short_reason(text) if text.strip() else "unsafe content"
+
+
+def _load_problem(path: Path, exc: BaseException) -> str:
+    """Why torch.load failed, in words: a cut-off archive is named as such (not torch's miniz paragraph)."""
+    text = " ".join(str(exc).split())
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+    except OSError:
+        size, head = -1, b""
+    if size == 0:
+        return "empty file (0 bytes)"
+    archive = "zip archive" in text or "central directory" in text
+    if head.startswith(b"PK") and (archive or isinstance(exc, (OSError, EOFError))):
+        return (f"truncated or damaged: the checkpoint archive is incomplete ({size:,} bytes); it was probably cut "
+                "off while being written or copied")
+    if archive:
+        return "not a checkpoint archive (damaged, or another kind of file)"
+    return short_reason(text or type(exc).__name__)
+
+
+# --------------------------------------------------------------------------------------------------
+# Files: full-state checkpoints (read only here) and safetensors weights
+
+
+def load_state_file(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
+    """``torch.load(path, weights_only=True)`` with one-line errors for missing, corrupt or unsafe files."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(f"{path}: refused to load: the checkpoint contains objects other than tensors "
+                              f"and plain data ({_unpickling_problem(str(exc))})") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: not a readable checkpoint ({_load_problem(path, exc)})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: not a training checkpoint (top level is {type(state).__name__})")
+    return state
+
+
+def save_weights(path: str | Path, model: torch.nn.Module, text_embedding: torch.nn.Module | None = None,
+                 metadata: dict[str, str] | None = None) -> Path:
+    """The network's state dict (+ a learned text embedding under ``text_embedding.*``) as safetensors, atomically."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    if text_embedding is not None:
+        for k, v in text_embedding.state_dict().items():
+            tensors[TEXT_EMBEDDING_PREFIX + k] = v.detach().cpu().contiguous().clone()
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata or {"format": "lvit"})
+    return Path(path)
+
+
+def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: weights file not found")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        why = short_reason(str(exc) or type(exc).__name__)
+        raise CheckpointError(f"{path}: not a readable safetensors file ({why})") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# The run config
+
+
+def write_run_config(run_dir: str | Path, run_config: dict) -> Path:
+    return atomic_write_text(Path(run_dir) / CONFIG_NAME, yaml.safe_dump(run_config, sort_keys=False))
+
+
+def is_model_folder(path: str | Path) -> bool:
+    """True for a model folder (``config.json``, no run ``config.yaml``); its files are checked when read."""
+    return looks_like_model_folder(path)
+
+
+def read_run_config(run_dir: str | Path) -> dict:
+    """The run's ``config.yaml`` (or a model folder's ``config.json``) as a dict with ``model_name``, ``model``
+    and, where recorded, ``text_encoder``, ``data_info`` and the training sections."""
+    if is_model_folder(run_dir):
+        return read_model_config(run_dir)
+    path = Path(run_dir) / CONFIG_NAME
+    if not path.is_file():
+        raise CheckpointError(f"{path}: run config not found (is {run_dir} a run folder made by lvit train, or a "
+                              f"model folder with {MODEL_CONFIG}?)")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise CheckpointError(f"{path}: unreadable run config ({first})") from None
+    if not isinstance(data, dict) or "model_name" not in data or "model" not in data:
+        raise CheckpointError(f"{path}: not an lvit run config (model_name/model missing)")
+    return data
+
+
+def resolve_run(path: str | Path) -> tuple[Path, Path]:
+    """A run folder, a model folder or a weights file -> (folder, weights file). A run folder gives its best
+    weights (else its last); a model folder its ``model.safetensors``."""
+    path = Path(path)
+    if path.is_dir():
+        if is_model_folder(path):
+            read_model_config(path)  # the folder's files checked here: a pickle or a stray file is refused
+            return path, path / MODEL_WEIGHTS
+        for candidate in (path / CKPT_DIR / BEST_WEIGHTS, path / CKPT_DIR / LAST_WEIGHTS):
+            if candidate.is_file():
+                return path, candidate
+        if not (path / CONFIG_NAME).is_file() and (path / MODEL_WEIGHTS).is_file():
+            read_model_config(path)  # model.safetensors without config.json: says what is missing
+        raise CheckpointError(f"{path}: no checkpoints/{BEST_WEIGHTS} or {LAST_WEIGHTS} in this run folder")
+    if not path.exists():
+        if not path.is_absolute() and len(path.parts) == 2 and not str(path).startswith("."):
+            raise not_local_error(path)  # "org/name": a Hub id, never downloaded
+        raise CheckpointError(f"{path}: no such run folder, model folder or checkpoint")
+    if path.name == MODEL_WEIGHTS and is_model_folder(path.parent):
+        return resolve_run(path.parent)
+    if path.suffix == ".safetensors":
+        run_dir = path.parent.parent if path.parent.name == CKPT_DIR else path.parent
+        return run_dir, path
+    if path.suffix in (".ckpt", ".pt", ".pth", ".tar"):
+        run_dir = path.parent.parent if path.parent.name == CKPT_DIR else path.parent
+        return run_dir, path
+    raise CheckpointError(f"{path}: expected a run folder, a model folder, a .safetensors weights file or a .ckpt "
+                          "checkpoint")
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading a model
+
+
+@dataclass(frozen=True)
+class LoadedRun:
+    """A model loaded from a run folder, a model folder or a weights file.
+
+    ``model``: the network in eval mode on the requested device; ``config``: the run config (``config.yaml`` or
+    ``config.json``: ``model_name``, ``model``, ``text_encoder`` ...); ``run_dir``: the folder it came from;
+    ``weights``: the weights file in use (best, else last, or ``model.safetensors``); ``text_embedding``: the
+    trained embedding layer of the ``learned`` text backend (ids ``[B, L]`` -> ``[B, L, D]``), else None.
+    """
+
+    model: torch.nn.Module
+    config: dict
+    run_dir: Path
+    weights: Path
+    text_embedding: torch.nn.Module | None = None
+
+    @property
+    def model_name(self) -> str:
+        return str(self.config.get("model_name"))
+
+    @property
+    def reads_text(self) -> bool:
+        """Whether the network uses the report (LViT with ``use_text``; not LViT-T or U-Net)."""
+        from .models import reads_text
+
+        return reads_text(self.model_name, self.config.get("model") or {})
+
+    @property
+    def is_model_folder(self) -> bool:
+        return self.weights.name == MODEL_WEIGHTS and is_model_folder(self.run_dir)
+
+    @property
+    def image_size(self) -> int:
+        return int(self.config["model"]["image_size"])
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.config["model"].get("in_channels", 3))
+
+
+def _learned_embedding(text_tensors: dict[str, torch.Tensor], where: Path, map_location) -> torch.nn.Module:
+    from .text.learned import LearnedTextEmbedding
+
+    weight = text_tensors.get("embedding.weight")
+    if weight is None or weight.ndim != 2:
+        raise CheckpointError(f"{where}: text embedding tensors malformed (expected embedding.weight [V, D])")
+    embedding = LearnedTextEmbedding(weight.shape[0], weight.shape[1])
+    try:
+        embedding.load_state_dict(text_tensors)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{where}: text embedding does not load ({short_reason(str(exc), 200)})") from None
+    return embedding.eval().to(map_location)
+
+
+def load_run(path: str | Path, map_location: str | torch.device = "cpu") -> LoadedRun:
+    """Rebuild the eval-mode model of a run folder, model folder or checkpoint file -> :class:`LoadedRun`."""
+    from .models import LViTConfig, build_model
+
+    run_dir, weights_path = resolve_run(path)
+    run_config = read_run_config(run_dir)
+    if weights_path.name == MODEL_WEIGHTS and is_model_folder(run_dir):
+        model = model_from_folder(run_dir, map_location, run_config)
+        text_embedding = None
+        if (run_dir / TEXT_EMBEDDING_WEIGHTS).is_file():
+            text_embedding = _learned_embedding(load_weights(run_dir / TEXT_EMBEDDING_WEIGHTS),
+                                                run_dir / TEXT_EMBEDDING_WEIGHTS, map_location)
+        return LoadedRun(model, run_config, run_dir, weights_path, text_embedding)
+    try:
+        model_config = LViTConfig(**run_config["model"])
+    except (TypeError, ConfigError) as exc:
+        raise CheckpointError(f"{run_dir / CONFIG_NAME}: invalid model config ({exc})") from None
+    model = build_model(run_config["model_name"], model_config)
+    if weights_path.suffix == ".safetensors":
+        tensors = load_weights(weights_path)
+    else:
+        state = load_state_file(weights_path, map_location="cpu")
+        if "state_dict" not in state:
+            raise CheckpointError(f"{weights_path}: no state_dict in this checkpoint")
+        tensors = {}
+        for key, value in state["state_dict"].items():
+            if key.startswith("model."):
+                tensors[key[len("model."):]] = value
+            elif key.startswith(TEXT_EMBEDDING_PREFIX):
+                tensors[key] = value
+    text_tensors = {k[len(TEXT_EMBEDDING_PREFIX):]: v for k, v in tensors.items()
+                    if k.startswith(TEXT_EMBEDDING_PREFIX)}
+    model_tensors = {k: v for k, v in tensors.items() if not k.startswith(TEXT_EMBEDDING_PREFIX)}
+    try:
+        model.load_state_dict(model_tensors, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{weights_path}: weights do not fit the model in {CONFIG_NAME} "
+                              f"({short_reason(str(exc) or type(exc).__name__, 200)})") from None
+    text_embedding = _learned_embedding(text_tensors, weights_path, map_location) if text_tensors else None
+    return LoadedRun(model.eval().to(map_location), run_config, run_dir, weights_path, text_embedding)
+
+
+__all__ = [
+    "BEST_WEIGHTS", "CKPT_DIR", "CONFIG_NAME", "LAST_STATE", "LAST_WEIGHTS", "LoadedRun", "TEXT_EMBEDDING_PREFIX",
+    "VOCAB_NAME", "is_model_folder", "load_run", "load_state_file", "load_weights", "read_run_config", "resolve_run",
+    "save_weights", "short_reason", "write_run_config",
+]
