@@ -48,7 +48,7 @@ def main(argv=None) -> int:
                 "seed": seed, "seconds": round(seconds, 1), "load_before": round(load, 2), "dice": metrics["dice"],
                 "iou": metrics["iou"], "swapped_dice": v["swapped"]["dice"],
                 "swapped_changed_dice": v["swapped"]["changed"]["dice"], "no_infection_dice": v["no_infection"]["dice"],
-                "machine": machine(),
+                "machine": machine(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "unset"),
             }
             atomic_write_text(args.results, json.dumps(results, indent=1, sort_keys=True) + "\n")
     print(render(results, args.results_md))
@@ -87,7 +87,8 @@ def render(results: dict, md: Path) -> str:
     ]
     for r in rows:
         lines.append(f"| {r['seed']} | {r['dice']:.3f} | {r['iou']:.3f} | {r['swapped_dice']:.3f} | "
-                     f"{r['no_infection_dice']:.3f} | {r['seconds'] / 60:.1f} min (load {r['load_before']}) |")
+                     f"{r['no_infection_dice']:.3f} | {r['seconds'] / 60:.1f} min (load {r['load_before']}, "
+                     f"OMP_NUM_THREADS {r.get('omp_num_threads', 'unset')}) |")
     lines += ["", f"Mean (range) over {len(rows)} seeds: Dice {spread('dice')}, IoU {spread('iou')}, swapped "
               f"{spread('swapped_dice')}, no-infection {spread('no_infection_dice')}, wall time "
               f"{spread('seconds', '{:.0f}')} s.", "",

@@ -138,6 +138,7 @@ def evaluate(args) -> int:
         "goal": {"at_least_lvit_t": out_sources["generated"]["dice"] >= free_dice,
                  "half_gap_closed": (out_sources["generated"]["gap_closed"] or 0) >= 0.5},
         "command": " ".join(["python", "bench/generated_reports.py", *sys.argv[1:]]),
+        "setup": list(args.setup),
         "machine": machine(),
         "minutes": round((time.perf_counter() - started) / 60, 1),
     }
@@ -174,7 +175,12 @@ def _plain(value):
 
 
 DATASET_LABELS = {"qata": "QaTa-COV19 (real chest X-rays, preset qata-cpu)",
-                  "synth": "synthetic data (lvit synth, preset synth)"}
+                  "synth": "synthetic data (lvit synth, preset synth)",
+                  "qata-noise50": "QaTa-COV19, LViT fine-tuned 3 epochs with half its training reports given to the "
+                                  "report writer (bench/report_noise.py --fraction 0.5)",
+                  "qata-noise0": "QaTa-COV19, LViT fine-tuned 3 epochs on the true reports only (the control: "
+                                 "bench/report_noise.py --fraction 0)"}
+ORDER = ("qata", "qata-noise50", "qata-noise0", "synth")
 
 
 def _f(x, digits: int = 4) -> str:
@@ -197,7 +203,7 @@ def render(results_path: Path, md_path: Path) -> str:
         "under every report; \"agrees\" = the report names exactly the true report's zones; gap closed = (Dice - "
         "LViT-T) / (true report - LViT-T).",
     ]
-    for name, r in results.items():
+    for name, r in sorted(results.items(), key=lambda kv: ORDER.index(kv[0]) if kv[0] in ORDER else len(ORDER)):
         s = r["sources"]
         t_dice = r["lvit_t"]["dice"]
         val = r["reporter_val"]
@@ -260,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--cache-dir", default=None, help="text-embedding cache folder (never the dataset's)")
     e.add_argument("--threads", type=int, default=1)
     e.add_argument("--no-render", action="store_true")
+    e.add_argument("--setup", action="append", default=[], metavar="COMMAND",
+                   help="how the runs and writer it scores were made (recorded beside the figures; repeatable)")
     for q in (e, sub.add_parser("render", help="re-render the RESULTS.md section from the JSON")):
         q.add_argument("--results", type=Path, default=RESULTS_JSON)
         q.add_argument("--results-md", type=Path, default=RESULTS_MD)

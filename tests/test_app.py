@@ -16,6 +16,7 @@ from urllib.parse import urlparse
 import numpy as np
 import pytest
 import torch
+from files import write_dicom
 from PIL import Image
 
 from lvit.errors import ConfigError
@@ -71,25 +72,6 @@ def _png_header_only(path: Path, width: int, height: int) -> Path:
     return path
 
 
-def _dicom(path: Path, pixels: np.ndarray) -> Path:
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-    ds.PixelData = pixels.astype(np.uint16).tobytes()
-    ds.save_as(path, enforce_file_format=True)
-    return path
-
-
 # --------------------------------------------------------------------------------------------------
 # The work behind the page (no Gradio needed)
 
@@ -108,7 +90,7 @@ def test_segmenter_gives_mask_probabilities_and_gradcam_at_the_image_size(model_
     # DICOM, with and without its extension (uploads lose names), gives the same kind of result.
     pixels = (np.arange(64 * 48).reshape(64, 48) * 7 % 4000).astype(np.uint16)
     for name in ("scan.dcm", "scan_without_extension"):
-        result = seg.segment(str(_dicom(tmp_path / name, pixels)), None, 0.5)
+        result = seg.segment(str(write_dicom(tmp_path / name, pixels)), None, 0.5)
         assert result.ok and result.overlay.shape == (64, 48, 3), result.message
     # A report given to a text-free model is noted, not an error.
     assert "does not read reports" in " ".join(seg.segment(str(tmp_path / "x.png"), REPORT, 0.5).notes)

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from files import write_dicom
 from PIL import Image
 
 from lvit.cli import main  # noqa: E402  (the real CLI entry point: one-line errors, exit 2)
@@ -127,7 +128,7 @@ def test_readers_convert_bit_depth_channels_and_formats(tmp_path):
     with pytest.raises(DataError, match="2-D"):
         read_image(tmp_path / "v.nii")
 
-    _write_dicom(tmp_path / "x.dcm", (np.arange(24 * 20).reshape(24, 20) * 7).astype(np.uint16))
+    write_dicom(tmp_path / "x.dcm", (np.arange(24 * 20).reshape(24, 20) * 7).astype(np.uint16), "MONOCHROME1")
     dcm = read_image(tmp_path / "x.dcm")
     assert dcm.shape == (24, 20, 1) and dcm[0, 0, 0] == 255 and dcm[-1, -1, 0] == 0  # MONOCHROME1 inverted
 
@@ -137,24 +138,6 @@ def test_readers_convert_bit_depth_channels_and_formats(tmp_path):
     assert read_mask(tmp_path / "m.png").sum() == 100
     _png(tmp_path / "m01.png", (m > 0).astype(np.uint8))  # 0/1 masks are taken as they are
     assert read_mask(tmp_path / "m01.png").sum() == 200
-
-
-def _write_dicom(path: Path, pixels: np.ndarray) -> None:
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME1"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-    ds.PixelData = pixels.astype(np.uint16).tobytes()
-    ds.save_as(path, enforce_file_format=True)
 
 
 def test_unreadable_files_raise_data_error(tmp_path):

@@ -3,21 +3,10 @@ original files (images up to uint8 rounding, masks exactly, with the official ma
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import torch
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _load_prepare():
-    spec = importlib.util.spec_from_file_location("bench_gpu_prepare", REPO / "bench" / "gpu" / "prepare.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # pool workers unpickle its functions by module name
-    spec.loader.exec_module(module)
-    return module
+from files import load_gpu_prepare
 
 
 def test_resized_copy_feeds_training_the_same_tensors(tmp_path):
@@ -26,7 +15,7 @@ def test_resized_copy_feeds_training_the_same_tensors(tmp_path):
     src = generate_synthetic(tmp_path / "src", n_train=3, n_val=2, n_test=2, size=96, seed=3, force=True,
                              progress=False)
     dst = tmp_path / "small"
-    n = _load_prepare().resize_monuseg(Path(src), dst, size=32)
+    n = load_gpu_prepare().resize_monuseg(Path(src), dst, size=32)
     assert n == 2 * (3 + 2 + 2)  # every image and mask of the three splits
     for split in ("train", "val", "test"):
         original, copy = load_split(src, split), load_split(dst, split)
@@ -52,7 +41,7 @@ def test_packed_copy_round_trips_and_is_checked(tmp_path):
 
     from lvit.data import generate_synthetic, load_split, read_image
 
-    prep = _load_prepare()
+    prep = load_gpu_prepare()
     src = Path(generate_synthetic(tmp_path / "src", n_train=3, n_val=2, n_test=2, size=48, seed=1, force=True,
                                   progress=False))
     manifest = prep.pack_qata(src, tmp_path / "exact" / "data", quality=0, workers=1)
