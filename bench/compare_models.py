@@ -51,8 +51,9 @@ def main(argv: list[str] | None = None) -> int:
         from lvit.data import generate_synthetic
         from lvit.evaluate.testing import run_test
         from lvit.evaluate.text_probe import probe_reports
-        from lvit.models import build_model, count_parameters, reads_text
+        from lvit.models import count_parameters, reads_text
         from lvit.presets import resolve_config
+        from lvit.runs import load_run
         from lvit.train.config import load_config
         from lvit.train.runner import train
 
@@ -70,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                              f"trainer.seed={seed}"])
                 run = args.work / f"run-{name}-s{seed}"
                 result = finished_run(run, config.trainer.max_epochs)
+                reused = result is not None
                 if result is None:
                     print(f"== {name}, seed {seed}: training {config.trainer.max_epochs} epochs", flush=True)
                     result = train(config, data, run, force=True)
@@ -79,12 +81,12 @@ def main(argv: list[str] | None = None) -> int:
                 mo = metrics["model_resolution"]["mean_over_images"]
                 dl = metrics["model_resolution"]["dataset_level"]
                 entry = {"model": name, "seed": seed, "dice": mo["dice"], "iou": mo["iou"], "pooled_dice": dl["dice"],
-                         "params": count_parameters(build_model(name, config.model)),
+                         "params": count_parameters(load_run(run).model),  # with the encoder's text width
                          "train_seconds": result.seconds, "epochs": result.epochs, "best_epoch": result.best_epoch,
                          "best_val_dice": result.best_dice, "preset": str(args.config),
                          "machine": f"CPU {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}",
                          "load_at_start": round(os.getloadavg()[0], 1), "command": command,
-                         "recorded": time.strftime("%Y-%m-%d %H:%M")}
+                         "recorded": time.strftime("%Y-%m-%d %H:%M"), "reused": reused}
                 if reads_text(name, config.model):
                     probe = probe_reports(run, data, "test", variants=("true", "swapped", "no_infection"))
                     entry["probe"] = {v: r["dice"] for v, r in probe["variants"].items()}
@@ -142,7 +144,8 @@ def render(results: dict) -> str:
         ni = f"{probe['no_infection']:.3f}" if "no_infection" in probe else "-"
         lines.append(f"| {r['seed']} | {LABELS.get(r['model'], r['model'])} | {r['dice']:.3f} | {r['iou']:.3f} | "
                      f"{r['pooled_dice']:.3f} | {r['best_val_dice']:.3f} ({r['best_epoch']}) | {sw} | {ni} | "
-                     f"{r['params'] / 1e6:.2f}M | {r['train_seconds']:.0f} s (load {r['load_at_start']}) |")
+                     f"{r['params'] / 1e6:.2f}M | {r['train_seconds']:.0f} s "
+                     + ("(an earlier invocation) |" if r.get("reused") else f"(load {r['load_at_start']}) |"))
     machines = sorted({r["machine"] for r in rows})
     commands = sorted({r["command"] for r in rows})
     lines += ["", f"Machine: {'; '.join(machines)}. Raw results: `bench/compare_models.json`. Command(s): "
