@@ -6,7 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
-# Sized so the demo finishes in about ten minutes on two CPU cores (see docs/TRAINING.md for timings).
+# Sized so the demo finishes in minutes on two CPU cores (docs/TRAINING.md gives measured times).
 DEMO_SPLITS = {"n_train": 160, "n_val": 32, "n_test": 48}
 # The report variants the demo scores its weights on, to show whether the model reads the report.
 DEMO_PROBE = ("true", "swapped", "no_infection")
