@@ -31,10 +31,16 @@ def write_dicom(path: Path, pixels: np.ndarray, photometric: str = "MONOCHROME2"
     return path
 
 
-def load_gpu_prepare():
-    """bench/gpu/prepare.py as a module (registered in sys.modules: pool workers unpickle its functions by name)."""
-    spec = importlib.util.spec_from_file_location("bench_gpu_prepare", REPO / "bench" / "gpu" / "prepare.py")
+def load_bench(relative: str, name: str):
+    """A bench script (path relative to the repository) as a module, registered in sys.modules under ``name``:
+    dataclasses look their module up while the file executes, and pool workers unpickle its functions by name."""
+    spec = importlib.util.spec_from_file_location(name, REPO / relative)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def load_gpu_prepare():
+    """bench/gpu/prepare.py as a module."""
+    return load_bench("bench/gpu/prepare.py", "bench_gpu_prepare")

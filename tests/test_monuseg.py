@@ -6,26 +6,14 @@ Kept small: 2 images per split at 64 px, base_channels 8, one epoch per call.
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from files import load_bench
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_monuseg", REPO / "bench" / "monuseg.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_bench()
+bench = load_bench("bench/monuseg.py", "bench_monuseg")
 
 
 @pytest.fixture(scope="module")

@@ -2,27 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+from files import load_bench
 
-REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("bench_semi", REPO / "bench" / "semi_supervised.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_two_processes_share_results_and_render_only_writes_the_section(tmp_path, capsys):
     from lvit.data.synthetic import generate_synthetic
 
-    bench = _bench()
+    bench = load_bench("bench/semi_supervised.py", "bench_semi")
     data = generate_synthetic(tmp_path / "data", n_train=8, n_val=2, n_test=2, size=32, seed=1, progress=False)
     common = ["--work", str(tmp_path / "work"), "--data", str(data), "--results", str(tmp_path / "r.json"),
               "--models", "lvit-t", "--n-train", "8", "--size", "32", "--base-channels", "8", "--epochs", "2",

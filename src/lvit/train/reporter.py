@@ -34,7 +34,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..data.flags import FLIPPED_ZONES, OBJECTIVES, choose_thresholds, decode_flags, flag_metrics, report_flags
+from ..data.flags import (
+    FLIPPED_ZONES,
+    OBJECTIVES,
+    ZONE_NAMES,
+    choose_thresholds,
+    decode_flags,
+    flag_metrics,
+    report_flags,
+)
 from ..errors import ConfigError, DataError
 from ..reporter_folder import FORMAT, FORMAT_VERSION, save_reporter
 
@@ -285,7 +293,7 @@ def train_reporter(data_root: str | Path, out: str | Path, *, model_config=None,
             "format_version": FORMAT_VERSION,
             "model": cfg.to_dict(),
             "thresholds": [float(t) for t in thresholds],
-            "zones": [" ".join(z) for z in _zones()],
+            "zones": list(ZONE_NAMES),
             "allow_empty": allow_empty,
             "capitalize": bool(capitalize),
             "training": asdict(tr),
@@ -308,12 +316,6 @@ def train_reporter(data_root: str | Path, out: str | Path, *, model_config=None,
             f"{chosen['macro_f1']:.3f} (thresholds {', '.join(f'{t:.3g}' for t in thresholds)}); "
             f"{meta['seconds'] / 60:.1f} min")
     return {**meta, "folder": str(out)}
-
-
-def _zones():
-    from ..data.describe import ZONES
-
-    return ZONES
 
 
 def _write_metrics(path: Path, rows: list[dict]) -> None:
