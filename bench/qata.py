@@ -102,6 +102,7 @@ def evaluate_runs(args) -> int:
 
     import yaml
 
+    from lvit.benchmark import machine_line
     from lvit.evaluate.testing import run_test
     from lvit.evaluate.text_probe import probe_reports
     from lvit.io import read_results_file
@@ -140,7 +141,7 @@ def evaluate_runs(args) -> int:
             "pooled_dice": model_res["dataset_level"]["dice"], "pooled_iou": model_res["dataset_level"]["iou"],
             "dice_original": orig_res["mean_over_images"]["dice"], "iou_original": orig_res["mean_over_images"]["iou"],
             "pooled_dice_original": orig_res["dataset_level"]["dice"],
-            "machine": machine(),
+            "machine": machine_line(),
         }
         if saved["model_name"] == "lvit":
             entry["probe"] = probe_reports(run_dir, args.data, "test", batch_size=32)
@@ -167,16 +168,7 @@ def merge_result(path: Path, key: str, entry: dict) -> dict:
         results = read_results_file(path)
         results[key] = entry
         atomic_write_text(path, json.dumps(results, indent=1, sort_keys=True) + "\n")
-    lock_path.unlink(missing_ok=True)
-    return results
-
-
-def machine() -> str:
-    import torch
-
-    from lvit.benchmark import cpu_name
-
-    return f"CPU {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
+    return results  # the lock file stays: removing it would let a waiting and a new writer both hold "the" lock
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -375,3 +375,15 @@ def test_lvit_app_gives_the_page_the_runs_report_writer(run_with_writer, tiny_ru
         report_writer_for(str(tiny_runs[1]), str(writer_dir), "cpu")
     with pytest.raises(ConfigError, match="no report writer there"):
         report_writer_for(str(tiny_runs[0]), str(tiny_synth), "cpu")
+
+
+def test_train_reporter_never_writes_into_a_model_folder(tiny_runs, tiny_synth, tmp_path, capsys):
+    from lvit.cli import main
+    from lvit.model_folder import export_model_folder
+
+    folder = tmp_path / "folder"
+    export_model_folder(tiny_runs[0], folder)
+    before = sorted(p.name for p in folder.iterdir())
+    assert main(["train-reporter", str(folder), "--data", str(tiny_synth), "--epochs", "1", "--no-progress"]) == 2
+    assert "lvit never writes into one: pass --out DIR" in capsys.readouterr().err
+    assert sorted(p.name for p in folder.iterdir()) == before

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import pytest
@@ -51,3 +52,21 @@ def test_bad_overrides(item, needle):
 def test_eta_min_is_clamped_below_lr():
     assert load_config(None, ["optim.lr=1e-3"]).effective_eta_min == 1e-4
     assert load_config(None, ["optim.lr=5e-5"]).effective_eta_min == pytest.approx(5e-6)
+
+
+def test_quoted_override_values_stay_strings_and_path_flags_are_quoted():
+    from lvit.train.config import apply_override
+    from lvit.train.semi.cli import semi_overrides
+
+    data: dict = {}
+    for item in ['trainer.init_from="runs/a #1"', 'semi.labeled_list="1e3"', "optim.lr=1e-3"]:
+        apply_override(data, item)
+    assert data == {"trainer": {"init_from": "runs/a #1"}, "semi": {"labeled_list": "1e3"}, "optim": {"lr": 1e-3}}
+    args = argparse.Namespace(labeled_list="on", labeled_fraction=None, semi="epi", beta=None, lv_weight=None,
+                              semi_warmup=None, lv_contrast=None)
+    assert load_config(None, semi_overrides(args)).semi.labeled_list == "on"
+
+
+def test_a_semi_setting_without_a_labelled_subset_is_refused_not_ignored():
+    with pytest.raises(ConfigError, match="semi.beta is set but semi-supervised training is off"):
+        load_config(None, ["semi.beta=0.5"])

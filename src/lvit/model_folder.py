@@ -107,9 +107,11 @@ def read_metrics(files: list[Path], weights: Path | None) -> list[dict]:
             m = json.loads(Path(path).read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, ValueError) as exc:
             raise ConfigError(f"{path}: unreadable metrics file ({' '.join(str(exc).split())})") from None
-        if not isinstance(m, dict) or "split" not in m:
+        model_res, orig = (m.get("model_resolution") or {}, m.get("original_resolution") or {}) if isinstance(m, dict) \
+            else (None, None)
+        if ("split" not in (m if isinstance(m, dict) else {}) or not isinstance(model_res, dict)
+                or not isinstance(orig, dict) or not isinstance(m.get("weights") or "", str)):
             raise ConfigError(f"{path}: not a metrics.json written by lvit test")
-        model_res, orig = m.get("model_resolution") or {}, m.get("original_resolution") or {}
         row = {"file": str(Path(path).parent.name + "/" + Path(path).name), "split": m["split"],
                "n_images": m.get("n_images"), "n_scored": m.get("n_scored"), "threshold": m.get("threshold", 0.5),
                "dice": m.get("dice"), "iou": m.get("iou"), "image_size": model_res.get("image_size"),

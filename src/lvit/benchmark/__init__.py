@@ -28,9 +28,10 @@ Modules: :mod:`.tasks` (what to run), :mod:`.runners` and :mod:`.worker` (one va
 :mod:`.harness` (plan, spawn, collect), :mod:`.render` (Markdown).
 """
 
-from .harness import Options, cpu_name, machine_info, plan, run_benchmark
+from .harness import Options, cpu_name, machine_info, machine_line, plan, run_benchmark
 from .render import render_markdown, write_speed_section
 from .tasks import BF16_BOUND, FP32_BOUND, INFERENCE_VARIANTS, TRAINING_VARIANTS, Case, Task
 
 __all__ = ["BF16_BOUND", "FP32_BOUND", "INFERENCE_VARIANTS", "TRAINING_VARIANTS", "Case", "Options", "Task",
-           "cpu_name", "machine_info", "plan", "render_markdown", "run_benchmark", "write_speed_section"]
+           "cpu_name", "machine_info", "machine_line", "plan", "render_markdown", "run_benchmark",
+           "write_speed_section"]

@@ -118,6 +118,13 @@ def cpu_name() -> str:
     return name
 
 
+def machine_line() -> str:
+    """"CPU <name>, <n> cores, torch <version>, <k> thread(s)": the machine line of a bench script's records."""
+    import torch
+
+    return f"CPU {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
+
+
 def machine_info() -> dict[str, Any]:
     import torch
 

@@ -36,7 +36,7 @@ def report_writer_for(source: str, reporter: str | None, device: str):
     from ..reporter_folder import find_reporter
 
     run_dir, _, run_config = read_run(source)
-    if not reads_text(run_config.get("model_name", "lvit")):
+    if not reads_text(run_config.get("model_name", "lvit"), run_config.get("model")):
         if reporter is not None:
             raise ConfigError(f"--reporter: the model of {source} does not read reports")
         return None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 
@@ -90,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     if args.init_from is not None:
         if args.resume:
             raise ConfigError("--init-from starts a new run; a resumed run continues from its own checkpoint")
-        overrides.append(f"trainer.init_from={args.init_from}")
+        overrides.append(f"trainer.init_from={json.dumps(args.init_from)}")  # quoted: YAML keeps the path as written
     if args.resume:
         if args.config:
             raise ConfigError("--resume uses the config saved in RUN_DIR; change values with --set instead of --config")

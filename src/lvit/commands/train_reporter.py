@@ -51,12 +51,15 @@ def run(args: argparse.Namespace) -> int:
     if not args.run and not args.out:
         raise ConfigError("give the RUN_DIR the writer belongs to (it goes to RUN_DIR/reporter/) or --out DIR")
     if args.run:
-        from ..train.checkpoint import read_run_config
+        from ..runs import is_model_folder, read_run_config
 
         run_dir = Path(args.run)
         if not run_dir.is_dir():
             raise ConfigError(f"{run_dir}: not a run folder (give a folder made by lvit train, or only --out DIR)")
         read_run_config(run_dir)  # a one-line error unless it is a run folder
+        if is_model_folder(run_dir) and not args.out:
+            raise ConfigError(f"{run_dir}: a model folder holds only what prediction needs; lvit never writes into "
+                              "one: pass --out DIR for the writer")
     data = Path(args.data)
     if not data.is_dir():
         raise ConfigError(f"--data {data}: not a folder")

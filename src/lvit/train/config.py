@@ -134,6 +134,11 @@ class SemiConfig:
         if self.labeled_fraction is not None and self.labeled_list is not None:
             raise ConfigError(f"{where}: give labeled_fraction or labeled_list (--labeled-fraction/--labeled-list), "
                               "not both")
+        if not self.active:  # a semi setting without a labelled subset would be silently ignored
+            changed = [f.name for f in dataclasses.fields(self) if getattr(self, f.name) != f.default]
+            if changed:
+                raise ConfigError(f"{where}.{changed[0]} is set but semi-supervised training is off: give "
+                                  "--labeled-fraction or --labeled-list (and --semi)")
         if self.mode != "none" and self.labeled_fraction is None and self.labeled_list is None:
             raise ConfigError(f"{where}.mode {self.mode} needs --labeled-fraction or --labeled-list")
         if self.labeled_fraction is not None and not 0.0 < self.labeled_fraction <= 1.0:
@@ -312,8 +317,9 @@ def apply_override(data: dict, item: str) -> None:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
-    # YAML reads "1e-3" as a string (it wants "1.0e-3"): accept plain float spellings too.
-    if isinstance(value, str):
+    # YAML reads 1e-3 as a string (it wants 1.0e-3): accept plain float spellings too, unless the value was quoted
+    # (a quoted value is a string: how path flags pass through, e.g. --init-from "runs/1e3").
+    if isinstance(value, str) and raw.strip()[:1] not in ("'", '"'):
         try:
             value = float(value)
         except ValueError:

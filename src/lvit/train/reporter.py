@@ -212,6 +212,9 @@ def train_reporter(data_root: str | Path, out: str | Path, *, model_config=None,
     data_root = Path(data_root)
     train_records = load_split(data_root, "train")
     val_records = load_split(data_root, "val")
+    if cfg.mask_head and not any(r.mask_path is not None for r in train_records):  # before reading any image
+        raise DataError(data_root, "the report writer's mask head needs training masks and the train split has "
+                                   "none: train without it (--no-mask-head)")
     out = prepare_output_dir(out, force, what="report writer folder")
     started = time.perf_counter()
     previous_threads = torch.get_num_threads()

@@ -4,12 +4,16 @@ shortcut for a ``--set semi.<key>=<value>`` override of the run config's ``semi`
 from __future__ import annotations
 
 import argparse
+import json
 
 from ...errors import ConfigError
 
 # flag dest -> key of the semi section
 FLAG_KEYS = {"labeled_fraction": "labeled_fraction", "labeled_list": "labeled_list", "semi": "mode",
              "beta": "beta", "lv_weight": "lv_weight", "semi_warmup": "warmup_epochs", "lv_contrast": "lv_contrast"}
+
+
+PATH_FLAGS = ("labeled_list", "lv_contrast")  # free text: a file or a folder (lv_contrast also a keyword)
 
 
 def add_semi_arguments(p: argparse.ArgumentParser) -> None:
@@ -42,4 +46,6 @@ def semi_overrides(args: argparse.Namespace, resume: bool = False) -> list[str]:
     if resume and given:
         raise ConfigError("--resume keeps the semi-supervised settings saved in the run's config.yaml; drop "
                           + ", ".join("--" + dest.replace("_", "-") for dest in given))
-    return [f"semi.{FLAG_KEYS[dest]}={value}" for dest, value in given.items()]
+    # Paths go quoted, so that YAML keeps them as written (a file named "on", "1e3" or "a #1").
+    return [f"semi.{FLAG_KEYS[dest]}={json.dumps(value) if dest in PATH_FLAGS else value}"
+            for dest, value in given.items()]
