@@ -72,6 +72,7 @@ def evaluate(args) -> int:
     from lvit.data.flags import report_agreement, same_findings
     from lvit.evaluate.reporter import ReportWriter, segment_with_reports, subset_summary, write_reports
     from lvit.evaluate.text_probe import NO_INFECTION
+    from lvit.io import update_results_file
     from lvit.reporter_folder import read_reporter_meta
 
     torch.set_num_threads(args.threads)
@@ -137,7 +138,7 @@ def evaluate(args) -> int:
         "machine": machine_line(),
         "minutes": round((time.perf_counter() - started) / 60, 1),
     }
-    merge(args.results, args.name, result)
+    update_results_file(args.results, args.name, result)
     g = out_sources["generated"]
     print(f"{args.name}: LViT-T {free_dice:.4f}; LViT with true {true_dice:.4f}, generated {g['dice']:.4f} "
           f"(gap closed {g['gap_closed'] if g['gap_closed'] is None else round(g['gap_closed'], 3)}), no infection "
@@ -146,27 +147,6 @@ def evaluate(args) -> int:
     if not args.no_render:
         render(args.results, args.results_md)
     return 0
-
-
-def merge(path: Path, key: str, entry: dict) -> dict:
-    import json
-
-    from lvit.io import atomic_write_text, read_results_file
-
-    results = read_results_file(path)
-    results[key] = entry
-    atomic_write_text(path, json.dumps(results, indent=1, sort_keys=True, default=_plain) + "\n")
-    return results
-
-
-def _plain(value):
-    import numpy as np
-
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    raise TypeError(f"not JSON: {type(value).__name__}")
 
 
 DATASET_LABELS = {"qata": "QaTa-COV19 (real chest X-rays, preset qata-cpu)",

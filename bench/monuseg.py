@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import platform
 import sys
@@ -46,6 +45,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lvit.io import update_results_file
 from lvit.presets import preset_path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -324,16 +324,6 @@ def read_results(results_file: Path) -> dict:
     return read_results_file(results_file)
 
 
-def merge_result(results_file: Path, model: str, entry: dict) -> dict:
-    """Re-read ``results.json`` and replace one model's entry (other processes may have written theirs)."""
-    from lvit.io import atomic_write_text
-
-    results = read_results(results_file)
-    results[model] = entry
-    atomic_write_text(results_file, json.dumps(results, indent=2))
-    return results
-
-
 def publish(results: dict, s: BenchSettings, curve_file: Path, results_md: Path, section: str) -> None:
     """Learning-curve PNG + the RESULTS.md section for ``results`` (GPU or CPU wording from the runs' records)."""
     gpu = next((r.get("gpu") for r in results.values() if r.get("gpu")), None)
@@ -425,7 +415,7 @@ def main(argv=None) -> int:
                 "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
                 "data_note": args.data_note,
             }
-            results = merge_result(results_file, m, entry)
+            results = update_results_file(results_file, m, entry)
             print(f"{m}: {call['epochs']} epochs, best val Dice {call['best_val_dice']:.4f} (epoch "
                   f"{call['best_epoch']}), test Dice {figures['test_dice']:.4f} IoU {figures['test_iou']:.4f}, "
                   f"{call['wall_seconds'] / 60:.1f} min", flush=True)

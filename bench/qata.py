@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
 import sys
 from pathlib import Path
@@ -40,6 +41,9 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "lvit-25-epi+lv": ("lvit", ["semi.mode=epi+lv", "semi.labeled_fraction=0.25", "semi.warmup_epochs=5"]),
 }
 SEMI_ROWS = ("lvit-25", "lvit-25-steps", "lvit-25-epi", "lvit-25-epi+lv")
+# The EPI rows are the steps row until their warm-up ends (labelled batches only, the same seeded order), so they
+# branch from its state after that epoch (lvit.train.semi.branch): bit-identical to training them from scratch.
+SHARED_ROW, BRANCHED_ROWS, BRANCH_EPOCH = "lvit-25-steps", ("lvit-25-epi", "lvit-25-epi+lv"), 5
 
 
 def parse_run(name: str) -> tuple[str, int]:
@@ -60,7 +64,9 @@ def finished(run_dir: Path, epochs: int) -> bool:
 def train_runs(args) -> int:
     from lvit.presets import preset_path
     from lvit.train.config import load_config
+    from lvit.train.plugins import Callbacks
     from lvit.train.runner import resume_config, train
+    from lvit.train.semi.branch import KeepStateAfter, branch_run, kept_state_dir
 
     for name in args.runs.split(","):
         row, seed = parse_run(name)
@@ -71,11 +77,17 @@ def train_runs(args) -> int:
         if finished(run_dir, config.trainer.max_epochs):
             print(f"{name}: finished, skipped", flush=True)
             continue
+        shared = Path(args.work) / "runs" / f"{SHARED_ROW}-s{seed}"
+        if (row in BRANCHED_ROWS and not run_dir.exists() and not args.from_scratch
+                and (kept_state_dir(shared, BRANCH_EPOCH) / "last.ckpt").is_file()):
+            branch_run(shared, BRANCH_EPOCH, run_dir, config.semi)
+            print(f"{name}: branched from {shared.name} after epoch {BRANCH_EPOCH}", flush=True)
         resume = (run_dir / "checkpoints" / "last.ckpt").is_file()
         print(f"{name}: {'resuming' if resume else 'training'} ({config.trainer.max_epochs} epochs)", flush=True)
         if resume:
             config, _ = resume_config(run_dir, ["trainer.progress=false"])
-        result = train(config, args.data, run_dir, resume=resume, force=not resume)
+        plugins = [Callbacks(KeepStateAfter(run_dir, BRANCH_EPOCH))] if row == SHARED_ROW else []
+        result = train(config, args.data, run_dir, resume=resume, force=not resume, plugins=plugins)
         print(f"{name}: best val Dice {result.best_dice:.4f} at epoch {result.best_epoch}, "
               f"{result.seconds / 60:.1f} min", flush=True)
     return 0
@@ -94,6 +106,10 @@ def run_facts(run_dir: Path) -> dict:
         if column in rows[0]:
             facts[f"{column}_per_epoch"] = [round(float(r[column]), 4) if r[column] not in ("", "nan") else None
                                            for r in rows]
+    branch = run_dir / "branched_from.json"
+    if branch.is_file():  # epochs up to the branch point were trained once, in the shared run
+        info = json.loads(branch.read_text())
+        facts["branched_from"] = {"run": Path(info["source"]).name, "after_epoch": info["after_epoch"]}
     return facts
 
 
@@ -105,7 +121,7 @@ def evaluate_runs(args) -> int:
     from lvit.benchmark import machine_line
     from lvit.evaluate.testing import run_test
     from lvit.evaluate.text_probe import probe_reports
-    from lvit.io import read_results_file
+    from lvit.io import read_results_file, update_results_file
     from lvit.models import build_model, count_parameters
     from lvit.train.config import TrainConfig
 
@@ -143,32 +159,15 @@ def evaluate_runs(args) -> int:
             "pooled_dice_original": orig_res["dataset_level"]["dice"],
             "machine": machine_line(),
         }
-        if saved["model_name"] == "lvit":
+        if saved["model_name"] == "lvit" and row not in SEMI_ROWS:  # the semi table compares masks, not texts
             entry["probe"] = probe_reports(run_dir, args.data, "test", batch_size=32)
         entry["evaluate_minutes"] = round((time.perf_counter() - started) / 60, 1)
-        results = merge_result(args.results, name, entry)
+        results = update_results_file(args.results, name, entry)
         print(f"{name}: test Dice {entry['dice']:.4f} IoU {entry['iou']:.4f} pooled {entry['pooled_dice']:.4f}",
               flush=True)
     if not args.no_render:
         render_results(args.results, args.results_md)
     return 0
-
-
-def merge_result(path: Path, key: str, entry: dict) -> dict:
-    """Add one run's entry, re-reading the file under a lock (evaluations may run side by side)."""
-    import fcntl
-    import json
-
-    from lvit.io import atomic_write_text, read_results_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lock_path = path.with_name(path.name + ".lock")
-    with open(lock_path, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        results = read_results_file(path)
-        results[key] = entry
-        atomic_write_text(path, json.dumps(results, indent=1, sort_keys=True) + "\n")
-    return results  # the lock file stays: removing it would let a waiting and a new writer both hold "the" lock
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -314,9 +313,18 @@ def render_semi(by_row: dict[str, list[dict]]) -> str:
         for row, e in curves:
             values = ", ".join("-" if v is None else f"{v:.3f}" for v in e["pseudo_dice_per_epoch"])
             lines.append(f"- {row}-s{e['seed']}: {values}")
-    lines += ["", "Commands: `python bench/qata.py train --data QATA --work W --runs "
-              "lvit-25-steps-s0,lvit-25-epi-s0,lvit-25-epi+lv-s0` and the same with `-s1`, then `python "
-              "bench/qata.py evaluate --data QATA --work W` (raw results: `bench/qata_results.json`)."]
+    branched = sorted({f"{row}-s{e['seed']}" for row, es in by_row.items() for e in es if e.get("branched_from")})
+    if branched:
+        after = {e["branched_from"]["after_epoch"] for es in by_row.values() for e in es if e.get("branched_from")}
+        lines += ["", f"Branched runs ({', '.join(branched)}): epochs 1-{max(after)} are the "
+                  f"{SEMI_LABELS[SHARED_ROW]} run of the same seed (labelled batches only, the same seeded order), "
+                  f"trained once and continued from its state after epoch {max(after)} "
+                  "(`lvit.train.semi.branch`; a test checks that a branched run equals the run from scratch bit for "
+                  "bit); their train minutes include those shared epochs."]
+    lines += ["", f"Commands: `python bench/qata.py train --data QATA --work W --runs {SHARED_ROW}-s0,{SHARED_ROW}-s1` "
+              f"(each keeps its state after epoch {BRANCH_EPOCH}), then `... --runs lvit-25-epi-s0,lvit-25-epi+lv-s0` "
+              "and the same with `-s1` (branched from it), then `python bench/qata.py evaluate --data QATA --work W` "
+              "(raw results: `bench/qata_results.json`)."]
     return "\n".join(lines)
 
 
@@ -329,6 +337,9 @@ def main(argv=None) -> int:
     t.add_argument("--runs", required=True, help="comma-separated <row>-s<seed>, rows: " + ", ".join(ROWS))
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config override")
     t.add_argument("--threads", type=int, default=1, help="torch threads of this process")
+    t.add_argument("--from-scratch", action="store_true",
+                   help=f"train {', '.join(BRANCHED_ROWS)} from scratch even when the {SHARED_ROW} run of the same "
+                        f"seed has kept its state after epoch {BRANCH_EPOCH} (default: branch from it)")
     e = sub.add_parser("evaluate", help="test every finished run (and probe the text models' reports)")
     e.add_argument("--data", type=Path, required=True, help="QaTa-COV19 root (either layout)")
     e.add_argument("--work", type=Path, required=True)

@@ -22,8 +22,6 @@ its row under a lock; ``--render-only`` then writes the table from the file.
 from __future__ import annotations
 
 import argparse
-import fcntl
-import json
 import os
 import sys
 import time
@@ -78,7 +76,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     from lvit.errors import LvitError
-    from lvit.io import read_results_file
+    from lvit.io import read_results_file, update_results_file
 
     unknown = sorted(set(args.settings.split(",")) - set(SETTINGS))
     if unknown:
@@ -93,7 +91,8 @@ def main(argv=None) -> int:
             for setting in args.settings.split(","):
                 key = result_key(args, model, setting)
                 if key not in done and not args.render_only:
-                    done = merge_result(results_file, key, run_one(args, dataset(args, work), work, model, setting))
+                    entry = run_one(args, dataset(args, work), work, model, setting)
+                    done = update_results_file(results_file, key, entry)
                 if key in done:
                     rows.append((model, setting, done[key]))
                     print(f"{model:6s} {setting:10s} {done[key]}", flush=True)
@@ -132,19 +131,6 @@ def dataset(args, work: Path) -> Path:
 def result_key(args, model: str, setting: str) -> str:
     return (f"{model}/{setting}/e{args.epochs}/w{args.warmup}/b{args.beta}/s{args.size}/n{args.n_train}"
             + _lv_tag(args, setting))
-
-
-def merge_result(results_file: Path, key: str, entry: dict) -> dict:
-    """Add one run under an exclusive lock, re-reading the file first: processes side by side keep every row."""
-    from lvit.io import atomic_write_text, read_results_file
-
-    results_file.parent.mkdir(parents=True, exist_ok=True)
-    with open(results_file.with_name(results_file.name + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        results = read_results_file(results_file)
-        results[key] = entry
-        atomic_write_text(results_file, json.dumps(results, indent=2))
-    return results  # the lock file stays: removing it would let a waiting and a new writer both hold "the" lock
 
 
 def _lv_tag(args, setting: str) -> str:

@@ -13,6 +13,8 @@ import pytest
 import torch
 from files import load_bench
 
+from lvit.io import update_results_file
+
 bench = load_bench("bench/monuseg.py", "bench_monuseg")
 
 
@@ -109,8 +111,8 @@ def test_side_by_side_processes_merge_results_and_render_a_gpu_section(tmp_path)
             "test_dice": 0.75, "test_iou": 0.6, "test_pooled_dice": 0.76, "n_test": 14, "lvit_test_dice": 0.74,
             "lvit_test_iou": 0.59, "train_seconds": 30.0, "machine": "test", "budget_minutes": 3.0,
             "gpu": "NVIDIA H200", "data_note": "a 224 px copy"}
-    bench.merge_result(runs / "results.json", "unet", {**base, "test_dice": 0.70})
-    stale_view = bench.merge_result(runs / "results.json", "lvit", base)  # a second process, same file
+    update_results_file(runs / "results.json", "unet", {**base, "test_dice": 0.70})
+    stale_view = update_results_file(runs / "results.json", "lvit", base)  # a second process, same file
     assert set(stale_view) == {"unet", "lvit"} and stale_view["unet"]["test_dice"] == 0.70
     for m in ("lvit", "unet"):
         (runs / m).mkdir()

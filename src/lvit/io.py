@@ -241,6 +241,30 @@ def read_results_file(path: str | Path) -> dict:
     return results
 
 
+def update_results_file(path: str | Path, key: str, entry: Any) -> dict:
+    """Set ``results[key] = entry`` in a benchmark's results JSON and return the whole object.
+
+    Re-reads the file under an exclusive lock first, so processes evaluating side by side keep each other's
+    entries. NumPy and torch numbers and arrays are written as plain JSON. The ``.lock`` file beside it stays:
+    removing it would let a waiting writer and a new one each hold "the" lock."""
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        results = read_results_file(path)
+        results[key] = entry
+        atomic_write_text(path, json.dumps(results, indent=1, sort_keys=True, default=_plain_number) + "\n")
+    return results
+
+
+def _plain_number(value: Any) -> Any:
+    if hasattr(value, "tolist"):  # NumPy or torch scalars and arrays
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
 def atomic_write_json(dest: str | Path, obj: Any) -> Path:
     return atomic_write_text(dest, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 

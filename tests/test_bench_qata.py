@@ -1,0 +1,47 @@
+"""bench/qata.py renders its RESULTS.md sections from the raw results file alone."""
+
+from __future__ import annotations
+
+import json
+
+from files import load_bench
+
+
+def _entry(row, seed, dice, pseudo=None, branched=False):
+    entry = {"row": row, "seed": seed, "model": "lvit", "image_size": 128, "base_channels": 16, "n_test": 2113,
+             "dice": dice, "iou": dice - 0.1, "pooled_dice": dice + 0.05, "pooled_iou": dice - 0.05,
+             "params": 1_000_000, "epochs": 10, "train_minutes": 60.0, "machine": "test machine"}
+    if pseudo is not None:
+        entry["pseudo_dice_per_epoch"] = pseudo
+    if branched:
+        entry["branched_from"] = {"run": f"lvit-25-steps-s{seed}", "after_epoch": 5}
+    return entry
+
+
+def test_semi_section_from_raw_results(tmp_path):
+    qata = load_bench("bench/qata.py", "bench_qata")
+    warmup = [None] * 10
+    with_pseudo = [None] * 5 + [0.70, 0.71, 0.72, 0.73, 0.74]
+    results = {
+        "lvit-s0": _entry("lvit", 0, 0.82), "lvit-s1": _entry("lvit", 1, 0.84),
+        "lvit-25-steps-s0": _entry("lvit-25-steps", 0, 0.76, warmup),
+        "lvit-25-steps-s1": _entry("lvit-25-steps", 1, 0.78, warmup),
+        "lvit-25-epi+lv-s0": _entry("lvit-25-epi+lv", 0, 0.79, with_pseudo, branched=True),
+        "lvit-25-epi+lv-s1": _entry("lvit-25-epi+lv", 1, 0.81, with_pseudo, branched=True),
+    }
+    raw, md = tmp_path / "qata_results.json", tmp_path / "RESULTS.md"
+    raw.write_text(json.dumps(results))
+    md.write_text("# Results\n")
+    text = qata.render_results(raw, md)
+    written = md.read_text()
+    assert "<!-- qata-semi:start -->" in written and "<!-- qata:start -->" in written
+    lines = text.splitlines()
+    # The supervised table leaves the semi rows to their own section.
+    supervised = lines[:lines.index(next(line for line in lines if line.startswith("## Semi-supervised")))]
+    assert not any("lvit-25" in line or "25% of the masks" in line for line in supervised if line.startswith("|"))
+    row = next(line for line in lines if line.startswith("| 25% + EPI + LV loss"))
+    assert "| 0, 1 | 0.8000 (0.7900-0.8100) |" in row and "| 0.7400 (0.7400-0.7400) |" in row
+    # (0.80 - 0.77) / (0.83 - 0.77) of the gap closed.
+    assert "25% + EPI + LV loss: 50%" in text
+    assert "- lvit-25-epi+lv-s1: -, -, -, -, -, 0.700, 0.710, 0.720, 0.730, 0.740" in text
+    assert "Branched runs (lvit-25-epi+lv-s0, lvit-25-epi+lv-s1): epochs 1-5" in text
