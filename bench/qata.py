@@ -39,11 +39,19 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "lvit-25-steps": ("lvit", ["semi.mode=epi", "semi.labeled_fraction=0.25", "semi.warmup_epochs=10"]),
     "lvit-25-epi": ("lvit", ["semi.mode=epi", "semi.labeled_fraction=0.25", "semi.warmup_epochs=5"]),
     "lvit-25-epi+lv": ("lvit", ["semi.mode=epi+lv", "semi.labeled_fraction=0.25", "semi.warmup_epochs=5"]),
+    # Why EPI + LV does what it does: pseudo labels that follow the predictions (beta 0.5: a time constant of
+    # two epochs instead of 100), and a longer warm-up (a better model makes P_0, fewer pseudo-label epochs).
+    "lvit-25-epi+lv-beta0.5": ("lvit", ["semi.mode=epi+lv", "semi.labeled_fraction=0.25", "semi.warmup_epochs=5",
+                                        "semi.beta=0.5"]),
+    "lvit-25-epi+lv-warmup7": ("lvit", ["semi.mode=epi+lv", "semi.labeled_fraction=0.25", "semi.warmup_epochs=7"]),
 }
-SEMI_ROWS = ("lvit-25", "lvit-25-steps", "lvit-25-epi", "lvit-25-epi+lv")
+SEMI_ROWS = ("lvit-25", "lvit-25-steps", "lvit-25-epi", "lvit-25-epi+lv", "lvit-25-epi+lv-beta0.5",
+             "lvit-25-epi+lv-warmup7")
 # The EPI rows are the steps row until their warm-up ends (labelled batches only, the same seeded order), so they
 # branch from its state after that epoch (lvit.train.semi.branch): bit-identical to training them from scratch.
-SHARED_ROW, BRANCHED_ROWS, BRANCH_EPOCH = "lvit-25-steps", ("lvit-25-epi", "lvit-25-epi+lv"), 5
+SHARED_ROW = "lvit-25-steps"
+BRANCHED_ROWS = SEMI_ROWS[2:]
+KEEP_AFTER = (5, 7)  # the warm-up lengths of BRANCHED_ROWS: where the shared run keeps its state
 
 
 def parse_run(name: str) -> tuple[str, int]:
@@ -78,15 +86,16 @@ def train_runs(args) -> int:
             print(f"{name}: finished, skipped", flush=True)
             continue
         shared = Path(args.work) / "runs" / f"{SHARED_ROW}-s{seed}"
+        at = config.semi.warmup_epochs
         if (row in BRANCHED_ROWS and not run_dir.exists() and not args.from_scratch
-                and (kept_state_dir(shared, BRANCH_EPOCH) / "last.ckpt").is_file()):
-            branch_run(shared, BRANCH_EPOCH, run_dir, config.semi)
-            print(f"{name}: branched from {shared.name} after epoch {BRANCH_EPOCH}", flush=True)
+                and (kept_state_dir(shared, at) / "last.ckpt").is_file()):
+            branch_run(shared, at, run_dir, config.semi)
+            print(f"{name}: branched from {shared.name} after epoch {at}", flush=True)
         resume = (run_dir / "checkpoints" / "last.ckpt").is_file()
         print(f"{name}: {'resuming' if resume else 'training'} ({config.trainer.max_epochs} epochs)", flush=True)
         if resume:
             config, _ = resume_config(run_dir, ["trainer.progress=false"])
-        plugins = [Callbacks(KeepStateAfter(run_dir, BRANCH_EPOCH))] if row == SHARED_ROW else []
+        plugins = [Callbacks(KeepStateAfter(run_dir, *KEEP_AFTER))] if row == SHARED_ROW else []
         result = train(config, args.data, run_dir, resume=resume, force=not resume, plugins=plugins)
         print(f"{name}: best val Dice {result.best_dice:.4f} at epoch {result.best_epoch}, "
               f"{result.seconds / 60:.1f} min", flush=True)
@@ -259,6 +268,8 @@ def render_results(results_path: Path, md_path: Path) -> str:
 SEMI_LABELS = {"lvit-25": "supervised, 25% of the masks (a quarter of the steps)",
                "lvit-25-steps": "supervised, 25% of the masks, the semi runs' step count",
                "lvit-25-epi": "25% + EPI pseudo labels", "lvit-25-epi+lv": "25% + EPI + LV loss",
+               "lvit-25-epi+lv-beta0.5": "25% + EPI + LV loss, beta 0.5",
+               "lvit-25-epi+lv-warmup7": "25% + EPI + LV loss, 7 warm-up epochs",
                "lvit": "supervised, 100% of the masks"}
 SEMI_PUBLISHED = {"lvit-25-epi+lv": "80.95", "lvit": "83.66"}
 
@@ -300,7 +311,7 @@ def render_semi(by_row: dict[str, list[dict]]) -> str:
     lo, hi = by_row.get("lvit-25-steps"), by_row.get("lvit")
     if lo and hi and mean(hi, "dice") > mean(lo, "dice"):
         parts = []
-        for row in ("lvit-25-epi", "lvit-25-epi+lv"):
+        for row in BRANCHED_ROWS:
             if by_row.get(row):
                 closed = (mean(by_row[row], "dice") - mean(lo, "dice")) / (mean(hi, "dice") - mean(lo, "dice"))
                 parts.append(f"{SEMI_LABELS[row]}: {100 * closed:.0f}%")
@@ -313,16 +324,17 @@ def render_semi(by_row: dict[str, list[dict]]) -> str:
         for row, e in curves:
             values = ", ".join("-" if v is None else f"{v:.3f}" for v in e["pseudo_dice_per_epoch"])
             lines.append(f"- {row}-s{e['seed']}: {values}")
-    branched = sorted({f"{row}-s{e['seed']}" for row, es in by_row.items() for e in es if e.get("branched_from")})
+    branched = sorted(f"{row}-s{e['seed']} (after epoch {e['branched_from']['after_epoch']})"
+                      for row, es in by_row.items() for e in es if e.get("branched_from"))
     if branched:
-        after = {e["branched_from"]["after_epoch"] for es in by_row.values() for e in es if e.get("branched_from")}
-        lines += ["", f"Branched runs ({', '.join(branched)}): epochs 1-{max(after)} are the "
+        lines += ["", f"Branched runs: {', '.join(branched)}. Until that epoch each is the "
                   f"{SEMI_LABELS[SHARED_ROW]} run of the same seed (labelled batches only, the same seeded order), "
-                  f"trained once and continued from its state after epoch {max(after)} "
-                  "(`lvit.train.semi.branch`; a test checks that a branched run equals the run from scratch bit for "
-                  "bit); their train minutes include those shared epochs."]
+                  "trained once and continued from its kept state (`lvit.train.semi.branch`; a test checks that a "
+                  "branched run equals the run from scratch bit for bit); their train minutes include those shared "
+                  "epochs."]
     lines += ["", f"Commands: `python bench/qata.py train --data QATA --work W --runs {SHARED_ROW}-s0,{SHARED_ROW}-s1` "
-              f"(each keeps its state after epoch {BRANCH_EPOCH}), then `... --runs lvit-25-epi-s0,lvit-25-epi+lv-s0` "
+              f"(each keeps its state after epochs {' and '.join(map(str, KEEP_AFTER))}), then "
+              "`... --runs lvit-25-epi-s0,lvit-25-epi+lv-s0` "
               "and the same with `-s1` (branched from it), then `python bench/qata.py evaluate --data QATA --work W` "
               "(raw results: `bench/qata_results.json`)."]
     return "\n".join(lines)
@@ -339,7 +351,7 @@ def main(argv=None) -> int:
     t.add_argument("--threads", type=int, default=1, help="torch threads of this process")
     t.add_argument("--from-scratch", action="store_true",
                    help=f"train {', '.join(BRANCHED_ROWS)} from scratch even when the {SHARED_ROW} run of the same "
-                        f"seed has kept its state after epoch {BRANCH_EPOCH} (default: branch from it)")
+                        "seed has kept its state at their warm-up's end (default: branch from it)")
     e = sub.add_parser("evaluate", help="test every finished run (and probe the text models' reports)")
     e.add_argument("--data", type=Path, required=True, help="QaTa-COV19 root (either layout)")
     e.add_argument("--work", type=Path, required=True)

@@ -44,4 +44,4 @@ def test_semi_section_from_raw_results(tmp_path):
     # (0.80 - 0.77) / (0.83 - 0.77) of the gap closed.
     assert "25% + EPI + LV loss: 50%" in text
     assert "- lvit-25-epi+lv-s1: -, -, -, -, -, 0.700, 0.710, 0.720, 0.730, 0.740" in text
-    assert "Branched runs (lvit-25-epi+lv-s0, lvit-25-epi+lv-s1): epochs 1-5" in text
+    assert "Branched runs: lvit-25-epi+lv-s0 (after epoch 5), lvit-25-epi+lv-s1 (after epoch 5)." in text
