@@ -258,7 +258,8 @@ def render_results(results_path: Path, md_path: Path) -> str:
     ]
     section = "\n".join(lines)
     write_marked_section(md_path, "qata", section)
-    semi = render_semi(by_row)
+    curves_png = plot_semi_curves(by_row, md_path.parent / SEMI_CURVES_PNG)
+    semi = render_semi(by_row, curves_png)
     if semi:
         write_marked_section(md_path, "qata-semi", semi)
         section += "\n\n" + semi
@@ -274,7 +275,52 @@ SEMI_LABELS = {"lvit-25": "supervised, 25% of the masks (a quarter of the steps)
 SEMI_PUBLISHED = {"lvit-25-epi+lv": "80.95", "lvit": "83.66"}
 
 
-def render_semi(by_row: dict[str, list[dict]]) -> str:
+SEMI_CURVES_PNG = "qata_semi_curves.png"
+
+
+def plot_semi_curves(by_row: dict[str, list[dict]], out: Path) -> Path | None:
+    """Validation Dice (left) and pseudo-label Dice against the withheld masks (right) per epoch, for the
+    semi-supervised rows and the 100% row, one colour per row and one line style per seed."""
+    rows = [r for r in (*SEMI_ROWS, "lvit") if by_row.get(r) and r != "lvit-25"]
+    if not any(r in SEMI_ROWS for r in rows):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    from lvit.io import atomic_path
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
+    styles = ("-", "--", ":", "-.")
+    for colour, row in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"], rows):
+        for e in by_row[row]:
+            label = f"{SEMI_LABELS[row]}, seed {e['seed']}"
+            style = styles[e["seed"] % len(styles)]
+            val = e["val_dice_per_epoch"]
+            left.plot(range(1, len(val) + 1), val, style, color=colour, marker=".", label=label)
+            pseudo = e.get("pseudo_dice_per_epoch") or []
+            points = [(i + 1, v) for i, v in enumerate(pseudo) if v is not None]
+            if points:
+                right.plot(*zip(*points), style, color=colour, marker=".", label=label)
+    for ax, title in ((left, "validation Dice (1,429 val images)"),
+                      (right, "pseudo-label Dice vs the withheld masks (4,287 images)")):
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    right.set_xlim(left.get_xlim())  # the same epochs under both panels
+    left.legend(fontsize=7, loc="best")
+    fig.suptitle("LViT on QaTa-COV19 with a quarter of the masks (CPU preset qata-cpu)", fontsize=11)
+    fig.tight_layout()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return out
+
+
+def render_semi(by_row: dict[str, list[dict]], curves_png: Path | None = None) -> str:
     """The semi-supervised table (issue "Semi-supervised on real data"), from the same raw results."""
     if not any(row in by_row for row in SEMI_ROWS):
         return ""
@@ -318,6 +364,8 @@ def render_semi(by_row: dict[str, list[dict]]) -> str:
         if parts:
             lines += ["", "Share of the gap between 25% (same step count) and 100% of the masks closed, mean over "
                       "seeds: " + "; ".join(parts) + "."]
+    if curves_png is not None:
+        lines += ["", f"![Validation Dice and pseudo-label Dice per epoch]({curves_png.name})"]
     curves = [(n, e) for n, es in by_row.items() if n in SEMI_ROWS for e in es if e.get("pseudo_dice_per_epoch")]
     if curves:
         lines += ["", "Pseudo-label Dice per epoch (against the withheld masks; '-' before pseudo labels start):", ""]

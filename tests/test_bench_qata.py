@@ -10,7 +10,8 @@ from files import load_bench
 def _entry(row, seed, dice, pseudo=None, branched=False):
     entry = {"row": row, "seed": seed, "model": "lvit", "image_size": 128, "base_channels": 16, "n_test": 2113,
              "dice": dice, "iou": dice - 0.1, "pooled_dice": dice + 0.05, "pooled_iou": dice - 0.05,
-             "params": 1_000_000, "epochs": 10, "train_minutes": 60.0, "machine": "test machine"}
+             "params": 1_000_000, "epochs": 10, "train_minutes": 60.0, "machine": "test machine",
+             "val_dice_per_epoch": [dice - 0.01 * (10 - i) for i in range(10)]}
     if pseudo is not None:
         entry["pseudo_dice_per_epoch"] = pseudo
     if branched:
@@ -44,4 +45,6 @@ def test_semi_section_from_raw_results(tmp_path):
     # (0.80 - 0.77) / (0.83 - 0.77) of the gap closed.
     assert "25% + EPI + LV loss: 50%" in text
     assert "- lvit-25-epi+lv-s1: -, -, -, -, -, 0.700, 0.710, 0.720, 0.730, 0.740" in text
+    assert (tmp_path / "qata_semi_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "![Validation Dice and pseudo-label Dice per epoch](qata_semi_curves.png)" in text
     assert "Branched runs: lvit-25-epi+lv-s0 (after epoch 5), lvit-25-epi+lv-s1 (after epoch 5)." in text
