@@ -51,7 +51,13 @@ SEMI_ROWS = ("lvit-25", "lvit-25-steps", "lvit-25-epi", "lvit-25-epi+lv", "lvit-
 # branch from its state after that epoch (lvit.train.semi.branch): bit-identical to training them from scratch.
 SHARED_ROW = "lvit-25-steps"
 BRANCHED_ROWS = SEMI_ROWS[2:]
-KEEP_AFTER = (5, 7)  # the warm-up lengths of BRANCHED_ROWS: where the shared run keeps its state
+
+
+def warmup_epochs(row: str) -> int:
+    return next(int(o.split("=")[1]) for o in ROWS[row][1] if o.startswith("semi.warmup_epochs="))
+
+
+KEEP_AFTER = tuple(sorted({warmup_epochs(r) for r in BRANCHED_ROWS}))  # where the shared run keeps its state
 
 
 def parse_run(name: str) -> tuple[str, int]:
@@ -87,10 +93,13 @@ def train_runs(args) -> int:
             continue
         shared = Path(args.work) / "runs" / f"{SHARED_ROW}-s{seed}"
         at = config.semi.warmup_epochs
-        if (row in BRANCHED_ROWS and not run_dir.exists() and not args.from_scratch
-                and (kept_state_dir(shared, at) / "last.ckpt").is_file()):
-            branch_run(shared, at, run_dir, config.semi)
-            print(f"{name}: branched from {shared.name} after epoch {at}", flush=True)
+        if row in BRANCHED_ROWS and not run_dir.exists() and not args.from_scratch:
+            if (kept_state_dir(shared, at) / "last.ckpt").is_file():
+                branch_run(shared, at, run_dir, config)
+                print(f"{name}: branched from {shared.name} after epoch {at}", flush=True)
+            else:
+                print(f"{name}: {shared.name} has kept no state after epoch {at} (not trained that far yet?): "
+                      "training from scratch", flush=True)
         resume = (run_dir / "checkpoints" / "last.ckpt").is_file()
         print(f"{name}: {'resuming' if resume else 'training'} ({config.trainer.max_epochs} epochs)", flush=True)
         if resume:
@@ -382,9 +391,9 @@ def render_semi(by_row: dict[str, list[dict]], curves_png: Path | None = None) -
                   "epochs."]
     lines += ["", f"Commands: `python bench/qata.py train --data QATA --work W --runs {SHARED_ROW}-s0,{SHARED_ROW}-s1` "
               f"(each keeps its state after epochs {' and '.join(map(str, KEEP_AFTER))}), then "
-              "`... --runs lvit-25-epi-s0,lvit-25-epi+lv-s0` "
-              "and the same with `-s1` (branched from it), then `python bench/qata.py evaluate --data QATA --work W` "
-              "(raw results: `bench/qata_results.json`)."]
+              "`... --runs lvit-25-epi-s0,lvit-25-epi+lv-s0` and the same with `-s1`, and the diagnostic rows "
+              "`... --runs lvit-25-epi+lv-beta0.5-s0,lvit-25-epi+lv-warmup7-s0` (branched from it), then "
+              "`python bench/qata.py evaluate --data QATA --work W` (raw results: `bench/qata_results.json`)."]
     return "\n".join(lines)
 
 
@@ -417,10 +426,16 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if args.command == "render":
-        print(render_results(args.results, args.results_md))
-        return 0
-    return {"train": train_runs, "evaluate": evaluate_runs}[args.command](args)
+    from lvit.errors import LvitError
+
+    try:
+        if args.command == "render":
+            print(render_results(args.results, args.results_md))
+            return 0
+        return {"train": train_runs, "evaluate": evaluate_runs}[args.command](args)
+    except LvitError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -227,7 +227,8 @@ def test_prepare_output_dir_and_refuse_clobber(tmp_path):
         lio.prepare_output_dir(tmp_path / "file" / "below")
 
 
-def _write_entries(path: str, prefix: str, n: int) -> None:
+def _write_entries(path: str, prefix: str, n: int, start) -> None:
+    start.wait()  # both writers begin together, so their read-modify-writes interleave
     for i in range(n):
         lio.update_results_file(path, f"{prefix}{i}", {"dice": np.float32(0.5), "curve": np.arange(2)})
 
@@ -237,14 +238,15 @@ def test_results_file_updates_from_processes_side_by_side_keep_every_entry(tmp_p
 
     path = tmp_path / "bench" / "results.json"
     ctx = multiprocessing.get_context("spawn")
-    workers = [ctx.Process(target=_write_entries, args=(str(path), p, 15)) for p in ("a", "b")]
+    start = ctx.Barrier(2)
+    workers = [ctx.Process(target=_write_entries, args=(str(path), p, 25, start)) for p in ("a", "b")]
     for w in workers:
         w.start()
     for w in workers:
         w.join(60)
     assert [w.exitcode for w in workers] == [0, 0]
     results = lio.read_results_file(path)
-    assert sorted(results) == sorted(f"{p}{i}" for p in "ab" for i in range(15))
+    assert sorted(results) == sorted(f"{p}{i}" for p in "ab" for i in range(25))
     assert results["a0"] == {"dice": 0.5, "curve": [0, 1]}  # NumPy values written as plain JSON
     path.write_text("{not json")
     with pytest.raises(LvitError, match="results.json: unreadable results file"):

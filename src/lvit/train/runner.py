@@ -25,7 +25,7 @@ from ..errors import CheckpointError, ConfigError
 from ..io import prepare_output_dir
 from ..runs import CKPT_DIR, LAST_STATE, read_run_config, write_run_config
 from .callbacks import RunCheckpoint
-from .checkpoint import SafeCheckpointIO
+from .checkpoint import SafeCheckpointIO, rng_state, set_rng_state
 from .config import TrainConfig, apply_override
 from .datamodule import build_train_data, describe_encoder, record_training_words
 from .init_from import load_matching
@@ -132,8 +132,12 @@ def train(
         from .fast import FastPathPlugin
 
         plugins.insert(0, FastPathPlugin())
+    # A plug-in's set-up may draw random numbers (an encoder loaded on a text-cache miss); the model's start and
+    # the training draws must not depend on which plug-ins ran or whether a cache was warm.
+    before = rng_state()
     for plugin in plugins:
         data = plugin.setup(config, data, data_root, run_dir, resume)
+    set_rng_state(before)
     model = build_model(config.model_name, config.model)  # initialised from the seed: same start every time
     if config.trainer.init_from and not resume:
         init_report = load_matching(model, config.trainer.init_from)  # CheckpointError when nothing matches

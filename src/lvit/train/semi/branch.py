@@ -8,55 +8,82 @@ state gives exactly the runs trained from scratch (the branch resumes a full-sta
 for the cost of the epochs after the branch point.
 
     train(config, data, run_dir, plugins=[Callbacks(KeepStateAfter(run_dir, 5))])   # the shared warm-up
-    branch_run(run_dir, 5, other_dir, SemiConfig(mode="epi+lv", warmup_epochs=5, ...))
-    train(other_config, data, other_dir, resume=True)
+    branch_run(run_dir, 5, other_dir, other_config)                                 # semi settings differ
+    train(resume_config(other_dir)[0], data, other_dir, resume=True)
 
 A branched run folder records where it started in ``branched_from.json``.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import os
 import shutil
 from pathlib import Path
 
 import lightning.pytorch as pl
+import yaml
 
-from ...errors import CheckpointError, ConfigError
-from ...io import atomic_path, atomic_write_json
+from ...errors import CheckpointError, ConfigError, LvitError
+from ...io import atomic_write_json
 from ...runs import (
     BEST_WEIGHTS,
     CKPT_DIR,
+    CONFIG_NAME,
     LAST_STATE,
     LAST_WEIGHTS,
     load_state_file,
-    read_run_config,
+    short_reason,
     write_run_config,
 )
-from ..config import SemiConfig
+from ..config import TrainConfig
 from .labelled_subset import SUBSET_FILE
 from .module import CHECKPOINT_KEY
 
 BRANCH_FILE = "branched_from.json"
-STATE_FILES = (LAST_STATE, LAST_WEIGHTS, BEST_WEIGHTS)
+STATE_FILES = (LAST_WEIGHTS, BEST_WEIGHTS, LAST_STATE)
+RUN_FILES = (CONFIG_NAME, "metrics.csv", SUBSET_FILE, "report_words.json", "vocab.json")
 # Settings that act only once pseudo labels start: runs differing in these share their warm-up epochs.
 AFTER_WARMUP = ("mode", "warmup_epochs", "beta", "lv_weight", "pseudo_threshold", "lv_contrast", "lv_encoder",
                 "lv_max_tokens", "storage")
-# Files of a run folder that the branch copies (the others are written by the resumed run).
-COPIED = (SUBSET_FILE, "report_words.json", "vocab.json")
+# Settings that change how a run is shown or fed, not what it computes; model.text_dim follows the text encoder
+# (the saved config has the encoder's width, a preset may not).
+NOT_COMPARED = {("trainer", "progress"), ("trainer", "log_every_n_steps"), ("data", "num_workers"),
+                ("model", "text_dim")}
+KEPT_PREFIX = "after-epoch-"
 
 
 def kept_state_dir(run_dir: str | Path, epoch: int) -> Path:
     """Where :class:`KeepStateAfter` keeps a run's state after ``epoch`` (1-based) epochs."""
-    return Path(run_dir) / CKPT_DIR / f"after-epoch-{int(epoch)}"
+    return Path(run_dir) / CKPT_DIR / f"{KEPT_PREFIX}{int(epoch)}"
+
+
+def _copy_into_place(files: list[Path], dest: Path) -> None:
+    """Copy ``files`` into a hidden sibling of ``dest``, then rename it to ``dest``: a crash leaves either the
+    old folder or the new one, never a half-made one under ``dest``'s name."""
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        for f in files:
+            shutil.copyfile(f, tmp / f.name)
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.rename(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 class KeepStateAfter(pl.Callback):
-    """Copy the run's full state (``last.ckpt`` and the last/best weights) once ``epochs`` epochs have finished,
-    into ``checkpoints/after-epoch-N/`` (before the next epoch overwrites them).
+    """Keep the run's full state (``last.ckpt``, the last/best weights, ``config.yaml``, ``metrics.csv``, the
+    labelled subset) once ``epochs`` epochs have finished, in ``checkpoints/after-epoch-N/``.
 
-    Copied when the next epoch starts: the run-folder callback writes ``last.ckpt`` as the last act of an
-    epoch, after every other callback's epoch-end hook. A run resumed past that epoch keeps nothing."""
+    Copied when the next epoch starts (the run-folder callback writes ``last.ckpt`` as the last act of an epoch,
+    after every other callback's epoch-end hook), or when training ends right after that epoch. A kept state
+    from beyond the epoch a run starts at is removed then: a forced restart or a resume from an earlier state
+    makes it anew."""
 
     def __init__(self, run_dir: str | Path, *epochs: int):
         self.run_dir = Path(run_dir)
@@ -64,66 +91,104 @@ class KeepStateAfter(pl.Callback):
         if not self.epochs or min(self.epochs) < 1:
             raise ConfigError(f"keep the state after at least one epoch (>= 1), got {sorted(self.epochs)}")
 
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        epoch = trainer.current_epoch  # epochs finished
-        if epoch not in self.epochs or not trainer.is_global_zero:
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero:
             return
-        source = self.run_dir / CKPT_DIR
-        dest = kept_state_dir(self.run_dir, epoch)
-        for name in STATE_FILES:
-            if (source / name).is_file():
-                with atomic_path(dest / name) as tmp:
-                    shutil.copyfile(source / name, tmp)
-        if (self.run_dir / "metrics.csv").is_file():
-            with atomic_path(dest / "metrics.csv") as tmp:
-                shutil.copyfile(self.run_dir / "metrics.csv", tmp)
+        for kept in (self.run_dir / CKPT_DIR).glob(f"{KEPT_PREFIX}*"):
+            suffix = kept.name[len(KEPT_PREFIX):]
+            if suffix.isdigit() and int(suffix) > trainer.current_epoch:
+                shutil.rmtree(kept)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._keep(trainer, trainer.current_epoch)  # epochs finished
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._keep(trainer, trainer.fit_loop.epoch_progress.current.completed)
+
+    def _keep(self, trainer: pl.Trainer, finished: int) -> None:
+        if finished not in self.epochs or not trainer.is_global_zero:
+            return
+        ckpt = self.run_dir / CKPT_DIR
+        files = [self.run_dir / n for n in RUN_FILES] + [ckpt / n for n in STATE_FILES]
+        _copy_into_place([f for f in files if f.is_file()], kept_state_dir(self.run_dir, finished))
 
 
-def branch_run(source_run: str | Path, epoch: int, target_run: str | Path, semi: SemiConfig) -> Path:
-    """Make ``target_run`` a copy of ``source_run`` after ``epoch`` epochs, with the semi settings ``semi``;
+def _differences(a: dict, b: dict, prefix: tuple = ()) -> list[str]:
+    keys = sorted(set(a) | set(b), key=str)
+    out = []
+    for k in keys:
+        path = (*prefix, k)
+        if path in NOT_COMPARED:
+            continue
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _differences(va, vb, path)
+        elif va != vb:
+            out.append(".".join(map(str, path)))
+    return out
+
+
+def branch_run(source_run: str | Path, epoch: int, target_run: str | Path, config: TrainConfig) -> Path:
+    """Make ``target_run`` the state of ``source_run`` after ``epoch`` epochs, to be trained on as ``config``;
     continue it with ``train(..., resume=True)``.
 
-    Refused in one line unless the kept state exists and is that epoch's, both runs are still in their warm-up
-    at that epoch (pseudo labels on in both modes, ``warmup_epochs >= epoch``), and ``semi`` draws the same
-    labelled subset (fraction or list, and seed). ``target_run`` must not exist yet.
+    Refused in one line unless the kept state exists and is that epoch's, ``config`` equals the source's config
+    outside the settings that act after the warm-up (:data:`AFTER_WARMUP`; the labelled subset included), and
+    both runs are still in their warm-up at that epoch (pseudo labels on in both, ``warmup_epochs >= epoch``).
+    ``target_run`` must not exist yet; it appears whole or not at all.
     """
     source_run, target_run = Path(source_run), Path(target_run)
     epoch = int(epoch)
     kept = kept_state_dir(source_run, epoch)
-    if not (kept / LAST_STATE).is_file():
+    if not (kept / LAST_STATE).is_file() or not (kept / CONFIG_NAME).is_file():
         raise CheckpointError(f"{kept}: no state kept after epoch {epoch} (train the source with KeepStateAfter)")
     if target_run.exists():
         raise CheckpointError(f"{target_run}: already exists; a branch starts a new run folder")
-    saved = read_run_config(source_run)
-    source_semi = SemiConfig(**(saved.get("semi") or {}))
-    semi.validate(str(target_run))
     where = f"{target_run}: cannot branch from {source_run} after epoch {epoch}"
-    for name, cfg in (("source", source_semi), ("branch", semi)):
-        if cfg.mode == "none":
+    try:
+        saved = yaml.safe_load((kept / CONFIG_NAME).read_text(encoding="utf-8"))
+        source = TrainConfig.from_dict({k: v for k, v in saved.items()
+                                        if k not in ("lvit_version", "text_encoder", "data_info")},
+                                       source=str(kept / CONFIG_NAME))
+    except (OSError, yaml.YAMLError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"{kept / CONFIG_NAME}: unreadable run config ({short_reason(str(exc))})") from None
+    config.validate(str(target_run))
+    for name, semi in (("source", source.semi), ("branch", config.semi)):
+        if semi.mode == "none":
             raise ConfigError(f"{where}: the {name} trains without pseudo labels (semi.mode none), a different "
                               "epoch of the labelled images only")
-        if cfg.warmup_epochs < epoch:
-            raise ConfigError(f"{where}: the {name}'s warm-up ends after epoch {cfg.warmup_epochs}, before the "
+        if semi.warmup_epochs < epoch:
+            raise ConfigError(f"{where}: the {name}'s warm-up ends after epoch {semi.warmup_epochs}, before the "
                               "branch point")
-    differing = [f.name for f in dataclasses.fields(SemiConfig)
-                 if f.name not in AFTER_WARMUP and getattr(source_semi, f.name) != getattr(semi, f.name)]
+    mine, theirs = config.to_dict(), source.to_dict()
+    for d in (mine, theirs):
+        d["semi"] = {k: v for k, v in d["semi"].items() if k not in AFTER_WARMUP}
+    differing = _differences(mine, theirs)
     if differing:
-        raise ConfigError(f"{where}: semi.{differing[0]} differs (the branch must draw the same labelled subset)")
+        raise ConfigError(f"{where}: {differing[0]} differs (only semi.{', semi.'.join(AFTER_WARMUP)} may)")
     state = load_state_file(kept / LAST_STATE)
     if int(state.get("epoch", -1)) + 1 != epoch or CHECKPOINT_KEY not in state:
         raise CheckpointError(f"{kept / LAST_STATE}: not the state of a semi-supervised run after epoch {epoch}")
 
-    target_run.mkdir(parents=True)
-    (target_run / CKPT_DIR).mkdir()
-    for name in STATE_FILES:
-        if (kept / name).is_file():
-            shutil.copyfile(kept / name, target_run / CKPT_DIR / name)
-    for origin in [kept / "metrics.csv", *(source_run / name for name in COPIED)]:
-        if origin.is_file():  # the per-epoch rows as of the branch point; the split and vocabularies as drawn
-            shutil.copyfile(origin, target_run / origin.name)
-    write_run_config(target_run, {**saved, "semi": dataclasses.asdict(semi)})
-    atomic_write_json(target_run / BRANCH_FILE, {"source": str(source_run.resolve()), "after_epoch": epoch,
-                                                 "source_semi": dataclasses.asdict(source_semi)})
+    run_config = copy.deepcopy(saved)
+    run_config["semi"] = dataclasses.asdict(config.semi)
+    for section, key in NOT_COMPARED - {("model", "text_dim")}:
+        run_config[section][key] = getattr(getattr(config, section), key)
+    staging = target_run.with_name(f".{target_run.name}.branch-{os.getpid()}")
+    try:
+        _copy_into_place([kept / n for n in STATE_FILES if (kept / n).is_file()], staging / CKPT_DIR)
+        for name in RUN_FILES[1:]:
+            if (kept / name).is_file():
+                shutil.copyfile(kept / name, staging / name)
+        write_run_config(staging, run_config)
+        atomic_write_json(staging / BRANCH_FILE, {"source": str(source_run.resolve()), "after_epoch": epoch,
+                                                  "source_semi": dataclasses.asdict(source.semi)})
+        os.rename(staging, target_run)
+    except BaseException as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise LvitError(f"{target_run}: branch not made ({short_reason(str(exc))})") from None
+        raise
     return target_run
 
 

@@ -226,6 +226,9 @@ class SemiSupervisedModule(SegmentationModule):
         if state is None:
             raise CheckpointError("the checkpoint holds no pseudo-label bank (it is not from a semi-supervised run)")
         self.bank.load_state_dict(state["bank"])
+        # The run's config decides beta, not the state it resumes: a run branched from another one after the
+        # warm-up (lvit.train.semi.branch), or resumed with another beta, averages with its own.
+        self.bank.beta = float(self.semi.beta)
 
 
 # ---------------------------------------------------------------------- set-up
