@@ -157,6 +157,9 @@ def evaluate_runs(args) -> int:
             print(f"{name}: not finished, skipped", flush=True)
             continue
         if name in results and not args.again:
+            facts = run_facts(run_dir)  # training facts only (a figure added to them reaches older entries)
+            if any(results[name].get(k) != v for k, v in facts.items()):
+                results = update_results_file(args.results, name, {**results[name], **facts})
             print(f"{name}: already evaluated", flush=True)
             continue
         started = time.perf_counter()
@@ -307,7 +310,9 @@ def plot_semi_curves(by_row: dict[str, list[dict]], out: Path) -> Path | None:
         for e in by_row[row]:
             label = f"{SEMI_LABELS[row]}, seed {e['seed']}"
             style = styles[e["seed"] % len(styles)]
-            val = e["val_dice_per_epoch"]
+            val = e.get("val_dice_per_epoch")
+            if not val:  # an entry evaluated before the curves were recorded
+                continue
             left.plot(range(1, len(val) + 1), val, style, color=colour, marker=".", label=label)
             pseudo = e.get("pseudo_dice_per_epoch") or []
             points = [(i + 1, v) for i, v in enumerate(pseudo) if v is not None]

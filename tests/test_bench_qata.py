@@ -30,6 +30,7 @@ def test_semi_section_from_raw_results(tmp_path):
         "lvit-25-epi+lv-s0": _entry("lvit-25-epi+lv", 0, 0.79, with_pseudo, branched=True),
         "lvit-25-epi+lv-s1": _entry("lvit-25-epi+lv", 1, 0.81, with_pseudo, branched=True),
     }
+    del results["lvit-s1"]["val_dice_per_epoch"]  # evaluated before the curves were recorded: left out of them
     raw, md = tmp_path / "qata_results.json", tmp_path / "RESULTS.md"
     raw.write_text(json.dumps(results))
     md.write_text("# Results\n")
@@ -48,3 +49,24 @@ def test_semi_section_from_raw_results(tmp_path):
     assert (tmp_path / "qata_semi_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "![Validation Dice and pseudo-label Dice per epoch](qata_semi_curves.png)" in text
     assert "Branched runs: lvit-25-epi+lv-s0 (after epoch 5), lvit-25-epi+lv-s1 (after epoch 5)." in text
+
+
+def test_evaluate_refreshes_training_facts_of_evaluated_runs_without_testing_again(tmp_path):
+    """An entry evaluated before a training figure was recorded gets it from the run folder; the test figures
+    stay as they were (nothing is tested again), and the curves skip entries that still lack it."""
+    qata = load_bench("bench/qata.py", "bench_qata")
+    run = tmp_path / "work" / "runs" / "lvit-s0"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "best.safetensors").write_bytes(b"")
+    (run / "config.yaml").write_text("model_name: lvit\ntrainer:\n  max_epochs: 2\n")
+    (run / "metrics.csv").write_text("epoch,val_dice,seconds\n1,0.5,60\n2,0.7,60\n")
+    old = _entry("lvit", 0, 0.82)
+    del old["val_dice_per_epoch"]
+    raw = tmp_path / "qata_results.json"
+    raw.write_text(json.dumps({"lvit-s0": old, "lvit-25-steps-s0": _entry("lvit-25-steps", 0, 0.76, [None] * 10)}))
+    rc = qata.main(["evaluate", "--data", str(tmp_path / "no-data"), "--work", str(tmp_path / "work"),
+                    "--results", str(raw), "--results-md", str(tmp_path / "RESULTS.md"), "--threads", "1"])
+    assert rc == 0
+    entry = json.loads(raw.read_text())["lvit-s0"]
+    assert entry["val_dice_per_epoch"] == [0.5, 0.7] and entry["best_epoch"] == 2 and entry["train_minutes"] == 2.0
+    assert entry["dice"] == 0.82  # not tested again
