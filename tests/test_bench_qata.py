@@ -45,7 +45,8 @@ def test_semi_section_from_raw_results(tmp_path):
     assert "| 0, 1 | 0.8000 (0.7900-0.8100) |" in row and "| 0.7400 (0.7400-0.7400) |" in row
     # (0.80 - 0.77) / (0.83 - 0.77) of the gap closed.
     assert "25% + EPI + LV loss: 50%" in text
-    assert "- lvit-25-epi+lv-s1: -, -, -, -, -, 0.700, 0.710, 0.720, 0.730, 0.740" in text
+    assert "- lvit-25-epi+lv-s1, epochs 6-10: 0.700, 0.710, 0.720, 0.730, 0.740" in text
+    assert "- lvit-25-steps-s0" not in text  # no pseudo labels, no line
     assert (tmp_path / "qata_semi_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "![Validation Dice and pseudo-label Dice per epoch](qata_semi_curves.png)" in text
     assert "Branched runs: lvit-25-epi+lv-s0 (after epoch 5), lvit-25-epi+lv-s1 (after epoch 5)." in text
