@@ -10,7 +10,7 @@ from files import load_bench
 def _entry(row, seed, dice, pseudo=None, branched=False):
     entry = {"row": row, "seed": seed, "model": "lvit", "image_size": 128, "base_channels": 16, "n_test": 2113,
              "dice": dice, "iou": dice - 0.1, "pooled_dice": dice + 0.05, "pooled_iou": dice - 0.05,
-             "params": 1_000_000, "epochs": 10, "train_minutes": 60.0, "machine": "test machine",
+             "params": 1_000_000, "epochs": 10, "best_epoch": 10, "train_minutes": 60.0, "machine": "test machine",
              "val_dice_per_epoch": [dice - 0.01 * (10 - i) for i in range(10)]}
     if pseudo is not None:
         entry["pseudo_dice_per_epoch"] = pseudo
@@ -42,7 +42,7 @@ def test_semi_section_from_raw_results(tmp_path):
     supervised = lines[:lines.index(next(line for line in lines if line.startswith("## Semi-supervised")))]
     assert not any("lvit-25" in line or "25% of the masks" in line for line in supervised if line.startswith("|"))
     row = next(line for line in lines if line.startswith("| 25% + EPI + LV loss"))
-    assert "| 0, 1 | 0.8000 (0.7900-0.8100) |" in row and "| 0.7400 (0.7400-0.7400) |" in row
+    assert "| 0, 1 | 0.8000 (0.7900-0.8100) |" in row and "| 0.7400 (0.7400-0.7400) | 10, 10 | 80.95 |" in row
     # (0.80 - 0.77) / (0.83 - 0.77) of the gap closed.
     assert "25% + EPI + LV loss: 50%" in text
     assert "- lvit-25-epi+lv-s1, epochs 6-10: 0.700, 0.710, 0.720, 0.730, 0.740" in text
