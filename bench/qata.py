@@ -124,7 +124,9 @@ def run_facts(run_dir: Path) -> dict:
         if column in rows[0]:
             facts[f"{column}_per_epoch"] = [round(float(r[column]), 4) if r[column] not in ("", "nan") else None
                                            for r in rows]
-    branch = run_dir / "branched_from.json"
+    from lvit.train.semi.branch import BRANCH_FILE
+
+    branch = run_dir / BRANCH_FILE
     if branch.is_file():  # epochs up to the branch point were trained once, in the shared run
         info = json.loads(branch.read_text())
         facts["branched_from"] = {"run": Path(info["source"]).name, "after_epoch": info["after_epoch"]}
@@ -291,8 +293,9 @@ SEMI_CURVES_PNG = "qata_semi_curves.png"
 
 
 def plot_semi_curves(by_row: dict[str, list[dict]], out: Path) -> Path | None:
-    """Validation Dice (left) and pseudo-label Dice against the withheld masks (right) per epoch, for the
-    semi-supervised rows and the 100% row, one colour per row and one line style per seed."""
+    """Validation Dice (left) and, against the withheld masks, the pseudo labels' and the model's own Dice on the
+    unlabelled images (right) per epoch, for the semi-supervised rows and the 100% row, one colour per row and one
+    line style per seed."""
     rows = [r for r in (*SEMI_ROWS, "lvit") if by_row.get(r) and r != "lvit-25"]
     if not any(r in SEMI_ROWS for r in rows):
         return None

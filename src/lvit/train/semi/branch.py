@@ -176,7 +176,10 @@ def branch_run(source_run: str | Path, epoch: int, target_run: str | Path, confi
         run_config[section][key] = getattr(getattr(config, section), key)
     staging = target_run.with_name(f".{target_run.name}.branch-{os.getpid()}")
     try:
-        _copy_into_place([kept / n for n in STATE_FILES if (kept / n).is_file()], staging / CKPT_DIR)
+        (staging / CKPT_DIR).mkdir(parents=True)  # the staging folder is the unit that appears whole
+        for name in STATE_FILES:
+            if (kept / name).is_file():
+                shutil.copyfile(kept / name, staging / CKPT_DIR / name)
         for name in RUN_FILES[1:]:
             if (kept / name).is_file():
                 shutil.copyfile(kept / name, staging / name)
