@@ -183,7 +183,8 @@ def test_config_round_trip_and_validation():
     assert LViTConfig.from_dict(cfg.to_dict()) == cfg
     assert LViTConfig().to_dict() == {
         "image_size": 224, "in_channels": 3, "n_classes": 1, "base_channels": 64, "text_dim": 768,
-        "text_tokens": 10, "vit_depth": 1, "vit_heads": 8, "mlp_ratio": 4.0, "dropout": 0.1, "use_text": True}
+        "text_tokens": 10, "vit_depth": 1, "vit_heads": 8, "mlp_ratio": 4.0, "dropout": 0.1, "use_text": True,
+        "report_dropout": 0.0}
     with pytest.raises(ConfigError, match="unknown key"):
         LViTConfig.from_dict({"image_sise": 224})
     with pytest.raises(ConfigError, match="multiple of 32"):
@@ -192,6 +193,14 @@ def test_config_round_trip_and_validation():
         LViTConfig(base_channels=12, vit_heads=8)
     with pytest.raises(ConfigError, match="dropout"):
         LViTConfig(dropout=1.5)
+
+
+@pytest.mark.parametrize("field, value", [("base_channels", 1_000_000_000), ("vit_depth", 1_000_000),
+                                          ("image_size", 2 ** 20), ("text_tokens", 100_000), ("text_dim", 10 ** 6),
+                                          ("vit_heads", 4096), ("in_channels", 1000), ("mlp_ratio", 1e6)])
+def test_absurd_sizes_are_refused_before_anything_is_allocated(field, value):
+    with pytest.raises(ConfigError, match=f"model config: {field} must be at most"):
+        LViTConfig(**{field: value})
 
 
 def test_build_model_names():

@@ -196,9 +196,12 @@ class Segmenter:
         image = self.read_upload(path)
         text = " ".join(str(report or "").split())
         notes = []
-        if self.reads_text:
-            if not text:
+        if self.reads_text and not text:
+            if not self.predictor.has_no_report_path:
                 raise LvitError("This model reads the report: type the image's report first.")
+            notes.append("No report: the mask comes from the model's no-report path (learned with report dropout); "
+                         "a report, where there is one, usually gives a better mask.")
+        elif self.reads_text:
             check = self.checker.check(text)
             if check.truncated:
                 notes.append(f"The report is long: the model reads its first {check.kept} of {check.tokens} "
@@ -283,7 +286,10 @@ def build_app(segmenter: Segmenter):
                 upload = gr.File(label="Chest X-ray (PNG, JPEG or DICOM)", type="filepath", elem_id="upload")
                 # REPORT BOX. Writing the report from the image: the REPORT WRITER HOOK above (Segmenter's
                 # report_writer); the button below then fills this box. Hidden while there is none.
-                report = gr.Textbox(label="Report" if reads_text else "Report (this model does not read it)",
+                label = ("Report (optional: the model also answers without one)"
+                         if segmenter.predictor.has_no_report_path else "Report") if reads_text \
+                    else "Report (this model does not read it)"
+                report = gr.Textbox(label=label,
                                     lines=3, elem_id="report", interactive=reads_text,
                                     placeholder=("e.g. Bilateral pulmonary infection, two infected areas, upper left "
                                                  "lung and lower right lung." if reads_text else ""))

@@ -251,8 +251,9 @@ def _counts(info: dict) -> str:
 
 def export_model_folder(source: str | Path, out: str | Path, *, metrics_files: list[str | Path] | None = None,
                         dataset: str | None = None, data_licence: str | None = None, force: bool = False,
-                        run: LoadedRun | None = None) -> Path:
-    """Write the model folder of a run (or re-export a model folder) into ``out``; returns ``out``."""
+                        run: LoadedRun | None = None, half: bool = False, card: str | None = None) -> Path:
+    """Write the model folder of a run (or re-export a model folder) into ``out``; returns ``out``. ``half``:
+    float16 weights; ``card``: a model card of the caller's instead of the one made from the run."""
     run = run or load_run(source, map_location="cpu")
     out = Path(out)
     if out.resolve() == Path(run.run_dir).resolve() or Path(run.run_dir).resolve() in out.resolve().parents:
@@ -320,10 +321,11 @@ def export_model_folder(source: str | Path, out: str | Path, *, metrics_files: l
     elif run.reads_text and not spec:
         raise CheckpointError(f"{run.run_dir}: the run config names no text encoder (text_encoder.spec): the "
                               "model folder could not read reports")
-    card = model_card({**config, "model": run.model.config.to_dict(), "model_name": source_config["model_name"]},
-                      run.reads_text)
+    if card is None:
+        card = model_card({**config, "model": run.model.config.to_dict(), "model_name": source_config["model_name"]},
+                          run.reads_text)
     return write_model_folder(out, run.model, config, card=card, files=files,
-                              text_embedding=run.text_embedding if run.reads_text else None, force=force)
+                              text_embedding=run.text_embedding if run.reads_text else None, force=force, half=half)
 
 
 __all__ = ["DATASETS", "best_validation", "export_model_folder", "guess_dataset", "match_preset", "model_card",

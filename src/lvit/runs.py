@@ -15,7 +15,9 @@ A **run folder** (``lvit train --out RUN``)::
 
 A **model folder** (Hugging Face layout, ``lvit export RUN --hf DIR`` or ``model.save_pretrained(DIR)``):
 ``config.json`` + ``model.safetensors`` + ``README.md`` (:mod:`lvit.models.pretrained`). Everything that takes a
-run folder (:func:`resolve_run`, :func:`read_run_config`, :func:`load_run`) takes a model folder too.
+run folder (:func:`resolve_run`, :func:`read_run_config`, :func:`load_run`) takes a model folder too, and the
+name of a **shipped model** (a model folder inside the package, ``lvit/resources/models/NAME``; a local path of
+the same name wins): :data:`DEFAULT_MODEL` answers when a command is given no model at all.
 
 Weights are safetensors; ``.ckpt`` files load with ``torch.load(weights_only=True)``, so a checkpoint carrying
 pickled code is refused instead of executed. Every file is written atomically (:mod:`lvit.io`).
@@ -149,6 +151,28 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
 # The run config
 
 
+#: The shipped model commands use when given none (a QaTa-COV19 chest X-ray LViT; its card says how it was made).
+DEFAULT_MODEL = "qata-lvit"
+
+
+def shipped_models_dir() -> Path:
+    from importlib import resources
+
+    return Path(str(resources.files("lvit") / "resources" / "models"))
+
+
+def shipped_model_names() -> list[str]:
+    """Names of the model folders shipped inside the package."""
+    root = shipped_models_dir()
+    return sorted(p.name for p in root.iterdir() if (p / MODEL_CONFIG).is_file()) if root.is_dir() else []
+
+
+def shipped_model(name: str | Path) -> Path | None:
+    """The folder of the shipped model ``name``, or None when no shipped model has that name."""
+    name = str(name)
+    return shipped_models_dir() / name if name in shipped_model_names() else None
+
+
 def write_run_config(run_dir: str | Path, run_config: dict) -> Path:
     return atomic_write_text(Path(run_dir) / CONFIG_NAME, yaml.safe_dump(run_config, sort_keys=False))
 
@@ -192,9 +216,14 @@ def resolve_run(path: str | Path) -> tuple[Path, Path]:
             read_model_config(path)  # model.safetensors without config.json: says what is missing
         raise CheckpointError(f"{path}: no checkpoints/{BEST_WEIGHTS} or {LAST_WEIGHTS} in this run folder")
     if not path.exists():
+        shipped = shipped_model(path)
+        if shipped is not None:
+            return resolve_run(shipped)
         if not path.is_absolute() and len(path.parts) == 2 and not str(path).startswith("."):
             raise not_local_error(path)  # "org/name": a Hub id, never downloaded
-        raise CheckpointError(f"{path}: no such run folder, model folder or checkpoint")
+        names = shipped_model_names()
+        raise CheckpointError(f"{path}: no such run folder, model folder or checkpoint"
+                              + (f" (shipped models: {', '.join(names)})" if names else ""))
     if path.name == MODEL_WEIGHTS and is_model_folder(path.parent):
         return resolve_run(path.parent)
     if path.suffix == ".safetensors":
@@ -308,7 +337,8 @@ def load_run(path: str | Path, map_location: str | torch.device = "cpu") -> Load
 
 
 __all__ = [
-    "BEST_WEIGHTS", "CKPT_DIR", "CONFIG_NAME", "LAST_STATE", "LAST_WEIGHTS", "LoadedRun", "TEXT_EMBEDDING_PREFIX",
-    "VOCAB_NAME", "is_model_folder", "load_run", "load_state_file", "load_weights", "read_run_config", "resolve_run",
-    "save_weights", "short_reason", "write_run_config",
+    "BEST_WEIGHTS", "CKPT_DIR", "CONFIG_NAME", "DEFAULT_MODEL", "LAST_STATE", "LAST_WEIGHTS", "LoadedRun",
+    "TEXT_EMBEDDING_PREFIX", "VOCAB_NAME", "is_model_folder", "load_run", "load_state_file", "load_weights",
+    "read_run_config", "resolve_run", "save_weights", "shipped_model", "shipped_model_names", "short_reason",
+    "write_run_config",
 ]

@@ -14,8 +14,9 @@ def register(subparsers) -> None:
                     "download the mask. One image at a time (others queue). Needs the optional extra: "
                     'pip install -e ".[app]". Serves on 127.0.0.1 unless --host is given.',
     )
-    p.add_argument("checkpoint", metavar="RUN_OR_FOLDER",
-                   help="a run folder, its .safetensors weights, or a model folder (lvit export --hf)")
+    p.add_argument("checkpoint", metavar="MODEL", nargs="?", default=None,
+                   help="a run folder, its .safetensors weights, a model folder (lvit export --hf) or a shipped "
+                        "model's name (default: the shipped QaTa-COV19 chest X-ray model, qata-lvit)")
     p.add_argument("--port", type=int, default=None, help="port (default: the first free one from 7860)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 for the network)")
@@ -60,6 +61,13 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--port must be 1..65535, got {args.port}")
     import_gradio()  # the missing extra is one line, before the model loads
     resolve_device(args.device)
+    if args.checkpoint is None:
+        from ..runs import DEFAULT_MODEL, shipped_model
+
+        if shipped_model(DEFAULT_MODEL) is None:
+            raise ConfigError(f"no model given and this lvit ships no {DEFAULT_MODEL}: pass a run or model folder")
+        args.checkpoint = DEFAULT_MODEL
+        print(f"lvit app: model: the shipped {DEFAULT_MODEL} ({shipped_model(DEFAULT_MODEL)})", flush=True)
     read_run(args.checkpoint)  # a bad folder is one line too
     writer = report_writer_for(args.checkpoint, args.reporter, args.device)
     print(f"lvit app: loading {args.checkpoint} ... (Ctrl-C to stop)", flush=True)

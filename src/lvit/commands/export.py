@@ -33,6 +33,8 @@ def register(subparsers) -> None:
                    help="--hf: the training data (qata, mosmed, monuseg, synthetic, or any name; default: guessed)")
     p.add_argument("--data-licence", default=None, metavar="TEXT",
                    help="--hf: licence notes of the training data for the model card")
+    p.add_argument("--fp16", action="store_true",
+                   help="--hf: store the weights as float16 (half the size; loaded back as float32)")
     p.add_argument("--force", action="store_true", help="overwrite FILE / replace the model in DIR")
     p.set_defaults(func=run)
 
@@ -47,8 +49,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.opset < 13:
         raise ConfigError(f"--opset must be >= 13 (scaled dot-product attention needs it), got {args.opset}")
-    if args.metrics or args.dataset or args.data_licence:
-        raise ConfigError("--metrics, --dataset and --data-licence go with --hf (the model card)")
+    if args.metrics or args.dataset or args.data_licence or args.fp16:
+        raise ConfigError("--metrics, --dataset, --data-licence and --fp16 go with --hf (the model folder)")
     refuse_clobber(args.onnx, args.force)  # before the (slower) model load
     loaded = load_run(args.checkpoint, map_location="cpu")
     summary = export_onnx(loaded.model, args.onnx, opset=args.opset, force=args.force, exporter=args.exporter,
@@ -74,7 +76,7 @@ def _export_hf(args: argparse.Namespace) -> int:
             raise DataError(path, "metrics file not found (--metrics)")
     loaded = load_run(args.checkpoint, map_location="cpu")
     folder = export_model_folder(args.checkpoint, args.hf, metrics_files=args.metrics, dataset=args.dataset,
-                                 data_licence=args.data_licence, force=args.force, run=loaded)
+                                 data_licence=args.data_licence, force=args.force, run=loaded, half=args.fp16)
     files = sorted(p.name for p in folder.iterdir())
     print(f"wrote {folder}/ ({', '.join(files)}): {loaded.model_name} from {loaded.weights}; load it with "
           f"`lvit predict {folder} ...` or lvit.runs.load_run")

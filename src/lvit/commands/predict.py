@@ -17,10 +17,13 @@ def register(subparsers) -> None:
                     "train-reporter; RUN/reporter/ or --reporter DIR) to write one from the image, prints it and "
                     "saves it beside the mask (MASK.report.txt; OUT_DIR/reports.csv).",
     )
-    p.add_argument("checkpoint", metavar="CHECKPOINT_OR_RUN", help="a run folder or its .safetensors weights")
+    p.add_argument("checkpoint", metavar="MODEL", nargs="?", default=None,
+                   help="a run folder, its .safetensors weights, a model folder or a shipped model's name (default: "
+                        "the shipped QaTa-COV19 chest X-ray model, qata-lvit)")
     p.add_argument("--image", help="one image file (PNG, JPEG, TIFF, DICOM, NIfTI)")
-    p.add_argument("--text", help="the image's report (text-guided models); without it, or with 'auto', the run's "
-                                 "report writer writes one from the image")
+    p.add_argument("--text", help="the image's report (text-guided models); without it a model trained with "
+                                 "report dropout answers from the image alone (its no-report path), others use the "
+                                 "run's report writer; 'auto' always asks the report writer")
     p.add_argument("--images", help="folder of images (batch form)")
     p.add_argument("--reports", help="report table (.xlsx/.csv) for --images; without it, or with 'auto', "
                                     "a text-guided "
@@ -60,6 +63,14 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
     device = resolve_device(args.device)  # before anything slow
+    if args.checkpoint is None:
+        from ..runs import DEFAULT_MODEL, shipped_model
+
+        if shipped_model(DEFAULT_MODEL) is None:
+            raise ConfigError(f"no model given and this lvit ships no {DEFAULT_MODEL}: pass a run or model folder")
+        args.checkpoint = DEFAULT_MODEL
+        print(f"model: the shipped {DEFAULT_MODEL} ({shipped_model(DEFAULT_MODEL)}; its README.md says how it was "
+              "trained and how well it does)")
     if args.backend == "onnx" and device.type != "cpu":
         raise ConfigError("--backend onnx runs on CPU (ONNX Runtime's CPU provider): use --device cpu")
     if args.image:
@@ -89,9 +100,16 @@ def _read_run(args):
 AUTO = "auto"
 
 
-def _wants_generated(value: str | None) -> bool:
-    """No report given, or 'auto': the report writer writes it."""
-    return value is None or value.strip().lower() == AUTO
+def _wants_generated(value: str | None, run_config: dict | None = None) -> bool:
+    """'auto', or no report for a model without a no-report path: the report writer writes it."""
+    from ..evaluate.predict import model_has_no_report_path
+
+    if value is None:
+        return run_config is None or not model_has_no_report_path(run_config)
+    return value.strip().lower() == AUTO
+
+
+NO_REPORT_NOTE = "no report given: the mask comes from the model's no-report path (learned with report dropout)"
 
 
 def _report_writer_folder(args, run_dir: Path, flag: str) -> Path:
@@ -201,7 +219,7 @@ def _predict_one(args) -> int:
     reads_text = model_reads_text(run_config)
     text = args.text
     writer_folder = report_file = None
-    if reads_text and _wants_generated(text):
+    if reads_text and _wants_generated(text, run_config):
         from ..io import check_writable, refuse_clobber, same_file
 
         writer_folder = _report_writer_folder(args, run_dir, '--text "..."')
@@ -210,7 +228,7 @@ def _predict_one(args) -> int:
             raise ConfigError(f"{report_file}: the generated report would overwrite another file; rename --out")
         refuse_clobber(report_file, args.force)
         check_writable(report_file)
-    elif reads_text and not text.strip():
+    elif reads_text and text is not None and not text.strip():
         raise ConfigError(f"{args.checkpoint}: this model reads the report: pass --text \"...\" (or --text auto)")
     if not reads_text and text is not None:
         warn(f"--text is ignored: the model of {args.checkpoint} ({run_config.get('model_name')}) does not read "
@@ -225,6 +243,8 @@ def _predict_one(args) -> int:
         text = ReportWriter(writer_folder, device=args.device).report(image)
         print(f"{args.image}: no report given: generated from the image by the report writer {writer_folder}: "
               f"\"{text}\"")
+    elif reads_text and text is None:
+        print(f"{args.image}: {NO_REPORT_NOTE}")
     elif reads_text:
         from ..text.vocabulary import ReportChecker
 
@@ -258,8 +278,9 @@ def _pairs(args, folder: Path, images: dict[str, Path], reads_text: bool, model_
     from ..data.layout_official import match_row, read_table
     from ..errors import warn
 
-    if _wants_generated(args.reports):
-        # No table (or 'auto'): every image; a text-guided model gets reports written from the images.
+    if args.reports is None or _wants_generated(args.reports):
+        # No table (or 'auto'): every image; a text-guided model gets reports written from the images, or answers
+        # from its no-report path.
         if args.reports is not None and not reads_text:
             warn(f"--reports {args.reports} is ignored: the model of {args.checkpoint} ({model_name}) does not read "
                  "reports")
@@ -336,7 +357,7 @@ def _predict_folder(args) -> int:
                               "predictions would mix with (or overwrite) the input images; choose another folder")
     run_dir, weights, run_config = _read_run(args)
     reads_text = model_reads_text(run_config)
-    generate = reads_text and _wants_generated(args.reports)
+    generate = reads_text and _wants_generated(args.reports, run_config)
     writer_folder = _report_writer_folder(args, run_dir, "--reports table.xlsx|csv") if generate else None
     if not reads_text and args.reporter:
         warn(f"--reporter is ignored: the model of {args.checkpoint} ({run_config.get('model_name')}) does not read "
@@ -355,6 +376,8 @@ def _predict_folder(args) -> int:
             writer = ReportWriter(writer_folder, device=args.device)
             print(f"no report table: the report writer {writer_folder} writes each image's report "
                   f"(saved in {out / 'reports.csv'})")
+        elif reads_text and args.reports is None:
+            print(f"{folder}: {NO_REPORT_NOTE}")
         elif reads_text:
             from ..text.vocabulary import ReportChecker
 

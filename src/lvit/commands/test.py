@@ -21,9 +21,10 @@ def register(subparsers) -> None:
     p.add_argument("--k", type=int, default=4, help="overlays of the k best and k worst images (default 4)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--reports", default="true", choices=["true", "generated"],
+    p.add_argument("--reports", default="true", choices=["true", "generated", "none"],
                    help="true: the dataset's reports (default); generated: reports written from each image by the "
-                        "run's report writer (lvit train-reporter; text-guided models), to score report-less use")
+                        "run's report writer (lvit train-reporter; text-guided models); none: no report, the "
+                        "model's own no-report path (a model trained with model.report_dropout)")
     p.add_argument("--reporter", metavar="DIR", help="report writer folder for --reports generated (default: "
                                                      "RUN/reporter/)")
     p.add_argument("--no-progress", action="store_true")
@@ -45,9 +46,15 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+_PATHS = {"report": "from the report path", "no report": "from the no-report path (the model's learned stand-in for "
+          "a missing report)", "mixed": "from the report path, and the no-report path where a report is missing",
+          "image only": "from the image alone (the model does not read reports)"}
+
+
 def format_summary(m: dict) -> str:
     lines = [f"{m['model_name']} on {m['split']} ({m['n_images']} images):"]
     reports = m.get("reports") or {}
+    lines.append(f"  masks {_PATHS.get(reports.get('path'), _PATHS['report'])}")
     if reports.get("source") == "generated":
         agree = reports.get("agreement_with_true_reports")
         lines.append(f"  reports generated from the images by {reports['writer']}"

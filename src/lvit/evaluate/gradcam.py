@@ -353,18 +353,19 @@ def model_input(image: np.ndarray, model: nn.Module) -> torch.Tensor:
 def explain_image(model: nn.Module, image: np.ndarray, texts: list[str], encode: TextEncodeFn | None,
                   layers: list[str] | None = None) -> list[Explanation]:
     """Grad-CAM of ``layers`` for the same ``image`` (HxWxC uint8) under each report in ``texts``; maps
-    and probabilities at the image's own size. ``encode`` is None for text-free models."""
+    and probabilities at the image's own size. ``encode`` is None for text-free models; an empty report (a model
+    trained with report dropout) is explained through the model's no-report path."""
     x = model_input(image, model)
     size = image.shape[:2]
     uses_text = bool(getattr(model.config, "use_text", False)) and encode is not None
-    if uses_text:
-        emb, mask = encode(list(texts))  # [N, L, D], [N, L]
-        emb, mask = emb.to(x.device), mask.to(x.device)
+    given = [i for i, t in enumerate(texts) if t is not None and str(t).strip()] if uses_text else []
+    if given:
+        emb, mask = encode([texts[i] for i in given])  # [N, L, D], [N, L]
+        rows = {i: (emb[j:j + 1].to(x.device), mask[j:j + 1].to(x.device)) for j, i in enumerate(given)}
     results = []
     with SegmentationGradCAM(model, layers) as explainer:
         for i in range(len(texts)):
-            text = emb[i:i + 1] if uses_text else None
-            text_mask = mask[i:i + 1] if uses_text else None
+            text, text_mask = rows[i] if i in given else (None, None)
             results.append(explainer(x, text, text_mask, size=size))
     return results
 

@@ -24,6 +24,15 @@ def model_reads_text(run_config: dict) -> bool:
     return run_config.get("model_name") == "lvit" and bool(run_config.get("model", {}).get("use_text", True))
 
 
+def model_has_no_report_path(run_config: dict) -> bool:
+    """A text-guided model trained with report dropout: it also answers without a report."""
+    return model_reads_text(run_config) and float(run_config.get("model", {}).get("report_dropout") or 0.0) > 0.0
+
+
+def _missing(text: str | None) -> bool:
+    return text is None or not str(text).strip()
+
+
 def resolve_device(name: str | torch.device, flag: str = "--device") -> torch.device:
     """``cpu``, ``cuda``, ``cuda:N`` or ``mps`` as a torch.device, checked against this machine and torch build;
     anything else is a one-line ConfigError naming ``flag`` (never torch's traceback)."""
@@ -136,11 +145,33 @@ class Predictor:
                                       weights=self.weights)
         self.image_size = self.run.image_size
         self.in_channels = self.run.in_channels
-        self.encode_text = run_text_encoder(self.run, cache_dir)
+        self._cache_dir = cache_dir
+        self._encode_text: TextFn | None = None  # built on first use: the no-report path never loads it
 
     @property
     def uses_text(self) -> bool:
-        return self.encode_text is not None
+        """Whether the model reads reports (LViT; not LViT-T or U-Net)."""
+        return model_reads_text(self.run_config)
+
+    @property
+    def has_no_report_path(self) -> bool:
+        """Whether the model also answers without a report (trained with ``model.report_dropout``)."""
+        return model_has_no_report_path(self.run_config)
+
+    @property
+    def encode_text(self) -> TextFn | None:
+        """``texts -> (emb [N, L, D], mask [N, L])`` of the run's text encoder (None for text-free models)."""
+        if self._encode_text is None and self.uses_text:
+            self._encode_text = run_text_encoder(self.run, self._cache_dir)
+        return self._encode_text
+
+    def report_path(self, texts: Sequence[str | None] | None) -> str:
+        """Which path answers for these reports: ``report``, ``no report`` (the model's learned no-report path),
+        ``mixed`` (some images have one) or ``image only`` (a text-free model)."""
+        if not self.uses_text:
+            return "image only"
+        missing = [_missing(t) for t in texts] if texts is not None else [True]
+        return "no report" if all(missing) else "mixed" if any(missing) else "report"
 
     def preprocess(self, image: np.ndarray) -> torch.Tensor:
         """``H x W [x C]`` uint8 -> ``[C, S, S]`` float in [0, 1] (as the training dataset does)."""
@@ -160,14 +191,36 @@ class Predictor:
         if text is not None:
             text = text.to(self.device)
             text_mask = None if text_mask is None else text_mask.to(self.device)
+        if self.has_no_report_path and text_mask is not None and not bool(text_mask.any(1).all()):
+            # rows without a single token are images without a report (text_for): the no-report path answers
+            return self.model(images, text, text_mask, no_report=~text_mask.any(1)).float()
         return self.model(images, text, text_mask).float()
 
-    def text_for(self, texts: Sequence[str] | None, n: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def text_for(self, texts: Sequence[str | None] | None,
+                 n: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Encoded reports ``(emb [n, L, D], mask [n, L])``. A model with a no-report path also takes images
+        without one (None or blank): all missing -> ``(None, None)``; some -> their rows of ``mask`` all False."""
         if not self.uses_text:
             return None, None
-        if texts is None or len(texts) != n or any(t is None or not str(t).strip() for t in texts):
-            raise ConfigError("this model reads the report: give a non-empty report text for every image")
-        return self.encode_text(list(texts))
+        if texts is not None and len(texts) != n:
+            raise ValueError(f"text_for: {len(texts)} reports for {n} images")
+        missing = [True] * n if texts is None else [_missing(t) for t in texts]
+        if not any(missing):
+            return self.encode_text(list(texts))
+        if not self.has_no_report_path:
+            raise ConfigError("this model reads the report and has no no-report path (it was trained without "
+                              "model.report_dropout): give a non-empty report text for every image")
+        if self.backend == "onnx":
+            raise ConfigError("the no-report path runs with the torch backend (the ONNX export takes a report): "
+                              "use --backend torch")
+        if all(missing):
+            return None, None
+        given = [i for i, m in enumerate(missing) if not m]
+        emb_given, mask_given = self.encode_text([texts[i] for i in given])
+        emb = emb_given.new_zeros((n, *emb_given.shape[1:]))
+        mask = mask_given.new_zeros((n, mask_given.shape[1]))
+        emb[given], mask[given] = emb_given, mask_given
+        return emb, mask
 
     @torch.no_grad()
     def predict(self, image: np.ndarray, text: str | None = None) -> np.ndarray:

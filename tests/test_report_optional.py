@@ -1,0 +1,268 @@
+"""One model with or without a report: report dropout's learned no-report path in the network, the predictor,
+lvit predict / test / app, and the reworded reports of bench/rephrase_reports.py."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from files import load_bench
+
+from lvit.cli import main
+from lvit.errors import ConfigError
+from lvit.models import LViTConfig, build_model
+from lvit.presets import preset_path
+from lvit.train import load_config
+from lvit.train.runner import train
+
+SMALL = dict(image_size=32, base_channels=8, text_dim=16, text_tokens=5, vit_heads=2)
+
+
+def _inputs(batch: int = 3):
+    g = torch.Generator().manual_seed(0)
+    return (torch.rand(batch, 3, 32, 32, generator=g), torch.randn(batch, 5, 16, generator=g),
+            torch.ones(batch, 5, dtype=torch.bool))
+
+
+# --- the network ------------------------------------------------------------------------------------------------
+
+
+def test_report_dropout_is_checked_and_adds_one_tensor_only_when_on():
+    for bad in (-0.1, 1.0, True, "0.2"):
+        with pytest.raises(ConfigError, match="report_dropout"):
+            LViTConfig(**SMALL, report_dropout=bad)
+    with pytest.raises(ConfigError, match="use_text"):
+        LViTConfig(**SMALL, use_text=False, report_dropout=0.2)
+    plain = build_model("lvit", LViTConfig(**SMALL)).state_dict()
+    with_path = build_model("lvit", LViTConfig(**SMALL, report_dropout=0.2)).state_dict()
+    assert set(with_path) - set(plain) == {"no_report_text"}  # the official-keyed weights are untouched
+    assert tuple(with_path["no_report_text"].shape) == (5, 16)
+
+
+def test_no_report_rows_read_the_learned_stand_in_and_the_others_their_report():
+    torch.manual_seed(0)
+    model = build_model("lvit", LViTConfig(**SMALL, report_dropout=0.3)).eval()
+    with torch.no_grad():
+        model.no_report_text.normal_()  # not the zero initialisation: a stand-in that differs from any report
+        image, text, mask = _inputs()
+        none = model(image, None)
+        given = model(image, text, mask)
+        mixed = model(image, text, mask, no_report=torch.tensor([True, False, True]))
+        stand_in = model(image, model.no_report_text.expand(3, -1, -1), mask)
+    assert torch.allclose(none, stand_in, atol=1e-6)
+    assert torch.allclose(mixed[[0, 2]], none[[0, 2]], atol=1e-6)
+    assert torch.allclose(mixed[1], given[1], atol=1e-6)
+    assert not torch.allclose(none[1], given[1], atol=1e-3)
+
+
+def test_train_mode_drops_each_report_with_the_configured_probability():
+    model = build_model("lvit", LViTConfig(**SMALL, report_dropout=0.4)).train()
+    image, text, mask = (t.repeat(400, 1, 1, 1) if t.ndim == 4 else t.repeat(400, 1, 1) if t.ndim == 3 else t.repeat(
+        400, 1) for t in _inputs(1))
+    torch.manual_seed(5)
+    used, _ = model.with_no_report(image, text, mask, None)
+    dropped = (used == model.no_report_text).all(-1).all(-1)
+    torch.manual_seed(5)
+    assert torch.equal(dropped, torch.rand(400) < 0.4)  # one uniform draw per sample, in batch order
+    assert 0.3 < dropped.float().mean() < 0.5
+    model.eval()
+    kept, _ = model.with_no_report(image, text, mask, None)
+    assert torch.equal(kept, text)  # eval mode never drops a report
+
+
+def test_a_model_without_the_path_refuses_a_missing_report():
+    model = build_model("lvit", LViTConfig(**SMALL)).eval()
+    image, text, mask = _inputs()
+    with pytest.raises(ValueError, match="no no-report path"):
+        model(image, None)
+    with pytest.raises(ValueError, match="no no-report path"):
+        model(image, text, mask, no_report=torch.tensor([True, False, False]))
+
+
+# --- a trained run: predictor, lvit test / predict / app ----------------------------------------------------------
+
+COMMON = ["model.image_size=32", "model.base_channels=8", "model.vit_heads=4", "data.batch_size=3",
+          "trainer.max_epochs=1", "trainer.progress=false", "data.num_workers=0"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """(data, a 1-epoch LViT with report dropout, one without)."""
+    from lvit.data.synthetic import generate_synthetic
+
+    base = tmp_path_factory.mktemp("optional")
+    data = generate_synthetic(base / "data", n_train=6, n_val=2, n_test=3, size=64, seed=1, progress=False)
+    train(load_config(preset_path("synth"), COMMON + ["model.report_dropout=0.3"]), data, base / "rd")
+    train(load_config(preset_path("synth"), COMMON), data, base / "plain")
+    return data, base / "rd", base / "plain"
+
+
+def test_predictor_mixes_reports_and_missing_ones_row_by_row(runs):
+    from lvit.data import load_split, read_image
+    from lvit.evaluate.predict import Predictor
+
+    data, rd, plain = runs
+    records = load_split(data, "test")
+    images = [read_image(r.image_path) for r in records]
+    texts = [r.text for r in records]
+    predictor = Predictor(rd)
+    assert predictor.has_no_report_path and predictor.report_path([None, None]) == "no report"
+    assert predictor.report_path([texts[0], ""]) == "mixed" and predictor.report_path(texts) == "report"
+    mixed = predictor.predict_many(images, [texts[0], None, texts[2]])
+    assert np.allclose(mixed[0], predictor.predict(images[0], texts[0]), atol=1e-6)
+    assert np.allclose(mixed[1], predictor.predict(images[1]), atol=1e-6)
+    assert np.allclose(mixed[2], predictor.predict(images[2], texts[2]), atol=1e-6)
+    with pytest.raises(ConfigError, match="no no-report path"):
+        Predictor(plain).predict(images[0])
+
+
+def test_the_no_report_path_never_loads_the_text_encoder(runs, monkeypatch):
+    import lvit.evaluate.predict as predict_module
+    from lvit.data import load_split, read_image
+
+    data, rd, _ = runs
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the text encoder was loaded")
+
+    monkeypatch.setattr(predict_module, "run_text_encoder", refuse)
+    predictor = predict_module.Predictor(rd)
+    prob = predictor.predict(read_image(load_split(data, "test")[0].image_path))
+    assert prob.shape == (64, 64) and np.isfinite(prob).all()
+
+
+def test_lvit_test_reports_none_says_which_path(runs, tmp_path, capsys):
+    data, rd, plain = runs
+    assert main(["test", str(rd), "--data", str(data), "--out", str(tmp_path / "none"), "--reports", "none",
+                 "--no-progress", "--k", "0"]) == 0
+    assert "masks from the no-report path" in capsys.readouterr().out
+    metrics = json.loads((tmp_path / "none" / "metrics.json").read_text())
+    assert metrics["reports"] == {"source": "none", "path": "no report"}
+    assert main(["test", str(rd), "--data", str(data), "--out", str(tmp_path / "true"), "--no-progress",
+                 "--k", "0"]) == 0
+    assert "masks from the report path" in capsys.readouterr().out
+    assert main(["test", str(plain), "--data", str(data), "--out", str(tmp_path / "x"), "--reports", "none"]) == 2
+    err = capsys.readouterr().err
+    assert "no no-report path" in err and len(err.strip().splitlines()) == 1
+
+
+def test_lvit_predict_without_text_uses_the_no_report_path(runs, tmp_path, capsys):
+    from lvit.data import load_split
+
+    data, rd, _ = runs
+    image = load_split(data, "test")[0].image_path
+    assert main(["predict", str(rd), "--image", str(image), "--out", str(tmp_path / "m.png")]) == 0
+    out = capsys.readouterr().out
+    assert "no-report path" in out and (tmp_path / "m.png").is_file()
+    assert not (tmp_path / "m.report.txt").exists()  # nothing was generated
+    assert main(["predict", str(rd), "--images", str(image.parent), "--out", str(tmp_path / "folder"),
+                 "--no-progress"]) == 0
+    assert "no-report path" in capsys.readouterr().out
+    assert len(list((tmp_path / "folder" / "masks").glob("*.png"))) == 3
+
+
+def test_the_app_accepts_an_empty_report_box_with_the_path(runs):
+    from lvit.app import Segmenter
+    from lvit.data import load_split
+
+    data, rd, plain = runs
+    image = load_split(data, "test")[0].image_path
+    with_path = Segmenter(rd).segment(str(image), "", 0.5)
+    assert with_path.overlay is not None and any("no-report path" in n for n in with_path.notes)
+    assert Segmenter(plain).segment(str(image), "", 0.5).overlay is None  # asks for the report instead
+
+
+# --- reworded reports -----------------------------------------------------------------------------------------
+
+BILATERAL = "bilateral pulmonary infection, four infected areas, upper middle lower left lung and lower right lung."
+
+
+@pytest.fixture(scope="module")
+def rephrase():
+    return load_bench("bench/rephrase_reports.py", "rephrase_reports")
+
+
+def test_every_rule_keeps_the_facts_and_the_check_reads_them_back(rephrase):
+    from lvit.data.describe import parse_findings
+
+    texts = [BILATERAL, "unilateral pulmonary infection, one infected area, lower right lung.",
+             "bilateral pulmonary infection, two infected areas, middle left lung and middle right lung.",
+             "unilateral pulmonary infection, three infected areas, upper middle lower left lung."] * 25
+    reworded, used = rephrase.rephrase_all(texts, seed=3)
+    assert set(used) == set(rephrase.RULES)  # every rule was exercised
+    assert all(a != b for a, b in zip(texts, reworded))
+    assert all(rephrase.facts(b) == parse_findings(a) for a, b in zip(texts, reworded))
+
+
+def test_the_fact_check_fails_when_a_side_or_count_or_zone_changes(rephrase):
+    reworded = "All left lung and right lower zone: pulmonary opacity in both lungs, 4 affected areas."
+    assert rephrase.same_facts(BILATERAL, reworded)
+    assert not rephrase.same_facts(BILATERAL, reworded.replace("right lower", "left lower"))  # a side changed
+    assert not rephrase.same_facts(BILATERAL, reworded.replace("All left lung", "All right lung")
+                                   .replace("right lower zone", "left lower zone"))
+    assert not rephrase.same_facts(BILATERAL, reworded.replace("4 affected", "3 affected"))
+    assert not rephrase.same_facts(BILATERAL, reworded.replace("lower zone", "mid zone"))
+    assert not rephrase.same_facts(BILATERAL, reworded.replace("in both lungs", "in one lung"))
+
+
+# --- the recipe learns both paths ---------------------------------------------------------------------------------
+
+
+def _two_lesion_dataset(root: Path, seed: int = 0) -> Path:
+    """32 px images with one bright square in each half; the mask is the square the report names ("lower left
+    lung" or "lower right lung"): only the report tells which, so reading it is worth Dice, and an image alone
+    says where the squares are."""
+    import pandas as pd
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split, n in (("Train_Folder", 96), ("Val_Folder", 8), ("Test_Folder", 24)):
+        (root / split / "img").mkdir(parents=True)
+        (root / split / "labelcol").mkdir(parents=True)
+        rows = []
+        for i in range(n):
+            image = rng.normal(60, 10, (32, 32)).clip(0, 255)
+            squares = []
+            for side in (0, 1):
+                square = np.zeros((32, 32), bool)
+                y, x, s = rng.integers(4, 22), rng.integers(2, 9) + 16 * side, rng.integers(5, 8)
+                square[y:y + s, x:x + s] = True
+                image[square] = 200
+                squares.append(square)
+            side = int(rng.integers(2))
+            name = f"{split[:-7].lower()}_{i:03d}.png"
+            Image.fromarray(image.astype(np.uint8)).save(root / split / "img" / name)
+            Image.fromarray(squares[side].astype(np.uint8) * 255).save(root / split / "labelcol" / name)
+            rows.append({"Image": name, "Description": "unilateral pulmonary infection, one infected area, lower "
+                                                       f"{('left', 'right')[side]} lung."})
+        pd.DataFrame(rows).to_excel(root / split / f"{split[:-7]}_text.xlsx", index=False)
+    return root
+
+
+@pytest.mark.slow
+def test_a_model_trained_with_report_dropout_answers_with_and_without_a_report(tmp_path):
+    from lvit.data import load_split, read_mask
+    from lvit.evaluate.testing import run_test
+
+    data = _two_lesion_dataset(tmp_path / "data")
+    config = load_config(preset_path("synth"), [
+        "model.image_size=32", "model.base_channels=8", "model.report_dropout=0.3", "trainer.seed=0",
+        "trainer.max_epochs=30", "optim.t0=30", "optim.lr=0.002", "data.augment=false", "trainer.progress=false",
+        "data.num_workers=0"])
+    train(config, data, tmp_path / "run")
+    true = run_test(tmp_path / "run", data, "test", tmp_path / "true", progress=False, k=0)["dice"]
+    none = run_test(tmp_path / "run", data, "test", tmp_path / "none", progress=False, k=0, reports="none")["dice"]
+    # Chance: the best mask that does not look at the image (the training masks' frequency map at any threshold).
+    train_masks = np.stack([read_mask(r.mask_path) > 127 for r in load_split(data, "train")])
+    test_masks = [read_mask(r.mask_path) > 127 for r in load_split(data, "test")]
+    frequency = train_masks.mean(0)
+
+    def dice(a, b):
+        return 2 * (a & b).sum() / max(a.sum() + b.sum(), 1)
+
+    chance = max(np.mean([dice(frequency >= t, m) for m in test_masks]) for t in np.linspace(0.01, 0.5, 50))
+    assert none > chance + 0.2  # the no-report path segments from the image alone
+    assert true > none + 0.1  # and the report path reads which square the report names
