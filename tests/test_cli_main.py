@@ -53,3 +53,14 @@ def test_console_script_reports_one_line(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error:") and proc.stderr.strip().count("\n") == 0, proc.stderr
+
+
+# --help: argparse itself ignores a failed write and exits 0; a command's output ends with 141 (128 + SIGPIPE).
+@pytest.mark.parametrize("argv, status", [(["--help"], 0), (["model-info", "--config", "synth"], 141)])
+def test_a_reader_that_goes_away_ends_the_command_quietly(argv, status):
+    """`lvit ... | head`: the pipe closes before lvit writes; no BrokenPipeError traceback."""
+    proc = subprocess.Popen([sys.executable, "-m", "lvit.cli", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before anything is written
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == status
+    assert "Traceback" not in err and "BrokenPipe" not in err, err

@@ -55,6 +55,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # The reader went away (`lvit ... | head`): stop quietly, as other command-line tools do. stdout now points
+        # at /dev/null so that the interpreter's last flush at exit cannot fail a second time.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a process ended by a closed pipe
+
+
+def _main(argv: list[str] | None) -> int:
     apply_wait_policy()  # before any command imports torch
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -39,6 +39,7 @@ from .models.pretrained import (
     MODEL_CONFIG,
     MODEL_WEIGHTS,
     TEXT_EMBEDDING_WEIGHTS,
+    check_finite,
     looks_like_model_folder,
     model_from_folder,
     not_local_error,
@@ -327,6 +328,7 @@ def load_run(path: str | Path, map_location: str | torch.device = "cpu") -> Load
     text_tensors = {k[len(TEXT_EMBEDDING_PREFIX):]: v for k, v in tensors.items()
                     if k.startswith(TEXT_EMBEDDING_PREFIX)}
     model_tensors = {k: v for k, v in tensors.items() if not k.startswith(TEXT_EMBEDDING_PREFIX)}
+    check_finite(tensors, weights_path)
     try:
         model.load_state_dict(model_tensors, strict=True)
     except RuntimeError as exc:

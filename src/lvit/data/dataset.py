@@ -68,7 +68,7 @@ def load_pair(record: Record, in_channels: int = 3, mask_threshold: float | None
     image = to_channels(read_image(record.image_path), in_channels)
     if record.mask_path is None:
         return image, None
-    mask = binarise_mask(read_array(record.mask_path), mask_threshold)
+    mask = binarise_mask(read_array(record.mask_path), mask_threshold, where=record.mask_path)
     if mask.shape != image.shape[:2]:
         raise DataError(
             record.mask_path,

@@ -7,8 +7,11 @@ Conversions:
 * images -> ``H x W x C`` uint8 with C = 1 (grayscale) or 3 (RGB); RGBA/LA drop alpha, palette -> RGB;
 * more than 8 bits (16-bit PNG/TIFF, DICOM, float NIfTI) -> linearly rescaled per image from [min, max] to
   [0, 255] (DICOM after its rescale slope/intercept and VOI LUT; MONOCHROME1 is inverted);
-* masks -> ``H x W`` uint8 {0, 1}: 8-bit masks are foreground where value > 127 (0/255 masks; JPEG noise
-  is tolerated), masks whose values are all in {0, 1} are taken as is, wider types use half their range.
+* masks -> ``H x W`` uint8 {0, 1}: a mask holding exactly two values is foreground at the larger one, whatever
+  it is (0/255, 0/1, but also 0/127, 0/38 or 0/2: masks saved with another label value); other masks (soft
+  0..255 masks, JPEG noise) are foreground where value > 127 for 8 bits, above half the range for wider types,
+  and masks whose values are all in {0, 1} are taken as is. A mask with nonzero pixels that binarises to empty
+  is warned about (:func:`binarise_mask` with ``where``).
 """
 
 from __future__ import annotations
@@ -182,26 +185,43 @@ def mask_values(arr: np.ndarray) -> np.ndarray:
     return arr
 
 
-def binarise_mask(arr: np.ndarray, threshold: float | None = None) -> np.ndarray:
-    """-> ``H x W`` uint8 {0, 1}. ``threshold=None`` picks the documented rule for the dtype."""
+def mask_threshold(arr: np.ndarray) -> float:
+    """The documented rule: the smaller value of a two-valued mask; else 127 (8 bits), half the range (wider
+    integers) or half the maximum (floats); 0 for a mask already in {0, 1}."""
+    if arr.size:
+        lo, hi = arr.min(), arr.max()
+        if lo != hi and bool(np.all((arr == lo) | (arr == hi))):
+            return float(lo)  # two values: the larger one is the label, whatever number it was saved as
+        if hi <= 1:
+            return 0.0  # already a 0/1 mask
+    if arr.dtype == np.uint8:
+        return float(MASK_THRESHOLD_8BIT)
+    if np.issubdtype(arr.dtype, np.integer):
+        return float(np.iinfo(arr.dtype).max // 2)
+    return 0.5 * float(arr.max()) if arr.size else 0.0
+
+
+def binarise_mask(arr: np.ndarray, threshold: float | None = None, where: str | Path | None = None) -> np.ndarray:
+    """-> ``H x W`` uint8 {0, 1}. ``threshold=None`` picks the documented rule (:func:`mask_threshold`).
+    ``where`` (the mask's file): warn when nonzero pixels binarise to an empty mask."""
     arr = mask_values(arr)
     if threshold is None:
         if arr.dtype == bool:
             return arr.astype(np.uint8)
-        if arr.size and arr.max() <= 1:
-            threshold = 0  # already a 0/1 mask
-        elif arr.dtype == np.uint8:
-            threshold = MASK_THRESHOLD_8BIT
-        elif np.issubdtype(arr.dtype, np.integer):
-            threshold = np.iinfo(arr.dtype).max // 2
-        else:
-            threshold = 0.5 * float(arr.max())
-    return (arr > threshold).astype(np.uint8)
+        threshold = mask_threshold(arr)
+    out = (arr > threshold).astype(np.uint8)
+    if where is not None and arr.size and not out.any() and arr.max() > 0:
+        from ..errors import warn
+
+        warn(f"{where}: the mask has nonzero pixels (up to {arr.max():g}) but none above the threshold "
+             f"{threshold:g}: read as an empty mask (no lesion)")
+    return out
 
 
 def read_mask(path: str | Path, threshold: float | None = None) -> np.ndarray:
-    """-> ``H x W`` uint8 in {0, 1} (see module doc for the threshold rule)."""
-    return binarise_mask(read_array(path), threshold)
+    """-> ``H x W`` uint8 in {0, 1} (see module doc for the threshold rule); warns when the file's nonzero
+    pixels binarise to an empty mask."""
+    return binarise_mask(read_array(path), threshold, where=path)
 
 
 def is_binary_mask(arr: np.ndarray) -> bool:

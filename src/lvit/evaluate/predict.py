@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, LvitError
 from ..runs import LoadedRun
 
 TextFn = Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]]
@@ -193,8 +193,13 @@ class Predictor:
             text_mask = None if text_mask is None else text_mask.to(self.device)
         if self.has_no_report_path and text_mask is not None and not bool(text_mask.any(1).all()):
             # rows without a single token are images without a report (text_for): the no-report path answers
-            return self.model(images, text, text_mask, no_report=~text_mask.any(1)).float()
-        return self.model(images, text, text_mask).float()
+            logits = self.model(images, text, text_mask, no_report=~text_mask.any(1)).float()
+        else:
+            logits = self.model(images, text, text_mask).float()
+        if not bool(torch.isfinite(logits).all()):  # never a mask thresholded from NaN
+            raise LvitError(f"{self.weights}: the model gave NaN or infinite values for this input (weights or "
+                            "input out of range); no mask was written")
+        return logits
 
     def text_for(self, texts: Sequence[str | None] | None,
                  n: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:

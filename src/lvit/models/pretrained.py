@@ -131,12 +131,25 @@ def model_from_folder(folder: str | Path, map_location: Any = "cpu", config: dic
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: not a readable safetensors file ({_first_clause(exc)})") from None
+    check_finite(tensors, path)
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as exc:
         raise CheckpointError(f"{path}: weights do not fit the model in {MODEL_CONFIG} "
                               f"({_first_clause(exc)})") from None
     return model.eval().to(map_location)
+
+
+def check_finite(tensors: dict, where: str | Path) -> None:
+    """Refuse weights holding NaN or infinity (a diverged run, a damaged file): they would give a clean-looking
+    mask, empty or full, with no hint that the model is broken."""
+    import torch
+
+    bad = [name for name, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise CheckpointError(f"{where}: {len(bad)} weight tensor(s) hold NaN or infinity ({shown}): the run "
+                              "diverged or the file is damaged; use weights of an earlier epoch")
 
 
 def _first_clause(exc: BaseException, limit: int = 200) -> str:
@@ -241,6 +254,6 @@ class PretrainedMixin:
 
 __all__ = [
     "FOLDER_FILES", "MODEL_CARD", "MODEL_CONFIG", "MODEL_WEIGHTS", "PretrainedMixin", "TEXT_EMBEDDING_WEIGHTS",
-    "VOCAB_FILE", "folder_problem", "looks_like_model_folder", "model_from_folder", "model_name_of",
+    "VOCAB_FILE", "check_finite", "folder_problem", "looks_like_model_folder", "model_from_folder", "model_name_of",
     "not_local_error", "read_model_config", "write_model_folder",
 ]

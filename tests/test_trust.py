@@ -1,0 +1,124 @@
+"""Runs, folders and masks a user can trust: weights that are not numbers, absurd model sizes, a non-finite
+probability map."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lvit.cli import main
+from lvit.errors import CheckpointError, LvitError
+from lvit.models import LViTConfig, build_model
+
+
+def _one_line_error(capsys, needle: str) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err and "Traceback" not in err, err
+    assert needle in err, err
+    return err
+
+
+@pytest.fixture()
+def folder(tmp_path) -> Path:
+    """A tiny LViT-T model folder (no text) and an image for it."""
+    model = build_model("lvit-t", LViTConfig(image_size=32, base_channels=8, vit_heads=2))
+    out = model.save_pretrained(tmp_path / "model")
+    Image.fromarray(np.full((40, 40), 90, np.uint8)).save(tmp_path / "x.png")
+    return out
+
+
+def _poison(path: Path, value: float) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(path))
+    name = next(k for k, v in tensors.items() if v.is_floating_point() and v.ndim > 1)
+    tensors[name] = torch.full_like(tensors[name], value)
+    save_file(tensors, str(path))
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused_at_load_by_predict_and_export(folder, tmp_path, capsys, value):
+    _poison(folder / "model.safetensors", value)
+    assert main(["predict", str(folder), "--image", str(tmp_path / "x.png"), "--out", str(tmp_path / "m.png")]) == 2
+    _one_line_error(capsys, "NaN or infinity")
+    assert not (tmp_path / "m.png").exists()
+    assert main(["export", str(folder), "--hf", str(tmp_path / "copy")]) == 2
+    _one_line_error(capsys, "NaN or infinity")
+    assert not (tmp_path / "copy").exists()
+
+
+def test_non_finite_weights_of_a_run_folder_are_refused(tmp_path):
+    from lvit.runs import load_run, save_weights
+
+    model = build_model("lvit-t", LViTConfig(image_size=32, base_channels=8, vit_heads=2))
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text(json.dumps({"model_name": "lvit-t", "model": model.config.to_dict()}))
+    with torch.no_grad():
+        model.head.weight.fill_(float("nan"))
+    save_weights(run / "checkpoints" / "best.safetensors", model)
+    with pytest.raises(CheckpointError, match="head.weight"):
+        load_run(run)
+
+
+@pytest.mark.parametrize("field, value", [("base_channels", 1_000_000_000), ("vit_depth", 1_000_000)])
+def test_absurd_sizes_in_config_json_are_one_line_naming_the_field(folder, tmp_path, capsys, field, value):
+    config = json.loads((folder / "config.json").read_text())
+    config["model"][field] = value
+    (folder / "config.json").write_text(json.dumps(config))
+    assert main(["predict", str(folder), "--image", str(tmp_path / "x.png"), "--out", str(tmp_path / "m.png")]) == 2
+    _one_line_error(capsys, f"{field} must be at most")
+
+
+def test_a_non_finite_probability_map_is_an_error_not_a_mask(folder, tmp_path):
+    from lvit.evaluate.predict import Predictor
+
+    predictor = Predictor(folder)
+    image = np.full((40, 40, 3), 90, np.uint8)
+    assert np.isfinite(predictor.predict(image)).all()
+    with torch.no_grad():  # finite weights that overflow: the logits become infinite
+        predictor.model.head.weight.fill_(3e38)
+        predictor.model.head.bias.fill_(3e38)
+    with pytest.raises(LvitError, match="NaN or infinite"):
+        predictor.predict(image)
+
+
+# --- masks saved with another label value -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("label", [127, 38, 2, 1, 255])
+def test_two_valued_masks_are_read_at_their_label_value(tmp_path, label):
+    from lvit.data import read_mask
+    from lvit.data.describe import describe_file
+
+    mask = np.zeros((224, 224), np.uint8)
+    mask[160:200, 20:80] = label  # the lower part of the image's left side
+    Image.fromarray(mask).save(tmp_path / "m.png")
+    assert read_mask(tmp_path / "m.png").sum() == 40 * 60
+    assert describe_file(tmp_path / "m.png") == "unilateral pulmonary infection, one infected area, lower left lung."
+
+
+def test_soft_masks_keep_the_127_rule_and_an_emptied_mask_is_warned_about(tmp_path, capsys):
+    from lvit.data import load_pair
+    from lvit.data.records import Record
+
+    soft = np.zeros((64, 64), np.uint8)
+    soft[10:20, 10:20] = 200
+    soft[30:40, 30:40] = 100  # below 127: background under the soft-mask rule
+    soft[50, 50] = 20
+    Image.fromarray(soft).save(tmp_path / "soft.png")
+    faint = np.zeros((64, 64), np.uint8)
+    faint[10:20, 10:20] = 90
+    faint[30:40, 30:40] = 60
+    Image.fromarray(faint).save(tmp_path / "faint.png")
+    Image.fromarray(np.full((64, 64), 80, np.uint8)).save(tmp_path / "x.png")
+    _, mask = load_pair(Record("x.png", tmp_path / "x.png", tmp_path / "soft.png", "r"))
+    assert mask.sum() == 100 and capsys.readouterr().err == ""
+    _, mask = load_pair(Record("x.png", tmp_path / "x.png", tmp_path / "faint.png", "r"))
+    err = capsys.readouterr().err
+    assert mask.sum() == 0 and "faint.png" in err and "read as an empty mask" in err and err.count("\n") == 1
