@@ -122,3 +122,58 @@ def test_soft_masks_keep_the_127_rule_and_an_emptied_mask_is_warned_about(tmp_pa
     _, mask = load_pair(Record("x.png", tmp_path / "x.png", tmp_path / "faint.png", "r"))
     err = capsys.readouterr().err
     assert mask.sum() == 0 and "faint.png" in err and "read as an empty mask" in err and err.count("\n") == 1
+
+
+# --- run folders: what a resume may change, and on which data --------------------------------------------------
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory):
+    """(data, another dataset, a finished 1-epoch run)."""
+    from lvit.data.synthetic import generate_synthetic
+    from lvit.presets import preset_path
+    from lvit.train import load_config
+    from lvit.train.runner import train
+
+    base = tmp_path_factory.mktemp("resume")
+    data = generate_synthetic(base / "data", n_train=6, n_val=2, n_test=2, size=64, seed=0, progress=False)
+    other = generate_synthetic(base / "other", n_train=6, n_val=2, n_test=2, size=64, seed=5, progress=False)
+    train(load_config(preset_path("synth"), ["model.image_size=32", "model.base_channels=8", "data.batch_size=3",
+                                             "trainer.max_epochs=1", "trainer.progress=false",
+                                             "data.num_workers=0"]), data, base / "run")
+    return data, other, base / "run"
+
+
+@pytest.mark.parametrize("change", ["model.base_channels=32", "optim.lr=0.5", "data.batch_size=2"])
+def test_a_resume_that_would_change_what_the_run_learns_is_refused_and_touches_nothing(short_run, tmp_path, capsys,
+                                                                                       change):
+    import shutil
+
+    _, _, source = short_run
+    run = tmp_path / "run"
+    shutil.copytree(source, run)
+    before = _tree(run)
+    assert main(["train", "--out", str(run), "--resume", "--set", change, "--no-progress"]) == 2
+    _one_line_error(capsys, f"cannot change {change.split('=')[0]}")
+    assert _tree(run) == before  # byte for byte
+
+
+def test_a_resume_may_train_longer_and_says_when_the_data_changed(short_run, tmp_path, capsys):
+    import shutil
+
+    import yaml
+
+    data, other, source = short_run
+    run = tmp_path / "run"
+    shutil.copytree(source, run)
+    assert main(["train", "--out", str(run), "--resume", "--epochs", "2", "--no-progress"]) == 0
+    assert "other data" not in capsys.readouterr().err
+    assert main(["train", "--out", str(run), "--resume", "--epochs", "3", "--data", str(other), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "resumed on other data" in err and str(other.resolve()) in err
+    info = yaml.safe_load((run / "config.yaml").read_text())["data_info"]
+    assert info["root"] == str(other.resolve()) and info["earlier"][0]["root"] == str(data.resolve())

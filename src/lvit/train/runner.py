@@ -46,18 +46,68 @@ class TrainResult:
     seconds: float  # wall time of this call
 
 
+#: Settings a resumed run may change: how long it trains and how it reports, never what it learns with (a longer
+#: run is extended across sessions with a larger trainer.max_epochs).
+RESUMABLE_SETTINGS = ("trainer.max_epochs", "trainer.patience", "trainer.progress", "trainer.log_every_n_steps",
+                      "data.num_workers", "text.cache_dir")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in d.items():
+        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
+
+
 def resume_config(run_dir: str | Path, overrides: list[str] | None = None) -> tuple[TrainConfig, str | None]:
-    """The config saved in a run folder (plus overrides such as ``trainer.max_epochs=...``) and its data root."""
+    """The config saved in a run folder (plus overrides such as ``trainer.max_epochs=...``) and its data root.
+    Overrides of settings a resume cannot change (anything outside :data:`RESUMABLE_SETTINGS`) are refused in
+    one line before anything is written, so the run folder stays as it was."""
     state_path = Path(run_dir) / CKPT_DIR / LAST_STATE
     if not state_path.is_file():
         raise CheckpointError(f"{state_path}: nothing to resume (no full-state checkpoint in this run folder)")
     saved = read_run_config(run_dir)
     data = {k: v for k, v in saved.items() if k not in RUN_ONLY_KEYS}
+    source = str(Path(run_dir) / "config.yaml")
+    before = _flat(TrainConfig.from_dict(data, source=source).to_dict())
     for item in overrides or []:
         apply_override(data, item)
-    config = TrainConfig.from_dict(data, source=str(Path(run_dir) / "config.yaml"))
+    config = TrainConfig.from_dict(data, source=source)
+    changed = [key for key, value in _flat(config.to_dict()).items()
+               if before.get(key) != value and key not in RESUMABLE_SETTINGS]
+    if changed:
+        raise ConfigError(f"{run_dir}: a resumed run cannot change {', '.join(changed)} (it continues the saved "
+                          f"weights and optimizer); only {', '.join(RESUMABLE_SETTINGS)} can change. Start a new "
+                          "run (--init-from to start from these weights)")
     root = (saved.get("data_info") or {}).get("root")
     return config, root
+
+
+def split_fingerprint(train_records, val_records) -> str:
+    """sha256 (16 hex digits) of the training and validation lists: image names, mask presence and reports."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for split, records in (("train", train_records), ("val", val_records)):
+        for r in records:
+            digest.update(f"{split}\t{r.name}\t{r.mask_path is not None}\t{r.text}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def _compare_data(run_dir: Path, now: dict) -> dict:
+    """On resume: say when the data differs from what the run trained on so far, and keep that history."""
+    from ..errors import warn
+
+    before = read_run_config(run_dir).get("data_info") or {}
+    history = list(before.get("earlier") or [])
+    old = {k: before.get(k) for k in ("root", "n_train", "n_val", "fingerprint")}
+    if old.get("fingerprint") is not None and old["fingerprint"] != now["fingerprint"] or \
+            old.get("root") not in (None, now["root"]):
+        warn(f"{run_dir}: resumed on other data than it trained on so far: {now['root']} ({now['n_train']} train / "
+             f"{now['n_val']} val, fingerprint {now['fingerprint']}) instead of {old['root']} ({old['n_train']} / "
+             f"{old['n_val']}, fingerprint {old.get('fingerprint') or 'not recorded'}); both are kept in config.yaml")
+        history.append(old)
+    return {**now, "earlier": history} if history else now
 
 
 def _trainer_kwargs(config: TrainConfig) -> dict:
@@ -148,12 +198,16 @@ def train(
         if _launched_as_rank_zero():
             data.encoder.save(run_dir / "vocab.json")
         text_info["spec"] = "learned:vocab.json"  # relative to the run folder
+    data_info = {"root": str(data_root.resolve()), "n_train": len(data.train), "n_val": len(data.val),
+                 "image_size": config.model.image_size, "in_channels": config.model.in_channels,
+                 "fingerprint": split_fingerprint(data.train.records, data.val.records)}
+    if resume:
+        data_info = _compare_data(run_dir, data_info)
     run_config = {
         "lvit_version": __version__,
         **config.to_dict(),
         "text_encoder": text_info,
-        "data_info": {"root": str(data_root.resolve()), "n_train": len(data.train), "n_val": len(data.val),
-                      "image_size": config.model.image_size, "in_channels": config.model.in_channels},
+        "data_info": data_info,
     }
     if _launched_as_rank_zero():
         write_run_config(run_dir, run_config)
