@@ -177,3 +177,35 @@ def test_a_resume_may_train_longer_and_says_when_the_data_changed(short_run, tmp
     assert "resumed on other data" in err and str(other.resolve()) in err
     info = yaml.safe_load((run / "config.yaml").read_text())["data_info"]
     assert info["root"] == str(other.resolve()) and info["earlier"][0]["root"] == str(data.resolve())
+
+
+def test_a_run_folder_in_use_is_locked_and_a_stale_lock_is_reported(short_run, tmp_path, capsys):
+    import json
+    import shutil
+    import socket
+    import subprocess
+    import sys
+
+    from lvit.runs import LOCK_NAME
+
+    data, _, source = short_run
+    run = tmp_path / "run"
+    shutil.copytree(source, run)
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (run / LOCK_NAME).write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname(), "since": "now"}))
+        before = _tree(run)
+        for argv in (["--resume", "--epochs", "2"], ["--config", "synth", "--data", str(data), "--force"]):
+            assert main(["train", "--out", str(run), *argv, "--no-progress"]) == 2
+            _one_line_error(capsys, f"in use by lvit train (pid {holder.pid}")
+            assert _tree(run) == before
+    finally:
+        holder.kill()
+        holder.wait()
+    # The holder is gone: its lock is stale, reported and taken over; the lock goes when the training ends.
+    assert main(["train", "--out", str(run), "--resume", "--epochs", "2", "--no-progress"]) == 0
+    assert f"the lock of pid {holder.pid}" in capsys.readouterr().err
+    assert not (run / LOCK_NAME).exists()
+    (run / LOCK_NAME).write_text(json.dumps({"pid": 1, "host": "another-machine", "since": "then"}))
+    assert main(["train", "--out", str(run), "--resume", "--epochs", "3", "--no-progress"]) == 2
+    _one_line_error(capsys, "host another-machine")

@@ -347,12 +347,14 @@ def check_writable(path: str | Path, what: str = "output") -> Path:
     return path
 
 
-def prepare_output_dir(path: str | Path, force: bool = False, what: str = "output folder") -> Path:
-    """Create ``path``; refuse a non-empty existing folder unless ``force`` (then keep its files)."""
+def prepare_output_dir(path: str | Path, force: bool = False, what: str = "output folder",
+                       ignore: tuple[str, ...] = ()) -> Path:
+    """Create ``path``; refuse a non-empty existing folder unless ``force`` (then keep its files). Entries named in
+    ``ignore`` (the caller's own lock) do not make it non-empty."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise OutputExistsError(f"{path}: exists and is not a folder")
-    if path.is_dir() and any(path.iterdir()) and not force:
+    if path.is_dir() and any(p.name not in ignore for p in path.iterdir()) and not force:
         raise OutputExistsError(f"{path}: {what} exists and is not empty; pass --force to write into it")
     try:
         path.mkdir(parents=True, exist_ok=True)

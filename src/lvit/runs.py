@@ -26,6 +26,7 @@ pickled code is refused instead of executed. Every file is written atomically (:
 from __future__ import annotations
 
 import pickle
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -150,6 +151,71 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
 
 # --------------------------------------------------------------------------------------------------
 # The run config
+
+
+#: Held by the process training into a run folder (pid, host, start time as JSON).
+LOCK_NAME = ".lvit-train.lock"
+
+
+def _process_alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+@contextmanager
+def run_lock(run_dir: str | Path):
+    """Hold ``run_dir``'s lock while training into it. A live holder on this machine, or any holder on another
+    machine (its process cannot be checked from here), is refused with one line naming it; the lock of a process
+    that is gone is reported and taken over."""
+    import json
+    import os
+    import socket
+    import time
+
+    from .errors import warn
+
+    run_dir = Path(run_dir)
+    path = run_dir / LOCK_NAME
+    host = socket.gethostname()
+    try:
+        holder = json.loads(path.read_text())
+    except FileNotFoundError:
+        holder = None
+    except (OSError, ValueError):
+        holder = {"pid": None, "host": "?", "since": "?"}  # damaged: whoever wrote it is unknown
+    if holder is not None:
+        pid, where, since = holder.get("pid"), holder.get("host"), holder.get("since", "?")
+        if where != host or not isinstance(pid, int):
+            raise CheckpointError(f"{run_dir}: in use by lvit train (pid {pid} on host {where}, since {since}); lvit "
+                                  f"cannot check that process from here: if it has stopped, remove {path}")
+        if _process_alive(pid):
+            raise CheckpointError(f"{run_dir}: in use by lvit train (pid {pid}, since {since}): wait for it to finish "
+                                  "or stop it; two trainings into one run folder would overwrite each other")
+        warn(f"{run_dir}: the lock of pid {pid} (since {since}) is stale, that process has ended: taking it over")
+        path.unlink(missing_ok=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    mine = {"pid": os.getpid(), "host": host, "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:  # another process took it between our read and now
+        raise CheckpointError(f"{run_dir}: another lvit train has just started in this run folder") from None
+    with os.fdopen(fd, "w") as fh:
+        fh.write(json.dumps(mine))
+    try:
+        yield path
+    finally:
+        try:
+            if json.loads(path.read_text()).get("pid") == mine["pid"]:
+                path.unlink()
+        except (OSError, ValueError):
+            pass
 
 
 #: The shipped model commands use when given none (a QaTa-COV19 chest X-ray LViT; its card says how it was made).
@@ -339,8 +405,8 @@ def load_run(path: str | Path, map_location: str | torch.device = "cpu") -> Load
 
 
 __all__ = [
-    "BEST_WEIGHTS", "CKPT_DIR", "CONFIG_NAME", "DEFAULT_MODEL", "LAST_STATE", "LAST_WEIGHTS", "LoadedRun",
-    "TEXT_EMBEDDING_PREFIX", "VOCAB_NAME", "is_model_folder", "load_run", "load_state_file", "load_weights",
-    "read_run_config", "resolve_run", "save_weights", "shipped_model", "shipped_model_names", "short_reason",
-    "write_run_config",
+    "BEST_WEIGHTS", "CKPT_DIR", "CONFIG_NAME", "DEFAULT_MODEL", "LAST_STATE", "LAST_WEIGHTS", "LOCK_NAME",
+    "LoadedRun", "TEXT_EMBEDDING_PREFIX", "VOCAB_NAME", "is_model_folder", "load_run", "load_state_file",
+    "load_weights", "read_run_config", "resolve_run", "run_lock", "save_weights", "shipped_model",
+    "shipped_model_names", "short_reason", "write_run_config",
 ]

@@ -23,7 +23,7 @@ import torch
 from .. import __version__
 from ..errors import CheckpointError, ConfigError
 from ..io import prepare_output_dir
-from ..runs import CKPT_DIR, LAST_STATE, read_run_config, write_run_config
+from ..runs import CKPT_DIR, LAST_STATE, LOCK_NAME, read_run_config, run_lock, write_run_config
 from .callbacks import RunCheckpoint
 from .checkpoint import SafeCheckpointIO, rng_state, set_rng_state
 from .config import TrainConfig, apply_override
@@ -153,7 +153,16 @@ def train(
     epoch, early-stopping state, RNG). Otherwise ``run_dir`` must be new or empty unless ``force``.
     ``plugins``: :class:`~lvit.train.plugins.TrainingPlugin` instances (the one extension point: data set-up,
     the module, callbacks); semi-supervised training is added automatically when ``config.semi`` is active.
+    The run folder is locked meanwhile (:func:`lvit.runs.run_lock`): a second training into it is refused.
     """
+    if not _launched_as_rank_zero():  # DDP's extra processes join the run the first one holds
+        return _train(config, data_root, run_dir, resume=resume, force=force, plugins=plugins)
+    with run_lock(run_dir):
+        return _train(config, data_root, run_dir, resume=resume, force=force, plugins=plugins)
+
+
+def _train(config: TrainConfig, data_root: str | Path, run_dir: str | Path, *, resume: bool, force: bool,
+           plugins: Sequence[TrainingPlugin]) -> TrainResult:
     from ..models import build_model
 
     started = time.perf_counter()
@@ -164,7 +173,7 @@ def train(
             raise CheckpointError(f"{state_path}: nothing to resume (no full-state checkpoint in this run folder)")
     elif _launched_as_rank_zero():
         clear_failed_start(run_dir)  # the stub of a run that failed before its first checkpoint
-        prepare_output_dir(run_dir, force=force, what="run folder")
+        prepare_output_dir(run_dir, force=force, what="run folder", ignore=(LOCK_NAME,))
     if data_root is None:
         raise ConfigError("no dataset: pass --data ROOT (or set data.root in the config)")
     data_root = Path(data_root)
@@ -265,7 +274,7 @@ def clear_failed_start(run_dir: str | Path) -> list[str]:
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         return []
-    entries = list(run_dir.iterdir())
+    entries = [e for e in run_dir.iterdir() if e.name != LOCK_NAME]  # the lock is this training's own
     for entry in entries:
         if entry.name.startswith(".") and entry.name.endswith(".tmp"):
             continue
