@@ -64,9 +64,13 @@ def ship(args) -> int:
     run = load_run(args.run)
     if not run.reads_text:
         raise SystemExit(f"error: {args.run}: the shipped model reads reports (a {run.model_name} run was given)")
+    from lvit.data import load_split
+
+    reports = sorted({r.text for r in load_split(args.data, "train")})  # shipped encoded: no text model needed
     folders, measured = {}, {}
     for dtype, half in (("float32", False), ("float16", True)):
-        folders[dtype] = export_model_folder(args.run, work / dtype, dataset="qata", run=run, half=half)
+        folders[dtype] = export_model_folder(args.run, work / dtype, dataset="qata", run=run, half=half,
+                                             report_texts=reports)
         started = time.perf_counter()
         measured[dtype] = figures(test(folders[dtype], args.data, work / f"test-{dtype}"))
         print(f"{dtype}: {json.dumps(measured[dtype])} ({time.perf_counter() - started:.0f} s)", flush=True)

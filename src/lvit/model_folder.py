@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from .errors import CheckpointError, ConfigError, warn
-from .models.pretrained import VOCAB_FILE, WORDS_FILE, write_model_folder
+from .models.pretrained import REPORT_CACHE, VOCAB_FILE, WORDS_FILE, write_model_folder
 from .runs import LoadedRun, is_model_folder, load_run
 
 #: Licence notes of the datasets lvit knows (from docs/QATA.md, docs/MONUSEG.md, lvit synth); others: unknown.
@@ -251,9 +251,12 @@ def _counts(info: dict) -> str:
 
 def export_model_folder(source: str | Path, out: str | Path, *, metrics_files: list[str | Path] | None = None,
                         dataset: str | None = None, data_licence: str | None = None, force: bool = False,
-                        run: LoadedRun | None = None, half: bool = False, card: str | None = None) -> Path:
+                        run: LoadedRun | None = None, half: bool = False, card: str | None = None,
+                        report_texts: list[str] | None = None) -> Path:
     """Write the model folder of a run (or re-export a model folder) into ``out``; returns ``out``. ``half``:
-    float16 weights; ``card``: a model card of the caller's instead of the one made from the run."""
+    float16 weights; ``card``: a model card of the caller's instead of the one made from the run;
+    ``report_texts``: reports to ship already encoded (``report_cache.safetensors``; the training reports, so
+    that predicting with one of them never loads the text model)."""
     run = run or load_run(source, map_location="cpu")
     out = Path(out)
     if out.resolve() == Path(run.run_dir).resolve() or Path(run.run_dir).resolve() in out.resolve().parents:
@@ -321,6 +324,15 @@ def export_model_folder(source: str | Path, out: str | Path, *, metrics_files: l
     elif run.reads_text and not spec:
         raise CheckpointError(f"{run.run_dir}: the run config names no text encoder (text_encoder.spec): the "
                               "model folder could not read reports")
+    if report_texts and run.reads_text and not spec.startswith("learned"):
+        from .text import get_text_encoder
+        from .text.cache import cache_file_bytes
+
+        encoder = get_text_encoder(spec, int(info.get("max_tokens", run.model.config.text_tokens)),
+                                   min_words=int(info.get("min_words", 9)))
+        files[REPORT_CACHE] = cache_file_bytes(encoder, list(report_texts))
+    elif is_model_folder(run.run_dir) and (Path(run.run_dir) / REPORT_CACHE).is_file():
+        files[REPORT_CACHE] = (Path(run.run_dir) / REPORT_CACHE).read_bytes()
     if card is None:
         card = model_card({**config, "model": run.model.config.to_dict(), "model_name": source_config["model_name"]},
                           run.reads_text)

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import CheckpointError, ConfigError, LvitError
+from ..models.pretrained import REPORT_CACHE
 from ..runs import LoadedRun
 
 TextFn = Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]]
@@ -116,6 +117,11 @@ def run_text_encoder(run: LoadedRun, cache_dir: str | Path | None = None) -> Tex
     if encoder.dim != run_config["model"]["text_dim"]:
         raise CheckpointError(f"text encoder {spec} gives {encoder.dim}-d vectors but the model expects "
                               f"{run_config['model']['text_dim']}-d")
+    shipped = Path(run_dir) / REPORT_CACHE
+    if run.is_model_folder and shipped.is_file():  # the training reports, encoded when the folder was made
+        from ..text.cache import encode_with_rows
+
+        return lambda texts: encode_with_rows(encoder, list(texts), shipped, cache_dir)
     return lambda texts: encode_cached(encoder, list(texts), cache_dir)
 
 

@@ -14,8 +14,9 @@ it is (``huggingface_hub.upload_folder``), but loading is stricter than the mixi
 ``config.json`` holds ``model_name`` (``lvit``, ``lvit-t`` or ``unet``) and ``model`` (the :class:`LViTConfig`
 fields), plus, for a folder exported from a run (``lvit export RUN --hf DIR``), what prediction needs besides
 the network: ``text_encoder`` (spec, max_tokens, min_words, dim), the training settings and test metrics.
-Optional files: ``report_words.json`` (training reports' words, for report warnings), and for the ``learned``
-text backend ``vocab.json`` + ``text_embedding.safetensors``.
+Optional files: ``report_words.json`` (training reports' words, for report warnings),
+``report_cache.safetensors`` (the training reports already encoded: such a report needs no text model at
+prediction time), and for the ``learned`` text backend ``vocab.json`` + ``text_embedding.safetensors``.
 """
 
 from __future__ import annotations
@@ -32,11 +33,12 @@ MODEL_CARD = "README.md"
 TEXT_EMBEDDING_WEIGHTS = "text_embedding.safetensors"
 VOCAB_FILE = "vocab.json"
 WORDS_FILE = "report_words.json"  # = lvit.text.vocabulary.WORDS_FILE (models does not import text)
+REPORT_CACHE = "report_cache.safetensors"  # embeddings of the training reports (lvit.text.cache's file format)
 FORMAT_VERSION = 1
 LIBRARY_NAME = "lvit"
 
 REQUIRED_FILES = (MODEL_CONFIG, MODEL_WEIGHTS)
-OPTIONAL_FILES = (MODEL_CARD, WORDS_FILE, VOCAB_FILE, TEXT_EMBEDDING_WEIGHTS)
+OPTIONAL_FILES = (MODEL_CARD, WORDS_FILE, VOCAB_FILE, TEXT_EMBEDDING_WEIGHTS, REPORT_CACHE)
 FOLDER_FILES = REQUIRED_FILES + OPTIONAL_FILES
 IGNORED_ENTRIES = (".git", ".gitattributes", ".cache")  # version control / `hf download` bookkeeping, never read
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".tar", ".joblib", ".npy", ".npz", ".h5",
@@ -253,7 +255,8 @@ class PretrainedMixin:
 
 
 __all__ = [
-    "FOLDER_FILES", "MODEL_CARD", "MODEL_CONFIG", "MODEL_WEIGHTS", "PretrainedMixin", "TEXT_EMBEDDING_WEIGHTS",
+    "FOLDER_FILES", "MODEL_CARD", "MODEL_CONFIG", "MODEL_WEIGHTS", "PretrainedMixin", "REPORT_CACHE",
+    "TEXT_EMBEDDING_WEIGHTS",
     "VOCAB_FILE", "check_finite", "folder_problem", "looks_like_model_folder", "model_from_folder", "model_name_of",
     "not_local_error", "read_model_config", "write_model_folder",
 ]

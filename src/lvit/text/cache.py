@@ -66,6 +66,37 @@ def _save_rows(path: Path, encoder: TextEncoder, rows: dict[str, tuple[torch.Ten
         save_file({"emb": emb, "mask": mask}, str(tmp), metadata=meta)
 
 
+def cache_file_bytes(encoder: TextEncoder, texts: list[str]) -> bytes:
+    """A cache file (the format above) holding ``texts``' embeddings, as bytes: what a model folder ships so that
+    its training reports never need the text model at prediction time."""
+    import tempfile
+
+    emb, mask = encoder.encode(list(dict.fromkeys(texts)))
+    prepared = encoder.prepare(list(dict.fromkeys(texts)))
+    rows = {text_sha256(t): (emb[i], mask[i]) for i, t in enumerate(prepared)}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "cache.safetensors"
+        _save_rows(path, encoder, rows)
+        return path.read_bytes()
+
+
+def encode_with_rows(encoder: TextEncoder, texts: list[str], shipped: str | Path,
+                     cache_dir: str | Path | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`encode_cached`, looking each report up in the read-only cache file ``shipped`` first (never
+    written); only the reports it lacks reach ``cache_dir``'s cache and the encoder."""
+    texts = list(texts)
+    rows = _load_rows(Path(shipped), encoder)
+    keys = [text_sha256(t) for t in encoder.prepare(texts)]
+    missing = [t for t, k in zip(texts, keys) if k not in rows]
+    if missing:
+        emb, mask = encode_cached(encoder, missing, cache_dir)
+        for i, key in enumerate(text_sha256(t) for t in encoder.prepare(missing)):
+            rows[key] = (emb[i], mask[i])
+    if not texts:
+        return encoder.encode(texts)
+    return torch.stack([rows[k][0] for k in keys]), torch.stack([rows[k][1] for k in keys])
+
+
 def encode_cached(
     encoder: TextEncoder, texts: list[str], cache_dir: str | Path | None
 ) -> tuple[torch.Tensor, torch.Tensor]:

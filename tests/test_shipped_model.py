@@ -1,0 +1,105 @@
+"""The chest X-ray model shipped inside lvit (lvit/resources/models/qata-lvit) and model folders that carry their
+training reports already encoded."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lvit.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "shipped_model.json"
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    from lvit.data.synthetic import generate_synthetic
+    from lvit.presets import preset_path
+    from lvit.train import load_config
+    from lvit.train.runner import train
+
+    base = tmp_path_factory.mktemp("cache")
+    data = generate_synthetic(base / "data", n_train=6, n_val=2, n_test=2, size=64, seed=1, progress=False)
+    train(load_config(preset_path("synth"), ["model.image_size=32", "model.base_channels=8", "data.batch_size=3",
+                                             "trainer.max_epochs=1", "trainer.progress=false",
+                                             "data.num_workers=0"]), data, base / "run")
+    return data, base / "run"
+
+
+def test_a_folder_with_encoded_training_reports_never_loads_the_text_model_for_them(tiny_run, tmp_path,
+                                                                                     monkeypatch):
+    from lvit.data import load_split, read_image
+    from lvit.evaluate.predict import Predictor
+    from lvit.model_folder import export_model_folder
+    from lvit.text.encoders import HFEncoder
+
+    data, run = tiny_run
+    train_reports = [r.text for r in load_split(data, "train")]
+    folder = export_model_folder(run, tmp_path / "folder", report_texts=train_reports)
+    assert (folder / "report_cache.safetensors").is_file()
+    image = read_image(load_split(data, "test")[0].image_path)
+    reference = Predictor(run).predict(image, train_reports[0])  # the run folder: encoded by the text model
+
+    def no_model(self):
+        raise AssertionError("the text model was loaded")
+
+    with monkeypatch.context() as m:
+        m.setattr(HFEncoder, "_load", no_model)
+        shipped = Predictor(folder).predict(image, train_reports[0])
+    assert np.array_equal(shipped, reference)
+    unseen = "bilateral pulmonary infection, two infected areas, upper left lung and upper right lung."
+    assert unseen not in train_reports
+    assert np.isfinite(Predictor(folder).predict(image, unseen)).all()  # a report it lacks: the text model runs
+    copy = export_model_folder(folder, tmp_path / "copy")  # re-exporting a model folder keeps the file
+    assert (copy / "report_cache.safetensors").read_bytes() == (folder / "report_cache.safetensors").read_bytes()
+
+
+# --- the shipped model ------------------------------------------------------------------------------------------
+
+
+def _shipped():
+    from lvit.runs import DEFAULT_MODEL, shipped_model
+
+    folder = shipped_model(DEFAULT_MODEL)
+    assert folder is not None, "lvit ships no default model"
+    return folder, json.loads(RESULTS.read_text())
+
+
+def test_the_shipped_folder_is_the_measured_one_and_small():
+    folder, results = _shipped()
+    weights = folder / "model.safetensors"
+    assert hashlib.sha256(weights.read_bytes()).hexdigest() == results["weights_sha256"]
+    assert sum(p.stat().st_size for p in folder.iterdir()) <= 16 * 1024 * 1024
+    card = (folder / "README.md").read_text()
+    for needle in (results["weights_sha256"], f"{results['dice_original']:.4f}", "research use only",
+                   results["command"], f"{results['sample_test']['dice_original']:.4f}"):
+        assert needle.lower() in card.lower(), needle
+
+
+def test_predict_with_no_model_argument_uses_the_shipped_model(tmp_path, capsys):
+    folder, results = _shipped()
+    Image.fromarray(np.full((224, 224), 100, np.uint8)).save(tmp_path / "x.png")
+    report = "bilateral pulmonary infection, two infected areas, lower left lung and lower right lung."
+    assert main(["predict", "--image", str(tmp_path / "x.png"), "--text", report, "--out",
+                 str(tmp_path / "m.png")]) == 0
+    out = capsys.readouterr().out
+    assert "the shipped qata-lvit" in out.splitlines()[0]
+    assert Image.open(tmp_path / "m.png").size == (224, 224)
+
+
+def test_the_shipped_model_scores_the_card_figure_on_the_shared_qata_sample(shared_dir, tmp_path):
+    from lvit.evaluate.testing import run_test
+
+    _, results = _shipped()
+    sample = shared_dir / "datasets" / "QaTa-COV19-sample"
+    metrics = run_test("qata-lvit", sample, "test", tmp_path / "t", progress=False, k=0)
+    stated = results["sample_test"]
+    assert metrics["n_scored"] == stated["n_test"]
+    assert abs(metrics["original_resolution"]["mean_over_images"]["dice"] - stated["dice_original"]) <= 1e-4
+    assert abs(metrics["dice"] - stated["dice"]) <= 1e-4
