@@ -277,7 +277,7 @@ def test_train_cli_semi_flags_are_overrides_of_the_semi_section(tmp_path):
     from lvit.commands import train as train_cmd
     from lvit.errors import ConfigError
     from lvit.train.config import load_config
-    from lvit.train.semi.cli import semi_overrides
+    from lvit.train.semi_flags import semi_overrides
 
     parser = argparse.ArgumentParser()
     train_cmd.register(parser.add_subparsers())

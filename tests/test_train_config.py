@@ -56,7 +56,7 @@ def test_eta_min_is_clamped_below_lr():
 
 def test_quoted_override_values_stay_strings_and_path_flags_are_quoted():
     from lvit.train.config import apply_override
-    from lvit.train.semi.cli import semi_overrides
+    from lvit.train.semi_flags import semi_overrides
 
     data: dict = {}
     for item in ['trainer.init_from="runs/a #1"', 'semi.labeled_list="1e3"', "optim.lr=1e-3"]:

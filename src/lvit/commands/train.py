@@ -62,7 +62,7 @@ def register(subparsers) -> None:
                         "run into LViT's CNN branch, as the official LViT_pretrain); RUN_DIR/init_from.json lists "
                         "what was and was not loaded (trainer.init_from)")
     add_override_arguments(p)
-    from ..train.semi.cli import add_semi_arguments  # semi-supervised flags (lvit.train.semi)
+    from ..train.semi_flags import add_semi_arguments  # semi-supervised flags (lvit.train.semi)
 
     add_semi_arguments(p)
     p.set_defaults(func=run)
@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     from ..presets import resolve_config
     from ..train.config import load_config
     from ..train.runner import resume_config, train
-    from ..train.semi.cli import semi_overrides
+    from ..train.semi_flags import semi_overrides
 
     overrides = collect_overrides(args) + semi_overrides(args, resume=args.resume)
     if args.init_from is not None:
