@@ -1,5 +1,7 @@
 """Datasets: the layouts (official LViT, annotation file), readers, validation, the torch Dataset and the
-synthetic generator."""
+synthetic generator (loaded on first use: it needs SciPy, which reading a dataset does not)."""
+
+import importlib
 
 from .dataset import (
     SegmentationDataset,
@@ -19,7 +21,6 @@ from .readers import (
     read_mask,
 )
 from .records import Problem, Record
-from .synthetic import generate_synthetic, make_case, parse_report, report_for, zone_at
 from .transforms import (
     AugmentConfig,
     Augmenter,
@@ -60,3 +61,12 @@ __all__ = [
     "to_original_size",
     "zone_at",
 ]
+
+
+_SYNTHETIC = ("generate_synthetic", "make_case", "parse_report", "report_for", "zone_at")
+
+
+def __getattr__(name: str):
+    if name in _SYNTHETIC:
+        return getattr(importlib.import_module(".synthetic", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
