@@ -209,3 +209,29 @@ def test_a_run_folder_in_use_is_locked_and_a_stale_lock_is_reported(short_run, t
     (run / LOCK_NAME).write_text(json.dumps({"pid": 1, "host": "another-machine", "since": "then"}))
     assert main(["train", "--out", str(run), "--resume", "--epochs", "3", "--no-progress"]) == 2
     _one_line_error(capsys, "host another-machine")
+
+
+def test_export_keeps_the_run_s_report_writer_and_predict_uses_it(short_run, tmp_path, capsys):
+    import shutil
+
+    from lvit.data import load_split
+    from lvit.models.reporter import ReporterConfig
+    from lvit.train.reporter import ReporterTraining, train_reporter
+
+    data, _, source = short_run
+    run = tmp_path / "run"
+    shutil.copytree(source, run)
+    train_reporter(data, run / "reporter", model_config=ReporterConfig(image_size=32, width=4, pool_grid=2, hidden=8,
+                                                                       mask_head=False),
+                   training=ReporterTraining(epochs=1, batch_size=4), progress=False, log=None)
+    assert main(["export", str(run), "--hf", str(tmp_path / "folder")]) == 0
+    assert sorted(p.name for p in (tmp_path / "folder" / "reporter").iterdir()) == ["reporter.json",
+                                                                                    "weights.safetensors"]
+    capsys.readouterr()
+    image = load_split(data, "test")[0].image_path
+    assert main(["predict", str(tmp_path / "folder"), "--image", str(image), "--out", str(tmp_path / "m.png")]) == 0
+    assert "generated from the image by the report writer" in capsys.readouterr().out
+    assert (tmp_path / "m.report.txt").is_file()
+    (tmp_path / "folder" / "reporter" / "notes.txt").write_text("x")  # anything else in reporter/ is refused
+    assert main(["predict", str(tmp_path / "folder"), "--image", str(image), "--out", str(tmp_path / "n.png")]) == 2
+    _one_line_error(capsys, "reporter/ must hold exactly")

@@ -22,7 +22,14 @@ from typing import Any
 import yaml
 
 from .errors import CheckpointError, ConfigError, warn
-from .models.pretrained import REPORT_CACHE, VOCAB_FILE, WORDS_FILE, write_model_folder
+from .models.pretrained import (
+    REPORT_CACHE,
+    REPORTER_DIR,
+    REPORTER_FILES,
+    VOCAB_FILE,
+    WORDS_FILE,
+    write_model_folder,
+)
 from .runs import LoadedRun, is_model_folder, load_run
 
 #: Licence notes of the datasets lvit knows (from docs/QATA.md, docs/MONUSEG.md, lvit synth); others: unknown.
@@ -336,8 +343,15 @@ def export_model_folder(source: str | Path, out: str | Path, *, metrics_files: l
     if card is None:
         card = model_card({**config, "model": run.model.config.to_dict(), "model_name": source_config["model_name"]},
                           run.reads_text)
+    reporter = None
+    if run.reads_text and (Path(run.run_dir) / REPORTER_DIR / "reporter.json").is_file():
+        from .reporter_folder import read_reporter_meta
+
+        read_reporter_meta(Path(run.run_dir) / REPORTER_DIR)  # a damaged writer is refused, not copied
+        reporter = {name: (Path(run.run_dir) / REPORTER_DIR / name).read_bytes() for name in REPORTER_FILES}
     return write_model_folder(out, run.model, config, card=card, files=files,
-                              text_embedding=run.text_embedding if run.reads_text else None, force=force, half=half)
+                              text_embedding=run.text_embedding if run.reads_text else None, force=force, half=half,
+                              reporter=reporter)
 
 
 __all__ = ["DATASETS", "best_validation", "export_model_folder", "guess_dataset", "match_preset", "model_card",

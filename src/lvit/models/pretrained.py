@@ -37,6 +37,8 @@ REPORT_CACHE = "report_cache.safetensors"  # embeddings of the training reports 
 FORMAT_VERSION = 1
 LIBRARY_NAME = "lvit"
 
+REPORTER_DIR = "reporter"  # the report writer (lvit.reporter_folder's files), for images without a report
+REPORTER_FILES = ("reporter.json", "weights.safetensors")
 REQUIRED_FILES = (MODEL_CONFIG, MODEL_WEIGHTS)
 OPTIONAL_FILES = (MODEL_CARD, WORDS_FILE, VOCAB_FILE, TEXT_EMBEDDING_WEIGHTS, REPORT_CACHE)
 FOLDER_FILES = REQUIRED_FILES + OPTIONAL_FILES
@@ -62,9 +64,16 @@ def folder_problem(folder: str | Path) -> str | None:
         if any(lower.endswith(suffix) for suffix in PICKLE_SUFFIXES):
             return (f"refused: {name} holds weights in a format that can carry code (pickle) or that lvit does "
                     f"not read; lvit loads weights only from {MODEL_WEIGHTS} (safetensors): remove {name}")
+        if name == REPORTER_DIR and entry.is_dir() and not entry.is_symlink():
+            inside = sorted(p.name for p in entry.iterdir())
+            if inside != sorted(REPORTER_FILES) or not all((entry / f).is_file() for f in REPORTER_FILES):
+                return (f"refused: {REPORTER_DIR}/ must hold exactly {' and '.join(REPORTER_FILES)} (the report "
+                        f"writer), found {', '.join(inside) or 'nothing'}")
+            continue
         if name not in FOLDER_FILES:
             return (f"refused: unexpected {'folder' if entry.is_dir() else 'file'} {name} (a model folder holds only "
-                    f"{', '.join(FOLDER_FILES)}): remove it, or export the model again into an empty folder")
+                    f"{', '.join(FOLDER_FILES)} and a {REPORTER_DIR}/ folder): remove it, or export the model again "
+                    "into an empty folder")
         if not entry.is_file():
             return f"refused: {name} is not a regular file"
     names = {p.name for p in entries}
@@ -161,11 +170,12 @@ def _first_clause(exc: BaseException, limit: int = 200) -> str:
 
 def write_model_folder(folder: str | Path, model, config: dict[str, Any], *, card: str | None = None,
                        files: dict[str, bytes] | None = None, text_embedding=None, force: bool = False,
-                       half: bool = False) -> Path:
+                       half: bool = False, reporter: dict[str, bytes] | None = None) -> Path:
     """Write ``model`` (weights), ``config`` (completed with the format keys), the card and ``files`` (other
     names of :data:`OPTIONAL_FILES`) into ``folder``, each atomically. An existing non-empty folder is refused
     without ``force``; with it, only a model folder is replaced (its stale optional files removed). ``half``:
-    floating-point weights stored as float16 (half the bytes; loading casts them back to the model's float32)."""
+    floating-point weights stored as float16 (half the bytes; loading casts them back to the model's float32).
+    ``reporter``: the report writer's files (:data:`REPORTER_FILES` -> bytes) for ``reporter/``."""
     from safetensors.torch import save_file
 
     from ..io import atomic_path, atomic_write_bytes, atomic_write_text, prepare_output_dir
@@ -178,7 +188,8 @@ def write_model_folder(folder: str | Path, model, config: dict[str, Any], *, car
     if folder.is_dir() and any(folder.iterdir()):
         if not force:
             raise OutputExistsError(f"{folder}: exists and is not empty (use --force to replace the model in it)")
-        others = [p.name for p in folder.iterdir() if p.name not in FOLDER_FILES and p.name not in IGNORED_ENTRIES]
+        others = [p.name for p in folder.iterdir() if p.name not in FOLDER_FILES and p.name not in IGNORED_ENTRIES
+                  and p.name != REPORTER_DIR]
         if others:
             raise OutputExistsError(f"{folder}: holds files a model folder does not ({', '.join(sorted(others)[:5])}): "
                                     "not replaced, even with --force; choose an empty or new folder")
@@ -204,6 +215,16 @@ def write_model_folder(folder: str | Path, model, config: dict[str, Any], *, car
     for name in OPTIONAL_FILES:  # stale files of a model replaced with --force
         if name not in written and (folder / name).is_file():
             (folder / name).unlink()
+    if reporter:
+        if sorted(reporter) != sorted(REPORTER_FILES):
+            raise ValueError(f"write_model_folder: a report writer is {' and '.join(REPORTER_FILES)}")
+        (folder / REPORTER_DIR).mkdir(exist_ok=True)
+        for name in ("weights.safetensors", "reporter.json"):  # its config last, as lvit train-reporter writes it
+            atomic_write_bytes(folder / REPORTER_DIR / name, reporter[name])
+    elif (folder / REPORTER_DIR).is_dir():  # the replaced model's writer would serve the new model
+        import shutil
+
+        shutil.rmtree(folder / REPORTER_DIR)
     atomic_write_text(folder / MODEL_CONFIG, json.dumps(full, indent=2) + "\n")  # last: the folder is complete
     return folder
 
@@ -255,7 +276,7 @@ class PretrainedMixin:
 
 
 __all__ = [
-    "FOLDER_FILES", "MODEL_CARD", "MODEL_CONFIG", "MODEL_WEIGHTS", "PretrainedMixin", "REPORT_CACHE",
+    "FOLDER_FILES", "MODEL_CARD", "MODEL_CONFIG", "MODEL_WEIGHTS", "PretrainedMixin", "REPORTER_DIR", "REPORT_CACHE",
     "TEXT_EMBEDDING_WEIGHTS",
     "VOCAB_FILE", "check_finite", "folder_problem", "looks_like_model_folder", "model_from_folder", "model_name_of",
     "not_local_error", "read_model_config", "write_model_folder",
