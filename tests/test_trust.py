@@ -235,3 +235,29 @@ def test_export_keeps_the_run_s_report_writer_and_predict_uses_it(short_run, tmp
     (tmp_path / "folder" / "reporter" / "notes.txt").write_text("x")  # anything else in reporter/ is refused
     assert main(["predict", str(tmp_path / "folder"), "--image", str(image), "--out", str(tmp_path / "n.png")]) == 2
     _one_line_error(capsys, "reporter/ must hold exactly")
+
+
+# --- reports far from the training reports ----------------------------------------------------------------------
+
+
+def test_reports_far_from_the_training_reports_are_flagged_reworded_ones_are_not():
+    from files import load_bench
+
+    from lvit.text.vocabulary import ReportCheck, report_words
+
+    rephrase = load_bench("bench/rephrase_reports.py", "rephrase_reports")
+    templates = ["bilateral pulmonary infection, six infected areas, upper middle lower left lung and upper middle "
+                 "lower right lung.", "unilateral pulmonary infection, one infected area, lower right lung.",
+                 "bilateral pulmonary infection, three infected areas, middle lower left lung and lower right lung.",
+                 "unilateral pulmonary infection, two infected areas, middle lower left lung."]
+    known = set().union(*(report_words(t) for t in templates))
+
+    def check(text: str) -> ReportCheck:
+        words = report_words(text)
+        return ReportCheck(0, 0, len(words), len(words & known))
+
+    reworded, _ = rephrase.rephrase_all(templates * 30, seed=1)
+    assert not any(check(t).unfamiliar for t in templates + reworded)
+    for far in ("Opacité bilatérale des deux poumons", "😀😀", "left", "The patient feels fine today and went home",
+                "infección pulmonar bilateral, dos áreas infectadas, pulmón izquierdo inferior"):
+        assert check(far).unfamiliar, far

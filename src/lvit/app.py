@@ -207,7 +207,8 @@ class Segmenter:
                 notes.append(f"The report is long: the model reads its first {check.kept} of {check.tokens} "
                              "tokens (word pieces).")
             if check.unfamiliar:
-                notes.append("The report shares no word with the training reports: do not trust the mask.")
+                notes.append("The report is far from the training reports (few or none of its words were seen in "
+                             "training): do not trust the mask.")
         elif text:
             notes.append(f"{self.title} does not read reports: the report was ignored.")
         (expl,) = explain_image(self.run.model, image, [text], self.predictor.encode_text, [self.layer])

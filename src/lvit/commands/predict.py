@@ -195,12 +195,12 @@ def _warn_about_reports(checker, checks, names: list[str], where: str) -> None:
     if single:
         c = checks[0]
         what = ("has no words (only symbols or emoji)" if c.words == 0 else
-                f"shares no words with the training reports (none of its {c.words} words was seen in training; "
-                "another language?)")
+                f"is far from the training reports ({c.known} of its {c.words} words were seen in training; "
+                "another language or free text?)")
         warn(f"{where}: the report {what}: the model cannot read it, do not trust the mask")
     else:
-        warn(f"{where}: {len(strange)} report(s) share no words with the training reports (no words, another "
-             f"language?): do not trust their masks: {listed(strange)}")
+        warn(f"{where}: {len(strange)} report(s) are far from the training reports (few or none of their words "
+             f"were seen in training; another language?): do not trust their masks: {listed(strange)}")
 
 
 def _predict_one(args) -> int:

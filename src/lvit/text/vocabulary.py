@@ -76,8 +76,10 @@ class ReportCheck:
 
     @property
     def unfamiliar(self) -> bool:
-        """True when the report shares no word with the training reports (or has no words at all)."""
-        return self.known == 0
+        """True when the report is far from the training reports: fewer than two of its words, or under a quarter
+        of them, are words those reports use (another language, emoji, free text). Reworded reports in the same
+        vocabulary of sides, zones and counts are not."""
+        return self.known is not None and self.known < max(2, self.words / 4)
 
 
 def _word_piece_counter(folder: Path):
