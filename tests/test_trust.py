@@ -261,3 +261,49 @@ def test_reports_far_from_the_training_reports_are_flagged_reworded_ones_are_not
     for far in ("Opacité bilatérale des deux poumons", "😀😀", "left", "The patient feels fine today and went home",
                 "infección pulmonar bilateral, dos áreas infectadas, pulmón izquierdo inferior"):
         assert check(far).unfamiliar, far
+
+
+# --- derived files that would describe something else ------------------------------------------------------------
+
+
+def test_export_leaves_out_test_metrics_of_other_weights(short_run, tmp_path, capsys):
+    import shutil
+
+    from lvit.runs import load_run, save_weights
+
+    data, _, source = short_run
+    run = tmp_path / "run"
+    shutil.copytree(source, run)
+    assert main(["test", str(run), "--data", str(data), "--no-progress", "--k", "0"]) == 0
+    metrics = json.loads((run / "test-test" / "metrics.json").read_text())
+    assert len(metrics["weights_sha256"]) == 64
+    assert main(["export", str(run), "--hf", str(tmp_path / "same")]) == 0
+    assert json.loads((tmp_path / "same" / "config.json").read_text())["metrics"]["test"]  # measured: kept
+    loaded = load_run(run)
+    with torch.no_grad():
+        loaded.model.head.bias.add_(1.0)  # the run trained on: its best weights are no longer those tested
+    save_weights(run / "checkpoints" / "best.safetensors", loaded.model)
+    capsys.readouterr()
+    assert main(["export", str(run), "--hf", str(tmp_path / "other")]) == 0
+    assert "computed with other weights" in capsys.readouterr().err
+    assert json.loads((tmp_path / "other" / "config.json").read_text())["metrics"]["test"] == []
+    assert "No test metrics" in (tmp_path / "other" / "README.md").read_text()
+
+
+def test_a_forced_predict_leaves_no_report_of_an_earlier_mask(tmp_path, capsys):
+    model = build_model("lvit-t", LViTConfig(image_size=32, base_channels=8, vit_heads=2))
+    folder = model.save_pretrained(tmp_path / "model")
+    Image.fromarray(np.full((40, 40), 90, np.uint8)).save(tmp_path / "x.png")
+    (tmp_path / "m.report.txt").write_text("a report generated for the earlier mask\n")
+    assert main(["predict", str(folder), "--image", str(tmp_path / "x.png"), "--out", str(tmp_path / "m.png")]) == 0
+    assert not (tmp_path / "m.report.txt").exists()
+    images = tmp_path / "imgs"
+    images.mkdir()
+    Image.fromarray(np.full((40, 40), 90, np.uint8)).save(images / "a.png")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "reports.csv").write_text("image,report,source\nold.png,x,y\n")
+    (out / "skipped.csv").write_text("image,status,reason\nold.png,skipped,x\n")
+    assert main(["predict", str(folder), "--images", str(images), "--out", str(out), "--force", "--no-progress"]) == 0
+    assert not (out / "reports.csv").exists() and not (out / "skipped.csv").exists()
+    assert (out / "masks" / "a.png").is_file()

@@ -124,10 +124,19 @@ def read_metrics(files: list[Path], weights: Path | None) -> list[dict]:
                "dice": m.get("dice"), "iou": m.get("iou"), "image_size": model_res.get("image_size"),
                "dataset_level": model_res.get("dataset_level"),
                "original_resolution": orig.get("mean_over_images")}
-        if weights is not None and m.get("weights") and Path(m["weights"]).name != Path(weights).name:
-            row["weights_note"] = f"computed with {Path(m['weights']).name}, not the exported {Path(weights).name}"
+        if weights is not None:
+            recorded = m.get("weights_sha256")
+            if recorded != _sha256(weights):
+                why = ("records no weights hash (written by an older lvit)" if not recorded else
+                       f"was computed with other weights (sha256 {str(recorded)[:12]}, not {_sha256(weights)[:12]})")
+                warn(f"{path}: {why}: left out of the model card; run lvit test again to measure these weights")
+                continue
         rows.append(row)
     return rows
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def best_validation(run_dir: Path) -> dict | None:

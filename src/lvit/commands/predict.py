@@ -263,6 +263,11 @@ def _predict_one(args) -> int:
 
         atomic_write_text(report_file, text + "\n")
         written.append(f"{report_file} (generated report)")
+    else:  # a report generated for an earlier mask of this name no longer describes it
+        stale = report_path_for(outputs[0][1])
+        if stale.is_file() and not any(stale == p for _, p, _ in outputs) and stale != image_path:
+            stale.unlink()
+            written.append(f"{stale} removed (a report generated for the mask this one replaces)")
     h, w = mask.shape
     print(f"{args.image}: {w}x{h}, {int(mask.sum())} foreground pixels ({100 * mask.mean():.2f}%) -> "
           + ", ".join(written) + f" (weights: {weights})")
@@ -416,8 +421,12 @@ def _predict_folder(args) -> int:
         listing = out / "skipped.csv"
         if skipped or failed:
             _write_skipped(listing, skipped, failed)
+        else:
+            listing.unlink(missing_ok=True)  # an earlier run's list describes other masks
         if generated:
             _write_generated(out / "reports.csv", generated, writer_folder)
+        else:
+            (out / "reports.csv").unlink(missing_ok=True)
     print(f"predicted {written} of {total + len(skipped)} image(s) in {folder} -> {out}/masks/"
           + (", probs/" if args.prob else "") + (", overlays/" if args.overlay else "")
           + (", reports.csv (generated reports)" if generated else "") + f" (weights: {weights})")

@@ -222,6 +222,7 @@ def _score(predictor, records, out: Path, data_root: Path, split: str, k: int, b
         "data": str(data_root.resolve()),
         "run": str(run_dir),
         "weights": str(predictor.weights),
+        "weights_sha256": _sha256(predictor.weights),
         "model_name": predictor.run_config["model_name"],
         "threshold": THRESHOLD,
         "n_images": len(rows),
@@ -240,6 +241,12 @@ def _score(predictor, records, out: Path, data_root: Path, split: str, k: int, b
     atomic_write_json(out / "metrics.json", metrics)
     metrics["out"] = str(out)
     return metrics
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def _figures(scores: SegmentationScores) -> dict:
