@@ -156,7 +156,8 @@ def test_training_writes_a_complete_writer_folder(writer_dir):
     assert len(meta["thresholds"]) == 6 and meta["capitalize"] is True  # synth reports are capitalised
     assert meta["allow_empty"] is True  # the synthetic data has normal cases
     assert meta["data"]["n_train"] == 12 and meta["data"]["n_val"] == 4
-    assert set(meta["val"]) == {"thresholds_chosen", "threshold_0.5"}
+    assert set(meta["val"]) == {"thresholds_chosen", "threshold_0.5", "most_frequent_report",
+                                "beats_most_frequent_report"}
     lines = (writer_dir / "metrics.csv").read_text().splitlines()
     assert lines[0].startswith("epoch,train_loss,val_loss") and len(lines) == 3
     assert 1 <= meta["best_epoch"] <= 2

@@ -307,3 +307,34 @@ def test_a_forced_predict_leaves_no_report_of_an_earlier_mask(tmp_path, capsys):
     assert main(["predict", str(folder), "--images", str(images), "--out", str(out), "--force", "--no-progress"]) == 0
     assert not (out / "reports.csv").exists() and not (out / "skipped.csv").exists()
     assert (out / "masks" / "a.png").is_file()
+
+
+def test_a_report_writer_no_better_than_the_most_frequent_report_is_warned_about(short_run, tmp_path, capsys):
+    import shutil
+
+    import pandas as pd
+
+    from lvit.models.reporter import ReporterConfig
+    from lvit.train.reporter import ReporterTraining, train_reporter
+
+    tiny = ReporterConfig(image_size=32, width=4, pool_grid=2, hidden=8, mask_head=False)
+    data, _, _ = short_run
+    one_epoch = ReporterTraining(epochs=1, batch_size=4)
+    meta = train_reporter(data, tmp_path / "writer", model_config=tiny, training=one_epoch, progress=False, log=None)
+    floor = meta["val"]["most_frequent_report"]
+    assert 0.0 <= floor["exact"] <= 1.0 and floor["train_count"] >= 1
+    beats = meta["val"]["thresholds_chosen"]["exact"] > floor["exact"]
+    assert meta["val"]["beats_most_frequent_report"] is beats
+    assert json.loads((tmp_path / "writer" / "reporter.json").read_text())["val"] == json.loads(json.dumps(meta["val"]))
+    assert ("no better than" in capsys.readouterr().err) is (not beats)
+    # Every report the same: always writing it is exact, so no writer can beat it: warned and recorded.
+    same = tmp_path / "same"
+    shutil.copytree(data, same)
+    for table in same.glob("*/*_text.xlsx"):
+        frame = pd.read_excel(table)
+        frame["Description"] = "unilateral pulmonary infection, one infected area, lower left lung."
+        frame.to_excel(table, index=False)
+    meta = train_reporter(same, tmp_path / "writer2", model_config=tiny, training=one_epoch, progress=False, log=None)
+    assert meta["val"]["most_frequent_report"]["exact"] == 1.0 and meta["val"]["beats_most_frequent_report"] is False
+    err = capsys.readouterr().err
+    assert "no better than always writing the most frequent training report" in err and err.count("\n") == 1

@@ -290,6 +290,16 @@ def train_reporter(data_root: str | Path, out: str | Path, *, model_config=None,
             "thresholds_chosen": flag_metrics(decode_flags(best["probs"], thresholds, allow_empty), val_truth),
             "threshold_0.5": flag_metrics(decode_flags(best["probs"], [0.5] * 6, allow_empty), val_truth),
         }
+        # The floor a writer must beat: always answering the training split's most frequent report.
+        common_flags, common_count = max(
+            ((row, int((train.flags == row).all(1).sum())) for row in torch.unique(train.flags, dim=0)),
+            key=lambda item: item[1])
+        baseline = flag_metrics(np.repeat(common_flags.numpy()[None].astype(bool), len(val_truth), axis=0), val_truth)
+        val_scores["most_frequent_report"] = {"flags": [int(f) for f in common_flags.tolist()],
+                                              "train_count": common_count, "exact": baseline["exact"],
+                                              "macro_f1": baseline["macro_f1"]}
+        beats = val_scores["thresholds_chosen"]["exact"] > baseline["exact"]
+        val_scores["beats_most_frequent_report"] = bool(beats)
         capitalize = sum(str(r.text)[:1].isupper() for r in train.records) > len(train.records) / 2
         meta = {
             "format": FORMAT,
@@ -312,6 +322,13 @@ def train_reporter(data_root: str | Path, out: str | Path, *, model_config=None,
         save_reporter(out, model, meta)
     finally:
         torch.set_num_threads(previous_threads)
+    if not val_scores["beats_most_frequent_report"]:
+        from ..errors import warn
+
+        exact, floor = val_scores["thresholds_chosen"]["exact"], val_scores["most_frequent_report"]["exact"]
+        warn(f"{out}: the report writer is no better than always writing the most frequent training report (exact "
+             f"on val {exact:.3f} vs {floor:.3f}): its reports carry no information from the image; train it longer "
+             "or on more data (recorded in reporter.json)")
     if log is not None:
         chosen = val_scores["thresholds_chosen"]
         log(f"report writer -> {out}: best epoch {meta['best_epoch']} of {tr.epochs}; val ({len(val.records)} "
