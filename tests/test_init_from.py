@@ -10,6 +10,7 @@ import pytest
 import torch
 from badinputs import assert_one_line_error, run_cli
 
+from lvit.errors import CheckpointError
 from lvit.runs import load_weights
 
 TINY = ["--config", "synth", "--epochs", "1", "--batch-size", "4", "--workers", "0", "--no-progress",
@@ -43,10 +44,13 @@ def test_unet_weights_start_lvits_cnn_branch(unet_run, tmp_path, monkeypatch):
         return report
 
     monkeypatch.setattr(runner, "load_matching", spy)
-    code, _, err = run_cli(["train", "--data", data, "--out", tmp_path / "lvit", "--model", "lvit", *TINY,
-                            "--epochs", "1", "--init-from", unet])
+    code, out, err = run_cli(["train", "--data", data, "--out", tmp_path / "lvit", "--model", "lvit", *TINY,
+                              "--epochs", "1", "--init-from", unet])
     assert code == 0, err
     report = json.loads((tmp_path / "lvit" / "init_from.json").read_text())
+    assert report["parts"]["stem"] == report["parts"]["head"] == 1.0 and report["parts"]["vit_down"] == 0.0
+    assert f"{report['counts']['loaded']} of {report['counts']['model']} tensors loaded, covering" in out
+    assert "at initialisation:" in out and "vit_down" in out.split("at initialisation:")[1]
     before, after = captured["before"], captured["after"]
     matching = {k for k, v in source.items() if k in after and after[k].shape == v.shape}
     assert set(report["loaded"]) == matching and len(matching) > 100
@@ -67,7 +71,7 @@ def test_a_source_that_matches_nothing_is_one_line(unet_run, tmp_path):
     save_file({"encoder.layer.0.weight": torch.zeros(3, 3)}, str(foreign))
     code, _, err = run_cli(["train", "--data", data, "--out", tmp_path / "run", "--model", "lvit", *TINY,
                             "--init-from", foreign])
-    assert_one_line_error(code, err, "other.safetensors", "no tensor matches")
+    assert_one_line_error(code, err, "other.safetensors", "no part of this model matches")
     assert not (tmp_path / "run").exists()  # a failed start leaves no run folder behind
     code, _, err = run_cli(["train", "--data", data, "--out", tmp_path / "run2", *TINY, "--init-from",
                             tmp_path / "missing"])
@@ -78,3 +82,21 @@ def test_init_from_is_refused_on_resume(unet_run, tmp_path):
     _, unet = unet_run
     code, _, err = run_cli(["train", "--out", unet, "--resume", "--init-from", unet])
     assert_one_line_error(code, err, "--init-from starts a new run")
+
+
+def test_a_source_of_another_width_is_refused_though_some_tensors_fit(unet_run, tmp_path):
+    """An LViT of another width shares names and, by chance, a few shapes (step counters, small position tensors):
+    no part of the network is covered, so it is refused instead of a silent 'partial start'."""
+    data, _ = unet_run
+    code, _, err = run_cli(["train", "--data", data, "--out", tmp_path / "wide", "--model", "lvit", *TINY,
+                            "--epochs", "1", "--set", "model.base_channels=16"])
+    assert code == 0, err
+    from lvit.models import LViTConfig, build_model
+    from lvit.train.init_from import load_matching
+
+    narrow = build_model("lvit", LViTConfig(image_size=32, base_channels=8, vit_heads=4, text_dim=384,
+                                            text_tokens=24))
+    with pytest.raises(CheckpointError, match="no part of this model matches") as caught:
+        load_matching(narrow, tmp_path / "wide")
+    matching = int(str(caught.value).split("tensors matching: ")[1].split(" ")[0])
+    assert matching > 0  # some tensors did fit by name and shape: the old rule would have started from them

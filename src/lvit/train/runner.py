@@ -28,7 +28,7 @@ from .callbacks import RunCheckpoint
 from .checkpoint import SafeCheckpointIO, rng_state, set_rng_state
 from .config import TrainConfig, apply_override
 from .datamodule import build_train_data, describe_encoder, record_training_words
-from .init_from import load_matching
+from .init_from import load_matching, summary_line
 from .init_from import write_report as write_init_report
 from .module import SegmentationModule
 from .plugins import TrainingPlugin
@@ -222,6 +222,7 @@ def _train(config: TrainConfig, data_root: str | Path, run_dir: str | Path, *, r
         write_run_config(run_dir, run_config)
         if config.trainer.init_from and not resume:
             write_init_report(run_dir, init_report)
+            print(summary_line(init_report), flush=True)
         record_training_words(run_dir, data)  # report_words.json: what lvit predict checks reports against
 
     module = next((m for m in (p.make_module(model, config, text_embedding) for p in plugins) if m is not None),
