@@ -1,7 +1,9 @@
-"""Run the reliability tests and record their counts in bench/RESULTS.md (section "Reliability").
+"""Run the reliability tests and record their counts in bench/RESULTS.md (section "Reliability"); or run the
+trust cases on two commits' code (section "trust").
 
     python bench/reliability.py            # runs the tests (~2 min on 2 free cores), rewrites the section
     python bench/reliability.py --dry-run  # print the section instead of writing it
+    python bench/reliability.py --cases --before 31db6ac   # bench/trust_cases.py before and after
 
 The tests (tests/test_reliability_inputs.py, test_reliability_faults.py, test_unsafe_files.py, test_io.py)
 add their counts (bad inputs tried / handled, faults injected / survived, unsafe files tried / refused) to the
@@ -99,10 +101,80 @@ def write_section(text: str) -> None:
     write_marked_section(RESULTS, "reliability", text)
 
 
+CASES_JSON = REPO / "bench" / "reliability_cases.json"
+
+
+def _commit(rev: str = "HEAD") -> str:
+    return subprocess.run(["git", "rev-parse", "--short", rev], cwd=REPO, capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def run_trust_cases(before: str | None, out: Path) -> int:
+    """Every case of bench/trust_cases.py on ``before``'s code (a git worktree) and on this checkout's; the raw
+    results into ``out`` and the RESULTS.md section "trust"."""
+    import importlib.util
+    import shutil
+
+    spec = importlib.util.spec_from_file_location("trust_cases", REPO / "bench" / "trust_cases.py")
+    cases = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cases)
+    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "src"], cwd=REPO, capture_output=True,
+                                text=True).stdout.strip())
+    record = {"command": "python bench/reliability.py --cases" + (f" --before {before}" if before else ""),
+              "machine": f"{platform.machine()}, {os.cpu_count()} CPU(s), {platform.python_version()}",
+              "date": time.strftime("%Y-%m-%d")}
+    with tempfile.TemporaryDirectory() as tmp:
+        if before:
+            tree = Path(tmp) / "before"
+            subprocess.run(["git", "worktree", "add", "--detach", str(tree), before], cwd=REPO, check=True,
+                           capture_output=True)
+            try:
+                print(f"before ({_commit(before)}):", flush=True)
+                record["before"] = {"commit": _commit(before),
+                                    "results": cases.run_cases(tree / "src", Path(tmp) / "work-before")}
+            finally:
+                subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=REPO, capture_output=True)
+                shutil.rmtree(tree, ignore_errors=True)
+        print(f"after ({_commit()}{' + uncommitted changes' if dirty else ''}):", flush=True)
+        record["after"] = {"commit": _commit() + ("+" if dirty else ""),
+                           "results": cases.run_cases(REPO / "src", Path(tmp) / "work-after")}
+    from lvit.io import atomic_write_json, write_marked_section
+
+    atomic_write_json(out, record)
+    write_marked_section(RESULTS, "trust", trust_section(record))
+    print(f"wrote {out} and the trust section of {RESULTS}")
+    return 0
+
+
+def trust_section(record: dict) -> str:
+    after = record["after"]["results"]
+    before = (record.get("before") or {}).get("results") or {}
+    head = record["after"]["commit"]
+    lines = ["## Runs, folders and masks a user can trust: before and after", "",
+             "Each case is a real command line on small files, run on the code of two commits "
+             "(`bench/trust_cases.py`; raw `bench/reliability_cases.json`). Outcome: handled = the promised one-line "
+             "error or warning, or the right answer, nothing damaged; silent = a surprise nobody is told about; "
+             "wrong = a wrong answer given as right; traceback.", "",
+             f"| class | case | before ({record.get('before', {}).get('commit', '-')}) | after ({head}) |",
+             "|---|---|---|---|"]
+    for name, r in after.items():
+        b = before.get(name)
+        was = f"{b['kind']}: {b['detail']}" if b else "-"
+        lines.append(f"| {r['class']} | {name.replace('_', ' ')} | {was} | {r['kind']}: {r['detail']} |")
+    lines += ["", f"Machine: {record['machine']}; {record['date']}. Command: `{record['command']}`."]
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dry-run", action="store_true", help="print the section, do not write RESULTS.md")
+    parser.add_argument("--cases", action="store_true",
+                        help="run the trust cases (bench/trust_cases.py) instead of the reliability tests")
+    parser.add_argument("--before", default=None, metavar="REV", help="with --cases: also run them on REV's code")
+    parser.add_argument("--out", type=Path, default=CASES_JSON, help="with --cases: the raw results file")
     args = parser.parse_args()
+    if args.cases:
+        return run_trust_cases(args.before, args.out)
     with tempfile.TemporaryDirectory() as tmp:
         counts_file = Path(tmp) / "counts.json"
         code, summary, seconds, cpu = run_tests(counts_file)
