@@ -113,7 +113,7 @@ def two_trainings_into_one_folder(t: Tree):
     run = t.work / "busy"
     shutil.rmtree(run, ignore_errors=True)
     first = subprocess.Popen([sys.executable, "-m", "lvit.cli", "train", "--data", str(t.data()), "--out", str(run),
-                              "--epochs", "30", *TINY], cwd=t.work, env=t.env, stdout=subprocess.DEVNULL,
+                              "--epochs", "2000", *TINY], cwd=t.work, env=t.env, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
     try:
         for _ in range(600):  # until the first training has written its first epoch
