@@ -93,12 +93,12 @@ def test_predict_with_no_model_argument_uses_the_shipped_model(tmp_path, capsys)
     assert Image.open(tmp_path / "m.png").size == (224, 224)
 
 
-def test_the_shipped_model_scores_the_card_figure_on_the_shared_qata_sample(shared_dir, tmp_path):
-    from lvit.evaluate.testing import run_test
-
+def test_the_shipped_model_scores_the_card_figure_on_the_shared_qata_sample(shared_dir, tmp_path, monkeypatch):
     _, results = _shipped()
     sample = shared_dir / "datasets" / "QaTa-COV19-sample"
-    metrics = run_test("qata-lvit", sample, "test", tmp_path / "t", progress=False, k=0)
+    monkeypatch.chdir(tmp_path)  # `lvit test NAME` writes beside the user: ./NAME-test-SPLIT
+    assert main(["test", "qata-lvit", "--data", str(sample), "--no-progress", "--k", "0"]) == 0
+    metrics = json.loads((tmp_path / "qata-lvit-test-test" / "metrics.json").read_text())
     stated = results["sample_test"]
     assert metrics["n_scored"] == stated["n_test"]
     assert abs(metrics["original_resolution"]["mean_over_images"]["dice"] - stated["dice_original"]) <= 1e-4

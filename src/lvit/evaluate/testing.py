@@ -74,7 +74,7 @@ def run_test(
     from ..data import load_split
     from ..errors import ConfigError, DataError
     from ..io import output_dir
-    from ..runs import is_model_folder
+    from ..runs import is_model_folder, shipped_model
     from ..text import default_cache_dir
     from .predict import Predictor, read_run, resolve_device
 
@@ -87,8 +87,10 @@ def run_test(
     data_root = Path(data_root)
     run_dir, _, _ = read_run(run_or_checkpoint)
     if out is None and is_model_folder(run_dir):
-        raise ConfigError(f"{run_dir}: a model folder holds only the model (lvit does not write into it): pass "
-                          "--out DIR for the test outputs")
+        if shipped_model(run_or_checkpoint) is None or Path(run_or_checkpoint).exists():
+            raise ConfigError(f"{run_dir}: a model folder holds only the model (lvit does not write into it): pass "
+                              "--out DIR for the test outputs")
+        out = Path(f"{run_or_checkpoint}-test-{split}")  # a shipped model's name: beside the user, not in the package
     if not data_root.is_dir():
         raise DataError(data_root, "dataset folder not found" if not data_root.exists() else "not a folder (--data)")
     if reports not in REPORT_SOURCES:
