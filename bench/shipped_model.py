@@ -95,6 +95,13 @@ def ship(args) -> int:
         other_run = load_run(other)
         m = test(Path(other), args.data, work / f"test-{Path(other).name}")
         seeds.append({"seed": int(other_run.config["trainer"]["seed"]), "dice_original": figures(m)["dice_original"]})
+    if args.seeds_from:  # the same recipe measured earlier: bench/qata.py's raw results, by row
+        path, _, row = args.seeds_from.partition(":")
+        earlier = json.loads(Path(path).read_text())
+        for name, other in sorted(earlier.items()):
+            if other.get("row") == row and other["seed"] not in {s["seed"] for s in seeds}:
+                seeds.append({"seed": int(other["seed"]), "dice_original": other["dice_original"],
+                              "source": f"{Path(path).name}: {name}"})
     train_minutes = _train_minutes(Path(args.run))
     entry.update({
         "seeds": sorted(seeds, key=lambda s: s["seed"]), "command": args.command, "commit": args.commit,
@@ -311,6 +318,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--data", type=Path, required=True, help="QaTa-COV19 root (either layout)")
     s.add_argument("--sample", type=Path, default=None, help="the 64-case sample (../shared/datasets/...)")
     s.add_argument("--other-run", action="append", help="the same recipe trained with another seed (repeatable)")
+    s.add_argument("--seeds-from", metavar="JSON:ROW", default=None,
+                   help="other seeds of the same recipe from bench/qata.py's raw results (e.g. "
+                        "bench/qata_results.json:lvit)")
     s.add_argument("--command", required=True, help="the command that trained the run (for the card)")
     s.add_argument("--commit", required=True, help="the lvit commit that trained it (for the card)")
     s.add_argument("--threads", type=int, default=2)
