@@ -36,6 +36,10 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     # One model with and without a report (bench/report_optional.py; docs/REPORT_OPTIONAL.md): the report is
     # replaced by a learned "no report" embedding for a quarter of the training samples.
     "lvit-rd25": ("lvit", ["model.report_dropout=0.25"]),
+    # report dropout + reworded training reports (lvit.data.wording), and + the report prior (no-report path
+    # estimated from the image)
+    "lvit-rdw": ("lvit", ["model.report_dropout=0.25", "text.wording_variants=3"]),
+    "lvit-rdpw": ("lvit", ["model.report_dropout=0.25", "model.report_prior=true", "text.wording_variants=3"]),
     # A quarter of the masks (the subset drawn with the trainer seed), docs/SEMI_SUPERVISED.md:
     "lvit-25": ("lvit", ["semi.mode=none", "semi.labeled_fraction=0.25"]),  # a quarter of the steps
     # labelled batches only, as many steps as the semi runs (a warm-up as long as the run: no pseudo labels)
@@ -201,7 +205,9 @@ def evaluate_runs(args) -> int:
 
 ROW_LABELS = {"lvit": "LViT (24 tokens: whole report)", "lvit-10tok": "LViT (official 10 tokens)",
               "lvit-t": "LViT-T (no text)", "unet": "U-Net (no text)",
-              "lvit-rd25": "LViT, report dropout 0.25 (true reports)"}
+              "lvit-rd25": "LViT, report dropout 0.25 (true reports)",
+              "lvit-rdw": "LViT, report dropout 0.25 + reworded training reports (true reports)",
+              "lvit-rdpw": "LViT, report dropout 0.25 + report prior + reworded training reports (true reports)"}
 PUBLISHED = {"lvit": "83.66 / 75.11", "lvit-t": "81.12 / 71.37 (LViT without text)", "unet": "79.02 / 69.46"}
 
 

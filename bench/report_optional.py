@@ -48,7 +48,15 @@ def _bench_module(name: str):
 
 def recipe_of(config: dict) -> str:
     rate = float(config["model"].get("report_dropout") or 0.0)
-    return f"report dropout {rate:g}" if rate else "none (always a report)"
+    if not rate:
+        return "none (always a report)"
+    parts = [f"report dropout {rate:g}"]
+    if config["model"].get("report_prior"):
+        parts.append("report prior")
+    variants = int((config.get("text") or {}).get("wording_variants") or 0)
+    if variants:
+        parts.append(f"{variants} reworded copies per training report")
+    return " + ".join(parts)
 
 
 def per_image(out: Path) -> dict[str, float]:

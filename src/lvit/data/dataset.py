@@ -28,11 +28,12 @@ class TextTensors:
 
 
 def encode_records(records: Sequence[Record], encoder, cache_dir: str | Path | None = None,
-                   flipped: bool = False) -> TextTensors:
-    """Encode the reports of ``records`` through the on-disk cache (and their left/right-swapped variants)."""
+                   flipped: bool = False, texts: Sequence[str] | None = None) -> TextTensors:
+    """Encode the reports of ``records`` (or ``texts``, one per record, in their place) through the on-disk
+    cache, and their left/right-swapped variants."""
     from ..text import encode_cached, swap_left_right
 
-    texts = [r.text for r in records]
+    texts = [r.text for r in records] if texts is None else list(texts)
     emb, mask = encode_cached(encoder, texts, cache_dir)
     if not flipped:
         return TextTensors(emb, mask)
@@ -85,6 +86,10 @@ class SegmentationDataset(Dataset):
     ``text_ids`` given: learned encoder); ``index`` int; ``name`` str; ``orig_size`` (H, W) of the file,
     to map predictions back; ``has_mask`` bool; ``flipped`` bool.
 
+    ``text_variants``: embeddings of reworded copies of the reports (:mod:`lvit.data.wording`, with flipped
+    versions when flips are on). With augmentation, a sample reads its original report half the time and one of
+    the reworded copies, chosen uniformly, otherwise.
+
     A bad file raises :class:`DataError` naming it. ``mask_resize`` "nearest" (default) or "official"
     (bilinear then > 0, as the official loader).
     """
@@ -105,6 +110,7 @@ class SegmentationDataset(Dataset):
         mask_resize: str = "nearest",
         mask_threshold: float | None = None,
         cache_in_memory: bool = False,
+        text_variants: Sequence[TextTensors] = (),
     ):
         self.records = list(records)
         self.image_size = int(image_size)
@@ -119,6 +125,11 @@ class SegmentationDataset(Dataset):
         self.text_emb, self.text_mask = text_emb, text_mask
         self.text_emb_flipped, self.text_mask_flipped = text_emb_flipped, text_mask_flipped
         self.text_ids, self.text_ids_flipped = text_ids, text_ids_flipped
+        self.text_variants = list(text_variants)
+        for variant in self.text_variants:
+            if text_emb is None or tuple(variant.emb.shape) != tuple(text_emb.shape):
+                raise ValueError("every text variant must have the shape of text_emb "
+                                 f"{None if text_emb is None else tuple(text_emb.shape)}")
         if augment is True:
             augment = AugmentConfig()
         self.augment_config: AugmentConfig | None = augment or None
@@ -128,6 +139,8 @@ class SegmentationDataset(Dataset):
                 raise ValueError("hflip_prob > 0 needs text_emb_flipped (encode_records(..., flipped=True))")
             if text_ids is not None and text_ids_flipped is None:
                 raise ValueError("hflip_prob > 0 needs text_ids_flipped (tokenize the swapped reports)")
+            if any(v.emb_flipped is None for v in self.text_variants):
+                raise ValueError("hflip_prob > 0 needs the flipped embeddings of every text variant")
         self.mask_resize = mask_resize
         self.mask_threshold = mask_threshold
         # Decoding + resizing large files (1000 px TIFFs) dominates an epoch on CPU; optionally keep the
@@ -168,6 +181,7 @@ class SegmentationDataset(Dataset):
         has_mask = mask_u8 is not None
         mask = mask_u8.float() if has_mask else torch.zeros(1, self.image_size, self.image_size)  # [1, S, S]
         flipped = False
+        variant = None
         if self.augmenter is not None:
             # torch's RNG is seeded per DataLoader worker and by torch.manual_seed: reproducible, no repeats.
             seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
@@ -175,6 +189,10 @@ class SegmentationDataset(Dataset):
             if (self.augment_config.hflip_prob > 0
                     and np.random.default_rng(seed).random() < self.augment_config.hflip_prob):
                 image, mask, flipped = image.flip(-1), mask.flip(-1), True
+            if self.text_variants:
+                pick = np.random.default_rng([seed, 1])
+                if pick.random() >= 0.5:
+                    variant = self.text_variants[int(pick.integers(len(self.text_variants)))]
         item = {
             "image": image.contiguous(),
             "mask": mask.contiguous(),
@@ -185,7 +203,11 @@ class SegmentationDataset(Dataset):
             "flipped": flipped,
         }
         if self.text_emb is not None:
-            emb, tmask = (self.text_emb_flipped, self.text_mask_flipped) if flipped else (self.text_emb, self.text_mask)
+            if variant is not None:
+                emb, tmask = (variant.emb_flipped, variant.mask_flipped) if flipped else (variant.emb, variant.mask)
+            else:
+                emb, tmask = (self.text_emb_flipped, self.text_mask_flipped) if flipped \
+                    else (self.text_emb, self.text_mask)
             item["text"] = emb[index].float()
             item["text_mask"] = tmask[index].bool() if tmask is not None else torch.ones(emb.shape[1], dtype=torch.bool)
         if self.text_ids is not None:

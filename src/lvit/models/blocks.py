@@ -135,3 +135,37 @@ class TextToPatchProjection(nn.Module):
         as_map = patches.transpose(1, 2).reshape(b, c, *self.grid)  # [B, C, Hg, Wg]
         as_map = F.interpolate(as_map, size=grid, mode="bilinear", align_corners=False)
         return as_map.flatten(2).transpose(1, 2)  # [B, h*w, C]
+
+
+class ReportPrior(nn.Module):
+    """A report estimated from the image: ``L`` learned queries attend over the bottleneck features and each
+    answer is mapped to a text-token embedding (ProLearn's idea of guidance queried by image features, here as
+    the stand-in for a missing report).
+
+    ``feats [B, C, h, w]`` (CNN bottleneck) -> ``text [B, L, D]`` in the text encoder's embedding space, so it
+    is read by the same text modules as a real report. Trained by the segmentation loss through the no-report
+    samples and by :func:`report_prior_loss` towards the true report's embeddings.
+    """
+
+    def __init__(self, channels: int, text_tokens: int, text_dim: int, heads: int):
+        super().__init__()
+        self.queries = nn.Parameter(torch.randn(text_tokens, channels) * 0.02)  # [L, C]
+        self.norm = nn.LayerNorm(channels)
+        self.attend = nn.MultiheadAttention(channels, heads, batch_first=True)
+        self.to_text = nn.Sequential(nn.LayerNorm(channels), nn.Linear(channels, text_dim))
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        pixels = self.norm(feats.flatten(2).transpose(1, 2))  # [B, h*w, C]
+        queries = self.queries.to(pixels.dtype).unsqueeze(0).expand(pixels.shape[0], -1, -1)  # [B, L, C]
+        answer, _ = self.attend(queries, pixels, pixels, need_weights=False)
+        return self.to_text(answer + queries)  # [B, L, D]
+
+
+def report_prior_loss(estimate: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean cosine distance between estimated and true report tokens ``[B, L, D]`` over the real tokens
+    (``text_mask [B, L]`` True): 0 when every estimated token points the way of the true one, at most 2."""
+    distance = 1.0 - F.cosine_similarity(estimate.float(), text.float(), dim=-1)  # [B, L]
+    if text_mask is None:
+        return distance.mean()
+    weight = text_mask.to(distance.dtype)
+    return (distance * weight).sum() / weight.sum().clamp_min(1.0)

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .blocks import ConvBNReLU, DownBlock, TextToPatchProjection, UpBlock
+from .blocks import ConvBNReLU, DownBlock, ReportPrior, TextToPatchProjection, UpBlock, report_prior_loss
 from .pretrained import PretrainedMixin
 from .registry import register_model
 from .vit import DownViTLevel, Reconstruct, UpViTLevel
@@ -63,6 +63,9 @@ class LViTConfig:
     # report of each training sample with this probability (like dropout, only in train mode), and for every
     # sample whose report is missing at inference (text=None, or no_report[i] True).
     report_dropout: float = 0.0
+    # With report dropout: the stand-in for a missing report is estimated from the image (a ReportPrior over the
+    # CNN bottleneck, trained towards the true report's embeddings) instead of one learned token sequence.
+    report_prior: bool = False
 
     def __post_init__(self) -> None:
         for name in ("image_size", "in_channels", "n_classes", "base_channels", "text_dim", "text_tokens",
@@ -93,6 +96,11 @@ class LViTConfig:
         if self.report_dropout and not self.use_text:
             raise ConfigError("model config: report_dropout needs use_text=true (a text-free model has no report "
                               "to drop)")
+        if not isinstance(self.report_prior, bool):
+            raise ConfigError(f"model config: report_prior must be true or false, got {self.report_prior!r}")
+        if self.report_prior and not self.report_dropout:
+            raise ConfigError("model config: report_prior needs report_dropout > 0 (the prior stands in for the "
+                              "reports that dropout removes)")
 
     @property
     def has_no_report_path(self) -> bool:
@@ -157,9 +165,12 @@ class LViT(PretrainedMixin, nn.Module):
         else:
             self.text_convs = None
             self.text_to_patches = None
-        # The "no report" tokens [L, D], read through the same text chain as a real report.
+        # The stand-in for a missing report, read through the same text chain as a real one: learned tokens
+        # [L, D], or tokens estimated from the image's bottleneck features (report_prior).
         self.no_report_text = nn.Parameter(torch.zeros(cfg.text_tokens, cfg.text_dim)) \
-            if cfg.has_no_report_path else None
+            if cfg.has_no_report_path and not cfg.report_prior else None
+        self.report_prior = ReportPrior(widths[-1], cfg.text_tokens, cfg.text_dim, cfg.vit_heads) \
+            if cfg.has_no_report_path and cfg.report_prior else None
 
         # ViT branch: same patch grid at every level.
         self.vit_down = nn.ModuleList(
@@ -199,23 +210,23 @@ class LViT(PretrainedMixin, nn.Module):
             feats = conv(feats)
         return self.text_to_patches(feats.transpose(1, 2), grid)  # [B, L, b] -> [B, h*w, b]
 
-    def with_no_report(self, image: torch.Tensor, text: torch.Tensor | None, text_mask: torch.Tensor | None,
+    def with_no_report(self, stand_in: torch.Tensor, text: torch.Tensor | None, text_mask: torch.Tensor | None,
                        no_report: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The text the network reads: the learned no-report tokens where ``no_report [B]`` is True (every sample
+        """The text the network reads: ``stand_in [1 or B, L, D]`` where ``no_report [B]`` is True (every sample
         when ``text`` is None), the report elsewhere. In train mode each report is also replaced with probability
         ``report_dropout``."""
-        batch = image.shape[0]
-        stand_in = self.no_report_text.to(image.dtype).unsqueeze(0)  # [1, L, D]
+        batch = stand_in.shape[0] if text is None else text.shape[0]
+        device = stand_in.device
         if text is None:
-            mask = torch.ones(batch, self.config.text_tokens, dtype=torch.bool, device=image.device)
+            mask = torch.ones(batch, self.config.text_tokens, dtype=torch.bool, device=device)
             return stand_in.expand(batch, -1, -1), mask
-        drop = torch.zeros(batch, dtype=torch.bool, device=image.device) if no_report is None \
-            else no_report.to(device=image.device, dtype=torch.bool)
+        drop = torch.zeros(batch, dtype=torch.bool, device=device) if no_report is None \
+            else no_report.to(device=device, dtype=torch.bool)
         if self.training:
-            drop = drop | (torch.rand(batch, device=image.device) < float(self.config.report_dropout))
+            drop = drop | (torch.rand(batch, device=device) < float(self.config.report_dropout))
         if not bool(drop.any()):
             return text, text_mask
-        text = torch.where(drop[:, None, None], stand_in, text.to(image.dtype))
+        text = torch.where(drop[:, None, None], stand_in, text.to(stand_in.dtype))
         if text_mask is not None:
             text_mask = text_mask | drop[:, None]
         return text, text_mask
@@ -225,20 +236,37 @@ class LViT(PretrainedMixin, nn.Module):
         """``image [B, C, H, W]`` (H, W multiples of 32), ``text [B, L, D]``, ``text_mask [B, L]`` bool
         -> logits ``[B, n_classes, H, W]``. LViT-T ignores ``text`` and ``text_mask``. A model trained with
         report dropout also takes ``text=None`` (no reports) or ``no_report [B]`` bool (these samples have none)."""
+        return self.forward_with_aux(image, text, text_mask, no_report)[0]
+
+    def forward_with_aux(self, image: torch.Tensor, text: torch.Tensor | None = None,
+                         text_mask: torch.Tensor | None = None, no_report: torch.Tensor | None = None,
+                         ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """:meth:`forward` and the auxiliary losses the training adds: ``{"report_prior": cosine distance of the
+        image's estimated report to the true one}`` when the model has a report prior, a report is given and the
+        model is in train mode; else ``{}``."""
         check_image(image, self.config.in_channels)
         grid = (image.shape[-2] // PATCH_SIZES[0], image.shape[-1] // PATCH_SIZES[0])
+        feats = [self.stem(image)]  # x1..x5: the CNN encoder does not read the report
+        for down in self.down:
+            feats.append(down(feats[-1]))
+
+        aux: dict[str, torch.Tensor] = {}
         text_patches = None
         if self.config.use_text:
-            if self.no_report_text is not None:
-                text, text_mask = self.with_no_report(image, text, text_mask, no_report)
+            if self.config.has_no_report_path:
+                if self.report_prior is not None:
+                    stand_in = self.report_prior(feats[-1])  # [B, L, D]
+                    if self.training and text is not None:
+                        aux["report_prior"] = report_prior_loss(stand_in, text, text_mask)
+                else:
+                    stand_in = self.no_report_text.to(image.dtype).unsqueeze(0)  # [1, L, D]
+                if text is None and stand_in.shape[0] == 1:
+                    stand_in = stand_in.expand(image.shape[0], -1, -1)
+                text, text_mask = self.with_no_report(stand_in, text, text_mask, no_report)
             elif no_report is not None and bool(no_report.any()):
                 raise ValueError("this LViT has no no-report path (trained without report dropout)")
             self._check_text(image, text, text_mask)
             text_patches = self.encode_text(text.to(image.dtype), text_mask, grid)
-
-        feats = [self.stem(image)]  # x1..x5
-        for down in self.down:
-            feats.append(down(feats[-1]))
 
         tokens: list[torch.Tensor] = []  # y1..y4, each [B, h*w, width_i]
         for level, vit in enumerate(self.vit_down):
@@ -254,7 +282,7 @@ class LViT(PretrainedMixin, nn.Module):
             # The interpolated map is a fresh tensor no backward needs: add the CNN features in place.
             enriched = self.reconstruct[level](tokens[level], grid, skip.shape[-2:]).add_(skip)
             x = self.up[level](x, enriched)
-        return self.head(x)
+        return self.head(x), aux
 
 
 @register_model("lvit", reads_text=True, summary="LViT: CNN + ViT double U guided by the report (paper)")

@@ -44,6 +44,8 @@ class TextConfig:
     encoder: str = "minilm"
     # Where encoded reports are cached (safetensors); None: ``<data root>/.lvit_text_cache``.
     cache_dir: str | None = None
+    # Reworded copies of each training report (lvit.data.wording) a sample may read instead of the original.
+    wording_variants: int = 0
 
 
 @dataclass
@@ -76,6 +78,9 @@ class LossConfig:
 
     dice_weight: float = 0.5
     bce_weight: float = 0.5
+    # Weight of the report prior's loss (model.report_prior): cosine distance of the report estimated from the
+    # image to the true report's token embeddings.
+    report_prior_weight: float = 0.2
 
 
 @dataclass
@@ -253,6 +258,11 @@ class TrainConfig:
             raise ConfigError(f"{source}: trainer.precision '{t.precision}' is not one of {', '.join(PRECISIONS)}")
         if self.loss.dice_weight < 0 or self.loss.bce_weight < 0 or self.loss.dice_weight + self.loss.bce_weight == 0:
             raise ConfigError(f"{source}: loss weights must be >= 0 and not both 0")
+        if not self.loss.report_prior_weight >= 0:
+            raise ConfigError(f"{source}: loss.report_prior_weight must be >= 0 (got {self.loss.report_prior_weight})")
+        variants = self.text.wording_variants
+        if isinstance(variants, bool) or not isinstance(variants, int) or not 0 <= variants <= 16:
+            raise ConfigError(f"{source}: text.wording_variants must be an integer from 0 to 16 (got {variants!r})")
 
     @property
     def effective_eta_min(self) -> float:

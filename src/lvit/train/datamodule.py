@@ -56,8 +56,15 @@ def make_dataset(records: list[Record], config: TrainConfig, encoder, cache_dir:
 
             ids_flipped, _ = encoder.tokenize([swap_left_right(r.text) for r in records])
         return SegmentationDataset(records, size, text_ids=ids, text_ids_flipped=ids_flipped, **kwargs)
-    text = encode_records(records, encoder, cache_dir, flipped=bool(aug and aug.hflip_prob > 0))
-    return SegmentationDataset.from_text(records, size, text, **kwargs)
+    flipped = bool(aug and aug.hflip_prob > 0)
+    text = encode_records(records, encoder, cache_dir, flipped=flipped)
+    variants = []
+    if aug and config.text.wording_variants:
+        from ..data.wording import wording_variants
+
+        reworded = wording_variants([r.text for r in records], config.text.wording_variants, config.trainer.seed)
+        variants = [encode_records(records, encoder, cache_dir, flipped=flipped, texts=texts) for texts in reworded]
+    return SegmentationDataset.from_text(records, size, text, text_variants=variants, **kwargs)
 
 
 @dataclass

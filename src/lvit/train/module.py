@@ -49,11 +49,24 @@ class SegmentationModule(pl.LightningModule):
                 text_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.model(image, text, text_mask)  # logits [B, 1, H, W]
 
-    def _logits(self, batch: dict) -> torch.Tensor:
+    def _inputs(self, batch: dict) -> tuple:
         if self.text_embedding is not None and "text_ids" in batch:
             ids = batch["text_ids"]  # [B, L] int64, 0 = padding
-            return self(batch["image"], self.text_embedding(ids), ids != 0)
-        return self(batch["image"], batch.get("text"), batch.get("text_mask"))
+            return batch["image"], self.text_embedding(ids), ids != 0
+        return batch["image"], batch.get("text"), batch.get("text_mask")
+
+    def _logits(self, batch: dict) -> torch.Tensor:
+        return self(*self._inputs(batch))
+
+    def _logits_and_aux_loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Training logits and the weighted sum of the network's auxiliary losses (None when it has none)."""
+        forward_with_aux = getattr(self.model, "forward_with_aux", None)
+        if forward_with_aux is None:
+            return self._logits(batch), None
+        logits, aux = forward_with_aux(*self._inputs(batch))
+        weights = {"report_prior": self.config.loss.report_prior_weight}
+        terms = [weights[name] * value.float() for name, value in aux.items() if weights[name]]
+        return logits, (torch.stack(terms).sum() if terms else None)
 
     # ------------------------------------------------------------------ losses
     def supervised_loss(self, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -69,9 +82,9 @@ class SegmentationModule(pl.LightningModule):
         self._epoch_lr = self.trainer.optimizers[0].param_groups[0]["lr"] if self.trainer.optimizers else math.nan
 
     def training_step(self, batch: dict, batch_idx: int):
-        logits = self._logits(batch)
+        logits, aux_loss = self._logits_and_aux_loss(batch)
         has_mask = batch["has_mask"].bool()
-        terms = []
+        terms = [] if aux_loss is None else [aux_loss]  # the report prior learns from every sample's report
         if bool(has_mask.any()):
             terms.append(self.supervised_loss(logits[has_mask], batch["mask"][has_mask]))
         extra = self.unlabelled_loss(batch, logits, ~has_mask) if bool((~has_mask).any()) else None
