@@ -46,8 +46,8 @@ def main() -> int:
         return 2
     from playwright.sync_api import sync_playwright
 
-    from lvit.app import launch
-    from lvit.io import atomic_write_bytes
+    from lvit.commands.webapp import launch
+    from lvit.core.io import atomic_write_bytes
 
     page = launch(args.model, block=False)
     try:

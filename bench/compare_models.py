@@ -41,19 +41,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results-md", type=Path, default=RESULTS_MD)
     args = p.parse_args(argv)
 
-    from lvit.io import atomic_write_text, read_results_file
+    from lvit.core.io import atomic_write_text, read_results_file
 
     results = read_results_file(args.results)
     if not args.render_only:
         import torch
 
+        from lvit.artifacts.runs import load_run
         from lvit.benchmark import cpu_name
         from lvit.data import generate_synthetic
         from lvit.evaluate.testing import run_test
         from lvit.evaluate.text_probe import probe_reports
         from lvit.models import count_parameters, reads_text
         from lvit.presets import resolve_config
-        from lvit.runs import load_run
         from lvit.train.config import load_config
         from lvit.train.runner import train
 
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     section = render(results)
     print(section)
     if section:
-        from lvit.io import write_marked_section
+        from lvit.core.io import write_marked_section
 
         write_marked_section(args.results_md, "compare_models", section)
     return 0

@@ -30,7 +30,7 @@ def main(argv=None) -> int:
     p.add_argument("--results", type=Path, default=RESULTS_JSON)
     p.add_argument("--results-md", type=Path, default=RESULTS_MD)
     args = p.parse_args(argv)
-    from lvit.io import atomic_write_text, read_results_file
+    from lvit.core.io import atomic_write_text, read_results_file
 
     results = read_results_file(args.results)
     if not args.render_only:
@@ -64,7 +64,7 @@ def machine() -> str:
 
 
 def render(results: dict, md: Path) -> str:
-    from lvit.io import write_marked_section
+    from lvit.core.io import write_marked_section
 
     rows = sorted(results.values(), key=lambda r: r["seed"])
     if not rows:

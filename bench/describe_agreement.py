@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from lvit.core.io import atomic_write_json, write_marked_section
 from lvit.data import detect_layout, load_split, read_mask
 from lvit.data.describe import (
     DEFAULT_RULE,
@@ -44,7 +45,6 @@ from lvit.data.describe import (
     parse_findings,
     side_edge,
 )
-from lvit.io import atomic_write_json, write_marked_section
 
 REPO = Path(__file__).resolve().parents[1]
 ZONE_NAMES = [f"{level} {side}" for level, side in ZONES]

@@ -66,14 +66,14 @@ def evaluate(args) -> int:
     import numpy as np
     import torch
 
+    from lvit.artifacts.reporter_folder import read_reporter_meta
     from lvit.benchmark import machine_line
+    from lvit.core.io import update_results_file
     from lvit.data import load_split, read_mask
     from lvit.data.describe import format_report, mask_findings, parse_findings
     from lvit.data.flags import report_agreement, same_findings
     from lvit.evaluate.reporter import ReportWriter, segment_with_reports, subset_summary, write_reports
     from lvit.evaluate.text_probe import NO_INFECTION
-    from lvit.io import update_results_file
-    from lvit.reporter_folder import read_reporter_meta
 
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
@@ -182,7 +182,7 @@ def noise_summary(results: dict) -> list[str]:
 
 
 def render(results_path: Path, md_path: Path) -> str:
-    from lvit.io import read_results_file, write_marked_section
+    from lvit.core.io import read_results_file, write_marked_section
 
     results = read_results_file(results_path)
     if not results:

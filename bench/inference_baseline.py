@@ -12,8 +12,9 @@
 
 Then it measures, through the commands a user runs: the per-image Dice of ``lvit test`` on each run's test split,
 the sha256 of the masks ``lvit predict --images`` writes for five images with their reports and (QaTa, through
-the report writer) without them, and of one ``lvit predict --image`` mask with ``--text`` (and one without), the reports the writer wrote, and the app's answer for one image (message,
-notes and the sha256 of every picture). ``baseline.json`` holds them; ``tests/test_inference_baseline.py``
+the report writer) without them, and of one ``lvit predict --image`` mask with ``--text`` (and one without),
+the reports the writer wrote, and the app's answer for one image (message, notes and the sha256 of every
+picture). ``baseline.json`` holds them; ``tests/test_inference_baseline.py``
 recomputes them and requires equality (a change of behaviour on purpose re-records, in its own commit, saying
 why). ``check`` recomputes and prints the differences.
 
@@ -53,7 +54,7 @@ def sha256(data: bytes) -> str:
 
 def _lvit(*argv: str) -> str:
     """Run ``lvit ARGV`` in this process; its printed output (an error exits)."""
-    from lvit.cli import main
+    from lvit.commands.cli import main
 
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
@@ -85,7 +86,8 @@ def _keep(run: Path, dest: Path) -> None:
 def train_fixtures(sample: Path, work: Path) -> None:
     _lvit("demo", "--out", work / "demo", "--n-train", DEMO["n_train"], "--n-val", DEMO["n_val"], "--n-test",
           DEMO["n_test"], *_sets(*TINY, "trainer.max_epochs=15", "optim.t0=15"))
-    _lvit("train", "--config", "qata-cpu", "--data", sample, "--out", work / "qata", *_sets(*TINY, "trainer.max_epochs=12", "optim.t0=12"))
+    _lvit("train", "--config", "qata-cpu", "--data", sample, "--out", work / "qata",
+          *_sets(*TINY, "trainer.max_epochs=12", "optim.t0=12"))
     _lvit("train-reporter", work / "qata", "--data", sample, "--epochs", 6, "--width", 4, "--image-size", 64,
           "--threads", 1)
     if FIXTURES.exists():
@@ -145,7 +147,7 @@ def _test_dice(run: Path, data: Path, work: Path) -> dict:
 
 
 def _app(run: Path, record) -> dict:
-    from lvit.app import Segmenter
+    from lvit.commands.webapp import Segmenter
 
     segmenter = Segmenter(run)
     try:

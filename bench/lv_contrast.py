@@ -38,8 +38,8 @@ def main(argv=None) -> int:
     import numpy as np
     import torch
 
+    from lvit.core.io import atomic_write_text
     from lvit.data import SegmentationDataset, load_split
-    from lvit.io import atomic_write_text
     from lvit.train.config import load_config
     from lvit.train.semi.labelled_subset import choose_fraction
     from lvit.train.semi.lv_loss import ContrastLabelBank
@@ -101,8 +101,8 @@ def figure(path: Path, records, unl_rows, examples, chosen, bank, truth, size: i
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    from lvit.core.io import atomic_write_bytes
     from lvit.data import read_image, resize_image
-    from lvit.io import atomic_write_bytes
 
     fig = Figure(figsize=(12, 2.9 * len(examples)), dpi=80)
     FigureCanvasAgg(fig)
@@ -130,7 +130,7 @@ def figure(path: Path, records, unl_rows, examples, chosen, bank, truth, size: i
 
 def render(r: dict, md: Path) -> None:
     from lvit.benchmark import cpu_name
-    from lvit.io import write_marked_section
+    from lvit.core.io import write_marked_section
 
     text = "\n".join([
         "## What the LV loss's contrast labels say on real reports (QaTa-COV19)",

@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lvit.io import update_results_file
+from lvit.core.io import update_results_file
 from lvit.presets import preset_path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -170,10 +170,10 @@ def test_model(s: BenchSettings, model: str) -> dict:
     """Best weights of ``s.runs/<model>`` on the test split: the official protocol (masks resized bilinearly
     to the model size and binarised > 0; prediction > 0.5; Dice/IoU per image, mean over images), plus the
     standard ``lvit test`` outputs (nearest-neighbour masks, original-size figures, overlays)."""
+    from lvit.core.metrics import SegmentationScores
     from lvit.data import SegmentationDataset, load_split
     from lvit.evaluate.predict import Predictor
     from lvit.evaluate.testing import run_test
-    from lvit.metrics import SegmentationScores
 
     run_dir, cache = s.runs / model, s.runs / "text_cache"
     predictor = Predictor(run_dir, cache_dir=cache)
@@ -212,7 +212,7 @@ def plot_curves(runs: Path, models, out: Path, where: str = "CPU") -> Path | Non
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from lvit.io import atomic_path
+    from lvit.core.io import atomic_path
 
     curves = {m: read_curve(runs / m) for m in models}
     curves = {m: c for m, c in curves.items() if c}
@@ -306,7 +306,7 @@ def render(results: dict, s: BenchSettings, curve: Path | None, section: str = "
 
 
 def write_section(table: str, path: Path = RESULTS, section: str = "monuseg") -> None:
-    from lvit.io import write_marked_section
+    from lvit.core.io import write_marked_section
 
     write_marked_section(path, section, table)
 
@@ -319,7 +319,7 @@ def machine() -> str:
 
 def read_results(results_file: Path) -> dict:
     """``results.json`` of a runs folder ({} when absent); a damaged file is a one-line LvitError."""
-    from lvit.io import read_results_file
+    from lvit.core.io import read_results_file
 
     return read_results_file(results_file)
 
@@ -357,7 +357,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from lvit.errors import LvitError
+    from lvit.core.errors import LvitError
 
     data = Path(args.data)
     curve_file = args.results.parent / (CURVE.name if args.section == "monuseg"

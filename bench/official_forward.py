@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lvit.io import atomic_write_text
+from lvit.core.io import atomic_write_text
 from lvit.models.reference_weights import (
     RECIPE_VERSION,
     default_dtype,

@@ -6,7 +6,7 @@ Each measurement runs in a fresh Python process with the policy set in its envir
 `lvit` command leaves a policy set by the user alone). Two steps are timed: the synth preset's training step (128
 px, base 16, batch 8, 2 threads) and a tiny LViT step (64 px, base 8, batch 2); the tiny one also with ``--crowd``
 copies running at once, which is what a shared machine looks like. Prints the median step times (ms). The `lvit`
-command's own choice (``lvit.openmp.apply_wait_policy``) is based on these figures.
+command's own choice (``lvit.core.openmp.apply_wait_policy``) is based on these figures.
 """
 
 from __future__ import annotations

@@ -146,9 +146,9 @@ def evaluate_runs(args) -> int:
     import yaml
 
     from lvit.benchmark import machine_line
+    from lvit.core.io import read_results_file, update_results_file
     from lvit.evaluate.testing import run_test
     from lvit.evaluate.text_probe import probe_reports
-    from lvit.io import read_results_file, update_results_file
     from lvit.models import build_model, count_parameters
     from lvit.train.config import TrainConfig
 
@@ -218,7 +218,7 @@ def _spread(values: list[float]) -> str:
 
 
 def render_results(results_path: Path, md_path: Path) -> str:
-    from lvit.io import read_results_file, write_marked_section
+    from lvit.core.io import read_results_file, write_marked_section
 
     results = read_results_file(results_path)
     if not results:
@@ -315,7 +315,7 @@ def plot_semi_curves(by_row: dict[str, list[dict]], out: Path) -> Path | None:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    from lvit.io import atomic_path
+    from lvit.core.io import atomic_path
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
     styles = ("-", "--", ":", "-.")
@@ -457,7 +457,7 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from lvit.errors import LvitError
+    from lvit.core.errors import LvitError
 
     try:
         if args.command == "render":

@@ -96,7 +96,7 @@ def section(counts: dict, summary: str, seconds: float, cpu: float) -> str:
 
 
 def write_section(text: str) -> None:
-    from lvit.io import write_marked_section
+    from lvit.core.io import write_marked_section
 
     write_marked_section(RESULTS, "reliability", text)
 
@@ -138,7 +138,7 @@ def run_trust_cases(before: str | None, out: Path) -> int:
         print(f"after ({_commit()}{' + uncommitted changes' if dirty else ''}):", flush=True)
         record["after"] = {"commit": _commit() + ("+" if dirty else ""),
                            "results": cases.run_cases(REPO / "src", Path(tmp) / "work-after")}
-    from lvit.io import atomic_write_json, write_marked_section
+    from lvit.core.io import atomic_write_json, write_marked_section
 
     atomic_write_json(out, record)
     write_marked_section(RESULTS, "trust", trust_section(record))

@@ -120,7 +120,7 @@ def evaluate(args) -> int:
 
     import torch
 
-    from lvit.io import atomic_write_json
+    from lvit.core.io import atomic_write_json
 
     torch.set_num_threads(args.threads)
     results = json.loads(args.results.read_text()) if args.results.is_file() else []
@@ -144,7 +144,7 @@ def _cell(value) -> str:
 
 
 def render(args) -> int:
-    from lvit.io import write_marked_section
+    from lvit.core.io import write_marked_section
 
     if not args.results.is_file():
         return 0

@@ -75,8 +75,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    from lvit.errors import LvitError
-    from lvit.io import read_results_file, update_results_file
+    from lvit.core.errors import LvitError
+    from lvit.core.io import read_results_file, update_results_file
 
     unknown = sorted(set(args.settings.split(",")) - set(SETTINGS))
     if unknown:
@@ -115,8 +115,8 @@ def main(argv=None) -> int:
 
 def dataset(args, work: Path) -> Path:
     """``--data``, or a synthetic set of the requested sizes generated once in ``work``."""
+    from lvit.core.errors import LvitError
     from lvit.data.synthetic import generate_synthetic
-    from lvit.errors import LvitError
 
     if args.data is not None:
         if not (args.data / "Train_Folder").is_dir():
@@ -184,9 +184,9 @@ def run_one(args, data: Path, work: Path, model: str, setting: str) -> dict:
 def score_test(run_dir: Path, cfg, data: Path) -> tuple[float, float]:
     from torch.utils.data import DataLoader
 
+    from lvit.artifacts.runs import load_run
+    from lvit.core.metrics import batch_dice_iou
     from lvit.data.layout import load_split
-    from lvit.metrics import batch_dice_iou
-    from lvit.runs import load_run
     from lvit.train.datamodule import build_text_encoder, make_dataset, text_cache_dir
 
     model = load_run(run_dir).model
@@ -264,7 +264,7 @@ def render(args, rows) -> str:
 
 
 def write_section(table: str, path: Path = RESULTS, section: str = "semi") -> None:
-    from lvit.io import write_marked_section
+    from lvit.core.io import write_marked_section
 
     write_marked_section(path, section, table)
 

@@ -55,22 +55,23 @@ def test(folder: Path, data: Path, out: Path, reports: str = "true") -> dict:
 
 
 def ship(args) -> int:
+    from lvit.artifacts.model_folder import export_model_folder
+    from lvit.artifacts.runs import load_run
     from lvit.benchmark import machine_line
     from lvit.evaluate.predict import model_has_no_report_path
-    from lvit.model_folder import export_model_folder
-    from lvit.runs import load_run
 
     work = Path(tempfile.mkdtemp(prefix="lvit-ship-"))
     run = load_run(args.run)
     if not run.reads_text:
         raise SystemExit(f"error: {args.run}: the shipped model reads reports (a {run.model_name} run was given)")
     from lvit.data import load_split
+    from lvit.train.config import closest_preset
 
     reports = sorted({r.text for r in load_split(args.data, "train")})  # shipped encoded: no text model needed
     folders, measured = {}, {}
     for dtype, half in (("float32", False), ("float16", True)):
         folders[dtype] = export_model_folder(args.run, work / dtype, dataset="qata", run=run, half=half,
-                                             report_texts=reports)
+                                             report_texts=reports, preset=closest_preset(run.config))
         started = time.perf_counter()
         measured[dtype] = figures(test(folders[dtype], args.data, work / f"test-{dtype}"))
         print(f"{dtype}: {json.dumps(measured[dtype])} ({time.perf_counter() - started:.0f} s)", flush=True)

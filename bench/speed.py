@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from lvit.cli import main
+from lvit.commands.cli import main
 
 HERE = Path(__file__).resolve().parent
 

@@ -23,9 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     import torch
 
-    from lvit.errors import LvitError
+    from lvit.core.errors import LvitError
+    from lvit.core.io import atomic_write_text
     from lvit.evaluate.text_probe import format_probe, probe_reports
-    from lvit.io import atomic_write_text
 
     torch.set_num_threads(1)
     try:

@@ -40,7 +40,7 @@ class Tree:
                 size = int(memory_gb * 2 ** 30)
                 resource.setrlimit(resource.RLIMIT_AS, (size, size))
         try:
-            done = subprocess.run([sys.executable, "-m", "lvit.cli", *map(str, args)], cwd=self.work, env=self.env,
+            done = subprocess.run([sys.executable, "-m", "lvit", *map(str, args)], cwd=self.work, env=self.env,
                                   capture_output=True, text=True, timeout=timeout, preexec_fn=limit)
         except subprocess.TimeoutExpired:
             return -9, "", f"(no answer within {timeout:.0f} s)"
@@ -112,7 +112,7 @@ def resume_with_a_setting_that_cannot_change(t: Tree):
 def two_trainings_into_one_folder(t: Tree):
     run = t.work / "busy"
     shutil.rmtree(run, ignore_errors=True)
-    first = subprocess.Popen([sys.executable, "-m", "lvit.cli", "train", "--data", str(t.data()), "--out", str(run),
+    first = subprocess.Popen([sys.executable, "-m", "lvit", "train", "--data", str(t.data()), "--out", str(run),
                               "--epochs", "2000", *TINY], cwd=t.work, env=t.env, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
     try:
@@ -166,7 +166,7 @@ def export_after_the_weights_changed(t: Tree):
     t.cli("test", run, "--data", t.data(), "--no-progress", "--k", 0)
     t.python(f"""
 import torch
-from lvit.runs import load_run, save_weights
+from lvit.artifacts.runs import load_run, save_weights
 r = load_run({str(run)!r})
 with torch.no_grad():
     r.model.head.bias.add_(1.0)
@@ -290,7 +290,7 @@ def report_sharing_one_known_word(t: Tree):
 
 
 def output_into_a_closed_pipe(t: Tree):
-    proc = subprocess.Popen([sys.executable, "-m", "lvit.cli", "model-info", "--config", "synth"], cwd=t.work,
+    proc = subprocess.Popen([sys.executable, "-m", "lvit", "model-info", "--config", "synth"], cwd=t.work,
                             env=t.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     proc.stdout.close()
     err = proc.stderr.read().decode()

@@ -19,7 +19,7 @@ import torch
 from files import write_dicom
 from PIL import Image
 
-from lvit.errors import ConfigError
+from lvit.core.errors import ConfigError
 from lvit.models import LViTConfig, build_model
 
 TINY = dict(image_size=32, base_channels=8, text_dim=8, text_tokens=6, vit_heads=2)
@@ -40,7 +40,7 @@ def model_folder(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def text_run(tmp_path_factory) -> Path:
     """A text-guided run folder (learned text backend: no transformers needed)."""
-    from lvit.runs import save_weights, write_run_config
+    from lvit.artifacts.runs import save_weights, write_run_config
     from lvit.text import get_text_encoder
 
     run = tmp_path_factory.mktemp("app_text") / "run"
@@ -77,7 +77,7 @@ def _png_header_only(path: Path, width: int, height: int) -> Path:
 
 
 def test_segmenter_gives_mask_probabilities_and_gradcam_at_the_image_size(model_folder, tmp_path):
-    from lvit.app import Segmenter
+    from lvit.commands.webapp import Segmenter
 
     seg = Segmenter(model_folder, work_dir=tmp_path / "work")
     assert not seg.reads_text and seg.layer == "up.0"
@@ -100,7 +100,7 @@ def test_segmenter_gives_mask_probabilities_and_gradcam_at_the_image_size(model_
 
 
 def test_the_segmenters_own_temporary_folder_goes_with_it(model_folder, tmp_path):
-    from lvit.app import Segmenter
+    from lvit.commands.webapp import Segmenter
 
     seg = Segmenter(model_folder)
     assert seg.segment(str(_xray(tmp_path / "x.png")), "", 0.5).ok
@@ -111,8 +111,8 @@ def test_the_segmenters_own_temporary_folder_goes_with_it(model_folder, tmp_path
 
 
 def test_bad_uploads_are_sentences_not_tracebacks(model_folder, tmp_path, monkeypatch):
-    import lvit.app
-    from lvit.app import Segmenter
+    import lvit.commands.webapp
+    from lvit.commands.webapp import Segmenter
 
     seg = Segmenter(model_folder, work_dir=tmp_path / "work")
     (tmp_path / "notes.txt").write_text("not an image")
@@ -131,13 +131,13 @@ def test_bad_uploads_are_sentences_not_tracebacks(model_folder, tmp_path, monkey
         result = seg.segment(None if path is None else str(path), "", 0.5)
         assert not result.ok and message in result.message, (path, result.message)
         assert "Traceback" not in result.message and str(tmp_path) not in result.message
-    monkeypatch.setattr(lvit.app, "MAX_UPLOAD_MB", 0.001)
+    monkeypatch.setattr(lvit.commands.webapp, "MAX_UPLOAD_MB", 0.001)
     assert "too large (0 MB" in seg.segment(str(_xray(tmp_path / "x.png")), "", 0.5).message
     assert "between 0 and 1" in seg.segment(str(tmp_path / "x.png"), "", 1.5).message
 
 
 def test_text_models_need_the_report_and_the_report_writer_hook_fills_it(text_run, tmp_path):
-    from lvit.app import Segmenter
+    from lvit.commands.webapp import Segmenter
 
     image = str(_xray(tmp_path / "x.png"))
     seg = Segmenter(text_run, work_dir=tmp_path / "work")
@@ -154,7 +154,7 @@ def test_text_models_need_the_report_and_the_report_writer_hook_fills_it(text_ru
 
 
 def test_lvit_app_without_gradio_is_one_line(model_folder, monkeypatch, capsys):
-    from lvit.cli import main
+    from lvit.commands.cli import main
 
     monkeypatch.setitem(sys.modules, "gradio", None)  # import gradio -> ImportError
     assert main(["app", str(model_folder)]) == 2
@@ -185,7 +185,7 @@ def test_the_page_in_headless_chromium(model_folder, tmp_path):
     pytest.importorskip("gradio", reason="Gradio is not installed (pip install -e \".[app]\")")
     sync_api = pytest.importorskip("playwright.sync_api",
                                    reason="Playwright is not installed (pip install -e \".[test]\")")
-    from lvit.app import launch
+    from lvit.commands.webapp import launch
 
     page = launch(model_folder, block=False)
     try:

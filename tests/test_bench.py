@@ -17,7 +17,7 @@ from lvit.models.flops import count_flops
 
 
 def _cli(argv: list[str]) -> int:
-    """Parse and run ``lvit bench`` alone (the command module, as lvit.cli wires it)."""
+    """Parse and run ``lvit bench`` alone (the command module, as lvit.commands.cli wires it)."""
     import argparse
 
     from lvit.commands import bench as bench_command
@@ -58,14 +58,14 @@ def test_quick_bench_writes_report(tmp_path):
     assert check["ok"] and check["rel_err"] <= benchmark.FP32_BOUND
     assert report["matmul"]["fp32"]["flops"] > 0
     # Refuses to overwrite without --force.
-    from lvit.errors import OutputExistsError
+    from lvit.core.errors import OutputExistsError
 
     with pytest.raises(OutputExistsError):
         _cli(["bench", "--quick", "--out", str(out)])
 
 
 def test_flop_count_includes_attention():
-    from lvit.export import example_inputs
+    from lvit.artifacts.export import example_inputs
     from lvit.models import LViTConfig, build_model
 
     cfg = LViTConfig(image_size=32, base_channels=8, text_dim=16, vit_heads=2, dropout=0.0)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lvit.cli import main
+from lvit.commands.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,7 +49,7 @@ def test_bad_yaml_config(tmp_path, capsys):
 
 
 def test_console_script_reports_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "lvit.cli", "test", str(tmp_path / "nope"), "--data", "."],
+    proc = subprocess.run([sys.executable, "-m", "lvit", "test", str(tmp_path / "nope"), "--data", "."],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error:") and proc.stderr.strip().count("\n") == 0, proc.stderr
@@ -59,7 +59,7 @@ def test_console_script_reports_one_line(tmp_path):
 @pytest.mark.parametrize("argv, status", [(["--help"], 0), (["model-info", "--config", "synth"], 141)])
 def test_a_reader_that_goes_away_ends_the_command_quietly(argv, status):
     """`lvit ... | head`: the pipe closes before lvit writes; no BrokenPipeError traceback."""
-    proc = subprocess.Popen([sys.executable, "-m", "lvit.cli", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen([sys.executable, "-m", "lvit", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     proc.stdout.close()  # the reader is gone before anything is written
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == status

@@ -24,7 +24,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lvit.export import example_inputs
+from lvit.artifacts.export import example_inputs
 from lvit.models import LViTConfig, build_model
 
 TINY = LViTConfig(image_size=32, base_channels=8, text_dim=16, vit_heads=2, dropout=0.0)

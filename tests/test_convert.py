@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from lvit.errors import CheckpointError
+from lvit.core.errors import CheckpointError
 from lvit.models import LViT, LViTConfig, count_parameters
 from lvit.models.convert import (
     convert_official_state_dict,

@@ -12,7 +12,8 @@ import torch
 from files import write_dicom
 from PIL import Image
 
-from lvit.cli import main  # noqa: E402  (the real CLI entry point: one-line errors, exit 2)
+from lvit.commands.cli import main  # noqa: E402  (the real CLI entry point: one-line errors, exit 2)
+from lvit.core.errors import DataError
 from lvit.data import (
     AugmentConfig,
     SegmentationDataset,
@@ -22,7 +23,6 @@ from lvit.data import (
     read_mask,
     resize_mask,
 )
-from lvit.errors import DataError
 
 
 def _write_xlsx(path: Path, rows, columns=("Image", "Description")) -> None:

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from badinputs import assert_one_line_error, run_cli
 
+from lvit.core.errors import DataError
 from lvit.data import load_split, read_mask
 from lvit.data.describe import (
     ZONES,
@@ -27,7 +28,6 @@ from lvit.data.describe import (
 )
 from lvit.data.describe_dataset import describe_dataset
 from lvit.data.synthetic import parse_report, report_for
-from lvit.errors import DataError
 
 S = 224  # QaTa-COV19's mask size: the upper zone ends at row 72, the middle one at row 81
 
@@ -170,7 +170,7 @@ def test_parser_reads_the_real_template_and_keeps_fields_apart():
 
 
 def test_cli_prints_the_report_of_a_mask(tmp_path):
-    from lvit.io import save_png
+    from lvit.core.io import save_png
 
     path = save_png(tmp_path / "m.png", blob(blank(), (20, 60), (30, 80)))
     code, out, err = run_cli(["describe", path])

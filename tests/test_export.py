@@ -7,8 +7,8 @@ import torch
 
 pytest.importorskip("onnxruntime")
 
-from lvit.errors import LvitError, OutputExistsError
-from lvit.export import OnnxSegmenter, example_inputs, export_onnx, onnx_for_run
+from lvit.artifacts.export import OnnxSegmenter, example_inputs, export_onnx, onnx_for_run
+from lvit.core.errors import LvitError, OutputExistsError
 from lvit.models import LViTConfig, build_model
 
 TINY = dict(image_size=32, base_channels=8, text_dim=16, vit_heads=2, dropout=0.0)
@@ -17,7 +17,7 @@ ATOL = 1e-4
 
 
 def _cli(argv: list[str]) -> int:
-    """Parse and run ``lvit export`` alone (the command module, as lvit.cli wires it)."""
+    """Parse and run ``lvit export`` alone (the command module, as lvit.commands.cli wires it)."""
     import argparse
 
     from lvit.commands import export as export_command
@@ -87,7 +87,7 @@ def test_export_refuses_clobber_and_wrong_sizes(tmp_path):
 
 
 def test_export_cli_on_a_run_folder(tmp_path):
-    from lvit.runs import save_weights, write_run_config
+    from lvit.artifacts.runs import save_weights, write_run_config
 
     model = _model()
     run = tmp_path / "run"
@@ -111,8 +111,8 @@ def test_export_cli_on_a_run_folder(tmp_path):
 def test_predict_onnx_backend_matches_torch(tmp_path):
     import numpy as np
 
+    from lvit.artifacts.runs import save_weights, write_run_config
     from lvit.evaluate.predict import Predictor
-    from lvit.runs import save_weights, write_run_config
 
     model = _model("lvit-t")
     run = tmp_path / "run"

@@ -22,10 +22,10 @@ import math
 import pytest
 import torch
 
+from lvit.core.errors import ConfigError
 from lvit.data import SegmentationDataset, load_split
 from lvit.data.device import DeviceAugmenter, DeviceDataset, DeviceLoader, affine_matrices, affine_warp
 from lvit.data.transforms import AugmentConfig, Augmenter
-from lvit.errors import ConfigError
 from lvit.presets import preset_path
 from lvit.train import load_config
 
@@ -129,8 +129,8 @@ def test_device_augmentation_has_the_cpu_augmenters_statistics():
 
 
 def test_compile_is_wired_in_place():
-    from lvit.fastpath import COMPILE_MODES, compile_module
     from lvit.train.config import FAST_COMPILE_MODES
+    from lvit.train.fastpath import COMPILE_MODES, compile_module
 
     assert COMPILE_MODES == FAST_COMPILE_MODES
     torch._dynamo.reset()
@@ -252,9 +252,9 @@ def test_fast_path_refuses_what_it_cannot_do():
 def test_fast_training_run_matches_the_standard_evaluation(tiny_synth, tmp_path):
     import lightning.pytorch as pl
 
-    from lvit.metrics import batch_dice_iou
+    from lvit.artifacts.runs import load_weights
+    from lvit.core.metrics import batch_dice_iou
     from lvit.models import build_model
-    from lvit.runs import load_weights
     from lvit.train.datamodule import build_train_data
     from lvit.train.fast import FastSegmentationModule
     from lvit.train.plugins import Callbacks
@@ -294,7 +294,7 @@ def test_fast_training_run_matches_the_standard_evaluation(tiny_synth, tmp_path)
 
 
 def test_nonfinite_loss_stops_the_epoch_before_its_checkpoint(tiny_synth, tmp_path, monkeypatch):
-    from lvit.errors import TrainingDiverged
+    from lvit.core.errors import TrainingDiverged
     from lvit.train import fast
     from lvit.train.runner import train
 

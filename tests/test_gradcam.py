@@ -18,8 +18,8 @@ import torch.nn.functional as F
 import yaml
 from PIL import Image
 
-from lvit.cli import main as lvit_main
-from lvit.errors import ConfigError
+from lvit.commands.cli import main as lvit_main
+from lvit.core.errors import ConfigError
 from lvit.evaluate.explanation import heatmap_overlay
 from lvit.evaluate.gradcam import SegmentationGradCAM, default_layers, explain_image, list_layers
 from lvit.evaluate.predict import run_text_encoder
@@ -42,10 +42,10 @@ def tiny_run(tmp_path_factory) -> Path:
     """A run folder with a tiny LViT trained 40 full-batch Adam steps (a few seconds on 2 cores)."""
     if "run" in _CACHE:
         return _CACHE["run"]
+    from lvit.artifacts.runs import save_weights
     from lvit.data.dataset import load_pair
     from lvit.data.layout import load_split
     from lvit.data.synthetic import generate_synthetic
-    from lvit.runs import save_weights
     from lvit.text import get_text_encoder
 
     base = tmp_path_factory.mktemp("tiny_run")
@@ -113,7 +113,7 @@ def run_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def loaded(run_dir):
-    from lvit.runs import load_run
+    from lvit.artifacts.runs import load_run
 
     run = load_run(run_dir)
     return run.model, run.config, run_text_encoder(run)

@@ -2,7 +2,7 @@
 
 The cycle check parses every module of ``src/lvit`` with :mod:`ast` (imports at module level and inside
 functions alike) into a graph of modules, folds it into lvit's subpackages and top-level modules (``lvit.train``,
-``lvit.evaluate``, ``lvit.runs`` ...), and fails on any cycle between them; at module level (what runs at import
+``lvit.evaluate``, ``lvit.artifacts`` ...), and fails on any cycle between them; at module level (what runs at import
 time) no cycle between single modules is allowed either.
 """
 
@@ -144,8 +144,8 @@ def _explain(graph: dict[str, set[str]], packages: list[str]) -> list[str]:
 def test_the_graph_sees_imports_at_every_level():
     """The parser is not vacuous: known edges are found, at module level and inside functions."""
     graph = import_graph()
-    assert "lvit.runs" in graph["lvit.evaluate.predict"]  # inside a method
-    assert "lvit.models.pretrained" in graph["lvit.runs"]  # at module level
+    assert "lvit.artifacts.runs" in graph["lvit.evaluate.predict"]  # inside a method
+    assert "lvit.models.pretrained" in graph["lvit.artifacts.runs"]  # at module level
     assert "lvit.evaluate.predict" in import_graph(module_level_only=False)["lvit.commands.predict"]
     assert "lvit.evaluate.predict" not in import_graph(module_level_only=True)["lvit.commands.predict"]
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
@@ -155,7 +155,7 @@ def test_the_graph_sees_imports_at_every_level():
 def test_no_import_cycle_between_lvit_packages():
     graph = import_graph()
     folded = package_graph(graph)
-    assert "lvit.runs" in folded["lvit.evaluate"] and "lvit.runs" in folded["lvit.train"]
+    assert "lvit.artifacts" in folded["lvit.evaluate"] and "lvit.artifacts" in folded["lvit.train"]
     assert "lvit.train" not in folded.get("lvit.evaluate", set()), \
         "lvit.evaluate imports lvit.train: " + "; ".join(_explain(graph, ["lvit.evaluate", "lvit.train"]))
     found = cycles(folded)
@@ -166,6 +166,12 @@ def test_no_import_cycle_between_lvit_packages():
 def test_no_import_cycle_at_import_time():
     found = cycles(import_graph(module_level_only=True))
     assert not found, f"module-level import cycles: {found}"
+
+
+def test_no_import_cycle_between_modules_anywhere():
+    """Counting imports inside functions too: no module reaches back to itself through others."""
+    found = cycles(import_graph())
+    assert not found, f"import cycles between modules: {found}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -180,7 +186,7 @@ PROBE = textwrap.dedent("""
 
     base = Path(sys.argv[1])
     from lvit.models import LViTConfig, build_model
-    from lvit.runs import save_weights, write_run_config
+    from lvit.artifacts.runs import save_weights, write_run_config
     from lvit.text import get_text_encoder
 
     run = base / "run"
@@ -196,11 +202,11 @@ PROBE = textwrap.dedent("""
     Image.fromarray(np.full((40, 40), 128, np.uint8)).save(image)
 
     from lvit.evaluate.predict import Predictor
-    from lvit.runs import load_run
+    from lvit.artifacts.runs import load_run
 
     prob = Predictor(run).predict(np.asarray(Image.open(image)), "left lung lower zone")
     load_run(run).model.save_pretrained(base / "folder")
-    from lvit.cli import main
+    from lvit.commands.cli import main
 
     code = main(["predict", str(run), "--image", str(image), "--text", "left lung", "--out", str(base / "m.png")])
     print(json.dumps({"shape": list(prob.shape), "code": code,

@@ -10,8 +10,8 @@ import pytest
 import torch
 from badinputs import assert_one_line_error, run_cli
 
-from lvit.errors import CheckpointError
-from lvit.runs import load_weights
+from lvit.artifacts.runs import load_weights
+from lvit.core.errors import CheckpointError
 
 TINY = ["--config", "synth", "--epochs", "1", "--batch-size", "4", "--workers", "0", "--no-progress",
         "--set", "model.image_size=32", "--set", "model.base_channels=8", "--set", "model.vit_heads=2",

@@ -1,4 +1,4 @@
-"""lvit.io: atomic writes leave the old file or the new one, never a mix; failures are one-line errors."""
+"""lvit.core.io: atomic writes leave the old file or the new one, never a mix; failures are one-line errors."""
 
 from __future__ import annotations
 
@@ -15,13 +15,13 @@ import pytest
 import torch
 from badinputs import Tally
 
-from lvit import io as lio
-from lvit.errors import LvitError, OutputExistsError
+from lvit.core import io as lio
+from lvit.core.errors import LvitError, OutputExistsError
 
 
 @pytest.fixture(scope="module")
 def tally(request):
-    t = Tally("atomic writes (lvit.io)")
+    t = Tally("atomic writes (lvit.core.io)")
     yield t
     t.report(request)
 
@@ -114,7 +114,7 @@ def test_read_only_folder_is_one_line(tmp_path, monkeypatch, tally):
 
 
 def test_library_errors_on_a_full_disk_are_reported_as_disk_full(tmp_path, monkeypatch):
-    """torch.save turns ENOSPC into a RuntimeError ('unexpected pos ...'): lvit.io looks at the disk itself."""
+    """torch.save turns ENOSPC into a RuntimeError ('unexpected pos ...'): lvit.core.io looks at the disk itself."""
     dest = tmp_path / "last.ckpt"
     dest.write_bytes(b"GOOD")
     monkeypatch.setattr(lio, "_disk_full", lambda folder: True)
@@ -163,7 +163,7 @@ def test_real_full_disk_with_torch_and_safetensors(tiny_tmpfs, tally):
 
 _SLOW_WRITER = """
 import sys
-from lvit.io import atomic_write_bytes
+from lvit.core.io import atomic_write_bytes
 atomic_write_bytes(sys.argv[1], b"NEW" * 1000)
 """
 

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from badinputs import assert_one_line_error, run_cli
 
+from lvit.core.errors import DataError
 from lvit.data import SegmentationDataset, check_data, detect_layout, load_split, read_image, read_mask
 from lvit.data.validate import faults
-from lvit.errors import DataError
 
 SIZES = {"train": 32, "val": 8, "test": 24}
 

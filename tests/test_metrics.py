@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from lvit.metrics import SegmentationScores, batch_dice_iou, dice_iou
+from lvit.core.metrics import SegmentationScores, batch_dice_iou, dice_iou
 
 
 def m(rows: list[str]) -> np.ndarray:

@@ -130,19 +130,19 @@ def pinned(tmp_path_factory):
 @pytest.fixture
 def stub_builds(monkeypatch):
     """``build_model`` (which ``load_run`` calls for the run's network) returns the stub."""
+    import lvit.artifacts.runs
     import lvit.models
-    import lvit.runs
 
     def build(name, config):
         assert name == "unet" and config.image_size == MODEL_SIZE and config.in_channels == 1
         return KeyedLogits()
 
     monkeypatch.setattr(lvit.models, "build_model", build)
-    monkeypatch.setattr(lvit.runs, "build_model", build, raising=False)
+    monkeypatch.setattr(lvit.artifacts.runs, "build_model", build, raising=False)
 
 
 def test_lvit_test_metrics_are_the_hand_computed_fractions(pinned, stub_builds, tmp_path, capsys):
-    from lvit.cli import main
+    from lvit.commands.cli import main
 
     data, run = pinned
     out = tmp_path / "out"

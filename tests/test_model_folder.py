@@ -13,11 +13,11 @@ import pytest
 import torch
 from PIL import Image
 
-from lvit.cli import main
-from lvit.errors import CheckpointError
+from lvit.artifacts.runs import LoadedRun, load_run, save_weights, write_run_config
+from lvit.commands.cli import main
+from lvit.core.errors import CheckpointError
 from lvit.models import LViT, LViTConfig, UNet, build_model
 from lvit.models.pretrained import MODEL_CONFIG, MODEL_WEIGHTS
-from lvit.runs import LoadedRun, load_run, save_weights, write_run_config
 
 TINY = dict(image_size=32, base_channels=8, text_dim=16, text_tokens=6, vit_heads=2)
 TEXT = "Left lung: one infected area in the lower zone."

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lvit.errors import ConfigError
+from lvit.core.errors import ConfigError
 from lvit.models import LViT, LViTConfig, UNet, build_model, count_parameters
 
 TINY = LViTConfig(image_size=64, base_channels=8, text_dim=16, text_tokens=10, vit_heads=2)

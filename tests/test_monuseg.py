@@ -13,7 +13,7 @@ import pytest
 import torch
 from files import load_bench
 
-from lvit.io import update_results_file
+from lvit.core.io import update_results_file
 
 bench = load_bench("bench/monuseg.py", "bench_monuseg")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from lvit import openmp
+from lvit.core import openmp
 
 
 def _decide(monkeypatch, others, env=None):

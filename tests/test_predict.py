@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lvit.cli import main
+from lvit.commands.cli import main
 from lvit.presets import preset_path
 from lvit.train import load_config
 from lvit.train.runner import train

@@ -3,7 +3,7 @@
 * Kill and resume: a real ``lvit train`` subprocess is SIGKILLed several times (seeded random delays: during
   the first epoch, in the middle of a later epoch, and while ``last.ckpt`` is being written, widened with
   ``LVIT_FAULT_INJECT=write_delay``), each time resumed with ``--resume``. Asserted: after every kill each
-  file of the run folder is either absent or complete (only lvit.io's hidden ``*.tmp`` files may be
+  file of the run folder is either absent or complete (only lvit.core.io's hidden ``*.tmp`` files may be
   half-written, and the next write reaps them); the final weights (last and best) and metrics.csv equal
   those of an uninterrupted run EXACTLY (training is deterministic on CPU, and a resume recomputes the
   interrupted epoch from the last full-state checkpoint).
@@ -28,7 +28,7 @@ import pytest
 import torch
 from badinputs import Tally, assert_one_line_error, file_is_complete, run_cli
 
-from lvit.io import FAULT_ENV
+from lvit.core.io import FAULT_ENV
 
 TINY = ["--config", "synth", "--model", "lvit-t", "--batch-size", "2", "--workers", "0", "--no-progress",
         "--set", "model.image_size=32", "--set", "model.base_channels=8", "--set", "model.vit_heads=2",
@@ -78,7 +78,7 @@ def _spawn(argv: list[str], fault: str = "") -> subprocess.Popen:
     env.pop(FAULT_ENV, None)
     if fault:
         env[FAULT_ENV] = fault
-    return subprocess.Popen([sys.executable, "-m", "lvit.cli", *map(str, argv)], env=env,
+    return subprocess.Popen([sys.executable, "-m", "lvit", *map(str, argv)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -100,7 +100,7 @@ def _temp_of(folder: Path, name: str) -> list[Path]:
 
 
 def run_files_are_whole(run: Path) -> list[str]:
-    """Files of the run folder that are not complete (lvit.io's temp files and TensorBoard logs excepted)."""
+    """Files of the run folder that are not complete (lvit.core.io's temp files and TensorBoard logs excepted)."""
     broken = []
     for path in run.rglob("*"):
         if path.is_file() and not path.name.endswith(".tmp") and "tensorboard" not in path.parts:
@@ -144,7 +144,7 @@ def test_sigkill_at_random_moments_then_resume_gives_identical_weights(data, tmp
         proc.send_signal(signal.SIGKILL)
         proc.communicate()
         tally.add("SIGKILL: injected")
-        # Every file is the old complete one or the new complete one; only lvit.io temp files may be partial.
+        # Every file is the old complete one or the new complete one; only lvit.core.io temp files may be partial.
         assert run_files_are_whole(run) == [], what
         if (ckpt_dir / "last.ckpt").is_file():
             state = torch.load(ckpt_dir / "last.ckpt", weights_only=True)

@@ -127,8 +127,8 @@ def test_huge_image_is_refused_before_decoding(good_root, tmp_path, monkeypatch,
     """The 100000 x 100000 header must be refused from the header: decoding would need 10 GB."""
     from PIL import Image
 
+    from lvit.core.errors import DataError
     from lvit.data import read_image
-    from lvit.errors import DataError
 
     decoded = []
     real_load = Image.Image.load
@@ -203,7 +203,7 @@ def test_whole_stderr_is_one_line_in_a_real_subprocess(good_root, trained_run, t
 
     root, culprit = make_case(CASES["truncated_png"], good_root, tmp_path / "data")
     tally.add("lvit predict (subprocess): tried")
-    done = subprocess.run([sys.executable, "-m", "lvit.cli", "predict", str(trained_run), "--image",
+    done = subprocess.run([sys.executable, "-m", "lvit", "predict", str(trained_run), "--image",
                            str(culprit), "--out", str(tmp_path / "m.png")], capture_output=True, text=True,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and done.stderr.startswith("error: "), done.stderr
@@ -268,7 +268,7 @@ def test_user_path(name, good_root, trained_run, text_run, tmp_path, monkeypatch
     monkeypatch.setattr(tempfile, "tempdir", str(system_tmp))  # where on-the-fly ONNX exports would be left
     argv = case.argv(ctx)
     if case.before_model:
-        from lvit import runs
+        from lvit.artifacts import runs
 
         def refuse(*args, **kwargs):
             raise AssertionError(f"{name}: the model was loaded before the inputs were checked")
@@ -309,7 +309,7 @@ def test_onnx_file_without_weights_hash_is_not_trusted(tmp_path, capsys):
     import onnx
     from onnx import TensorProto, helper
 
-    from lvit.export import WEIGHTS_KEY, onnx_for_run
+    from lvit.artifacts.export import WEIGHTS_KEY, onnx_for_run
     from lvit.models import LViTConfig, build_model
 
     model = build_model("lvit-t", LViTConfig(image_size=32, base_channels=8, vit_heads=2, use_text=False)).eval()

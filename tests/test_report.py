@@ -16,8 +16,8 @@ import pytest
 from PIL import Image
 from test_gradcam import tiny_run  # the shared tiny trained run (tests/ is on sys.path)
 
-from lvit.cli import main as lvit_main
-from lvit.errors import DataError, OutputExistsError
+from lvit.commands.cli import main as lvit_main
+from lvit.core.errors import DataError, OutputExistsError
 from lvit.evaluate.plots import read_metrics, training_curves
 from lvit.evaluate.report import Case, Figure, ReportContent, collect_report, render_html, write_report
 

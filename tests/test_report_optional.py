@@ -11,8 +11,8 @@ import pytest
 import torch
 from files import load_bench
 
-from lvit.cli import main
-from lvit.errors import ConfigError
+from lvit.commands.cli import main
+from lvit.core.errors import ConfigError
 from lvit.models import LViTConfig, build_model
 from lvit.presets import preset_path
 from lvit.train import load_config
@@ -166,7 +166,7 @@ def test_lvit_predict_without_text_uses_the_no_report_path(runs, tmp_path, capsy
 
 
 def test_the_app_accepts_an_empty_report_box_with_the_path(runs):
-    from lvit.app import Segmenter
+    from lvit.commands.webapp import Segmenter
     from lvit.data import load_split
 
     data, rd, plain = runs

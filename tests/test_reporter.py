@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+from lvit.artifacts.reporter_folder import find_reporter, load_reporter, read_reporter_meta
+from lvit.core.errors import CheckpointError, ConfigError, OutputExistsError
 from lvit.data.describe import ZONES, Findings, format_report, parse_findings
 from lvit.data.flags import (
     FLIPPED_ZONES,
@@ -20,10 +22,8 @@ from lvit.data.flags import (
     report_agreement,
     same_findings,
 )
-from lvit.errors import CheckpointError, ConfigError, OutputExistsError
 from lvit.evaluate.reporter import ReportWriter
 from lvit.models.reporter import ReporterConfig, ZoneClassifier
-from lvit.reporter_folder import find_reporter, load_reporter, read_reporter_meta
 from lvit.train.reporter import ReporterTraining, augment_batch, train_reporter
 
 TINY = ReporterConfig(image_size=32, width=4, pool_grid=2, hidden=8, mask_head=False)
@@ -207,8 +207,8 @@ def test_training_refuses_a_non_empty_folder_and_reports_outside_the_template(ti
                        progress=False, log=None)
     with pytest.raises(ConfigError, match="hflip"):
         ReporterTraining(hflip=2.0)
+    from lvit.core.errors import DataError
     from lvit.data.records import Record
-    from lvit.errors import DataError
     from lvit.train.reporter import load_flag_data
 
     records = [Record("a.png", tiny_synth / "x.png", None, "Nuclei are dense and round.")]
@@ -217,7 +217,7 @@ def test_training_refuses_a_non_empty_folder_and_reports_outside_the_template(ti
 
 
 def test_cli_train_reporter(tiny_synth, tmp_path, capsys):
-    from lvit.cli import main
+    from lvit.commands.cli import main
 
     assert main(["train-reporter", "--data", str(tiny_synth)]) == 2
     assert "RUN_DIR" in capsys.readouterr().err
@@ -283,7 +283,7 @@ def run_with_writer(tiny_runs, writer_dir, tmp_path) -> Path:
 
 
 def test_predict_without_text_writes_the_mask_and_its_generated_report(run_with_writer, tiny_synth, tmp_path, capsys):
-    from lvit.cli import main
+    from lvit.commands.cli import main
     from lvit.data import read_mask
 
     image = next((tiny_synth / "Test_Folder" / "img").iterdir())
@@ -308,7 +308,7 @@ def test_predict_without_text_writes_the_mask_and_its_generated_report(run_with_
 
 def test_predict_without_text_and_without_a_writer_says_how_to_get_one(tiny_runs, writer_dir, tiny_synth, tmp_path,
                                                                       capsys):
-    from lvit.cli import main
+    from lvit.commands.cli import main
 
     image = next((tiny_synth / "Test_Folder" / "img").iterdir())
     out = tmp_path / "m.png"
@@ -326,7 +326,7 @@ def test_predict_without_text_and_without_a_writer_says_how_to_get_one(tiny_runs
 def test_predict_a_folder_without_a_report_table(run_with_writer, tiny_synth, tmp_path):
     import csv
 
-    from lvit.cli import main
+    from lvit.commands.cli import main
 
     out = tmp_path / "out"
     assert main(["predict", str(run_with_writer), "--images", str(tiny_synth / "Test_Folder" / "img"), "--out",
@@ -339,7 +339,7 @@ def test_predict_a_folder_without_a_report_table(run_with_writer, tiny_synth, tm
 def test_lvit_test_with_generated_reports(run_with_writer, tiny_runs, tiny_synth, tmp_path, capsys):
     import csv
 
-    from lvit.cli import main
+    from lvit.commands.cli import main
 
     out = tmp_path / "t"
     assert main(["test", str(run_with_writer), "--data", str(tiny_synth), "--out", str(out), "--reports", "generated",
@@ -379,8 +379,8 @@ def test_lvit_app_gives_the_page_the_runs_report_writer(run_with_writer, tiny_ru
 
 
 def test_train_reporter_never_writes_into_a_model_folder(tiny_runs, tiny_synth, tmp_path, capsys):
-    from lvit.cli import main
-    from lvit.model_folder import export_model_folder
+    from lvit.artifacts.model_folder import export_model_folder
+    from lvit.commands.cli import main
 
     folder = tmp_path / "folder"
     export_model_folder(tiny_runs[0], folder)

@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from lvit.errors import CheckpointError, ConfigError, LvitError
+from lvit.core.errors import CheckpointError, ConfigError, LvitError
 
 pytestmark = pytest.mark.slow
 
@@ -41,7 +41,7 @@ def _rows(run):
 
 
 def test_branch_after_the_shared_warmup_equals_training_from_scratch(tiny_data, tmp_path, monkeypatch):
-    from lvit.runs import load_weights
+    from lvit.artifacts.runs import load_weights
     from lvit.train.plugins import Callbacks
     from lvit.train.runner import resume_config, train
     from lvit.train.semi.branch import BRANCH_FILE, KeepStateAfter, branch_run, kept_state_dir
@@ -120,7 +120,7 @@ def test_a_plugin_drawing_random_numbers_in_its_setup_changes_nothing(tiny_data,
 
     import numpy as np
 
-    from lvit.runs import load_weights
+    from lvit.artifacts.runs import load_weights
     from lvit.train.plugins import TrainingPlugin
     from lvit.train.runner import train
     from lvit.train.semi.module import SemiConfig

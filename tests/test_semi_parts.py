@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from lvit.errors import CheckpointError, DataError
+from lvit.core.errors import CheckpointError, DataError
 from lvit.train.semi import (
     ContrastLabelBank,
     PseudoLabelBank,
@@ -275,7 +275,7 @@ def test_train_cli_semi_flags_are_overrides_of_the_semi_section(tmp_path):
     import argparse
 
     from lvit.commands import train as train_cmd
-    from lvit.errors import ConfigError
+    from lvit.core.errors import ConfigError
     from lvit.train.config import load_config
     from lvit.train.semi_flags import semi_overrides
 

@@ -170,9 +170,9 @@ def test_semi_step_targets_loss_and_one_update_per_epoch_with_a_stub_network():
 def test_beta_and_lv_weight_flags_reach_the_bank_and_the_loss(tmp_path, monkeypatch):
     """``lvit train ... --beta 0.8 --lv-weight 0.7``: the targets follow beta 0.8, the loss weighs LV by 0.7, and the
     checkpointed bank records beta 0.8. Two epochs, warm-up 0: epoch 0 sets P_0, epoch 1 averages."""
-    from lvit.cli import main
+    from lvit.artifacts.runs import load_state_file
+    from lvit.commands.cli import main
     from lvit.data.synthetic import generate_synthetic
-    from lvit.runs import load_state_file
     from lvit.train.semi import module as semi_module
 
     beta, weight = 0.8, 0.7

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from lvit.runs import load_state_file
+from lvit.artifacts.runs import load_state_file
 
 pytestmark = pytest.mark.slow
 

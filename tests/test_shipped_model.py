@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lvit.cli import main
+from lvit.commands.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "shipped_model.json"
@@ -34,9 +34,9 @@ def tiny_run(tmp_path_factory):
 
 def test_a_folder_with_encoded_training_reports_never_loads_the_text_model_for_them(tiny_run, tmp_path,
                                                                                      monkeypatch):
+    from lvit.artifacts.model_folder import export_model_folder
     from lvit.data import load_split, read_image
     from lvit.evaluate.predict import Predictor
-    from lvit.model_folder import export_model_folder
     from lvit.text.encoders import HFEncoder
 
     data, run = tiny_run
@@ -64,7 +64,7 @@ def test_a_folder_with_encoded_training_reports_never_loads_the_text_model_for_t
 
 
 def _shipped():
-    from lvit.runs import DEFAULT_MODEL, shipped_model
+    from lvit.artifacts.runs import DEFAULT_MODEL, shipped_model
 
     folder = shipped_model(DEFAULT_MODEL)
     assert folder is not None, "lvit ships no default model"

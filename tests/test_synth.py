@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from lvit.cli import main  # noqa: E402  (the real CLI entry point: one-line errors, exit 2)
+from lvit.commands.cli import main  # noqa: E402  (the real CLI entry point: one-line errors, exit 2)
 from lvit.data import (
     generate_synthetic,
     load_split,

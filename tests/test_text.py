@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lvit.errors import ConfigError
+from lvit.core.errors import ConfigError
 from lvit.text import (
     HFEncoder,
     LearnedEncoder,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lvit.errors import ConfigError
+from lvit.core.errors import ConfigError
 from lvit.evaluate.text_probe import NO_INFECTION, meaning_changed, probe_reports, variant_reports
 from lvit.presets import preset_path
 from lvit.train import load_config

@@ -10,9 +10,9 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from lvit.errors import CheckpointError, OutputExistsError, TrainingDiverged
+from lvit.artifacts.runs import load_run, load_state_file, load_weights
+from lvit.core.errors import CheckpointError, OutputExistsError, TrainingDiverged
 from lvit.presets import preset_path
-from lvit.runs import load_run, load_state_file, load_weights
 from lvit.train import load_config
 from lvit.train.module import SegmentationModule
 from lvit.train.plugins import Callbacks

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lvit.errors import ConfigError
+from lvit.core.errors import ConfigError
 from lvit.presets import preset_path
 from lvit.train.config import TrainConfig, load_config
 

@@ -26,7 +26,7 @@ def _ddp_train(tmp_path, size: int, n_val: int, n_test: int, extra: list[str]) -
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "PYTHONWARNINGS": "ignore"}
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
-    cmd = [sys.executable, "-m", "lvit.cli", "train", "--config", "synth",
+    cmd = [sys.executable, "-m", "lvit", "train", "--config", "synth",
            "--data", str(data), "--out", str(run), "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp",
            "--batch-size", "2", "--no-progress", "--set", f"model.image_size={size}",
            "--set", "model.base_channels=8", "--set", "model.vit_heads=4", *extra]

@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from lvit.cli import main
-from lvit.errors import CheckpointError, LvitError
+from lvit.commands.cli import main
+from lvit.core.errors import CheckpointError, LvitError
 from lvit.models import LViTConfig, build_model
 
 
@@ -53,7 +53,7 @@ def test_non_finite_weights_are_refused_at_load_by_predict_and_export(folder, tm
 
 
 def test_non_finite_weights_of_a_run_folder_are_refused(tmp_path):
-    from lvit.runs import load_run, save_weights
+    from lvit.artifacts.runs import load_run, save_weights
 
     model = build_model("lvit-t", LViTConfig(image_size=32, base_channels=8, vit_heads=2))
     run = tmp_path / "run"
@@ -186,7 +186,7 @@ def test_a_run_folder_in_use_is_locked_and_a_stale_lock_is_reported(short_run, t
     import subprocess
     import sys
 
-    from lvit.runs import LOCK_NAME
+    from lvit.artifacts.runs import LOCK_NAME
 
     data, _, source = short_run
     run = tmp_path / "run"
@@ -269,7 +269,7 @@ def test_reports_far_from_the_training_reports_are_flagged_reworded_ones_are_not
 def test_export_leaves_out_test_metrics_of_other_weights(short_run, tmp_path, capsys):
     import shutil
 
-    from lvit.runs import load_run, save_weights
+    from lvit.artifacts.runs import load_run, save_weights
 
     data, _, source = short_run
     run = tmp_path / "run"

@@ -14,7 +14,7 @@ import pytest
 import torch
 from badinputs import Tally, assert_one_line_error, run_cli
 
-from lvit.errors import CheckpointError
+from lvit.core.errors import CheckpointError
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "lvit"
 
@@ -66,7 +66,7 @@ def evil(tmp_path) -> dict[str, tuple[Path, Path]]:
 
 
 def test_training_checkpoint_loader_refuses_pickled_code(evil, tally):
-    from lvit.runs import load_state_file
+    from lvit.artifacts.runs import load_state_file
 
     for kind, (path, marker) in evil.items():
         tally.add("pickled code, lvit checkpoint loader: tried")
@@ -105,8 +105,8 @@ def test_official_converter_still_reads_plain_official_checkpoints(tmp_path):
 
 
 def test_corrupt_and_foreign_checkpoints_are_one_line(tmp_path, tally):
+    from lvit.artifacts.runs import load_state_file, load_weights
     from lvit.models.convert import read_official_checkpoint
-    from lvit.runs import load_state_file, load_weights
 
     good = tmp_path / "good.ckpt"
     torch.save({"state_dict": {"w": torch.zeros(1000)}}, good)

@@ -11,13 +11,13 @@ import pytest
 import torch
 from files import load_bench
 
+from lvit.core.errors import ConfigError
 from lvit.data import SegmentationDataset, TextTensors
 from lvit.data.describe import LEVELS, SIDES, Findings, format_report, parse_findings
 from lvit.data.records import Record
 from lvit.data.wording import (
     AREA_WORDS,
     DISEASE_WORDS,
-    JOINERS,
     KIND_WORDS,
     LEVEL_WORDS,
     LUNG_WORDS,
@@ -27,7 +27,6 @@ from lvit.data.wording import (
     vary_wording,
     wording_variants,
 )
-from lvit.errors import ConfigError
 from lvit.models import LViTConfig, build_model
 from lvit.models.blocks import report_prior_loss
 from lvit.presets import preset_path

@@ -122,7 +122,7 @@ def train_and_test(model: str, data: Path, runs: Path, cache: Path, until: float
     curve = read_curve(runs / model)
     steady = [r["seconds"] for r in curve[1:]] or [r["seconds"] for r in curve]
     per_epoch = statistics.median(steady)
-    from lvit.runs import read_run_config
+    from lvit.artifacts.runs import read_run_config
 
     n_train = int(read_run_config(runs / model)["data_info"]["n_train"])
     images = n_train // config.data.batch_size * config.data.batch_size  # training batches drop the last one
@@ -244,7 +244,7 @@ def main(argv=None) -> int:
     gpu = torch.cuda.get_device_name(0) if device == "cuda" else "none (dry run on the CPU)"
     machine = f"{gpu}; torch {torch.__version__}; Python {platform.python_version()}"
     if args.results_md is not None and results:
-        from lvit.io import write_marked_section
+        from lvit.core.io import write_marked_section
 
         png = plot(results, args.results_md.parent / "qata_gpu_curve.png")
         write_marked_section(args.results_md, SECTION, render(results, why, machine, args.data_note, args.command))

@@ -256,7 +256,7 @@ def run_cli(argv: list[str]) -> tuple[int, str, str]:
     import contextlib
     import io
 
-    from lvit.cli import main
+    from lvit.commands.cli import main
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -282,7 +282,7 @@ def assert_one_line_error(code: int, stderr: str, *needles: str) -> str:
 
 
 def half_written_files(folder: Path) -> list[Path]:
-    """Temporary files of lvit.io and files that do not load completely (PNG, safetensors, ckpt, json)."""
+    """Temporary files of lvit.core.io and files that do not load completely (PNG, safetensors, ckpt, json)."""
     bad = []
     if not folder.exists():
         return bad
@@ -369,7 +369,7 @@ class Tally:
         section = data.setdefault(self.section, {})
         for key, value in self.counts.items():
             section[key] = section.get(key, 0) + value
-        from lvit.io import atomic_write_json
+        from lvit.core.io import atomic_write_json
 
         atomic_write_json(path, data)
 
@@ -458,7 +458,7 @@ def _onnx_stale(ctx: UserPathContext) -> list:
     """RUN/model.onnx exported, then the run's best weights change (as after `train --force` into the folder)."""
     from safetensors.torch import save_file
 
-    from lvit.runs import load_weights
+    from lvit.artifacts.runs import load_weights
 
     run = ctx.copy_run("t")
     code, _, err = run_cli(["export", run, "--onnx", run / "model.onnx"])
@@ -479,9 +479,9 @@ def _onnx_matches_torch(ctx: UserPathContext, out: str, err: str) -> None:
     onnx, torch_ = _read_png(ctx.tmp / "onnx_prob.png").astype(int), _read_png(ctx.tmp / "torch_prob.png").astype(int)
     assert np.abs(onnx - torch_).max() <= 1, "the ONNX backend did not use the run's current weights"
     # Sanity: the stale file really predicts otherwise (else this case could not fail).
+    from lvit.artifacts.export import OnnxSegmenter
     from lvit.data import read_image
     from lvit.evaluate.predict import Predictor
-    from lvit.export import OnnxSegmenter
 
     predictor = Predictor(run)
     batch = predictor.preprocess(read_image(ctx.image))[None]
@@ -592,8 +592,8 @@ def _trained(ctx: UserPathContext, out: str, err: str) -> None:
 def _model_info_run(ctx: UserPathContext, out: str, err: str) -> None:
     import json
 
+    from lvit.artifacts.runs import load_run
     from lvit.models import count_parameters
-    from lvit.runs import load_run
 
     info = json.loads(out)
     assert info["parameters"] == count_parameters(load_run(ctx.text_run).model), info["parameters"]

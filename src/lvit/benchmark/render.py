@@ -197,7 +197,7 @@ SPEED_START, SPEED_END = "<!-- speed:start -->", "<!-- speed:end -->"
 def write_speed_section(results_path: Path, body: str, gpu: bool = False) -> Path:
     """Replace (or append) the Speed section between the markers in RESULTS.md, atomically. A GPU run has its
     own section ("speed-gpu", heading "Speed on GPU"), so it never replaces the CPU figures."""
-    from ..io import write_marked_section
+    from ..core.io import write_marked_section
 
     return write_marked_section(results_path, "speed-gpu" if gpu else "speed",
                                 f"## Speed{' on GPU' if gpu else ''}\n\n{body.rstrip()}")

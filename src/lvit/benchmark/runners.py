@@ -18,7 +18,7 @@ from .tasks import Case, Steps, Task, uses_bf16, variant_steps
 def build_case(case: Case, device: str):
     import torch
 
-    from ..export import example_inputs
+    from ..artifacts.export import example_inputs
     from ..models import LViTConfig, build_model
 
     cfg = LViTConfig.from_dict({**case.config, "dropout": 0.0})
@@ -70,7 +70,7 @@ def inference_runner(task: Task, model, inputs):
     if variant == "onnx":
         if device != "cpu":
             raise RuntimeError("the onnx variant runs on CPU only here")
-        from ..export import OnnxSegmenter, export_onnx
+        from ..artifacts.export import OnnxSegmenter, export_onnx
 
         tmp = tempfile.mkdtemp(prefix="lvit-bench-")
         path = Path(tmp) / "model.onnx"
@@ -108,7 +108,7 @@ def blob_batch(case: Case, device: str, seed: int, batch: int | None = None):
     import torch
     import torch.nn.functional as F
 
-    from ..export import example_inputs
+    from ..artifacts.export import example_inputs
     from ..models import LViTConfig
 
     cfg = LViTConfig.from_dict({**case.config, "dropout": 0.0})
@@ -170,7 +170,7 @@ def training_runner(task: Task, model, inputs, steps: Steps | None = None):
     import torch
     import torch.nn.functional as F
 
-    from ..fastpath import autocast_bf16, compile_module, make_adam, to_channels_last
+    from ..train.fastpath import autocast_bf16, compile_module, make_adam, to_channels_last
 
     steps = steps or variant_steps(task.variant)
     image, text, text_mask, target = inputs

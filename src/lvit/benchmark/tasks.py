@@ -29,7 +29,7 @@ class Steps:
     bf16: bool = False
     channels_last: bool = False
     fused: bool = False
-    compile: str = "none"  # lvit.fastpath.compile_module mode
+    compile: str = "none"  # lvit.train.fastpath.compile_module mode
     gpu_data: bool = False
     fold_bn: bool = False
     onnx: bool = False

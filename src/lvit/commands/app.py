@@ -31,10 +31,10 @@ def register(subparsers) -> None:
 def report_writer_for(source: str, reporter: str | None, device: str):
     """``image -> report`` from the writer ``--reporter`` names, or the run's own one; None when the model reads
     no reports or no writer is there (the page then hides the button)."""
-    from ..errors import ConfigError
+    from ..artifacts.reporter_folder import find_reporter
+    from ..core.errors import ConfigError
     from ..evaluate.predict import read_run
     from ..models import reads_text
-    from ..reporter_folder import find_reporter
 
     run_dir, _, run_config = read_run(source)
     if not reads_text(run_config.get("model_name", "lvit"), run_config.get("model")):
@@ -53,16 +53,16 @@ def report_writer_for(source: str, reporter: str | None, device: str):
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..app import import_gradio, launch
-    from ..errors import ConfigError
+    from ..core.errors import ConfigError
     from ..evaluate.predict import read_run, resolve_device
+    from .webapp import import_gradio, launch
 
     if args.port is not None and not 0 < args.port < 65536:
         raise ConfigError(f"--port must be 1..65535, got {args.port}")
     import_gradio()  # the missing extra is one line, before the model loads
     resolve_device(args.device)
     if args.checkpoint is None:
-        from ..runs import DEFAULT_MODEL, shipped_model
+        from ..artifacts.runs import DEFAULT_MODEL, shipped_model
 
         if shipped_model(DEFAULT_MODEL) is None:
             raise ConfigError(f"no model given and this lvit ships no {DEFAULT_MODEL}: pass a run or model folder")

@@ -7,7 +7,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from ..errors import ConfigError
+from ..core.errors import ConfigError
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -55,7 +55,7 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..benchmark import Options, render_markdown, run_benchmark, write_speed_section
-    from ..io import atomic_write_json, atomic_write_text, refuse_clobber
+    from ..core.io import atomic_write_json, atomic_write_text, refuse_clobber
 
     if args.batch is not None and args.batch < 1:
         raise ConfigError(f"--batch must be >= 1, got {args.batch}")

@@ -22,9 +22,9 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     import warnings
 
+    from ..core.errors import DataError
     from ..data.layout import SPLIT_NAMES, detect_layout, load_split
     from ..data.validate import check_data, faults, format_problems
-    from ..errors import DataError
 
     problems = check_data(args.root, args.image_column, args.text_column, progress=True)
     if problems:

@@ -34,10 +34,10 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..core.io import atomic_write_json, prepare_output_dir
     from ..data import generate_synthetic
     from ..evaluate.testing import run_test
     from ..evaluate.text_probe import format_probe, probe_reports
-    from ..io import atomic_write_json, prepare_output_dir
     from ..models import reads_text
     from ..presets import resolve_config
     from ..train.config import load_config

@@ -36,7 +36,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..errors import ConfigError
+    from ..core.errors import ConfigError
 
     if bool(args.masks) == bool(args.data):
         raise ConfigError("give either MASK file(s) or --data ROOT (see lvit describe --help)")

@@ -32,8 +32,8 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..errors import ConfigError, DataError, warn
-    from ..runs import load_run
+    from ..artifacts.runs import load_run
+    from ..core.errors import ConfigError, DataError, warn
 
     if args.list_layers:
         model = load_run(args.checkpoint).model
@@ -50,9 +50,9 @@ def run(args: argparse.Namespace) -> int:
     if not 0.0 < args.threshold < 1.0:
         raise ConfigError(f"--threshold must be in (0, 1), got {args.threshold}")
 
+    from ..core.io import output_dir
     from ..data.readers import read_image
     from ..evaluate.predict import model_reads_text, read_run, run_text_encoder, weights_warning
-    from ..io import output_dir
 
     # Inputs and the output folder first; the model (the slow part) last.
     if Path(args.image).is_dir():

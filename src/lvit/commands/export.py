@@ -25,7 +25,8 @@ def register(subparsers) -> None:
     target.add_argument("--hf", type=Path, metavar="DIR", help="model folder to write (Hugging Face layout)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17; the dynamo exporter needs >= 18)")
     p.add_argument("--exporter", choices=("torchscript", "dynamo"), default="torchscript",
-                   help="torch.onnx exporter (default torchscript: fast and opset-17 capable; see lvit.export)")
+                   help="torch.onnx exporter (default torchscript: fast and "
+                        "opset-17 capable; see lvit.artifacts.export)")
     p.add_argument("--atol", type=float, default=1e-3, help="max |logit| difference ORT vs PyTorch (default 1e-3)")
     p.add_argument("--metrics", nargs="+", default=None, metavar="FILE",
                    help="--hf: lvit test's metrics.json file(s) for the model card (default: RUN/test*/metrics.json)")
@@ -42,10 +43,10 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.hf is not None:
         return _export_hf(args)
-    from ..errors import ConfigError
-    from ..export import export_onnx
-    from ..io import refuse_clobber
-    from ..runs import load_run
+    from ..artifacts.export import export_onnx
+    from ..artifacts.runs import load_run
+    from ..core.errors import ConfigError
+    from ..core.io import refuse_clobber
 
     if args.opset < 13:
         raise ConfigError(f"--opset must be >= 13 (scaled dot-product attention needs it), got {args.opset}")
@@ -63,9 +64,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _export_hf(args: argparse.Namespace) -> int:
-    from ..errors import DataError, OutputExistsError
-    from ..model_folder import export_model_folder
-    from ..runs import load_run
+    from ..artifacts.model_folder import export_model_folder
+    from ..artifacts.runs import load_run
+    from ..core.errors import DataError, OutputExistsError
 
     if args.hf.exists() and not args.hf.is_dir():
         raise OutputExistsError(f"--hf {args.hf}: exists and is not a folder")
@@ -74,10 +75,13 @@ def _export_hf(args: argparse.Namespace) -> int:
     for path in args.metrics or []:
         if not Path(path).is_file():
             raise DataError(path, "metrics file not found (--metrics)")
+    from ..train.config import closest_preset
+
     loaded = load_run(args.checkpoint, map_location="cpu")
     folder = export_model_folder(args.checkpoint, args.hf, metrics_files=args.metrics, dataset=args.dataset,
-                                 data_licence=args.data_licence, force=args.force, run=loaded, half=args.fp16)
+                                 data_licence=args.data_licence, force=args.force, run=loaded, half=args.fp16,
+                                 preset=closest_preset(loaded.config))
     files = sorted(p.name for p in folder.iterdir())
     print(f"wrote {folder}/ ({', '.join(files)}): {loaded.model_name} from {loaded.weights}; load it with "
-          f"`lvit predict {folder} ...` or lvit.runs.load_run")
+          f"`lvit predict {folder} ...` or lvit.artifacts.runs.load_run")
     return 0

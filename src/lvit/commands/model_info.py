@@ -9,7 +9,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
+from ..core.errors import ConfigError
 
 GROUPS = ("cnn encoder", "cnn decoder", "PLAM", "vit down", "vit up", "reconstruct", "text")
 _GROUP_RULES = (  # first match wins; applied to parameter / module names of LViT and UNet
@@ -139,8 +139,8 @@ def _read_model_section(path: Path) -> tuple[dict, str | None]:
 def source_path(source: str) -> Path:
     """A run folder (its config.yaml), a model folder (its config.json, YAML's subset), a YAML file, or a preset
     name -> the file to read."""
+    from ..artifacts.runs import is_model_folder, read_run_config
     from ..presets import resolve_config as resolve_preset
-    from ..runs import is_model_folder, read_run_config
 
     path = Path(source)
     if path.is_dir():

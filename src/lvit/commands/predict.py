@@ -51,7 +51,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..errors import ConfigError
+    from ..core.errors import ConfigError
     from ..evaluate.predict import resolve_device
 
     if bool(args.image) == bool(args.images):
@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
     device = resolve_device(args.device)  # before anything slow
     if args.checkpoint is None:
-        from ..runs import DEFAULT_MODEL, shipped_model
+        from ..artifacts.runs import DEFAULT_MODEL, shipped_model
 
         if shipped_model(DEFAULT_MODEL) is None:
             raise ConfigError(f"no model given and this lvit ships no {DEFAULT_MODEL}: pass a run or model folder")
@@ -87,7 +87,7 @@ def _predictor(args):
 def _read_run(args):
     """(run folder, weights, run config) of CHECKPOINT_OR_RUN, without loading the model; warns when a run
     folder has no best weights (the last ones are used)."""
-    from ..errors import warn
+    from ..core.errors import warn
     from ..evaluate.predict import read_run, weights_warning
 
     run_dir, weights, run_config = read_run(args.checkpoint)
@@ -115,8 +115,8 @@ NO_REPORT_NOTE = "no report given: the mask comes from the model's no-report pat
 def _report_writer_folder(args, run_dir: Path, flag: str) -> Path:
     """The report writer a text-guided model uses for images without a report: --reporter DIR, else the run's
     own (RUN/reporter/). A one-line error says how to get one when there is none."""
-    from ..errors import ConfigError
-    from ..reporter_folder import find_reporter, read_reporter_meta
+    from ..artifacts.reporter_folder import find_reporter, read_reporter_meta
+    from ..core.errors import ConfigError
 
     where = Path(args.reporter) if args.reporter else Path(run_dir)
     folder = find_reporter(where)
@@ -139,8 +139,8 @@ def _check_outputs(args, image_path: Path) -> list[tuple[str, Path, str]]:
     """--out/--prob/--overlay of one image: each a distinct file, none the input, a format its extension names
     (masks and probabilities lossless), not a folder, new unless --force, in a writable place.
     -> [(flag, path, format)]"""
-    from ..errors import ConfigError, OutputExistsError
-    from ..io import check_writable, image_format, refuse_clobber, same_file
+    from ..core.errors import ConfigError, OutputExistsError
+    from ..core.io import check_writable, image_format, refuse_clobber, same_file
 
     for flag, value in (("--prob", args.prob), ("--overlay", args.overlay)):
         if value is True:
@@ -170,7 +170,7 @@ def _check_outputs(args, image_path: Path) -> list[tuple[str, Path, str]]:
 
 def _warn_about_reports(checker, checks, names: list[str], where: str) -> None:
     """One warning line per kind of doubt about the reports (truncated, no known words, nothing to check)."""
-    from ..errors import warn
+    from ..core.errors import warn
 
     def listed(idx: list[int]) -> str:
         shown = ", ".join(names[i] for i in idx[:5])
@@ -204,11 +204,11 @@ def _warn_about_reports(checker, checks, names: list[str], where: str) -> None:
 
 
 def _predict_one(args) -> int:
+    from ..core.errors import ConfigError, DataError, warn
+    from ..core.io import save_image
     from ..data import read_image
-    from ..errors import ConfigError, DataError, warn
     from ..evaluate.overlays import mask_png, overlay, probability_png
     from ..evaluate.predict import model_reads_text
-    from ..io import save_image
 
     image_path = Path(args.image)
     if image_path.is_dir():
@@ -220,7 +220,7 @@ def _predict_one(args) -> int:
     text = args.text
     writer_folder = report_file = None
     if reads_text and _wants_generated(text, run_config):
-        from ..io import check_writable, refuse_clobber, same_file
+        from ..core.io import check_writable, refuse_clobber, same_file
 
         writer_folder = _report_writer_folder(args, run_dir, '--text "..."')
         report_file = report_path_for(outputs[0][1])
@@ -259,7 +259,7 @@ def _predict_one(args) -> int:
         save_image(path, render[flag](), fmt)
     written = [str(p) for _, p, _ in outputs]
     if report_file is not None:
-        from ..io import atomic_write_text
+        from ..core.io import atomic_write_text
 
         atomic_write_text(report_file, text + "\n")
         written.append(f"{report_file} (generated report)")
@@ -280,8 +280,8 @@ def _pairs(args, folder: Path, images: dict[str, Path], reads_text: bool, model_
     Images without a row in --reports are skipped; rows that name no image of the folder, or (text models)
     hold an empty report, fail. A table that cannot be read at all stops everything (one line).
     """
+    from ..core.errors import warn
     from ..data.layout_official import match_row, read_table
-    from ..errors import warn
 
     if args.reports is None or _wants_generated(args.reports):
         # No table (or 'auto'): every image; a text-guided model gets reports written from the images, or answers
@@ -313,7 +313,7 @@ def _write_skipped(path: Path, skipped, failed) -> None:
     import csv
     import io
 
-    from ..io import atomic_write_text
+    from ..core.io import atomic_write_text
 
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
@@ -329,7 +329,7 @@ def _write_generated(path: Path, rows: list[tuple[str, str]], writer_folder: Pat
     import csv
     import io
 
-    from ..io import atomic_write_text
+    from ..core.io import atomic_write_text
 
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
@@ -342,12 +342,12 @@ def _write_generated(path: Path, rows: list[tuple[str, str]], writer_folder: Pat
 def _predict_folder(args) -> int:
     from tqdm import tqdm
 
+    from ..core.errors import ConfigError, DataError, LvitError, warn
+    from ..core.io import output_dir, same_file, save_png
     from ..data import read_image
     from ..data.records import index_folder
-    from ..errors import ConfigError, DataError, LvitError, warn
     from ..evaluate.overlays import mask_png, overlay, probability_png
     from ..evaluate.predict import model_reads_text
-    from ..io import output_dir, same_file, save_png
 
     folder = Path(args.images)
     if not folder.is_dir():

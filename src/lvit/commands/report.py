@@ -26,7 +26,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..errors import ConfigError
+    from ..core.errors import ConfigError
     from ..evaluate.report import write_report
 
     if args.cases < 1:
@@ -44,7 +44,7 @@ def check_layers(run_dir: str, layers: list[str]) -> None:
     so a typo is one error line, not a report whose Grad-CAM section holds the error."""
     import torch
 
-    from ..errors import CheckpointError, ConfigError
+    from ..core.errors import CheckpointError, ConfigError
     from ..evaluate.predict import read_run
     from ..models import LViTConfig, build_model
 

@@ -23,8 +23,8 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..core.errors import ConfigError
     from ..data.synthetic import generate_synthetic
-    from ..errors import ConfigError
 
     for flag in ("n_train", "n_val", "n_test"):
         if getattr(args, flag) < 0:

@@ -32,7 +32,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..errors import warn
+    from ..core.errors import warn
     from ..evaluate.predict import read_run, weights_warning
     from ..evaluate.testing import run_test
 

@@ -73,7 +73,7 @@ def _remove_failed_run(out: Path) -> None:
     tensorboard/ ...): no stub is left behind, and the retry needs no --force."""
     import shutil
 
-    from ..runs import CKPT_DIR
+    from ..artifacts.runs import CKPT_DIR
 
     saved = [p for p in (out / CKPT_DIR).glob("*") if not p.name.endswith(".tmp")]  # weights or checkpoints
     if out.is_dir() and not saved:
@@ -81,7 +81,7 @@ def _remove_failed_run(out: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..errors import ConfigError, DataError
+    from ..core.errors import ConfigError, DataError
     from ..presets import resolve_config
     from ..train.config import load_config
     from ..train.runner import resume_config, train

@@ -43,15 +43,15 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..errors import ConfigError
+    from ..artifacts.reporter_folder import RUN_SUBDIR
+    from ..core.errors import ConfigError
     from ..models.reporter import ReporterConfig
-    from ..reporter_folder import RUN_SUBDIR
     from ..train.reporter import ReporterTraining, train_reporter
 
     if not args.run and not args.out:
         raise ConfigError("give the RUN_DIR the writer belongs to (it goes to RUN_DIR/reporter/) or --out DIR")
     if args.run:
-        from ..runs import is_model_folder, read_run_config
+        from ..artifacts.runs import is_model_folder, read_run_config
 
         run_dir = Path(args.run)
         if not run_dir.is_dir():

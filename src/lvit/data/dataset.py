@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..errors import DataError
+from ..core.errors import DataError
 from .readers import binarise_mask, read_array, read_image
 from .records import Record
 from .transforms import AugmentConfig, Augmenter, resize_image, resize_mask

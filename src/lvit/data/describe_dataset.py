@@ -27,8 +27,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import DataError
-from ..io import atomic_write_bytes
+from ..core.errors import DataError
+from ..core.io import atomic_write_bytes
 from . import layout_annotation as ann
 from . import layout_official as off
 from .describe import DEFAULT_RULE, Rule, format_report, mask_findings

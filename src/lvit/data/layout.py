@@ -19,7 +19,7 @@ from types import ModuleType
 
 import numpy as np
 
-from ..errors import DataError
+from ..core.errors import DataError
 from . import layout_annotation, layout_official
 from .records import Record, index_folder
 

@@ -20,7 +20,7 @@ import json
 import warnings
 from pathlib import Path
 
-from ..errors import DataError
+from ..core.errors import DataError
 from .records import Record, check_pixels, garbled, index_folder, safe_child
 
 ANNOTATION_FILE = Path("prompts") / "annotation.json"

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import DataError
+from ..core.errors import DataError
 from .readers import stem_of
 from .records import Record, check_pixels, garbled, index_folder, safe_child, stem_index
 

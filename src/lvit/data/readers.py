@@ -1,6 +1,6 @@
 """Image and mask readers: PNG/JPEG/BMP/TIFF (Pillow, tifffile), DICOM (pydicom), NIfTI (nibabel).
 
-Every reader returns uint8 arrays and raises :class:`~lvit.errors.DataError` naming the file and the problem
+Every reader returns uint8 arrays and raises :class:`~lvit.core.errors.DataError` naming the file and the problem
 (missing, empty, truncated, unsupported), never a library traceback.
 
 Conversions:
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import DataError
+from ..core.errors import DataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom", ".nii", ".nii.gz")
 MIN_SIDE, MAX_SIDE = 16, 16384  # smaller or larger is almost certainly a broken or wrong file
@@ -211,7 +211,7 @@ def binarise_mask(arr: np.ndarray, threshold: float | None = None, where: str | 
         threshold = mask_threshold(arr)
     out = (arr > threshold).astype(np.uint8)
     if where is not None and arr.size and not out.any() and arr.max() > 0:
-        from ..errors import warn
+        from ..core.errors import warn
 
         warn(f"{where}: the mask has nonzero pixels (up to {arr.max():g}) but none above the threshold "
              f"{threshold:g}: read as an empty mask (no lesion)")

@@ -8,7 +8,7 @@ import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import DataError
+from ..core.errors import DataError
 from .readers import is_binary_mask, is_image_file, read_array, stem_of
 
 # UTF-8 bytes decoded as Latin-1/cp1252 ("Ã©" for "é"): the usual sign of a wrongly decoded spreadsheet.

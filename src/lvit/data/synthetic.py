@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from ..io import atomic_write_bytes, atomic_write_text, prepare_output_dir
+from ..core.io import atomic_write_bytes, atomic_write_text, prepare_output_dir
 from .describe import LEVELS, SIDES, ZONES, Findings, format_report, named_zones
 
 # The report template (sides, levels, zone order, number words) is lvit.data.describe's, shared with real data.

@@ -93,7 +93,7 @@ def write_explanation(out_dir: str | Path, image: np.ndarray, texts: tuple[str, 
                       figure_layer: str | None = None, extra: dict | None = None) -> dict:
     """Save the heat-map overlays of the real report (``cam_<layer>.png``), the prediction overlay, the
     probability map, the changed report's overlays (``alt/``) and ``text_attribution.png``; return a summary."""
-    from ..io import atomic_write_bytes, atomic_write_json, save_png
+    from ..core.io import atomic_write_bytes, atomic_write_json, save_png
 
     out_dir = Path(out_dir)
     rgb = to_rgb(image)

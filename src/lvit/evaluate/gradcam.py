@@ -32,7 +32,7 @@ from monai.visualize import GradCAM
 from monai.visualize.class_activation_maps import ModelWithHooks
 from torch import nn
 
-from ..errors import ConfigError
+from ..core.errors import ConfigError
 
 #: Module classes whose outputs the paper's interpretability figure shows: the CNN decoder levels and the
 #: pixel-level attention (PLAM) gates of the skip connections. ``UNetUpBlock`` covers the U-Net baseline.

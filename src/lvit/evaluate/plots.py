@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..errors import DataError
+from ..core.errors import DataError
 
 #: Curve groups, in display order: (key, title, y-label, column filter on the lower-cased column name).
 CURVE_GROUPS = (

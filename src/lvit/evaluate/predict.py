@@ -14,9 +14,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import CheckpointError, ConfigError, LvitError
+from ..artifacts.runs import LoadedRun
+from ..core.errors import CheckpointError, ConfigError, LvitError
 from ..models.pretrained import REPORT_CACHE
-from ..runs import LoadedRun
 
 TextFn = Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]]
 
@@ -65,7 +65,7 @@ def resolve_device(name: str | torch.device, flag: str = "--device") -> torch.de
 def read_run(run_or_checkpoint: str | Path) -> tuple[Path, Path, dict]:
     """(run or model folder, weights file, run config) without loading the model: cheap checks before the slow
     load."""
-    from ..runs import read_run_config, resolve_run
+    from ..artifacts.runs import read_run_config, resolve_run
 
     run_dir, weights = resolve_run(run_or_checkpoint)
     return run_dir, weights, read_run_config(run_dir)
@@ -73,7 +73,7 @@ def read_run(run_or_checkpoint: str | Path) -> tuple[Path, Path, dict]:
 
 def weights_warning(run_or_checkpoint: str | Path, weights: str | Path) -> str | None:
     """A one-line warning when a run folder was given but its best weights are missing (last ones used)."""
-    from ..runs import BEST_WEIGHTS, CKPT_DIR, LAST_WEIGHTS
+    from ..artifacts.runs import BEST_WEIGHTS, CKPT_DIR, LAST_WEIGHTS
 
     if Path(run_or_checkpoint).is_dir() and Path(weights).name == LAST_WEIGHTS:
         return (f"{run_or_checkpoint}: no {CKPT_DIR}/{BEST_WEIGHTS}; using {weights} (the weights after the last "
@@ -85,7 +85,7 @@ def run_text_encoder(run: LoadedRun, cache_dir: str | Path | None = None) -> Tex
     """``texts -> (emb [N, L, D], mask [N, L])`` for the model of a loaded run, or None if the model ignores text.
 
     Rebuilds the encoder recorded in the run config (``text_encoder.spec``); the learned backend uses the
-    trained embedding layer :func:`lvit.runs.load_run` loaded (``run.text_embedding``).
+    trained embedding layer :func:`lvit.artifacts.runs.load_run` loaded (``run.text_embedding``).
     """
     from ..text import encode_cached, get_text_encoder
 
@@ -126,11 +126,12 @@ def run_text_encoder(run: LoadedRun, cache_dir: str | Path | None = None) -> Tex
 
 
 class Predictor:
-    """Segment images with a trained run. ``backend="torch"`` or ``"onnx"`` (ONNX Runtime, see lvit.export)."""
+    """Segment images with a trained run. ``backend="torch"`` or ``"onnx"`` (ONNX Runtime, see
+    lvit.artifacts.export)."""
 
     def __init__(self, run_or_checkpoint: str | Path, device: str | torch.device = "cpu", backend: str = "torch",
                  cache_dir: str | Path | None = None):
-        from ..runs import load_run
+        from ..artifacts.runs import load_run
 
         if backend not in ("torch", "onnx"):
             raise ConfigError(f"unknown backend {backend!r} (available: torch, onnx)")
@@ -145,7 +146,7 @@ class Predictor:
         if backend == "onnx":
             # Same call signature and logits as the model: <run>/model.onnx if exported, else exported now (a
             # model folder holds no ONNX file: always exported now).
-            from ..export import onnx_for_run
+            from ..artifacts.export import onnx_for_run
 
             self.model = onnx_for_run(self.model, None if self.run.is_model_folder else self.run_dir,
                                       weights=self.weights)

@@ -23,8 +23,8 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from ..errors import DataError, LvitError
-from ..io import atomic_write_text, refuse_clobber
+from ..core.errors import DataError, LvitError
+from ..core.io import atomic_write_text, refuse_clobber
 
 REPORT_NAME = "report.html"
 #: Where `lvit test RUN_DIR` writes by default (``RUN_DIR/test-<split>``), then a plain ``RUN_DIR/test``.
@@ -307,9 +307,9 @@ def case_figure(image: np.ndarray, truth: np.ndarray | None, probability: np.nda
 def _explain_cases(run_dir: Path, cases: list[Case], layers: list[str] | None, threshold: float) -> str:
     """Fill ``case.figure`` with image / overlay / Grad-CAM panels by re-running the model; returns a note
     when that is not possible (the caller then falls back to saved overlays)."""
+    from ..artifacts.runs import load_run
     from ..data.dataset import load_pair
     from ..data.layout import load_split
-    from ..runs import load_run
     from ..text import default_cache_dir
     from .gradcam import default_layers, explain_image
     from .predict import run_text_encoder
@@ -416,8 +416,8 @@ def collect_report(run_dir: str | Path, test_dir: str | Path | None = None, n_ca
 
 def write_report(run_dir: str | Path, out: str | Path | None = None, force: bool = False, **kwargs) -> Path:
     """Build the report of ``run_dir`` and write it atomically (default ``RUN_DIR/report.html``)."""
-    from ..errors import ConfigError
-    from ..runs import is_model_folder
+    from ..artifacts.runs import is_model_folder
+    from ..core.errors import ConfigError
 
     if not out and is_model_folder(run_dir):
         raise ConfigError(f"{run_dir}: a model folder holds only the model (lvit does not write into it): pass "

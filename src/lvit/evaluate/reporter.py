@@ -1,7 +1,8 @@
 """Reports without a radiologist: the report writer at inference time, its scores, and segmentation with the
 reports it writes.
 
-A report writer (trained by ``lvit train-reporter``, stored as :mod:`lvit.reporter_folder` says) scores the six
+A report writer (trained by ``lvit train-reporter``, stored as :mod:`lvit.artifacts.reporter_folder` says)
+scores the six
 zones of LViT's template from the image alone; per-zone thresholds chosen on the validation split turn the scores
 into flags (:mod:`lvit.data.flags`), and :class:`lvit.data.describe.Findings` turns the flags into the report
 (count = zones named, sides = lungs named: QaTa-COV19's convention). A writer trained on data without normal cases
@@ -35,7 +36,7 @@ class ReportWriter:
     """
 
     def __init__(self, path: str | Path, device: str | torch.device = "cpu"):
-        from ..reporter_folder import load_reporter
+        from ..artifacts.reporter_folder import load_reporter
 
         self.device = torch.device(device)
         self.model, self.meta = load_reporter(path, map_location=self.device)
@@ -109,9 +110,9 @@ def segment_with_reports(run: str | Path, records, reports: dict[str, Sequence[s
     """
     from torch.utils.data import DataLoader
 
+    from ..core.errors import ConfigError
+    from ..core.metrics import batch_counts
     from ..data import SegmentationDataset
-    from ..errors import ConfigError
-    from ..metrics import batch_counts
     from .predict import Predictor
     from .text_probe import THRESHOLD, _summary
 

@@ -23,8 +23,8 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ..io import atomic_write_json, atomic_write_text, save_png
-from ..metrics import SegmentationScores
+from ..core.io import atomic_write_json, atomic_write_text, save_png
+from ..core.metrics import SegmentationScores
 from .overlays import mask_png, overlay
 
 THRESHOLD = 0.5
@@ -71,10 +71,10 @@ def run_test(
     the run's own ``RUN/reporter/``; text-guided models only) or "none" (no report: the model's no-report path,
     for a model trained with report dropout). ``texts``: the reports to read instead of the dataset's, one per
     image of the split in its order (None or blank: no report), e.g. a reworded or altered copy."""
+    from ..artifacts.runs import is_model_folder, shipped_model
+    from ..core.errors import ConfigError, DataError
+    from ..core.io import output_dir
     from ..data import load_split
-    from ..errors import ConfigError, DataError
-    from ..io import output_dir
-    from ..runs import is_model_folder, shipped_model
     from ..text import default_cache_dir
     from .predict import Predictor, read_run, resolve_device
 
@@ -125,7 +125,7 @@ REPORT_SOURCES = ("true", "generated", "none")
 
 
 def _check_no_report_path(run_or_checkpoint) -> None:
-    from ..errors import ConfigError
+    from ..core.errors import ConfigError
     from .predict import model_has_no_report_path, model_reads_text, read_run
 
     config = read_run(run_or_checkpoint)[2]
@@ -136,8 +136,8 @@ def _check_no_report_path(run_or_checkpoint) -> None:
 
 def _writer_folder(run_or_checkpoint, run_dir: Path, reporter) -> Path:
     """The report writer of ``--reports generated`` (checked before anything slow)."""
-    from ..errors import ConfigError
-    from ..reporter_folder import find_reporter, read_reporter_meta
+    from ..artifacts.reporter_folder import find_reporter, read_reporter_meta
+    from ..core.errors import ConfigError
     from .predict import model_reads_text, read_run
 
     if not model_reads_text(read_run(run_or_checkpoint)[2]):

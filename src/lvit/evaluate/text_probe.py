@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from ..metrics import batch_counts, dice_iou_from_counts
+from ..core.metrics import batch_counts, dice_iou_from_counts
 from ..text import swap_left_right
 
 NO_INFECTION = "No pulmonary infection."
@@ -92,8 +92,8 @@ def probe_reports(
     {n, dice, iou, pooled_dice, pooled_iou, true_dice, true_iou}}}}``; ``changed`` is absent for ``true``.
     ``progress(done, total)`` is called after each batch. A model without text raises ConfigError.
     """
+    from ..core.errors import ConfigError
     from ..data import SegmentationDataset, load_split
-    from ..errors import ConfigError
     from ..text import default_cache_dir
     from .predict import Predictor
 

@@ -7,7 +7,7 @@ forward pass uses onto our module names by an explicit prefix table (:func:`offi
 official model also carries 10.0M parameters its forward never calls (the model-level ``pix_module1..4``,
 the PLAM ``conv_sig``, and per ViT level the unused ``embeddings`` / ``norm`` / ``head`` / ``CTBN*``); those
 are recognised and skipped. Anything else that does not fit (a missing key, an unknown key, a shape
-mismatch) is listed, every key of it, in one :class:`~lvit.errors.CheckpointError`.
+mismatch) is listed, every key of it, in one :class:`~lvit.core.errors.CheckpointError`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import CheckpointError
+from ..core.errors import CheckpointError
 
 _DOWN_VIT = ("downVit", "downVit1", "downVit2", "downVit3")  # our ViT level 1..4
 _UP_VIT = ("upVit", "upVit1", "upVit2", "upVit3")

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..core.errors import ConfigError
 from .blocks import ConvBNReLU, DownBlock, ReportPrior, TextToPatchProjection, UpBlock, report_prior_loss
 from .pretrained import PretrainedMixin
 from .registry import register_model
@@ -141,6 +141,7 @@ class LViT(PretrainedMixin, nn.Module):
     ``save_pretrained(folder)`` / ``LViT.from_pretrained(folder)``: :mod:`lvit.models.pretrained`."""
 
     pretrained_names = ("lvit", "lvit-t")
+    config_class = LViTConfig
 
     def __init__(self, config: LViTConfig | None = None):
         super().__init__()
@@ -286,10 +287,10 @@ class LViT(PretrainedMixin, nn.Module):
 
 
 @register_model("lvit", reads_text=True, summary="LViT: CNN + ViT double U guided by the report (paper)")
-def _lvit(config: LViTConfig) -> LViT:
+def _lvit(config: LViTConfig | None) -> LViT:
     return LViT(config)
 
 
 @register_model("lvit-t", reads_text=False, summary="LViT without text (use_text=False): the paper's ablation")
-def _lvit_t(config: LViTConfig) -> LViT:
-    return LViT(dataclasses.replace(config, use_text=False))
+def _lvit_t(config: LViTConfig | None) -> LViT:
+    return LViT(dataclasses.replace(config or LViTConfig(), use_text=False))

@@ -25,7 +25,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..errors import CheckpointError, ConfigError, OutputExistsError
+from ..core.errors import CheckpointError, ConfigError, OutputExistsError
 
 MODEL_CONFIG = "config.json"
 MODEL_WEIGHTS = "model.safetensors"
@@ -37,7 +37,7 @@ REPORT_CACHE = "report_cache.safetensors"  # embeddings of the training reports 
 FORMAT_VERSION = 1
 LIBRARY_NAME = "lvit"
 
-REPORTER_DIR = "reporter"  # the report writer (lvit.reporter_folder's files), for images without a report
+REPORTER_DIR = "reporter"  # the report writer (lvit.artifacts.reporter_folder's files), for images without a report
 REPORTER_FILES = ("reporter.json", "weights.safetensors")
 REQUIRED_FILES = (MODEL_CONFIG, MODEL_WEIGHTS)
 OPTIONAL_FILES = (MODEL_CARD, WORDS_FILE, VOCAB_FILE, TEXT_EMBEDDING_WEIGHTS, REPORT_CACHE)
@@ -123,32 +123,30 @@ def read_model_config(folder: str | Path) -> dict[str, Any]:
     return data
 
 
-def model_from_folder(folder: str | Path, map_location: Any = "cpu", config: dict | None = None):
-    """Build the network a model folder describes and load its safetensors weights -> eval-mode nn.Module."""
+def read_safetensors(path: str | Path) -> dict:
+    """The tensors of a safetensors file; a missing or unreadable file is a one-line CheckpointError."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from .lvit import LViTConfig
-    from .registry import build_model
-
-    folder = Path(folder)
-    config = read_model_config(folder) if config is None else config
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: weights file not found")
     try:
-        model = build_model(config["model_name"], LViTConfig.from_dict(config["model"]))
-    except (TypeError, ConfigError) as exc:
-        raise CheckpointError(f"{folder / MODEL_CONFIG}: invalid model config ({exc})") from None
-    path = folder / MODEL_WEIGHTS
-    try:
-        tensors = load_file(str(path))
+        return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: not a readable safetensors file ({_first_clause(exc)})") from None
-    check_finite(tensors, path)
+
+
+def load_checked_weights(model, tensors: dict, where: str | Path, config_name: str):
+    """Load ``tensors`` into ``model`` strictly after refusing non-finite values; a mismatch is one line naming
+    ``where`` (the weights) and ``config_name`` (the config that built the model). -> ``model`` in eval mode."""
+    check_finite(tensors, where)
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as exc:
-        raise CheckpointError(f"{path}: weights do not fit the model in {MODEL_CONFIG} "
+        raise CheckpointError(f"{where}: weights do not fit the model in {config_name} "
                               f"({_first_clause(exc)})") from None
-    return model.eval().to(map_location)
+    return model.eval()
 
 
 def check_finite(tensors: dict, where: str | Path) -> None:
@@ -178,7 +176,7 @@ def write_model_folder(folder: str | Path, model, config: dict[str, Any], *, car
     ``reporter``: the report writer's files (:data:`REPORTER_FILES` -> bytes) for ``reporter/``."""
     from safetensors.torch import save_file
 
-    from ..io import atomic_path, atomic_write_bytes, atomic_write_text, prepare_output_dir
+    from ..core.io import atomic_path, atomic_write_bytes, atomic_write_text, prepare_output_dir
 
     folder = Path(folder)
     files = dict(files or {})
@@ -244,7 +242,8 @@ def default_card(config: dict[str, Any]) -> str:
     name = config["model_name"]
     return (f"---\nlibrary_name: {LIBRARY_NAME}\ntags:\n- medical-imaging\n- image-segmentation\n- {name}\n---\n\n"
             f"# {name}\n\nA {name} network saved with `save_pretrained` (lvit). Load it with "
-            f"`lvit.runs.load_run(folder)` or `{'UNet' if name == 'unet' else 'LViT'}.from_pretrained(folder)`.\n\n"
+            f"`lvit.artifacts.runs.load_run(folder)` or "
+            f"`{'UNet' if name == 'unet' else 'LViT'}.from_pretrained(folder)`.\n\n"
             "For research only: not a medical device, not for diagnosis.\n")
 
 
@@ -253,6 +252,8 @@ class PretrainedMixin:
 
     #: registry names this class loads (LViT: lvit and lvit-t; UNet: unet)
     pretrained_names: tuple[str, ...] = ()
+    #: the config dataclass the class is built from (``from_dict`` of config.json's ``model``)
+    config_class: type
 
     def save_pretrained(self, folder: str | Path, *, config: dict[str, Any] | None = None, card: str | None = None,
                         force: bool = False) -> Path:
@@ -271,13 +272,18 @@ class PretrainedMixin:
             other = "UNet" if config["model_name"] == "unet" else "LViT"
             wanted = " or ".join(cls.pretrained_names)
             raise CheckpointError(f"{folder}: holds a {config['model_name']} model, not {wanted}; load it with "
-                                  f"{other}.from_pretrained or lvit.runs.load_run")
-        return model_from_folder(folder, map_location, config)
+                                  f"{other}.from_pretrained or lvit.artifacts.runs.load_run")
+        try:
+            model = cls(cls.config_class.from_dict(config["model"]))
+        except (TypeError, ConfigError) as exc:
+            raise CheckpointError(f"{Path(folder) / MODEL_CONFIG}: invalid model config ({exc})") from None
+        path = Path(folder) / MODEL_WEIGHTS
+        return load_checked_weights(model, read_safetensors(path), path, MODEL_CONFIG).to(map_location)
 
 
 __all__ = [
     "FOLDER_FILES", "MODEL_CARD", "MODEL_CONFIG", "MODEL_WEIGHTS", "PretrainedMixin", "REPORTER_DIR", "REPORT_CACHE",
     "TEXT_EMBEDDING_WEIGHTS",
-    "VOCAB_FILE", "check_finite", "folder_problem", "looks_like_model_folder", "model_from_folder", "model_name_of",
-    "not_local_error", "read_model_config", "write_model_folder",
+    "VOCAB_FILE", "check_finite", "folder_problem", "load_checked_weights", "looks_like_model_folder", "model_name_of",
+    "not_local_error", "read_model_config", "read_safetensors", "write_model_folder",
 ]

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import ConfigError
+from ..core.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -49,9 +49,7 @@ def model_entry(name: str) -> ModelEntry:
 
 def build_model(name: str, config=None):
     """The network ``name`` built from ``config`` (an :class:`~lvit.models.LViTConfig`; defaults if None)."""
-    from .lvit import LViTConfig
-
-    return model_entry(name).build(config or LViTConfig())
+    return model_entry(name).build(config)
 
 
 def reads_text(name: str, config=None) -> bool:

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..core.errors import ConfigError
 from .blocks import ConvBNReLU, double_conv
 
 DOWNSAMPLING = 16  # the image side must be a multiple of this

@@ -35,6 +35,7 @@ class UNet(PretrainedMixin, nn.Module):
     ``save_pretrained(folder)`` / ``UNet.from_pretrained(folder)``: :mod:`lvit.models.pretrained`."""
 
     pretrained_names = ("unet",)
+    config_class = LViTConfig
 
     def __init__(self, config: LViTConfig | None = None):
         super().__init__()
@@ -61,5 +62,5 @@ class UNet(PretrainedMixin, nn.Module):
 
 
 @register_model("unet", reads_text=False, summary="U-Net baseline (official nets/UNet.py widths)")
-def _unet(config: LViTConfig) -> UNet:
+def _unet(config: LViTConfig | None) -> UNet:
     return UNet(config)

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..errors import ConfigError
+from ..core.errors import ConfigError
 from .reports import OFFICIAL_MIN_WORDS, prepare_report
 
 DEFAULT_MAX_TOKENS = 10

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import LvitError
-from ..io import atomic_path
+from ..core.errors import LvitError
+from ..core.io import atomic_path
 from .base import TextEncoder
 from .reports import text_sha256
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ConfigError
+from ..core.errors import ConfigError
 from .base import DEFAULT_MAX_TOKENS, TextEncoder, register_backend
 from .reports import OFFICIAL_MIN_WORDS
 

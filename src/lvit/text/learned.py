@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import ConfigError
-from ..io import atomic_write_json
+from ..core.errors import ConfigError
+from ..core.io import atomic_write_json
 from .base import DEFAULT_MAX_TOKENS, TextEncoder, register_backend
 from .reports import OFFICIAL_MIN_WORDS
 

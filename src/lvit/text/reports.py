@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import re
 
-from ..errors import ConfigError
+from ..core.errors import ConfigError
 
 # The official loader (utils.read_text) appends " EOF XXX" (9 - n_words) times to reports shorter than
 # nine words, so every report yields at least ~10 word pieces before it is cut to 10 tokens.

@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..io import atomic_write_json
+from ..core.io import atomic_write_json
 
 WORDS_FILE = "report_words.json"
 _WORD = re.compile(r"[^\W_]+")  # runs of letters/digits in any script: "Opacité", "右下肺", "lung"
@@ -86,7 +86,7 @@ def _word_piece_counter(folder: Path):
     """``text -> number of word pieces`` of a Hugging Face encoder folder's tokenizer: its ``tokenizer.json``
     through the light ``tokenizers`` library where there is one (no transformers import: a checked report costs
     milliseconds, not seconds), else transformers' AutoTokenizer."""
-    from ..errors import ConfigError
+    from ..core.errors import ConfigError
 
     def problem(exc: BaseException) -> ConfigError:
         return ConfigError(f"{folder}: cannot load the text model's tokenizer "

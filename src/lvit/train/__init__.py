@@ -15,7 +15,7 @@ _LAZY = {
     "train": ".runner",
     "resume_config": ".runner",
     "TrainResult": ".runner",
-    "load_run": "..runs",  # the run-folder format lives in lvit.runs (no Lightning)
+    "load_run": "..runs",  # the run-folder format lives in lvit.artifacts.runs (no Lightning)
     "resolve_run": "..runs",
     "read_run_config": "..runs",
 }

@@ -17,8 +17,8 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Checkpoint
 
-from ..io import atomic_write_text
-from ..runs import BEST_WEIGHTS, CKPT_DIR, LAST_STATE, LAST_WEIGHTS, save_weights
+from ..artifacts.runs import BEST_WEIGHTS, CKPT_DIR, LAST_STATE, LAST_WEIGHTS, save_weights
+from ..core.io import atomic_write_text
 from .checkpoint import rng_state, set_rng_state
 
 CSV_COLUMNS = ("epoch", "train_loss", "val_loss", "val_dice", "val_iou", "lr", "best", "seconds")

@@ -1,9 +1,9 @@
 """Lightning's side of the run folder: the full-state checkpoint I/O and the RNG state it carries.
 
-The run-folder format itself (file names, the run config, safetensors weights, ``load_run``) is :mod:`lvit.runs`,
-which needs no Lightning; ``RUN/checkpoints/last.ckpt`` holds only tensors, numbers, strings and containers of
-them, so it loads with ``torch.load(weights_only=True)`` (:func:`lvit.runs.load_state_file`): a checkpoint carrying
-pickled code is refused instead of executed.
+The run-folder format itself (file names, the run config, safetensors weights, ``load_run``) is
+:mod:`lvit.artifacts.runs`, which needs no Lightning; ``RUN/checkpoints/last.ckpt`` holds only tensors, numbers,
+strings and containers of them, so it loads with ``torch.load(weights_only=True)``
+(:func:`lvit.artifacts.runs.load_state_file`): a checkpoint carrying pickled code is refused instead of executed.
 """
 
 from __future__ import annotations
@@ -15,11 +15,9 @@ import numpy as np
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from ..io import atomic_save
-
-# The run-folder names and readers, for code written against this module before lvit.runs existed (new code:
-# import them from lvit.runs).
-from ..runs import (  # noqa: F401
+# The run-folder names and readers, for code written against this module before lvit.artifacts.runs existed (new code:
+# import them from lvit.artifacts.runs).
+from ..artifacts.runs import (  # noqa: F401
     BEST_WEIGHTS,
     CKPT_DIR,
     CONFIG_NAME,
@@ -34,6 +32,7 @@ from ..runs import (  # noqa: F401
     short_reason,
     write_run_config,
 )
+from ..core.io import atomic_save
 
 # --------------------------------------------------------------------------------------------------
 # Full-state checkpoints (Lightning's dict, written atomically, read with weights_only=True)

@@ -11,7 +11,7 @@ A preset (``lvit.presets``: ``qata``, ``synth`` ...) is plain data::
     trainer: {max_epochs: 2000, patience: 50, precision: 32-true, seed: 666}
 
 Every key is checked: an unknown key, a value of the wrong type or a NaN/inf number raises
-:class:`~lvit.errors.ConfigError` naming the file (or ``--set``) and the key.
+:class:`~lvit.core.errors.ConfigError` naming the file (or ``--set``) and the key.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from ..errors import ConfigError
+from ..core.errors import ConfigError
 
 PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true")
 
@@ -160,7 +160,7 @@ class SemiConfig:
             raise ConfigError(f"{where}.storage must be auto, memory or disk, got {self.storage!r}")
 
 
-# = lvit.fastpath.COMPILE_MODES (kept here so that reading a config never imports torch; a test keeps them equal)
+# = lvit.train.fastpath.COMPILE_MODES (kept here so that reading a config never imports torch; a test keeps them equal)
 FAST_COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -173,7 +173,7 @@ class FastConfig:
     channels_last: bool = True  # NHWC model and batches
     fused_optimizer: bool = True  # Adam/AdamW(fused=True)
     compile: str = "default"  # none | default | reduce-overhead (CUDA graphs) | max-autotune[-no-cudagraphs]
-    # inductor; aot_eager_decomp_partition / eager test the wiring where inductor is too slow (lvit.fastpath)
+    # inductor; aot_eager_decomp_partition / eager test the wiring where inductor is too slow (lvit.train.fastpath)
     compile_backend: str = "inductor"
     device_data: bool = True  # datasets decoded once into uint8 tensors on the device, augmented there
     decode_workers: int = 8  # threads decoding the files once at start-up
@@ -403,3 +403,48 @@ def _coerce(value: Any, kind: type, where: str, default: Any = None) -> Any:
             return kind(value)
         raise ConfigError(f"{where}: expected a list, got {value!r}")
     return value
+
+
+# --------------------------------------------------------------------------------------------------
+# Which preset a run was trained from
+
+# Settings that do not change what a run learns: left out of the preset comparison.
+PRESET_IGNORED_SETTINGS = {"model.text_dim", "data.num_workers", "trainer.progress", "trainer.accelerator",
+                     "trainer.devices", "trainer.num_nodes", "trainer.strategy", "text.cache_dir"}
+
+
+
+def flat_settings(d: Mapping, prefix: str = "") -> dict[str, Any]:
+    """Nested settings as ``{"section.key": value}``."""
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        out.update(flat_settings(value, f"{prefix}{key}.") if isinstance(value, Mapping) else {f"{prefix}{key}": value})
+    return out
+
+
+def closest_preset(run_config: dict) -> tuple[str | None, list[str]]:
+    """The shipped preset closest to the run's training settings and the settings that differ
+    (``["trainer.max_epochs=1", ...]``); the preset the config records, if any; (None, []) when none is close
+    (at most 8 differences)."""
+    from ..presets import preset_names, preset_path
+
+    recorded = run_config.get("preset")
+    if isinstance(recorded, dict) and recorded.get("name"):  # a model folder's config.json
+        return str(recorded["name"]), list(recorded.get("changed") or [])
+    if isinstance(recorded, str) and recorded:
+        return recorded, []
+    sections = ("model_name", "model", "text", "data", "optim", "loss", "trainer", "semi")
+    ours = flat_settings({k: run_config[k] for k in sections if k in run_config})
+    best: tuple[int, str, list[str]] | None = None
+    for name in preset_names():
+        try:
+            theirs = flat_settings(load_config(preset_path(name)).to_dict())
+        except ConfigError:
+            continue
+        diffs = [f"{key}={ours[key]}" for key in sorted(ours)
+                 if key in theirs and key not in PRESET_IGNORED_SETTINGS and ours[key] != theirs[key]]
+        if best is None or len(diffs) < best[0]:
+            best = (len(diffs), name, diffs)
+    if best is None or best[0] > 8:
+        return None, []
+    return best[1], best[2]

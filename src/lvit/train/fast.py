@@ -14,7 +14,7 @@ The runner adds :class:`FastPathPlugin` when ``fast.enabled``. It
 bf16 stays ``trainer.precision: bf16-mixed`` (Lightning's autocast). What it does not support: several devices
 (the data lives on one), ``semi`` (its plug-in needs per-sample names and host-side pseudo labels).
 A non-finite loss is noticed at the end of the epoch it happened in (not at its step): the run then stops with
-:class:`~lvit.errors.TrainingDiverged` before that epoch's checkpoint is written, so the last good one is kept.
+:class:`~lvit.core.errors.TrainingDiverged` before that epoch's checkpoint is written, so the last good one is kept.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ import math
 
 import torch
 
-from ..errors import ConfigError, TrainingDiverged
-from ..fastpath import compile_module, make_adam, to_channels_last
-from ..metrics import batch_dice_iou
+from ..core.errors import ConfigError, TrainingDiverged
+from ..core.metrics import batch_dice_iou
 from .datamodule import TrainData
+from .fastpath import compile_module, make_adam, to_channels_last
 from .module import SegmentationModule
 from .plugins import TrainingPlugin
 

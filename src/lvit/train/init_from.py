@@ -13,15 +13,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import CheckpointError
-from ..io import atomic_write_json
+from ..core.errors import CheckpointError
+from ..core.io import atomic_write_json
 
 REPORT_NAME = "init_from.json"
 
 
 def source_weights(source: str | Path) -> tuple[Path, dict[str, torch.Tensor]]:
     """(weights file, state dict) of a run folder (its best weights, else its last) or a .safetensors file."""
-    from ..runs import load_weights, resolve_run
+    from ..artifacts.runs import load_weights, resolve_run
 
     _, weights = resolve_run(source)
     if weights.suffix != ".safetensors":

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 from torchmetrics import MeanMetric
 
-from ..errors import TrainingDiverged
-from ..metrics import batch_dice_iou
+from ..core.errors import TrainingDiverged
+from ..core.metrics import batch_dice_iou
 from .config import TrainConfig
 from .losses import DiceBCELoss
 

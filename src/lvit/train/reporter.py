@@ -15,7 +15,7 @@ A writer folder (``RUN/reporter/`` by default, so a run carries its writer; any 
     weights.safetensors  the network's weights (best validation epoch)
     metrics.csv          epoch, train_loss, val_loss, val_exact, val_macro_f1, lr, seconds
 
-Every file is written through :mod:`lvit.io` (atomic).
+Every file is written through :mod:`lvit.core.io` (atomic).
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..artifacts.reporter_folder import FORMAT, FORMAT_VERSION, save_reporter
+from ..core.errors import ConfigError, DataError
 from ..data.flags import (
     FLIPPED_ZONES,
     OBJECTIVES,
@@ -43,8 +45,6 @@ from ..data.flags import (
     flag_metrics,
     report_flags,
 )
-from ..errors import ConfigError, DataError
-from ..reporter_folder import FORMAT, FORMAT_VERSION, save_reporter
 
 METRICS_FILE = "metrics.csv"
 METRIC_COLUMNS = ("epoch", "train_loss", "val_loss", "val_exact", "val_macro_f1", "lr", "seconds")
@@ -203,8 +203,8 @@ def train_reporter(data_root: str | Path, out: str | Path, *, model_config=None,
     from tqdm import tqdm
 
     from .. import __version__
+    from ..core.io import prepare_output_dir
     from ..data import load_split
-    from ..io import prepare_output_dir
     from ..models.reporter import ReporterConfig, ZoneClassifier
 
     cfg = model_config if isinstance(model_config, ReporterConfig) else ReporterConfig.from_dict(model_config or {})
@@ -260,7 +260,7 @@ def train_reporter(data_root: str | Path, out: str | Path, *, model_config=None,
                         loss = loss + tr.mask_weight * F.binary_cross_entropy_with_logits(
                             mask_logits[keep], rest[0][keep])
                 if not torch.isfinite(loss):
-                    from ..errors import TrainingDiverged
+                    from ..core.errors import TrainingDiverged
 
                     raise TrainingDiverged(f"report writer: the loss became {loss.item()} in epoch {epoch}")
                 optimizer.zero_grad(set_to_none=True)
@@ -323,7 +323,7 @@ def train_reporter(data_root: str | Path, out: str | Path, *, model_config=None,
     finally:
         torch.set_num_threads(previous_threads)
     if not val_scores["beats_most_frequent_report"]:
-        from ..errors import warn
+        from ..core.errors import warn
 
         exact, floor = val_scores["thresholds_chosen"]["exact"], val_scores["most_frequent_report"]["exact"]
         warn(f"{out}: the report writer is no better than always writing the most frequent training report (exact "
@@ -339,7 +339,7 @@ def train_reporter(data_root: str | Path, out: str | Path, *, model_config=None,
 
 
 def _write_metrics(path: Path, rows: list[dict]) -> None:
-    from ..io import atomic_write_text
+    from ..core.io import atomic_write_text
 
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=METRIC_COLUMNS, lineterminator="\n")

@@ -21,12 +21,12 @@ import lightning.pytorch as pl
 import torch
 
 from .. import __version__
-from ..errors import CheckpointError, ConfigError
-from ..io import prepare_output_dir
-from ..runs import CKPT_DIR, LAST_STATE, LOCK_NAME, read_run_config, run_lock, write_run_config
+from ..artifacts.runs import CKPT_DIR, LAST_STATE, LOCK_NAME, read_run_config, run_lock, write_run_config
+from ..core.errors import CheckpointError, ConfigError
+from ..core.io import prepare_output_dir
 from .callbacks import RunCheckpoint
 from .checkpoint import SafeCheckpointIO, rng_state, set_rng_state
-from .config import TrainConfig, apply_override
+from .config import TrainConfig, apply_override, flat_settings
 from .datamodule import build_train_data, describe_encoder, record_training_words
 from .init_from import load_matching, summary_line
 from .init_from import write_report as write_init_report
@@ -52,13 +52,6 @@ RESUMABLE_SETTINGS = ("trainer.max_epochs", "trainer.patience", "trainer.progres
                       "data.num_workers", "text.cache_dir")
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in d.items():
-        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
-    return out
-
-
 def resume_config(run_dir: str | Path, overrides: list[str] | None = None) -> tuple[TrainConfig, str | None]:
     """The config saved in a run folder (plus overrides such as ``trainer.max_epochs=...``) and its data root.
     Overrides of settings a resume cannot change (anything outside :data:`RESUMABLE_SETTINGS`) are refused in
@@ -69,11 +62,11 @@ def resume_config(run_dir: str | Path, overrides: list[str] | None = None) -> tu
     saved = read_run_config(run_dir)
     data = {k: v for k, v in saved.items() if k not in RUN_ONLY_KEYS}
     source = str(Path(run_dir) / "config.yaml")
-    before = _flat(TrainConfig.from_dict(data, source=source).to_dict())
+    before = flat_settings(TrainConfig.from_dict(data, source=source).to_dict())
     for item in overrides or []:
         apply_override(data, item)
     config = TrainConfig.from_dict(data, source=source)
-    changed = [key for key, value in _flat(config.to_dict()).items()
+    changed = [key for key, value in flat_settings(config.to_dict()).items()
                if before.get(key) != value and key not in RESUMABLE_SETTINGS]
     if changed:
         raise ConfigError(f"{run_dir}: a resumed run cannot change {', '.join(changed)} (it continues the saved "
@@ -96,7 +89,7 @@ def split_fingerprint(train_records, val_records) -> str:
 
 def _compare_data(run_dir: Path, now: dict) -> dict:
     """On resume: say when the data differs from what the run trained on so far, and keep that history."""
-    from ..errors import warn
+    from ..core.errors import warn
 
     before = read_run_config(run_dir).get("data_info") or {}
     history = list(before.get("earlier") or [])
@@ -153,7 +146,7 @@ def train(
     epoch, early-stopping state, RNG). Otherwise ``run_dir`` must be new or empty unless ``force``.
     ``plugins``: :class:`~lvit.train.plugins.TrainingPlugin` instances (the one extension point: data set-up,
     the module, callbacks); semi-supervised training is added automatically when ``config.semi`` is active.
-    The run folder is locked meanwhile (:func:`lvit.runs.run_lock`): a second training into it is refused.
+    The run folder is locked meanwhile (:func:`lvit.artifacts.runs.run_lock`): a second training into it is refused.
     """
     if not _launched_as_rank_zero():  # DDP's extra processes join the run the first one holds
         return _train(config, data_root, run_dir, resume=resume, force=force, plugins=plugins)
@@ -270,7 +263,7 @@ def clear_failed_start(run_dir: str | Path) -> list[str]:
     """
     import shutil
 
-    from ..errors import warn
+    from ..core.errors import warn
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():

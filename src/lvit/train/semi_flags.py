@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..errors import ConfigError
+from ..core.errors import ConfigError
 
 # flag dest -> key of the semi section
 FLAG_KEYS = {"labeled_fraction": "labeled_fraction", "labeled_list": "labeled_list", "semi": "mode",

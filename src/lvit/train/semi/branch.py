@@ -25,9 +25,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import yaml
 
-from ...errors import CheckpointError, ConfigError, LvitError
-from ...io import atomic_write_json
-from ...runs import (
+from ...artifacts.runs import (
     BEST_WEIGHTS,
     CKPT_DIR,
     CONFIG_NAME,
@@ -37,6 +35,8 @@ from ...runs import (
     short_reason,
     write_run_config,
 )
+from ...core.errors import CheckpointError, ConfigError, LvitError
+from ...core.io import atomic_write_json
 from ..config import TrainConfig
 from .labelled_subset import SUBSET_FILE
 from .module import CHECKPOINT_KEY

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ...errors import ConfigError, DataError
-from ...io import atomic_write_json
+from ...core.errors import ConfigError, DataError
+from ...core.io import atomic_write_json
 
 SUBSET_FILE = "labelled_subset.json"
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ...errors import DataError
+from ...core.errors import DataError
 
 TEMPLATE_TABLE = "LV_loss.xlsx"
 

@@ -26,8 +26,8 @@ from torch import nn
 from torch.utils.data import Dataset, default_collate
 from torchmetrics import MeanMetric
 
-from ...errors import CheckpointError, ConfigError
-from ...metrics import batch_dice_iou
+from ...core.errors import CheckpointError, ConfigError
+from ...core.metrics import batch_dice_iou
 from ..config import SemiConfig
 from ..module import SegmentationModule
 from ..plugins import TrainingPlugin

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ...errors import CheckpointError, ConfigError
+from ...core.errors import CheckpointError, ConfigError
 
 # Above this many bytes of float16 storage the bank lives in a memmap on disk (storage="auto").
 DEFAULT_MEMORY_LIMIT_BYTES = 256 * 1024**2
@@ -158,7 +158,7 @@ class PseudoLabelBank:
 
         Both empty counts as 1.0 (the project's metric convention); images without a pseudo label give NaN.
         """
-        from ...metrics import batch_dice_iou
+        from ...core.metrics import batch_dice_iou
 
         pseudo = self.get(indices) > threshold  # [B, 1, H, W]
         target = _as_bhw(masks, self.size, pseudo.shape[0]).unsqueeze(1).cpu() > 0.5

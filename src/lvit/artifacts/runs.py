@@ -20,7 +20,7 @@ name of a **shipped model** (a model folder inside the package, ``lvit/resources
 the same name wins): :data:`DEFAULT_MODEL` answers when a command is given no model at all.
 
 Weights are safetensors; ``.ckpt`` files load with ``torch.load(weights_only=True)``, so a checkpoint carrying
-pickled code is refused instead of executed. Every file is written atomically (:mod:`lvit.io`).
+pickled code is refused instead of executed. Every file is written atomically (:mod:`lvit.core.io`).
 """
 
 from __future__ import annotations
@@ -34,17 +34,18 @@ from typing import Any
 import torch
 import yaml
 
-from .errors import CheckpointError, ConfigError
-from .io import atomic_path, atomic_write_text
-from .models.pretrained import (
+from ..core.errors import CheckpointError, ConfigError
+from ..core.io import atomic_path, atomic_write_text
+from ..models.pretrained import (
     MODEL_CONFIG,
     MODEL_WEIGHTS,
     TEXT_EMBEDDING_WEIGHTS,
     check_finite,
+    load_checked_weights,
     looks_like_model_folder,
-    model_from_folder,
     not_local_error,
     read_model_config,
+    read_safetensors,
 )
 
 CONFIG_NAME = "config.yaml"
@@ -136,17 +137,8 @@ def save_weights(path: str | Path, model: torch.nn.Module, text_embedding: torch
 
 
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: weights file not found")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        why = short_reason(str(exc) or type(exc).__name__)
-        raise CheckpointError(f"{path}: not a readable safetensors file ({why})") from None
+    """The tensors of a safetensors weights file (one-line CheckpointError when missing or unreadable)."""
+    return read_safetensors(path)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -179,7 +171,7 @@ def run_lock(run_dir: str | Path):
     import socket
     import time
 
-    from .errors import warn
+    from ..core.errors import warn
 
     run_dir = Path(run_dir)
     path = run_dir / LOCK_NAME
@@ -330,7 +322,7 @@ class LoadedRun:
     @property
     def reads_text(self) -> bool:
         """Whether the network uses the report (LViT with ``use_text``; not LViT-T or U-Net)."""
-        from .models import reads_text
+        from ..models import reads_text
 
         return reads_text(self.model_name, self.config.get("model") or {})
 
@@ -348,7 +340,7 @@ class LoadedRun:
 
 
 def _learned_embedding(text_tensors: dict[str, torch.Tensor], where: Path, map_location) -> torch.nn.Module:
-    from .text.learned import LearnedTextEmbedding
+    from ..text.learned import LearnedTextEmbedding
 
     weight = text_tensors.get("embedding.weight")
     if weight is None or weight.ndim != 2:
@@ -363,22 +355,16 @@ def _learned_embedding(text_tensors: dict[str, torch.Tensor], where: Path, map_l
 
 def load_run(path: str | Path, map_location: str | torch.device = "cpu") -> LoadedRun:
     """Rebuild the eval-mode model of a run folder, model folder or checkpoint file -> :class:`LoadedRun`."""
-    from .models import LViTConfig, build_model
+    from ..models import LViTConfig, build_model
 
     run_dir, weights_path = resolve_run(path)
     run_config = read_run_config(run_dir)
-    if weights_path.name == MODEL_WEIGHTS and is_model_folder(run_dir):
-        model = model_from_folder(run_dir, map_location, run_config)
-        text_embedding = None
-        if (run_dir / TEXT_EMBEDDING_WEIGHTS).is_file():
-            text_embedding = _learned_embedding(load_weights(run_dir / TEXT_EMBEDDING_WEIGHTS),
-                                                run_dir / TEXT_EMBEDDING_WEIGHTS, map_location)
-        return LoadedRun(model, run_config, run_dir, weights_path, text_embedding)
+    folder = weights_path.name == MODEL_WEIGHTS and is_model_folder(run_dir)
+    config_name = MODEL_CONFIG if folder else CONFIG_NAME
     try:
-        model_config = LViTConfig(**run_config["model"])
+        model = build_model(run_config["model_name"], LViTConfig.from_dict(run_config["model"]))
     except (TypeError, ConfigError) as exc:
-        raise CheckpointError(f"{run_dir / CONFIG_NAME}: invalid model config ({exc})") from None
-    model = build_model(run_config["model_name"], model_config)
+        raise CheckpointError(f"{run_dir / config_name}: invalid model config ({exc})") from None
     if weights_path.suffix == ".safetensors":
         tensors = load_weights(weights_path)
     else:
@@ -391,17 +377,16 @@ def load_run(path: str | Path, map_location: str | torch.device = "cpu") -> Load
                 tensors[key[len("model."):]] = value
             elif key.startswith(TEXT_EMBEDDING_PREFIX):
                 tensors[key] = value
+    if folder and (run_dir / TEXT_EMBEDDING_WEIGHTS).is_file():  # a model folder keeps it in a file of its own
+        separate = load_weights(run_dir / TEXT_EMBEDDING_WEIGHTS)
+        tensors.update({TEXT_EMBEDDING_PREFIX + k: v for k, v in separate.items()})
     text_tensors = {k[len(TEXT_EMBEDDING_PREFIX):]: v for k, v in tensors.items()
                     if k.startswith(TEXT_EMBEDDING_PREFIX)}
     model_tensors = {k: v for k, v in tensors.items() if not k.startswith(TEXT_EMBEDDING_PREFIX)}
-    check_finite(tensors, weights_path)
-    try:
-        model.load_state_dict(model_tensors, strict=True)
-    except RuntimeError as exc:
-        raise CheckpointError(f"{weights_path}: weights do not fit the model in {CONFIG_NAME} "
-                              f"({short_reason(str(exc) or type(exc).__name__, 200)})") from None
+    check_finite(text_tensors, weights_path)
+    model = load_checked_weights(model, model_tensors, weights_path, config_name)
     text_embedding = _learned_embedding(text_tensors, weights_path, map_location) if text_tensors else None
-    return LoadedRun(model.eval().to(map_location), run_config, run_dir, weights_path, text_embedding)
+    return LoadedRun(model.to(map_location), run_config, run_dir, weights_path, text_embedding)
 
 
 __all__ = [

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .errors import CheckpointError, ConfigError
+from ..core.errors import CheckpointError, ConfigError
 
 FORMAT = "lvit-reporter"
 FORMAT_VERSION = 1
@@ -23,7 +23,7 @@ def save_reporter(folder: str | Path, model, meta: dict) -> Path:
     with a ``reporter.json`` always has its weights)."""
     from safetensors.torch import save_file
 
-    from .io import atomic_path, atomic_write_json
+    from ..core.io import atomic_path, atomic_write_json
 
     folder = Path(folder)
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
@@ -74,7 +74,7 @@ def read_reporter_meta(path: str | Path) -> dict:
 
 def load_reporter(path: str | Path, map_location: Any = "cpu"):
     """(eval-mode :class:`ZoneClassifier`, checked meta dict) of a writer folder or a run folder carrying one."""
-    from .models.reporter import ReporterConfig, ZoneClassifier
+    from ..models.reporter import ReporterConfig, ZoneClassifier
     from .runs import load_weights
 
     meta = read_reporter_meta(path)

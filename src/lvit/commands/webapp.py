@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ConfigError, LvitError
+from ..core.errors import ConfigError, LvitError
 
 MAX_UPLOAD_MB = 50  # larger uploads get a message; Gradio itself refuses anything over 4x this
 MAX_PIXELS = 50_000_000  # checked from the file header, before decoding (a 16384 x 16384 PNG is 268 Mpx)
@@ -77,9 +77,9 @@ class Segmenter:
 
     def __init__(self, source: str | Path, device: str = "cpu", layer: str | None = None,
                  report_writer: ReportWriter | None = None, work_dir: str | Path | None = None):
-        from .evaluate.gradcam import default_layers
-        from .evaluate.predict import Predictor
-        from .text.vocabulary import ReportChecker
+        from ..evaluate.gradcam import default_layers
+        from ..evaluate.predict import Predictor
+        from ..text.vocabulary import ReportChecker
 
         self.predictor = Predictor(source, device=device)
         self.run = self.predictor.run
@@ -114,8 +114,8 @@ class Segmenter:
     # ---------------------------------------------------------------------------------------------
     def read_upload(self, path: str | Path | None) -> np.ndarray:
         """The uploaded file as ``HxWxC`` uint8; :class:`LvitError` with a sentence for the page otherwise."""
-        from .data import read_image
-        from .data.readers import IMAGE_SUFFIXES, suffix_of
+        from ..data import read_image
+        from ..data.readers import IMAGE_SUFFIXES, suffix_of
 
         if not path:
             raise LvitError("Upload a chest X-ray first (PNG, JPEG or DICOM).")
@@ -186,10 +186,10 @@ class Segmenter:
                                   f"{' '.join(str(exc).split())[:200]}).")
 
     def _segment(self, path, report, threshold: float) -> Result:
-        from .evaluate.explanation import heatmap_overlay, mask_overlay
-        from .evaluate.gradcam import explain_image
-        from .evaluate.overlays import mask_png
-        from .io import save_png
+        from ..core.io import save_png
+        from ..evaluate.explanation import heatmap_overlay, mask_overlay
+        from ..evaluate.gradcam import explain_image
+        from ..evaluate.overlays import mask_png
 
         if not 0.0 < float(threshold) < 1.0:
             raise LvitError("The threshold must lie between 0 and 1.")
@@ -229,7 +229,7 @@ def _header_pixels(path: Path) -> int | None:
     """Width x height from the file header only (no decoding), or None when the header cannot tell."""
     import warnings
 
-    from .data.readers import suffix_of
+    from ..data.readers import suffix_of
 
     suffix = suffix_of(path)
     try:

@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import CheckpointError, LvitError
-from .io import atomic_path, refuse_clobber
+from ..core.errors import CheckpointError, LvitError
+from ..core.io import atomic_path, refuse_clobber
 
 #: Default tolerance of the export check: max |logit_onnx - logit_torch| (fp32 both sides).
 EXPORT_ATOL = 1e-3
@@ -94,8 +94,8 @@ def export_onnx(
 
     Returns a summary dict: ``path``, ``exporter``, ``opset``, ``inputs`` (names the graph kept),
     ``max_abs_diff`` (ORT vs PyTorch logits on a batch of 2, when ``check``). Raises
-    :class:`~lvit.errors.OutputExistsError` if ``path`` exists and not ``force``, and
-    :class:`~lvit.errors.LvitError` if the exported graph disagrees with PyTorch by more than ``atol``.
+    :class:`~lvit.core.errors.OutputExistsError` if ``path`` exists and not ``force``, and
+    :class:`~lvit.core.errors.LvitError` if the exported graph disagrees with PyTorch by more than ``atol``.
     """
     path = Path(path)
     refuse_clobber(path, force)
@@ -148,7 +148,7 @@ def export_onnx(
 
 def model_reads_text(model: nn.Module) -> bool:
     """True for a text-guided LViT; False for LViT-T and U-Net (which ignore ``text``)."""
-    from .models import LViT
+    from ..models import LViT
 
     return isinstance(model, LViT) and bool(model.config.use_text)
 
@@ -284,7 +284,7 @@ def onnx_for_run(model: nn.Module, run_dir: str | Path | None, opset: int = 17,
     import shutil
     import tempfile
 
-    from .errors import warn
+    from ..core.errors import warn
 
     cfg_json = json.dumps(model.config.to_dict())
     if run_dir is not None:

@@ -4,7 +4,7 @@ The folder (:mod:`lvit.models.pretrained`) holds ``config.json`` (the run config
 preset it matches, the dataset and the test metrics), ``model.safetensors``, ``README.md`` (the card below) and,
 where the run has them, ``report_words.json`` and the learned text backend's ``vocab.json`` +
 ``text_embedding.safetensors``. ``lvit predict``, ``lvit explain``, ``lvit test`` and ``lvit app`` take it
-wherever they take a run folder (:func:`lvit.runs.load_run`).
+wherever they take a run folder (:func:`lvit.artifacts.runs.load_run`).
 
 The card says what the model was trained on (dataset, its licence notes, preset), how well it did (every
 ``RUN/test*/metrics.json``, or ``--metrics FILE``; the best validation Dice from ``metrics.csv``), how it reads
@@ -21,8 +21,8 @@ from typing import Any
 
 import yaml
 
-from .errors import CheckpointError, ConfigError, warn
-from .models.pretrained import (
+from ..core.errors import CheckpointError, ConfigError, warn
+from ..models.pretrained import (
     REPORT_CACHE,
     REPORTER_DIR,
     REPORTER_FILES,
@@ -47,52 +47,18 @@ DATASETS = {
 UNKNOWN_LICENCE = ("unknown: the licence of the training data applies to any use of this model; check it at its "
                    "source")
 PRESET_DATASETS = {"qata": "qata", "qata-cpu": "qata", "mosmed": "mosmed", "monuseg": "monuseg", "synth": "synthetic"}
-# Settings that do not change what a run learns: left out of the preset comparison.
-_IGNORED_SETTINGS = {"model.text_dim", "data.num_workers", "trainer.progress", "trainer.accelerator",
-                     "trainer.devices", "trainer.num_nodes", "trainer.strategy", "text.cache_dir"}
-
-
 # --------------------------------------------------------------------------------------------------
 # What the run was
 
 
-def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for key, value in d.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(_flat(value, name + "."))
-        else:
-            out[name] = value
-    return out
-
-
-def match_preset(run_config: dict) -> tuple[str | None, list[str]]:
-    """The shipped preset closest to the run's training settings and the settings that differ
-    (``["trainer.max_epochs=1", ...]``); (None, []) when none is close (at most 8 differences)."""
-    from .presets import preset_names, preset_path
-    from .train.config import load_config
-
+def recorded_preset(run_config: dict) -> tuple[str | None, list[str]] | None:
+    """The preset a model folder's config.json (or a run config) records, or None when it records none."""
     recorded = run_config.get("preset")
     if isinstance(recorded, dict) and recorded.get("name"):  # a model folder's config.json
         return str(recorded["name"]), list(recorded.get("changed") or [])
     if isinstance(recorded, str) and recorded:
         return recorded, []
-    sections = ("model_name", "model", "text", "data", "optim", "loss", "trainer", "semi")
-    ours = _flat({k: run_config[k] for k in sections if k in run_config})
-    best: tuple[int, str, list[str]] | None = None
-    for name in preset_names():
-        try:
-            theirs = _flat(load_config(preset_path(name)).to_dict())
-        except ConfigError:
-            continue
-        diffs = [f"{key}={ours[key]}" for key in sorted(ours) if key in theirs and key not in _IGNORED_SETTINGS
-                 and ours[key] != theirs[key]]
-        if best is None or len(diffs) < best[0]:
-            best = (len(diffs), name, diffs)
-    if best is None or best[0] > 8:
-        return None, []
-    return best[1], best[2]
+    return None
 
 
 def guess_dataset(run_config: dict, preset: str | None) -> tuple[str | None, str]:
@@ -249,7 +215,7 @@ def model_card(config: dict, reads_text: bool) -> str:
               "lvit predict THIS_FOLDER --image x.png" + (' --text "the report"' if reads_text else "")
               + " --out mask.png",
               "lvit app THIS_FOLDER            # a web page to try it (pip install \"lvit[app]\")", "```", "",
-              "```python", "from lvit.runs import load_run",
+              "```python", "from lvit.artifacts.runs import load_run",
               "run = load_run(\"THIS_FOLDER\")   # run.model, run.config",
               "```", "",
               "Loading never goes to the network and reads weights only from `model.safetensors`.", ""]
@@ -268,11 +234,14 @@ def _counts(info: dict) -> str:
 def export_model_folder(source: str | Path, out: str | Path, *, metrics_files: list[str | Path] | None = None,
                         dataset: str | None = None, data_licence: str | None = None, force: bool = False,
                         run: LoadedRun | None = None, half: bool = False, card: str | None = None,
-                        report_texts: list[str] | None = None) -> Path:
+                        report_texts: list[str] | None = None,
+                        preset: tuple[str | None, list[str]] | None = None) -> Path:
     """Write the model folder of a run (or re-export a model folder) into ``out``; returns ``out``. ``half``:
     float16 weights; ``card``: a model card of the caller's instead of the one made from the run;
     ``report_texts``: reports to ship already encoded (``report_cache.safetensors``; the training reports, so
-    that predicting with one of them never loads the text model)."""
+    that predicting with one of them never loads the text model); ``preset``: (name, changed settings) of the
+    shipped preset closest to the run (:func:`lvit.train.config.closest_preset`), for the card; the one the
+    source records when not given."""
     run = run or load_run(source, map_location="cpu")
     out = Path(out)
     if out.resolve() == Path(run.run_dir).resolve() or Path(run.run_dir).resolve() in out.resolve().parents:
@@ -287,7 +256,7 @@ def export_model_folder(source: str | Path, out: str | Path, *, metrics_files: l
     if isinstance(config.get("data"), dict) and config["data"].get("root"):
         config["data"] = {**config["data"], "root": None}  # a local path
 
-    preset_name, changed = match_preset(source_config)
+    preset_name, changed = preset or recorded_preset(source_config) or (None, [])
     config["preset"] = {"name": preset_name, "changed": changed}
 
     old = source_config.get("dataset") or {}
@@ -341,8 +310,8 @@ def export_model_folder(source: str | Path, out: str | Path, *, metrics_files: l
         raise CheckpointError(f"{run.run_dir}: the run config names no text encoder (text_encoder.spec): the "
                               "model folder could not read reports")
     if report_texts and run.reads_text and not spec.startswith("learned"):
-        from .text import get_text_encoder
-        from .text.cache import cache_file_bytes
+        from ..text import get_text_encoder
+        from ..text.cache import cache_file_bytes
 
         encoder = get_text_encoder(spec, int(info.get("max_tokens", run.model.config.text_tokens)),
                                    min_words=int(info.get("min_words", 9)))
@@ -363,5 +332,5 @@ def export_model_folder(source: str | Path, out: str | Path, *, metrics_files: l
                               reporter=reporter)
 
 
-__all__ = ["DATASETS", "best_validation", "export_model_folder", "guess_dataset", "match_preset", "model_card",
+__all__ = ["DATASETS", "best_validation", "export_model_folder", "guess_dataset", "recorded_preset", "model_card",
            "read_metrics"]

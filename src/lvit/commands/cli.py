@@ -12,9 +12,9 @@ import importlib
 import os
 import sys
 
-from . import __version__
-from .errors import LvitError
-from .openmp import apply_wait_policy
+from .. import __version__
+from ..core.errors import LvitError
+from ..core.openmp import apply_wait_policy
 
 # Order is the order shown in ``lvit --help``.
 COMMANDS = [

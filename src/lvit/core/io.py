@@ -9,7 +9,7 @@ killer, power loss) leaves its temporary file behind; the next write of the same
 host removes those whose process is gone (never those of a live writer, nor of another host on a shared file
 system).
 
-Write failures become one-line :class:`~lvit.errors.LvitError` messages naming the file and the cause ("No space
+Write failures become one-line :class:`~lvit.core.errors.LvitError` messages naming the file and the cause ("No space
 left on device", "Permission denied", "Read-only file system"), also when the library doing the writing
 (torch, safetensors) hides the ``OSError`` behind its own exception type.
 

@@ -1,0 +1,7 @@
+"""``python -m lvit``: the ``lvit`` command."""
+
+import sys
+
+from .commands.cli import main
+
+sys.exit(main())
