@@ -20,9 +20,9 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from benchkit import REPO, RESULTS_MD
+
 RESULTS_JSON = REPO / "bench" / "compare_models.json"
-RESULTS_MD = REPO / "bench" / "RESULTS.md"
 LABELS = {"lvit": "LViT (text)", "lvit-t": "LViT-T (no text)", "unet": "U-Net"}
 
 

@@ -17,9 +17,9 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from benchkit import REPO, RESULTS_MD
+
 RESULTS_JSON = REPO / "bench" / "demo_spread.json"
-RESULTS_MD = REPO / "bench" / "RESULTS.md"
 
 
 def main(argv=None) -> int:

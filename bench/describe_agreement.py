@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from benchkit import REPO
 from scipy import ndimage
 
 from lvit.core.io import atomic_write_json, write_marked_section
@@ -46,7 +47,6 @@ from lvit.data.describe import (
     side_edge,
 )
 
-REPO = Path(__file__).resolve().parents[1]
 ZONE_NAMES = [f"{level} {side}" for level, side in ZONES]
 GRID_UPPER = np.round(np.arange(0.20, 0.501, 0.02), 2)
 GRID_MIDDLE_MAX = 0.80

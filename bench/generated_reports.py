@@ -31,9 +31,9 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from benchkit import REPO, RESULTS_MD
+
 RESULTS_JSON = REPO / "bench" / "generated_reports.json"
-RESULTS_MD = REPO / "bench" / "RESULTS.md"
 SECTION = "generated-reports"
 SOURCE_LABELS = {
     "true": "true report",
@@ -72,8 +72,8 @@ def evaluate(args) -> int:
     from lvit.data import load_split, read_mask
     from lvit.data.describe import format_report, mask_findings, parse_findings
     from lvit.data.flags import report_agreement, same_findings
-    from lvit.evaluate.reporter import ReportWriter, segment_with_reports, subset_summary, write_reports
     from lvit.evaluate.text_probe import NO_INFECTION
+    from lvit.inference import ReportWriter, segment_with_reports, subset_summary, write_reports
 
     torch.set_num_threads(args.threads)
     started = time.perf_counter()

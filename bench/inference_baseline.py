@@ -35,8 +35,8 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from benchkit import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures" / "inference"
 BASELINE = FIXTURES / "baseline.json"
 DEFAULT_SAMPLE = REPO.parent / "shared" / "datasets" / "QaTa-COV19-sample"
@@ -147,9 +147,9 @@ def _test_dice(run: Path, data: Path, work: Path) -> dict:
 
 
 def _app(run: Path, record) -> dict:
-    from lvit.commands.webapp import Segmenter
+    from lvit.commands.webapp import Page
 
-    segmenter = Segmenter(run)
+    segmenter = Page(run)
     try:
         result = segmenter.segment(str(record.image_path), record.text)
         pictures = {name: sha256(np.ascontiguousarray(getattr(result, name)).tobytes())

@@ -44,11 +44,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from benchkit import REPO
 
 from lvit.core.io import update_results_file
 from lvit.presets import preset_path
 
-REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "RESULTS.md"
 CURVE = REPO / "bench" / "monuseg_curve.png"
 START, END = "<!-- monuseg:start -->", "<!-- monuseg:end -->"  # the default section (--section monuseg)
@@ -172,20 +172,20 @@ def test_model(s: BenchSettings, model: str) -> dict:
     standard ``lvit test`` outputs (nearest-neighbour masks, original-size figures, overlays)."""
     from lvit.core.metrics import SegmentationScores
     from lvit.data import SegmentationDataset, load_split
-    from lvit.evaluate.predict import Predictor
     from lvit.evaluate.testing import run_test
+    from lvit.inference import Segmenter
 
     run_dir, cache = s.runs / model, s.runs / "text_cache"
-    predictor = Predictor(run_dir, cache_dir=cache)
+    segmenter = Segmenter(run_dir, cache_dir=cache)
     records = load_split(s.data, "test")[: s.limit]
-    emb, tmask = predictor.text_for([r.text for r in records], len(records))
-    dataset = SegmentationDataset(records, predictor.image_size, emb, tmask, in_channels=predictor.in_channels,
+    emb, tmask = segmenter.text_for([r.text for r in records], len(records))
+    dataset = SegmentationDataset(records, segmenter.image_size, emb, tmask, in_channels=segmenter.in_channels,
                                   mask_resize="official")
     scores = SegmentationScores()
     for item in dataset:
         text = None if emb is None else item["text"][None]
         text_mask = None if emb is None else item["text_mask"][None]
-        logits = predictor.logits(item["image"][None], text, text_mask)  # [1, 1, S, S]
+        logits = segmenter.logits(item["image"][None], text, text_mask)  # [1, 1, S, S]
         scores.add(item["name"], torch.sigmoid(logits[0, 0]) > 0.5, item["mask"][0] > 0.5)
     official = scores.summary()
     standard = {"dice": float("nan"), "iou": float("nan")}

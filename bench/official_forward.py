@@ -25,6 +25,7 @@ import types
 from pathlib import Path
 
 import torch
+from benchkit import REPO
 from torch import nn
 
 from lvit.core.io import atomic_write_text
@@ -38,7 +39,6 @@ from lvit.models.reference_weights import (
     uniform,
 )
 
-REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "tests" / "data" / "official_lvit_forward.json"
 TABLE = REPO / "tests" / "data" / "official_lvit_state_dict.txt"
 NETS_FILES = ("nets/LViT.py", "nets/Vit.py", "nets/pixlevel.py")

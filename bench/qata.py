@@ -23,9 +23,9 @@ import os
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from benchkit import REPO, RESULTS_MD
+
 RESULTS_JSON = REPO / "bench" / "qata_results.json"
-RESULTS_MD = REPO / "bench" / "RESULTS.md"
 PRESET = "qata-cpu"
 # Row name -> (model, extra config overrides). Every row trains with the same preset and budget.
 ROWS: dict[str, tuple[str, list[str]]] = {

@@ -23,7 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from benchkit import REPO, bench_module
+
 RESULTS = REPO / "bench" / "RESULTS.md"
 TEST_FILES = ["tests/test_io.py", "tests/test_reliability_inputs.py", "tests/test_reliability_faults.py",
               "tests/test_unsafe_files.py"]
@@ -112,12 +113,9 @@ def _commit(rev: str = "HEAD") -> str:
 def run_trust_cases(before: str | None, out: Path) -> int:
     """Every case of bench/trust_cases.py on ``before``'s code (a git worktree) and on this checkout's; the raw
     results into ``out`` and the RESULTS.md section "trust"."""
-    import importlib.util
     import shutil
 
-    spec = importlib.util.spec_from_file_location("trust_cases", REPO / "bench" / "trust_cases.py")
-    cases = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cases)
+    cases = bench_module("trust_cases")
     dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "src"], cwd=REPO, capture_output=True,
                                 text=True).stdout.strip())
     record = {"command": "python bench/reliability.py --cases" + (f" --before {before}" if before else ""),

@@ -28,7 +28,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from benchkit import REPO
 
 
 def link_or_copy(src: Path, dst: Path) -> None:
@@ -47,7 +47,7 @@ def mixed_copy(data: Path, out: Path, writer_dir: Path, fraction: float, seed: i
     import numpy as np
 
     from lvit.data import load_split
-    from lvit.evaluate.reporter import ReportWriter, write_reports
+    from lvit.inference import ReportWriter, write_reports
 
     annotation, replaced = {}, 0
     for split, key in (("train", "train"), ("val", "valid"), ("test", "test")):

@@ -27,23 +27,13 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from benchkit import REPO, RESULTS_MD, bench_module
+
 RESULTS_JSON = REPO / "bench" / "report_optional.json"
-RESULTS_MD = REPO / "bench" / "RESULTS.md"
 QATA_JSON = REPO / "bench" / "qata_results.json"
 SECTION = "report-optional"
 COLUMNS = ("true", "none", "generated", "rephrased", "swapped_changed", "true_changed")
 GOALS = {"true": 0.825, "none": 0.79}  # issue "One model, with or without a report"
-
-
-def _bench_module(name: str):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def recipe_of(config: dict) -> str:
@@ -74,11 +64,11 @@ def evaluate_run(run_dir: Path, data: Path, work: Path, reporter: Path | None) -
 
     from lvit.benchmark import machine_line
     from lvit.data import load_split
-    from lvit.evaluate.predict import model_has_no_report_path
     from lvit.evaluate.testing import run_test
     from lvit.evaluate.text_probe import meaning_changed, variant_reports
+    from lvit.inference import model_has_no_report_path
 
-    rephrase = _bench_module("rephrase_reports")
+    rephrase = bench_module("rephrase_reports")
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     texts = [r.text for r in load_split(data, "test")]
     names = [r.name for r in load_split(data, "test")]

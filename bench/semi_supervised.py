@@ -28,8 +28,8 @@ import time
 from pathlib import Path
 
 import torch
+from benchkit import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "RESULTS.md"
 SETTINGS = ("sup-25", "sup-25-steps", "epi-25", "epi+lv-25", "sup-100")
 

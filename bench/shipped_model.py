@@ -28,7 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from benchkit import REPO
+
 RESULTS_JSON = REPO / "bench" / "shipped_model.json"
 NAME = "qata-lvit"
 PACKAGE_FOLDER = REPO / "src" / "lvit" / "resources" / "models" / NAME
@@ -58,7 +59,7 @@ def ship(args) -> int:
     from lvit.artifacts.model_folder import export_model_folder
     from lvit.artifacts.runs import load_run
     from lvit.benchmark import machine_line
-    from lvit.evaluate.predict import model_has_no_report_path
+    from lvit.inference import model_has_no_report_path
 
     work = Path(tempfile.mkdtemp(prefix="lvit-ship-"))
     run = load_run(args.run)
@@ -189,17 +190,17 @@ def forward_rate(records, threads: int, batch: int = 32, n: int = 512) -> float:
     import torch
 
     from lvit.data import read_image
-    from lvit.evaluate.predict import Predictor
+    from lvit.inference import Segmenter
 
     torch.set_num_threads(threads)
-    predictor = Predictor(NAME)
+    segmenter = Segmenter(NAME)
     chosen = records[:n]
-    images = torch.stack([predictor.preprocess(read_image(r.image_path)) for r in chosen])
-    emb, mask = predictor.text_for([r.text for r in chosen], len(chosen))
-    predictor.logits(images[:batch], emb[:batch], mask[:batch])  # warm-up
+    images = torch.stack([segmenter.preprocess(read_image(r.image_path)) for r in chosen])
+    emb, mask = segmenter.text_for([r.text for r in chosen], len(chosen))
+    segmenter.logits(images[:batch], emb[:batch], mask[:batch])  # warm-up
     started = time.perf_counter()
     for i in range(0, len(chosen), batch):
-        predictor.logits(images[i:i + batch], emb[i:i + batch], mask[i:i + batch])
+        segmenter.logits(images[i:i + batch], emb[i:i + batch], mask[i:i + batch])
     return round(len(chosen) / (time.perf_counter() - started), 1)
 
 

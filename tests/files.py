@@ -34,6 +34,9 @@ def write_dicom(path: Path, pixels: np.ndarray, photometric: str = "MONOCHROME2"
 def load_bench(relative: str, name: str):
     """A bench script (path relative to the repository) as a module, registered in sys.modules under ``name``:
     dataclasses look their module up while the file executes, and pool workers unpickle its functions by name."""
+    folder = str((REPO / relative).parent)
+    if folder not in sys.path:  # bench scripts import their shared helper (bench/benchkit.py) from beside them
+        sys.path.insert(0, folder)
     spec = importlib.util.spec_from_file_location(name, REPO / relative)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module

@@ -77,9 +77,9 @@ def _png_header_only(path: Path, width: int, height: int) -> Path:
 
 
 def test_segmenter_gives_mask_probabilities_and_gradcam_at_the_image_size(model_folder, tmp_path):
-    from lvit.commands.webapp import Segmenter
+    from lvit.commands.webapp import Page
 
-    seg = Segmenter(model_folder, work_dir=tmp_path / "work")
+    seg = Page(model_folder, work_dir=tmp_path / "work")
     assert not seg.reads_text and seg.layer == "up.0"
     result = seg.segment(str(_xray(tmp_path / "x.png")), "", 0.5)
     assert result.ok, result.message
@@ -100,9 +100,9 @@ def test_segmenter_gives_mask_probabilities_and_gradcam_at_the_image_size(model_
 
 
 def test_the_segmenters_own_temporary_folder_goes_with_it(model_folder, tmp_path):
-    from lvit.commands.webapp import Segmenter
+    from lvit.commands.webapp import Page
 
-    seg = Segmenter(model_folder)
+    seg = Page(model_folder)
     assert seg.segment(str(_xray(tmp_path / "x.png")), "", 0.5).ok
     folder = seg.work_dir
     assert any(folder.rglob("*_mask.png"))
@@ -112,9 +112,9 @@ def test_the_segmenters_own_temporary_folder_goes_with_it(model_folder, tmp_path
 
 def test_bad_uploads_are_sentences_not_tracebacks(model_folder, tmp_path, monkeypatch):
     import lvit.commands.webapp
-    from lvit.commands.webapp import Segmenter
+    from lvit.commands.webapp import Page
 
-    seg = Segmenter(model_folder, work_dir=tmp_path / "work")
+    seg = Page(model_folder, work_dir=tmp_path / "work")
     (tmp_path / "notes.txt").write_text("not an image")
     (tmp_path / "fake.png").write_text("not a png either")
     (tmp_path / "empty.png").write_bytes(b"")
@@ -137,10 +137,10 @@ def test_bad_uploads_are_sentences_not_tracebacks(model_folder, tmp_path, monkey
 
 
 def test_text_models_need_the_report_and_the_report_writer_hook_fills_it(text_run, tmp_path):
-    from lvit.commands.webapp import Segmenter
+    from lvit.commands.webapp import Page
 
     image = str(_xray(tmp_path / "x.png"))
-    seg = Segmenter(text_run, work_dir=tmp_path / "work")
+    seg = Page(text_run, work_dir=tmp_path / "work")
     assert seg.reads_text
     assert "reads the report" in seg.segment(image, "  ", 0.5).message
     result = seg.segment(image, "left lung, lower zone", 0.5)

@@ -112,7 +112,7 @@ def test_predict_onnx_backend_matches_torch(tmp_path):
     import numpy as np
 
     from lvit.artifacts.runs import save_weights, write_run_config
-    from lvit.evaluate.predict import Predictor
+    from lvit.inference import Segmenter
 
     model = _model("lvit-t")
     run = tmp_path / "run"
@@ -120,9 +120,9 @@ def test_predict_onnx_backend_matches_torch(tmp_path):
     write_run_config(run, {"model_name": "lvit-t", "model": {**LViTConfig(**TINY).to_dict(), "use_text": False}})
     save_weights(run / "checkpoints" / "best.safetensors", model)
     image = (np.random.default_rng(0).random((40, 48, 3)) * 255).astype(np.uint8)  # any size in
-    expected = Predictor(run, backend="torch").predict(image)
-    predictor = Predictor(run, backend="onnx")
-    assert isinstance(predictor.model, OnnxSegmenter)
-    got = predictor.predict(image)
+    expected = Segmenter(run, backend="torch").predict(image)
+    segmenter = Segmenter(run, backend="onnx")
+    assert isinstance(segmenter.model, OnnxSegmenter)
+    got = segmenter.predict(image)
     assert got.shape == expected.shape == (40, 48)
     assert float(np.abs(got - expected).max()) < 1e-5  # probabilities

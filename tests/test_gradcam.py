@@ -22,7 +22,7 @@ from lvit.commands.cli import main as lvit_main
 from lvit.core.errors import ConfigError
 from lvit.evaluate.explanation import heatmap_overlay
 from lvit.evaluate.gradcam import SegmentationGradCAM, default_layers, explain_image, list_layers
-from lvit.evaluate.predict import run_text_encoder
+from lvit.inference import run_text_encoder
 from lvit.models import LViT, LViTConfig
 from lvit.text.reports import counterfactual_report
 

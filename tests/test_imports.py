@@ -144,10 +144,10 @@ def _explain(graph: dict[str, set[str]], packages: list[str]) -> list[str]:
 def test_the_graph_sees_imports_at_every_level():
     """The parser is not vacuous: known edges are found, at module level and inside functions."""
     graph = import_graph()
-    assert "lvit.artifacts.runs" in graph["lvit.evaluate.predict"]  # inside a method
+    assert "lvit.artifacts.runs" in graph["lvit.inference.segmenter"]  # inside a method
     assert "lvit.models.pretrained" in graph["lvit.artifacts.runs"]  # at module level
-    assert "lvit.evaluate.predict" in import_graph(module_level_only=False)["lvit.commands.predict"]
-    assert "lvit.evaluate.predict" not in import_graph(module_level_only=True)["lvit.commands.predict"]
+    assert "lvit.inference" in import_graph(module_level_only=False)["lvit.commands.predict"]
+    assert "lvit.inference" not in import_graph(module_level_only=True)["lvit.commands.predict"]
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert cycles({"a": {"b"}, "b": set()}) == []
 
@@ -201,10 +201,10 @@ PROBE = textwrap.dedent("""
     image = base / "x.png"
     Image.fromarray(np.full((40, 40), 128, np.uint8)).save(image)
 
-    from lvit.evaluate.predict import Predictor
+    from lvit.inference import Segmenter
     from lvit.artifacts.runs import load_run
 
-    prob = Predictor(run).predict(np.asarray(Image.open(image)), "left lung lower zone")
+    prob = Segmenter(run).predict(np.asarray(Image.open(image)), "left lung lower zone")
     load_run(run).model.save_pretrained(base / "folder")
     from lvit.commands.cli import main
 

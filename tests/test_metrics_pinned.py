@@ -2,7 +2,7 @@
 
 A stub network (no learning) returns pre-set logits per image, chosen so that every figure is a fraction
 worked out by hand below. It is saved as a real run folder (``config.yaml`` + ``checkpoints/best.safetensors``
-holding the logits table), so ``lvit test`` goes through ``load_run`` / ``Predictor`` / ``run_test`` unchanged;
+holding the logits table), so ``lvit test`` goes through ``load_run`` / ``Segmenter`` / ``run_test`` unchanged;
 only ``build_model`` is pointed at the stub class. The same stub goes through the Lightning module's
 ``validation_step`` under a real ``Trainer.validate``.
 

@@ -198,8 +198,8 @@ def test_export_hf_writes_a_card_with_the_runs_metrics_and_commands_take_the_fol
     capsys.readouterr()
 
     # predict: the folder gives the run's probabilities, bit for bit.
-    from lvit.evaluate.overlays import probability_png
-    from lvit.evaluate.predict import Predictor
+    from lvit.core.overlays import probability_png
+    from lvit.inference import Segmenter
 
     image = tmp_path / "x.png"
     pixels = (np.random.default_rng(0).random((48, 40)) * 255).astype(np.uint8)
@@ -207,7 +207,7 @@ def test_export_hf_writes_a_card_with_the_runs_metrics_and_commands_take_the_fol
     assert main(["predict", str(folder), "--image", str(image), "--text", TEXT, "--out", str(tmp_path / "m.png"),
                  "--prob", str(tmp_path / "p.png")]) == 0
     assert "warning" not in capsys.readouterr().err  # no best/last or report warning for a model folder
-    expected = probability_png(Predictor(run, cache_dir=cache).predict(pixels[..., None], TEXT))
+    expected = probability_png(Segmenter(run, cache_dir=cache).predict(pixels[..., None], TEXT))
     assert np.array_equal(np.array(Image.open(tmp_path / "p.png")), expected)
     # test: writes nothing into the folder; with --out, the run's figures.
     assert main(["test", str(folder), "--data", str(tiny_synth), "--no-progress"]) == 2
@@ -235,14 +235,14 @@ def test_export_hf_of_text_free_models_predicts_like_the_run(name, tmp_path, cap
                  "--data-licence", "internal use only"]) == 0
     card = (folder / "README.md").read_text()
     assert "internal use only" in card and "No test metrics" in card and "does not read reports" in card
-    from lvit.evaluate.predict import Predictor
+    from lvit.inference import Segmenter
 
     image = (np.random.default_rng(1).random((50, 36, 3)) * 255).astype(np.uint8)
-    assert np.array_equal(Predictor(run).predict(image), Predictor(folder).predict(image))
+    assert np.array_equal(Segmenter(run).predict(image), Segmenter(folder).predict(image))
 
 
 def test_learned_text_backend_travels_with_the_folder(tmp_path):
-    from lvit.evaluate.predict import Predictor
+    from lvit.inference import Segmenter
 
     run = _run(tmp_path, learned=True)
     folder = tmp_path / "hf"
@@ -252,7 +252,7 @@ def test_learned_text_backend_travels_with_the_folder(tmp_path):
     loaded = load_run(folder)
     assert loaded.text_embedding is not None
     image = (np.random.default_rng(2).random((40, 40)) * 255).astype(np.uint8)
-    assert np.array_equal(Predictor(run).predict(image, TEXT), Predictor(folder).predict(image, TEXT))
+    assert np.array_equal(Segmenter(run).predict(image, TEXT), Segmenter(folder).predict(image, TEXT))
     (folder / "vocab.json").unlink()  # half a learned backend is refused
     with pytest.raises(CheckpointError, match="come together"):
         load_run(folder)

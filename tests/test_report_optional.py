@@ -1,4 +1,4 @@
-"""One model with or without a report: report dropout's learned no-report path in the network, the predictor,
+"""One model with or without a report: report dropout's learned no-report path in the network, the segmenter,
 lvit predict / test / app, and the reworded reports of bench/rephrase_reports.py."""
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def test_a_model_without_the_path_refuses_a_missing_report():
         model(image, text, mask, no_report=torch.tensor([True, False, False]))
 
 
-# --- a trained run: predictor, lvit test / predict / app ----------------------------------------------------------
+# --- a trained run: segmenter, lvit test / predict / app ----------------------------------------------------------
 
 COMMON = ["model.image_size=32", "model.base_channels=8", "model.vit_heads=4", "data.batch_size=3",
           "trainer.max_epochs=1", "trainer.progress=false", "data.num_workers=0"]
@@ -103,25 +103,25 @@ def runs(tmp_path_factory) -> tuple[Path, Path, Path]:
 
 def test_predictor_mixes_reports_and_missing_ones_row_by_row(runs):
     from lvit.data import load_split, read_image
-    from lvit.evaluate.predict import Predictor
+    from lvit.inference import Segmenter
 
     data, rd, plain = runs
     records = load_split(data, "test")
     images = [read_image(r.image_path) for r in records]
     texts = [r.text for r in records]
-    predictor = Predictor(rd)
-    assert predictor.has_no_report_path and predictor.report_path([None, None]) == "no report"
-    assert predictor.report_path([texts[0], ""]) == "mixed" and predictor.report_path(texts) == "report"
-    mixed = predictor.predict_many(images, [texts[0], None, texts[2]])
-    assert np.allclose(mixed[0], predictor.predict(images[0], texts[0]), atol=1e-6)
-    assert np.allclose(mixed[1], predictor.predict(images[1]), atol=1e-6)
-    assert np.allclose(mixed[2], predictor.predict(images[2], texts[2]), atol=1e-6)
+    segmenter = Segmenter(rd)
+    assert segmenter.has_no_report_path and segmenter.report_path([None, None]) == "no report"
+    assert segmenter.report_path([texts[0], ""]) == "mixed" and segmenter.report_path(texts) == "report"
+    mixed = segmenter.predict_many(images, [texts[0], None, texts[2]])
+    assert np.allclose(mixed[0], segmenter.predict(images[0], texts[0]), atol=1e-6)
+    assert np.allclose(mixed[1], segmenter.predict(images[1]), atol=1e-6)
+    assert np.allclose(mixed[2], segmenter.predict(images[2], texts[2]), atol=1e-6)
     with pytest.raises(ConfigError, match="no no-report path"):
-        Predictor(plain).predict(images[0])
+        Segmenter(plain).predict(images[0])
 
 
 def test_the_no_report_path_never_loads_the_text_encoder(runs, monkeypatch):
-    import lvit.evaluate.predict as predict_module
+    import lvit.inference.segmenter as segmenter_module
     from lvit.data import load_split, read_image
 
     data, rd, _ = runs
@@ -129,9 +129,9 @@ def test_the_no_report_path_never_loads_the_text_encoder(runs, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the text encoder was loaded")
 
-    monkeypatch.setattr(predict_module, "run_text_encoder", refuse)
-    predictor = predict_module.Predictor(rd)
-    prob = predictor.predict(read_image(load_split(data, "test")[0].image_path))
+    monkeypatch.setattr(segmenter_module, "run_text_encoder", refuse)
+    segmenter = segmenter_module.Segmenter(rd)
+    prob = segmenter.predict(read_image(load_split(data, "test")[0].image_path))
     assert prob.shape == (64, 64) and np.isfinite(prob).all()
 
 
@@ -166,14 +166,14 @@ def test_lvit_predict_without_text_uses_the_no_report_path(runs, tmp_path, capsy
 
 
 def test_the_app_accepts_an_empty_report_box_with_the_path(runs):
-    from lvit.commands.webapp import Segmenter
+    from lvit.commands.webapp import Page
     from lvit.data import load_split
 
     data, rd, plain = runs
     image = load_split(data, "test")[0].image_path
-    with_path = Segmenter(rd).segment(str(image), "", 0.5)
+    with_path = Page(rd).segment(str(image), "", 0.5)
     assert with_path.overlay is not None and any("no-report path" in n for n in with_path.notes)
-    assert Segmenter(plain).segment(str(image), "", 0.5).overlay is None  # asks for the report instead
+    assert Page(plain).segment(str(image), "", 0.5).overlay is None  # asks for the report instead
 
 
 # --- reworded reports -----------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from lvit.data.flags import (
     report_agreement,
     same_findings,
 )
-from lvit.evaluate.reporter import ReportWriter
+from lvit.inference import ReportWriter
 from lvit.models.reporter import ReporterConfig, ZoneClassifier
 from lvit.train.reporter import ReporterTraining, augment_batch, train_reporter
 
@@ -365,17 +365,21 @@ def test_lvit_test_with_generated_reports(run_with_writer, tiny_runs, tiny_synth
 def test_lvit_app_gives_the_page_the_runs_report_writer(run_with_writer, tiny_runs, writer_dir, tiny_synth):
     from lvit.commands.app import report_writer_for
     from lvit.data import load_split, read_image
+    from lvit.inference import Segmenter
+
+    def writer_for(run, reporter=None):
+        return report_writer_for(Segmenter(str(run), reporter=reporter))
 
     image = read_image(load_split(tiny_synth, "test")[0].image_path)
-    report = report_writer_for(str(run_with_writer), None, "cpu")(image)
+    report = writer_for(run_with_writer)(image)
     parse_findings(report)  # a report of the template
-    assert report_writer_for(str(tiny_runs[0]), None, "cpu") is None  # no writer: the page hides the button
-    assert report_writer_for(str(tiny_runs[0]), str(writer_dir), "cpu")(image) == report
-    assert report_writer_for(str(tiny_runs[1]), None, "cpu") is None  # LViT-T reads no report
+    assert writer_for(tiny_runs[0]) is None  # no writer: the page hides the button
+    assert writer_for(tiny_runs[0], str(writer_dir))(image) == report
+    assert writer_for(tiny_runs[1]) is None  # LViT-T reads no report
     with pytest.raises(ConfigError, match="does not read reports"):
-        report_writer_for(str(tiny_runs[1]), str(writer_dir), "cpu")
-    with pytest.raises(ConfigError, match="no report writer there"):
-        report_writer_for(str(tiny_runs[0]), str(tiny_synth), "cpu")
+        writer_for(tiny_runs[1], str(writer_dir))
+    with pytest.raises(ConfigError, match="no report writer in this folder"):
+        writer_for(tiny_runs[0], str(tiny_synth))
 
 
 def test_train_reporter_never_writes_into_a_model_folder(tiny_runs, tiny_synth, tmp_path, capsys):

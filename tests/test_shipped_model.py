@@ -36,7 +36,7 @@ def test_a_folder_with_encoded_training_reports_never_loads_the_text_model_for_t
                                                                                      monkeypatch):
     from lvit.artifacts.model_folder import export_model_folder
     from lvit.data import load_split, read_image
-    from lvit.evaluate.predict import Predictor
+    from lvit.inference import Segmenter
     from lvit.text.encoders import HFEncoder
 
     data, run = tiny_run
@@ -44,18 +44,18 @@ def test_a_folder_with_encoded_training_reports_never_loads_the_text_model_for_t
     folder = export_model_folder(run, tmp_path / "folder", report_texts=train_reports)
     assert (folder / "report_cache.safetensors").is_file()
     image = read_image(load_split(data, "test")[0].image_path)
-    reference = Predictor(run).predict(image, train_reports[0])  # the run folder: encoded by the text model
+    reference = Segmenter(run).predict(image, train_reports[0])  # the run folder: encoded by the text model
 
     def no_model(self):
         raise AssertionError("the text model was loaded")
 
     with monkeypatch.context() as m:
         m.setattr(HFEncoder, "_load", no_model)
-        shipped = Predictor(folder).predict(image, train_reports[0])
+        shipped = Segmenter(folder).predict(image, train_reports[0])
     assert np.array_equal(shipped, reference)
     unseen = "bilateral pulmonary infection, two infected areas, upper left lung and upper right lung."
     assert unseen not in train_reports
-    assert np.isfinite(Predictor(folder).predict(image, unseen)).all()  # a report it lacks: the text model runs
+    assert np.isfinite(Segmenter(folder).predict(image, unseen)).all()  # a report it lacks: the text model runs
     copy = export_model_folder(folder, tmp_path / "copy")  # re-exporting a model folder keeps the file
     assert (copy / "report_cache.safetensors").read_bytes() == (folder / "report_cache.safetensors").read_bytes()
 

@@ -76,16 +76,16 @@ def test_absurd_sizes_in_config_json_are_one_line_naming_the_field(folder, tmp_p
 
 
 def test_a_non_finite_probability_map_is_an_error_not_a_mask(folder, tmp_path):
-    from lvit.evaluate.predict import Predictor
+    from lvit.inference import Segmenter
 
-    predictor = Predictor(folder)
+    segmenter = Segmenter(folder)
     image = np.full((40, 40, 3), 90, np.uint8)
-    assert np.isfinite(predictor.predict(image)).all()
+    assert np.isfinite(segmenter.predict(image)).all()
     with torch.no_grad():  # finite weights that overflow: the logits become infinite
-        predictor.model.head.weight.fill_(3e38)
-        predictor.model.head.bias.fill_(3e38)
+        segmenter.model.head.weight.fill_(3e38)
+        segmenter.model.head.bias.fill_(3e38)
     with pytest.raises(LvitError, match="NaN or infinite"):
-        predictor.predict(image)
+        segmenter.predict(image)
 
 
 # --- masks saved with another label value -----------------------------------------------------------------------

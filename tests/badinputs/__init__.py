@@ -481,11 +481,11 @@ def _onnx_matches_torch(ctx: UserPathContext, out: str, err: str) -> None:
     # Sanity: the stale file really predicts otherwise (else this case could not fail).
     from lvit.artifacts.export import OnnxSegmenter
     from lvit.data import read_image
-    from lvit.evaluate.predict import Predictor
+    from lvit.inference import Segmenter
 
-    predictor = Predictor(run)
-    batch = predictor.preprocess(read_image(ctx.image))[None]
-    assert float((OnnxSegmenter(run / "model.onnx")(batch) - predictor.logits(batch)).abs().max()) > 1e-2
+    segmenter = Segmenter(run)
+    batch = segmenter.preprocess(read_image(ctx.image))[None]
+    assert float((OnnxSegmenter(run / "model.onnx")(batch) - segmenter.logits(batch)).abs().max()) > 1e-2
 
 
 def _without_best(ctx: UserPathContext) -> list:

@@ -353,12 +353,18 @@ def _learned_embedding(text_tensors: dict[str, torch.Tensor], where: Path, map_l
     return embedding.eval().to(map_location)
 
 
-def load_run(path: str | Path, map_location: str | torch.device = "cpu") -> LoadedRun:
-    """Rebuild the eval-mode model of a run folder, model folder or checkpoint file -> :class:`LoadedRun`."""
+def load_run(path: str | Path, map_location: str | torch.device = "cpu", *,
+             resolved: tuple[Path, Path, dict] | None = None) -> LoadedRun:
+    """Rebuild the eval-mode model of a run folder, model folder or checkpoint file -> :class:`LoadedRun`.
+    ``resolved``: (folder, weights, run config) of ``path`` already read (:func:`resolve_run`,
+    :func:`read_run_config`), so that a command reads its config once."""
     from ..models import LViTConfig, build_model
 
-    run_dir, weights_path = resolve_run(path)
-    run_config = read_run_config(run_dir)
+    if resolved is None:
+        run_dir, weights_path = resolve_run(path)
+        run_config = read_run_config(run_dir)
+    else:
+        run_dir, weights_path, run_config = resolved
     folder = weights_path.name == MODEL_WEIGHTS and is_model_folder(run_dir)
     config_name = MODEL_CONFIG if folder else CONFIG_NAME
     try:

@@ -32,11 +32,11 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..artifacts.runs import load_run
     from ..core.errors import ConfigError, DataError, warn
+    from ..inference import Segmenter
 
     if args.list_layers:
-        model = load_run(args.checkpoint).model
+        model = Segmenter(args.checkpoint).model
         from ..evaluate.gradcam import list_layers
 
         print(f"{'layer':<32} {'branch':<6} {'class':<22} output shape (default: *)")
@@ -52,29 +52,25 @@ def run(args: argparse.Namespace) -> int:
 
     from ..core.io import output_dir
     from ..data.readers import read_image
-    from ..evaluate.predict import model_reads_text, read_run, run_text_encoder, weights_warning
 
     # Inputs and the output folder first; the model (the slow part) last.
     if Path(args.image).is_dir():
         raise DataError(args.image, "is a folder; lvit explain takes one image file")
     image = read_image(args.image)  # HxWxC uint8; DataError names the file if unreadable
-    _, weights, run_config = read_run(args.checkpoint)
-    note = weights_warning(args.checkpoint, weights)
-    if note:
-        warn(note)
-    reads_text = model_reads_text(run_config)
+    segmenter = Segmenter(args.checkpoint)
+    segmenter.warn_about_weights()
+    reads_text = segmenter.uses_text
     if reads_text and not args.text:
         raise ConfigError(f"{args.checkpoint}: this model reads the report: pass --text \"...\"")
     if not reads_text and (args.text or args.alt_text):
-        warn(f"--text/--alt-text are ignored: the model of {args.checkpoint} ({run_config.get('model_name')}) does "
+        warn(f"--text/--alt-text are ignored: the model of {args.checkpoint} ({segmenter.model_name}) does "
              "not read reports")
     with output_dir(args.out, args.force) as out:
         from ..evaluate.explanation import write_explanation
         from ..evaluate.gradcam import explain_image
         from ..text.reports import counterfactual_report
 
-        run = load_run(args.checkpoint)
-        model, encode = run.model, run_text_encoder(run)
+        model, encode = segmenter.model, segmenter.encode_text
         text = args.text or ""
         alt_text = args.alt_text if args.alt_text is not None else (counterfactual_report(text) if encode else "")
         explanations = explain_image(model, image, [text, alt_text], encode, args.layers)

@@ -45,7 +45,7 @@ def check_layers(run_dir: str, layers: list[str]) -> None:
     import torch
 
     from ..core.errors import CheckpointError, ConfigError
-    from ..evaluate.predict import read_run
+    from ..inference import read_run
     from ..models import LViTConfig, build_model
 
     _, _, run_config = read_run(run_dir)

@@ -32,14 +32,14 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..core.errors import warn
-    from ..evaluate.predict import read_run, weights_warning
     from ..evaluate.testing import run_test
+    from ..inference import Segmenter
+    from ..text import default_cache_dir
 
-    note = weights_warning(args.checkpoint, read_run(args.checkpoint)[1])
-    if note:
-        warn(note)
-    m = run_test(args.checkpoint, args.data, args.split, args.out, force=args.force, k=args.k,
+    segmenter = Segmenter(args.checkpoint, device=args.device, reporter=args.reporter,
+                          cache_dir=default_cache_dir(args.data))
+    segmenter.warn_about_weights()
+    m = run_test(segmenter, args.data, args.split, args.out, force=args.force, k=args.k,
                  batch_size=args.batch_size, device=args.device, progress=not args.no_progress,
                  reports=args.reports, reporter=args.reporter)
     print(format_summary(m))

@@ -6,9 +6,10 @@ the page shows the predicted mask over the image, the probability map and a Grad
 large, an absurd size) or a missing report is a message on the page, never a traceback. One image is processed
 at a time; concurrent users wait in Gradio's queue.
 
-Gradio is optional (``pip install -e ".[app]"``) and imported only by :func:`build_app`; :class:`Segmenter` (the
-work behind the page) needs only lvit, so it is tested without a browser too. Nothing here reaches the network:
-Gradio's analytics are off, the page uses system fonts, and the model loads from a local folder.
+Gradio is optional (``pip install -e ".[app]"``) and imported only by :func:`build_app`; :class:`Page` (the work
+behind the page, over :class:`lvit.inference.Segmenter`) needs only lvit, so it is tested without a browser too.
+Nothing here reaches the network: Gradio's analytics are off, the page uses system fonts, and the model loads from
+a local folder.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ IMAGE_HEIGHT = 300  # px on the page
 PAGE_CSS = (".lvit-view img { width: 100% !important; height: 100% !important; object-fit: contain; "
             "image-rendering: pixelated; }")
 
-#: REPORT WRITER HOOK: ``image HxWxC uint8 -> report``. Given to :class:`Segmenter` (``report_writer=``, or
+#: REPORT WRITER HOOK: ``image HxWxC uint8 -> report``. Given to :class:`Page` (``report_writer=``, or
 #: :func:`launch`), the page shows a "Write the report from the image" button that fills the report box. ``lvit app``
 #: gives it the run's report writer (``lvit train-reporter``) when there is one; without it the button is hidden.
 ReportWriter = Callable[[np.ndarray], str]
@@ -72,23 +73,22 @@ def _sniff_suffix(head: bytes) -> str | None:
     return None
 
 
-class Segmenter:
-    """The model behind the page: ``segment(upload_path, report, threshold) -> Result``; never raises for bad input."""
+class Page:
+    """The work behind the page: ``segment(upload_path, report, threshold) -> Result``; never raises for bad input.
+    ``source``: a :class:`lvit.inference.Segmenter` or what one is built from (run, model folder, shipped name)."""
 
-    def __init__(self, source: str | Path, device: str = "cpu", layer: str | None = None,
+    def __init__(self, source, device: str = "cpu", layer: str | None = None,
                  report_writer: ReportWriter | None = None, work_dir: str | Path | None = None):
         from ..evaluate.gradcam import default_layers
-        from ..evaluate.predict import Predictor
-        from ..text.vocabulary import ReportChecker
+        from ..inference import Segmenter
 
-        self.predictor = Predictor(source, device=device)
-        self.run = self.predictor.run
-        self.source = Path(source)
-        names = dict(self.run.model.named_modules())
-        self.layer = layer or next((n for n in GRADCAM_LAYERS if n in names), None) or default_layers(self.run.model)[0]
+        self.segmenter = source if isinstance(source, Segmenter) else Segmenter(source, device=device)
+        self.source = Path(self.segmenter.source)
+        model = self.segmenter.model
+        names = dict(model.named_modules())
+        self.layer = layer or next((n for n in GRADCAM_LAYERS if n in names), None) or default_layers(model)[0]
         if self.layer not in names:
             raise ConfigError(f"--layer {self.layer}: not a layer of this model (see lvit explain RUN --list-layers)")
-        self.checker = ReportChecker(self.run.config, self.run.run_dir) if self.reads_text else None
         self.report_writer = report_writer
         self.work_dir = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="lvit-app-"))
         self.work_dir.mkdir(parents=True, exist_ok=True)
@@ -104,12 +104,11 @@ class Segmenter:
 
     @property
     def reads_text(self) -> bool:
-        return self.predictor.uses_text
+        return self.segmenter.uses_text
 
     @property
     def title(self) -> str:
-        return {"lvit": "LViT", "lvit-t": "LViT-T (no text)", "unet": "U-Net"}.get(self.run.model_name,
-                                                                                   self.run.model_name)
+        return self.segmenter.title
 
     # ---------------------------------------------------------------------------------------------
     def read_upload(self, path: str | Path | None) -> np.ndarray:
@@ -187,9 +186,9 @@ class Segmenter:
 
     def _segment(self, path, report, threshold: float) -> Result:
         from ..core.io import save_png
+        from ..core.overlays import mask_png
         from ..evaluate.explanation import heatmap_overlay, mask_overlay
         from ..evaluate.gradcam import explain_image
-        from ..evaluate.overlays import mask_png
 
         if not 0.0 < float(threshold) < 1.0:
             raise LvitError("The threshold must lie between 0 and 1.")
@@ -197,12 +196,12 @@ class Segmenter:
         text = " ".join(str(report or "").split())
         notes = []
         if self.reads_text and not text:
-            if not self.predictor.has_no_report_path:
+            if not self.segmenter.has_no_report_path:
                 raise LvitError("This model reads the report: type the image's report first.")
             notes.append("No report: the mask comes from the model's no-report path (learned with report dropout); "
                          "a report, where there is one, usually gives a better mask.")
         elif self.reads_text:
-            check = self.checker.check(text)
+            check = self.segmenter.checker.check(text)
             if check.truncated:
                 notes.append(f"The report is long: the model reads its first {check.kept} of {check.tokens} "
                              "tokens (word pieces).")
@@ -211,7 +210,7 @@ class Segmenter:
                              "training): do not trust the mask.")
         elif text:
             notes.append(f"{self.title} does not read reports: the report was ignored.")
-        (expl,) = explain_image(self.run.model, image, [text], self.predictor.encode_text, [self.layer])
+        (expl,) = explain_image(self.segmenter.model, image, [text], self.segmenter.encode_text, [self.layer])
         prob = expl.probability
         mask = prob >= float(threshold)
         stem = Path(str(path)).stem[:40] or "image"
@@ -272,8 +271,8 @@ def import_gradio():
     return gradio
 
 
-def build_app(segmenter: Segmenter):
-    """The Gradio Blocks page around ``segmenter`` (queued: one image at a time)."""
+def build_app(segmenter: Page):
+    """The Gradio Blocks page around ``segmenter`` (a :class:`Page`; queued: one image at a time)."""
     gr = import_gradio()
 
     reads_text = segmenter.reads_text
@@ -285,10 +284,10 @@ def build_app(segmenter: Segmenter):
         with gr.Row():
             with gr.Column(scale=1):
                 upload = gr.File(label="Chest X-ray (PNG, JPEG or DICOM)", type="filepath", elem_id="upload")
-                # REPORT BOX. Writing the report from the image: the REPORT WRITER HOOK above (Segmenter's
+                # REPORT BOX. Writing the report from the image: the REPORT WRITER HOOK above (Page's
                 # report_writer); the button below then fills this box. Hidden while there is none.
                 label = ("Report (optional: the model also answers without one)"
-                         if segmenter.predictor.has_no_report_path else "Report") if reads_text \
+                         if segmenter.segmenter.has_no_report_path else "Report") if reads_text \
                     else "Report (this model does not read it)"
                 report = gr.Textbox(label=label,
                                     lines=3, elem_id="report", interactive=reads_text,
@@ -324,11 +323,12 @@ def build_app(segmenter: Segmenter):
     return page
 
 
-def launch(source: str | Path, port: int | None = None, host: str = "127.0.0.1", device: str = "cpu",
+def launch(source, port: int | None = None, host: str = "127.0.0.1", device: str = "cpu",
            layer: str | None = None, block: bool = True, report_writer: ReportWriter | None = None):
-    """Load the model, build the page and serve it; returns the Gradio page (``block=False``: serving in a thread)."""
+    """Load the model (``source``: a :class:`lvit.inference.Segmenter` or what one is built from), build the page and
+    serve it; returns the Gradio page (``block=False``: serving in a thread)."""
     gr = import_gradio()
-    segmenter = Segmenter(source, device=device, layer=layer, report_writer=report_writer)
+    segmenter = Page(source, device=device, layer=layer, report_writer=report_writer)
     page = build_app(segmenter)
     theme = gr.themes.Default(font=["system-ui", "sans-serif"], font_mono=["monospace"])  # no web fonts
     try:
@@ -341,5 +341,4 @@ def launch(source: str | Path, port: int | None = None, host: str = "127.0.0.1",
     return page
 
 
-__all__ = ["MAX_PIXELS", "MAX_UPLOAD_MB", "ReportWriter", "Result", "Segmenter", "build_app", "import_gradio",
-           "launch"]
+__all__ = ["MAX_PIXELS", "MAX_UPLOAD_MB", "Page", "ReportWriter", "Result", "build_app", "import_gradio", "launch"]

@@ -210,6 +210,18 @@ def atomic_write_text(dest: str | Path, text: str) -> Path:
     return atomic_write_bytes(dest, text.encode("utf-8"))
 
 
+def atomic_write_csv(dest: str | Path, rows: list[dict], columns: list[str]) -> Path:
+    """A table of ``rows`` (dicts keyed by ``columns``) as CSV, floats written to 6 significant digits."""
+    import csv
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    return atomic_write_text(dest, buf.getvalue())
+
+
 def write_marked_section(path: str | Path, name: str, body: str) -> Path:
     """Put ``body`` between ``<!-- name:start -->`` and ``<!-- name:end -->`` in the markdown file ``path``:
     replaces that block where it exists, else appends it; the rest of the file is kept. Atomic. The benchmark

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..core.overlays import GT_COLOR, PRED_COLOR, contour, default_thickness, to_rgb
 from .gradcam import Explanation
-from .overlays import GT_COLOR, PRED_COLOR, contour, default_thickness, to_rgb
 
 
 def heatmap_overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.45, cmap: str = "jet") -> np.ndarray:

@@ -285,8 +285,8 @@ def case_figure(image: np.ndarray, truth: np.ndarray | None, probability: np.nda
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure as MplFigure
 
+    from ..core.overlays import to_rgb
     from .explanation import heatmap_overlay, mask_overlay
-    from .overlays import to_rgb
 
     rgb = to_rgb(image)
     panels = [(rgb, "image"), (mask_overlay(rgb, probability >= threshold, truth), "prediction (red), truth (green)")]
@@ -310,9 +310,9 @@ def _explain_cases(run_dir: Path, cases: list[Case], layers: list[str] | None, t
     from ..artifacts.runs import load_run
     from ..data.dataset import load_pair
     from ..data.layout import load_split
+    from ..inference import run_text_encoder
     from ..text import default_cache_dir
     from .gradcam import default_layers, explain_image
-    from .predict import run_text_encoder
 
     run = load_run(run_dir)
     model, run_config = run.model, run.config

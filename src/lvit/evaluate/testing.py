@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from ..core.io import atomic_write_json, atomic_write_text, save_png
 from ..core.metrics import SegmentationScores
-from .overlays import mask_png, overlay
+from ..core.overlays import mask_png, overlay
 
 THRESHOLD = 0.5
 EMPTY_CONVENTION = ("Dice = IoU = 1 when prediction and ground truth are both empty; 0 when only one is empty")
@@ -35,14 +35,14 @@ def default_out(run_dir: Path, split: str) -> Path:
     return run_dir / f"test-{split}"
 
 
-def _eval_dataset(predictor, records):
+def _eval_dataset(segmenter, records):
     """Records -> an un-augmented SegmentationDataset with the run's text (encoded once, cached)."""
     from ..data import SegmentationDataset
 
-    size, channels = predictor.image_size, predictor.in_channels
-    if not predictor.uses_text:
+    size, channels = segmenter.image_size, segmenter.in_channels
+    if not segmenter.uses_text:
         return SegmentationDataset(records, size, in_channels=channels)
-    emb, mask = predictor.text_for([r.text for r in records], len(records))
+    emb, mask = segmenter.text_for([r.text for r in records], len(records))
     if emb is None:  # no report for any image: the model's no-report path answers
         return SegmentationDataset(records, size, in_channels=channels)
     return SegmentationDataset(records, size, emb, mask, in_channels=channels)
@@ -64,7 +64,8 @@ def run_test(
     reporter: str | Path | None = None,
     texts: list[str | None] | None = None,
 ) -> dict:
-    """Evaluate a run on ``split`` of ``data_root``; returns the metrics dict also written to metrics.json.
+    """Evaluate a run (or a :class:`lvit.inference.Segmenter`) on ``split`` of ``data_root``; returns the metrics
+    dict also written to metrics.json.
 
     ``cache_dir``: where encoded reports are cached (default: the dataset's own cache folder). ``reports``:
     "true" (the dataset's), "generated" (written from each image by the report writer ``reporter``, default
@@ -75,17 +76,21 @@ def run_test(
     from ..core.errors import ConfigError, DataError
     from ..core.io import output_dir
     from ..data import load_split
+    from ..inference import Segmenter
     from ..text import default_cache_dir
-    from .predict import Predictor, read_run, resolve_device
 
     # Everything cheap first (arguments, run folder, dataset, output folder), then the model.
     if k < 0:
         raise ConfigError(f"--k must be >= 0 (overlays of the k best and k worst images), got {k}")
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
-    device = resolve_device(device)
     data_root = Path(data_root)
-    run_dir, _, _ = read_run(run_or_checkpoint)
+    if isinstance(run_or_checkpoint, Segmenter):  # the caller's, already built (its config read once)
+        segmenter, run_or_checkpoint = run_or_checkpoint, run_or_checkpoint.source
+    else:
+        segmenter = Segmenter(run_or_checkpoint, device=device, reporter=reporter,
+                              cache_dir=cache_dir if cache_dir is not None else default_cache_dir(data_root))
+    run_dir = segmenter.run_dir
     if out is None and is_model_folder(run_dir):
         if shipped_model(run_or_checkpoint) is None or Path(run_or_checkpoint).exists():
             raise ConfigError(f"{run_dir}: a model folder holds only the model (lvit does not write into it): pass "
@@ -95,9 +100,10 @@ def run_test(
         raise DataError(data_root, "dataset folder not found" if not data_root.exists() else "not a folder (--data)")
     if reports not in REPORT_SOURCES:
         raise ConfigError(f"--reports must be one of {', '.join(REPORT_SOURCES)}, got {reports!r}")
-    writer_folder = _writer_folder(run_or_checkpoint, run_dir, reporter) if reports == "generated" else None
-    if reports == "none":
-        _check_no_report_path(run_or_checkpoint)
+    writer_folder = _writer_folder(segmenter) if reports == "generated" else None
+    if reports == "none" and segmenter.uses_text and not segmenter.has_no_report_path:
+        raise ConfigError(f"--reports none: the model of {run_or_checkpoint} reads the report and has no no-report "
+                          "path (trained without model.report_dropout); score it with --reports generated instead")
     records = load_split(data_root, split)
     if texts is not None:
         if len(texts) != len(records):
@@ -107,59 +113,44 @@ def run_test(
         records = [dataclasses.replace(r, text=t) for r, t in zip(records, texts)]
     folder = Path(out) if out else default_out(run_dir, split)
     with output_dir(folder, force=force, what="test output folder") as folder:
-        predictor = Predictor(run_or_checkpoint, device=device,
-                              cache_dir=cache_dir if cache_dir is not None else default_cache_dir(data_root))
         extra = {"reports": {"source": "true" if texts is None else "given"}}
         if writer_folder is not None:
-            records, extra = _generated_records(records, writer_folder, folder, device, batch_size, progress)
+            records, extra = _generated_records(records, segmenter, folder, batch_size, progress)
         elif reports == "none":
             import dataclasses
 
             records = [dataclasses.replace(r, text=None) for r in records]
             extra = {"reports": {"source": "none"}}
-        extra["reports"]["path"] = predictor.report_path([r.text for r in records])
-        return _score(predictor, records, folder, data_root, split, k, batch_size, progress, extra)
+        extra["reports"]["path"] = segmenter.report_path([r.text for r in records])
+        return _score(segmenter, records, folder, data_root, split, k, batch_size, progress, extra)
 
 
 REPORT_SOURCES = ("true", "generated", "none")
 
 
-def _check_no_report_path(run_or_checkpoint) -> None:
-    from ..core.errors import ConfigError
-    from .predict import model_has_no_report_path, model_reads_text, read_run
-
-    config = read_run(run_or_checkpoint)[2]
-    if model_reads_text(config) and not model_has_no_report_path(config):
-        raise ConfigError(f"--reports none: the model of {run_or_checkpoint} reads the report and has no no-report "
-                          "path (trained without model.report_dropout); score it with --reports generated instead")
-
-
-def _writer_folder(run_or_checkpoint, run_dir: Path, reporter) -> Path:
+def _writer_folder(segmenter) -> Path:
     """The report writer of ``--reports generated`` (checked before anything slow)."""
-    from ..artifacts.reporter_folder import find_reporter, read_reporter_meta
     from ..core.errors import ConfigError
-    from .predict import model_reads_text, read_run
 
-    if not model_reads_text(read_run(run_or_checkpoint)[2]):
-        raise ConfigError(f"--reports generated: the model of {run_or_checkpoint} does not read reports")
-    folder = find_reporter(reporter if reporter is not None else run_dir)
+    if not segmenter.uses_text:
+        raise ConfigError(f"--reports generated: the model of {segmenter.source} does not read reports")
+    folder = segmenter.report_writer_folder()
     if folder is None:
-        where = f"--reporter {reporter}" if reporter is not None else f"{run_dir}/reporter"
-        raise ConfigError(f"--reports generated: no report writer in {where} (train one with lvit train-reporter "
-                          f"{run_dir} --data ROOT, or pass --reporter DIR)")
-    read_reporter_meta(folder)
+        run_dir = segmenter.run_dir
+        raise ConfigError(f"--reports generated: no report writer in {run_dir}/reporter (train one with lvit "
+                          f"train-reporter {run_dir} --data ROOT, or pass --reporter DIR)")
     return folder
 
 
-def _generated_records(records, writer_folder: Path, out: Path, device, batch_size: int, progress: bool):
+def _generated_records(records, segmenter, out: Path, batch_size: int, progress: bool):
     """The records with the writer's reports instead of the dataset's; writes ``out/reports.csv``.
     -> (records, metrics entry ``{"reports": {source, writer, agreement}}``)"""
     import dataclasses
 
     from ..data.flags import report_agreement, same_findings
-    from .reporter import ReportWriter, write_reports
+    from ..inference import write_reports
 
-    writer = ReportWriter(writer_folder, device=device)
+    writer = segmenter.report_writer
     bar = tqdm(total=len(records), desc="report writer", unit="img", disable=not progress)
 
     def advance(done: int, total: int) -> None:
@@ -177,18 +168,18 @@ def _generated_records(records, writer_folder: Path, out: Path, device, batch_si
         agreement = report_agreement(generated, [r.text for r in records])
     except ValueError:  # the dataset's reports are not in the template: nothing to compare with
         agreement = None
-    info = {"source": "generated", "writer": str(writer_folder), "agreement_with_true_reports": agreement}
+    info = {"source": "generated", "writer": str(writer.folder), "agreement_with_true_reports": agreement}
     return [dataclasses.replace(r, text=g) for r, g in zip(records, generated)], {"reports": info}
 
 
-def _score(predictor, records, out: Path, data_root: Path, split: str, k: int, batch_size: int,
+def _score(segmenter, records, out: Path, data_root: Path, split: str, k: int, batch_size: int,
            progress: bool, extra: dict | None = None) -> dict:
     """Predict ``records``, write masks, per_image.csv, overlays and metrics.json into ``out``."""
     from ..data import load_pair
-    from .predict import to_original_size
+    from ..inference import to_original_size
 
-    run_dir = predictor.run_dir
-    dataset = _eval_dataset(predictor, records)
+    run_dir = segmenter.run_dir
+    dataset = _eval_dataset(segmenter, records)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0,
                         collate_fn=lambda items: items)
 
@@ -199,10 +190,10 @@ def _score(predictor, records, out: Path, data_root: Path, split: str, k: int, b
         images = torch.stack([it["image"] for it in items])  # [B, C, S, S]
         text = torch.stack([it["text"] for it in items]) if "text" in items[0] else None
         text_mask = torch.stack([it["text_mask"] for it in items]) if "text_mask" in items[0] else None
-        logits = predictor.logits(images, text, text_mask).cpu()  # [B, 1, S, S]
+        logits = segmenter.logits(images, text, text_mask).cpu()  # [B, 1, S, S]
         for i, item in enumerate(items):
             record = records[item["index"]]
-            _, mask_orig = load_pair(record, predictor.in_channels)
+            _, mask_orig = load_pair(record, segmenter.in_channels)
             prob = to_original_size(logits[i:i + 1], item["orig_size"])[0, 0].numpy()  # [H, W]
             pred_orig = prob >= THRESHOLD
             stem = Path(record.name).stem
@@ -218,21 +209,21 @@ def _score(predictor, records, out: Path, data_root: Path, split: str, k: int, b
     bar.close()
 
     _write_per_image(out / "per_image.csv", rows)
-    overlays = _write_overlays(out, records, rows, predictor.in_channels, k)
+    overlays = _write_overlays(out, records, rows, segmenter.in_channels, k)
     metrics = {
         "split": split,
         "data": str(data_root.resolve()),
         "run": str(run_dir),
-        "weights": str(predictor.weights),
-        "weights_sha256": _sha256(predictor.weights),
-        "model_name": predictor.run_config["model_name"],
+        "weights": str(segmenter.weights),
+        "weights_sha256": _sha256(segmenter.weights),
+        "model_name": segmenter.run_config["model_name"],
         "threshold": THRESHOLD,
         "n_images": len(rows),
         "n_scored": model_scores.summary()["n_images"],
         "paper_metric": "mean_over_images (model resolution): mean of per-image Dice/IoU, as the official "
                         "test_model.py averages over the test images",
         "empty_convention": EMPTY_CONVENTION,
-        "model_resolution": {"image_size": predictor.image_size, **_figures(model_scores)},
+        "model_resolution": {"image_size": segmenter.image_size, **_figures(model_scores)},
         "original_resolution": _figures(orig_scores),
         "dice": _figures(model_scores).get("mean_over_images", {}).get("dice"),
         "iou": _figures(model_scores).get("mean_over_images", {}).get("iou"),

@@ -94,18 +94,18 @@ def probe_reports(
     """
     from ..core.errors import ConfigError
     from ..data import SegmentationDataset, load_split
+    from ..inference import Segmenter
     from ..text import default_cache_dir
-    from .predict import Predictor
 
-    predictor = Predictor(run, device=device,
+    segmenter = Segmenter(run, device=device,
                           cache_dir=cache_dir if cache_dir is not None else default_cache_dir(data_root))
-    if not predictor.uses_text:
+    if not segmenter.uses_text:
         raise ConfigError(f"{run}: this model does not read reports; there is nothing to probe")
     records = load_split(data_root, split)
     texts = [r.text for r in records]
     reports = {v: variant_reports(texts, v, seed) for v in variants}
-    encoded = {v: predictor.text_for(reports[v], len(records)) for v in variants}
-    dataset = SegmentationDataset(records, predictor.image_size, in_channels=predictor.in_channels)
+    encoded = {v: segmenter.text_for(reports[v], len(records)) for v in variants}
+    dataset = SegmentationDataset(records, segmenter.image_size, in_channels=segmenter.in_channels)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
     counts = {v: torch.zeros(len(records), 3, dtype=torch.float64) for v in variants}
     done = 0
@@ -114,7 +114,7 @@ def probe_reports(
         target = batch["mask"] > 0.5
         for v in variants:
             emb, mask = encoded[v]
-            logits = predictor.logits(batch["image"], emb[idx], mask[idx]).cpu()
+            logits = segmenter.logits(batch["image"], emb[idx], mask[idx]).cpu()
             counts[v][idx] = batch_counts(torch.sigmoid(logits) >= THRESHOLD, target)
         done += len(idx)
         if progress is not None:

@@ -7,8 +7,6 @@ stopping state it saves is already updated for the epoch) and adds no default Mo
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import time
 from pathlib import Path
@@ -18,7 +16,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Checkpoint
 
 from ..artifacts.runs import BEST_WEIGHTS, CKPT_DIR, LAST_STATE, LAST_WEIGHTS, save_weights
-from ..core.io import atomic_write_text
+from ..core.io import atomic_write_csv
 from .checkpoint import rng_state, set_rng_state
 
 CSV_COLUMNS = ("epoch", "train_loss", "val_loss", "val_dice", "val_iou", "lr", "best", "seconds")
@@ -71,16 +69,10 @@ class RunCheckpoint(Checkpoint):
         trainer.save_checkpoint(self.ckpt_dir / LAST_STATE)
 
     def _write_csv(self) -> None:
-        buf = io.StringIO()
         # Extra per-epoch figures an extension module returns (lvit.train.semi: pseudo_dice ...) follow the
         # standard columns.
         extra = [k for r in self.rows for k in r if k not in CSV_COLUMNS]
-        fields = list(CSV_COLUMNS) + list(dict.fromkeys(extra))
-        writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
-        writer.writeheader()
-        for row in self.rows:
-            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-        atomic_write_text(self.run_dir / "metrics.csv", buf.getvalue())
+        atomic_write_csv(self.run_dir / "metrics.csv", self.rows, list(CSV_COLUMNS) + list(dict.fromkeys(extra)))
 
     # ------------------------------------------------------------------ state (in last.ckpt)
     def state_dict(self) -> dict[str, Any]:

@@ -118,17 +118,11 @@ class FastSegmentationModule(SegmentationModule):
             to_channels_last(self.model)
         compile_module(self.model, self.fast.compile, self.fast.compile_backend)
 
-    def configure_optimizers(self):
-        """The parent's optimizer and schedule, with ``fused=True`` when ``fast.fused_optimizer``."""
+    def make_optimizer(self, params) -> torch.optim.Optimizer:
+        """The parent's optimizer with ``fused=True`` when ``fast.fused_optimizer``."""
         o = self.config.optim
-        optimizer = make_adam([p for p in self.parameters() if p.requires_grad], o.lr, weight_decay=o.weight_decay,
-                              decoupled=o.name == "adamw", fused=self.fast.fused_optimizer)
-        if o.scheduler == "none":
-            return optimizer
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
-            optimizer, T_0=o.t0, T_mult=o.t_mult, eta_min=self.config.effective_eta_min
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        return make_adam(params, o.lr, weight_decay=o.weight_decay, decoupled=o.name == "adamw",
+                         fused=self.fast.fused_optimizer)
 
     # ------------------------------------------------------------------ training
     def on_train_epoch_start(self) -> None:

@@ -134,13 +134,16 @@ class SegmentationModule(pl.LightningModule):
         return {"train_loss": loss, **self.val_results, "lr": self._epoch_lr}
 
     # ------------------------------------------------------------------ optimisation
+    def make_optimizer(self, params) -> torch.optim.Optimizer:
+        """Adam, or AdamW with ``optim.name: adamw`` (the fast path asks for fused kernels)."""
+        from .fastpath import make_adam
+
+        o = self.config.optim
+        return make_adam(params, o.lr, weight_decay=o.weight_decay, decoupled=o.name == "adamw")
+
     def configure_optimizers(self):
         o = self.config.optim
-        params = [p for p in self.parameters() if p.requires_grad]
-        if o.name == "adamw":
-            optimizer = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
-        else:
-            optimizer = torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
+        optimizer = self.make_optimizer([p for p in self.parameters() if p.requires_grad])
         if o.scheduler == "none":
             return optimizer
         # Stepped once per epoch (after validation), as the official train_model.py does.

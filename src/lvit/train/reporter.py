@@ -21,8 +21,6 @@ Every file is written through :mod:`lvit.core.io` (atomic).
 from __future__ import annotations
 
 import copy
-import csv
-import io
 import math
 import time
 import warnings
@@ -339,14 +337,9 @@ def train_reporter(data_root: str | Path, out: str | Path, *, model_config=None,
 
 
 def _write_metrics(path: Path, rows: list[dict]) -> None:
-    from ..core.io import atomic_write_text
+    from ..core.io import atomic_write_csv
 
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=METRIC_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-    atomic_write_text(path, buf.getvalue())
+    atomic_write_csv(path, rows, list(METRIC_COLUMNS))
 
 
 __all__ = ["FlagData", "ReporterTraining", "augment_batch", "load_flag_data", "predict_probabilities", "train_reporter"]

@@ -1,8 +1,15 @@
-"""Inference from a run folder: any image size in, probability map at the original size out.
+"""The one way from input to answer: :class:`Segmenter`, built once from a run folder, a model folder, a weights
+file or a shipped model's name, used by ``lvit predict``, ``lvit test``, ``lvit explain``, ``lvit app`` and the
+benchmarks.
 
-Preprocessing is the training pipeline's: channels converted (:func:`lvit.data.to_channels`), scaled to
-[0, 1], resized to the model's ``image_size`` (bilinear, antialiased). The logits are resized back to the
-original ``H x W`` (bilinear) before the sigmoid, so the mask has the input's exact size.
+A Segmenter reads the run's config once (cheap: the model is loaded on first use, so a command checks its inputs
+before the slow part) and owns everything an answer needs: the network, the text encoder (built on first use:
+the no-report path never loads it), the report checker, the report writer (``lvit train-reporter``; the one named
+or the run's own) and the model's no-report path (report dropout).
+
+Preprocessing is the training pipeline's (:func:`lvit.data.prepare_image`: channels converted, scaled to [0, 1],
+resized to the model's ``image_size``). The logits are resized back to the original ``H x W`` (bilinear) before
+the sigmoid, so a probability map has the input's exact size.
 """
 
 from __future__ import annotations
@@ -14,11 +21,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..artifacts.runs import LoadedRun
+from ..artifacts.runs import BEST_WEIGHTS, CKPT_DIR, LAST_WEIGHTS, LoadedRun
 from ..core.errors import CheckpointError, ConfigError, LvitError
 from ..models.pretrained import REPORT_CACHE
 
 TextFn = Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]]
+TITLES = {"lvit": "LViT", "lvit-t": "LViT-T (no text)", "unet": "U-Net"}
 
 
 def model_reads_text(run_config: dict) -> bool:
@@ -30,7 +38,7 @@ def model_has_no_report_path(run_config: dict) -> bool:
     return model_reads_text(run_config) and float(run_config.get("model", {}).get("report_dropout") or 0.0) > 0.0
 
 
-def _missing(text: str | None) -> bool:
+def missing_report(text: str | None) -> bool:
     return text is None or not str(text).strip()
 
 
@@ -62,30 +70,20 @@ def resolve_device(name: str | torch.device, flag: str = "--device") -> torch.de
     raise ConfigError(f"{flag} {name}: lvit runs on cpu, cuda (cuda:N) or mps")
 
 
-def read_run(run_or_checkpoint: str | Path) -> tuple[Path, Path, dict]:
-    """(run or model folder, weights file, run config) without loading the model: cheap checks before the slow
-    load."""
+def read_run(source: str | Path) -> tuple[Path, Path, dict]:
+    """(run or model folder, weights file, run config) without loading the model."""
     from ..artifacts.runs import read_run_config, resolve_run
 
-    run_dir, weights = resolve_run(run_or_checkpoint)
+    run_dir, weights = resolve_run(source)
     return run_dir, weights, read_run_config(run_dir)
-
-
-def weights_warning(run_or_checkpoint: str | Path, weights: str | Path) -> str | None:
-    """A one-line warning when a run folder was given but its best weights are missing (last ones used)."""
-    from ..artifacts.runs import BEST_WEIGHTS, CKPT_DIR, LAST_WEIGHTS
-
-    if Path(run_or_checkpoint).is_dir() and Path(weights).name == LAST_WEIGHTS:
-        return (f"{run_or_checkpoint}: no {CKPT_DIR}/{BEST_WEIGHTS}; using {weights} (the weights after the last "
-                "finished epoch, not those of the best validation epoch)")
-    return None
 
 
 def run_text_encoder(run: LoadedRun, cache_dir: str | Path | None = None) -> TextFn | None:
     """``texts -> (emb [N, L, D], mask [N, L])`` for the model of a loaded run, or None if the model ignores text.
 
     Rebuilds the encoder recorded in the run config (``text_encoder.spec``); the learned backend uses the
-    trained embedding layer :func:`lvit.artifacts.runs.load_run` loaded (``run.text_embedding``).
+    trained embedding layer :func:`lvit.artifacts.runs.load_run` loaded (``run.text_embedding``). A model folder's
+    training reports, shipped encoded, need no text model.
     """
     from ..text import encode_cached, get_text_encoder
 
@@ -125,35 +123,48 @@ def run_text_encoder(run: LoadedRun, cache_dir: str | Path | None = None) -> Tex
     return lambda texts: encode_cached(encoder, list(texts), cache_dir)
 
 
-class Predictor:
-    """Segment images with a trained run. ``backend="torch"`` or ``"onnx"`` (ONNX Runtime, see
-    lvit.artifacts.export)."""
+def to_original_size(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Logits ``[B, 1, S, S]`` -> probabilities ``[B, 1, H, W]`` (bilinear on logits, then sigmoid)."""
+    size = (int(size[0]), int(size[1]))
+    if tuple(logits.shape[-2:]) != size:
+        logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+    return torch.sigmoid(logits)
 
-    def __init__(self, run_or_checkpoint: str | Path, device: str | torch.device = "cpu", backend: str = "torch",
-                 cache_dir: str | Path | None = None):
-        from ..artifacts.runs import load_run
 
+class Segmenter:
+    """Segment images with a trained model. ``source``: a run folder, a model folder, a weights file or a shipped
+    model's name; ``backend``: ``torch`` or ``onnx`` (ONNX Runtime, see :mod:`lvit.artifacts.export`);
+    ``cache_dir``: where encoded reports are cached; ``reporter``: a report writer folder (default: the run's own
+    ``RUN/reporter/``, if any)."""
+
+    def __init__(self, source: str | Path, device: str | torch.device = "cpu", backend: str = "torch",
+                 cache_dir: str | Path | None = None, reporter: str | Path | None = None):
         if backend not in ("torch", "onnx"):
             raise ConfigError(f"unknown backend {backend!r} (available: torch, onnx)")
         self.device = resolve_device(device)
         if backend == "onnx" and self.device.type != "cpu":
             raise ConfigError("the onnx backend runs on CPU (ONNX Runtime's CPU provider): use --device cpu")
+        if reporter is not None and not Path(reporter).is_dir():
+            raise ConfigError(f"--reporter {reporter}: not a folder (give a folder written by lvit train-reporter)")
+        self.source = source
         self.backend = backend
-        self.run = load_run(run_or_checkpoint, map_location=self.device)
-        self.model, self.run_config = self.run.model, self.run.config
-        self.weights = self.run.weights  # the weights file in use (best, else last; model.safetensors)
-        self.run_dir = self.run.run_dir
-        if backend == "onnx":
-            # Same call signature and logits as the model: <run>/model.onnx if exported, else exported now (a
-            # model folder holds no ONNX file: always exported now).
-            from ..artifacts.export import onnx_for_run
-
-            self.model = onnx_for_run(self.model, None if self.run.is_model_folder else self.run_dir,
-                                      weights=self.weights)
-        self.image_size = self.run.image_size
-        self.in_channels = self.run.in_channels
+        self.run_dir, self.weights, self.run_config = read_run(source)  # the one read of the config
+        self.reporter = reporter
         self._cache_dir = cache_dir
-        self._encode_text: TextFn | None = None  # built on first use: the no-report path never loads it
+        self._run: LoadedRun | None = None
+        self._model = None
+        self._encode_text: TextFn | None = None
+        self._checker = None
+        self._writer = None
+
+    # ------------------------------------------------------------------ what the model is (no load needed)
+    @property
+    def model_name(self) -> str:
+        return str(self.run_config.get("model_name"))
+
+    @property
+    def title(self) -> str:
+        return TITLES.get(self.model_name, self.model_name)
 
     @property
     def uses_text(self) -> bool:
@@ -166,29 +177,107 @@ class Predictor:
         return model_has_no_report_path(self.run_config)
 
     @property
-    def encode_text(self) -> TextFn | None:
-        """``texts -> (emb [N, L, D], mask [N, L])`` of the run's text encoder (None for text-free models)."""
-        if self._encode_text is None and self.uses_text:
-            self._encode_text = run_text_encoder(self.run, self._cache_dir)
-        return self._encode_text
+    def image_size(self) -> int:
+        return int(self.run_config["model"]["image_size"])
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.run_config["model"].get("in_channels", 3))
+
+    def warn_about_weights(self) -> None:
+        """Print :meth:`weights_warning` when there is one."""
+        from ..core.errors import warn
+
+        note = self.weights_warning()
+        if note:
+            warn(note)
+
+    def weights_warning(self) -> str | None:
+        """A one-line warning when a run folder was given but its best weights are missing (last ones used)."""
+        if Path(self.source).is_dir() and Path(self.weights).name == LAST_WEIGHTS:
+            return (f"{self.source}: no {CKPT_DIR}/{BEST_WEIGHTS}; using {self.weights} (the weights after the last "
+                    "finished epoch, not those of the best validation epoch)")
+        return None
 
     def report_path(self, texts: Sequence[str | None] | None) -> str:
         """Which path answers for these reports: ``report``, ``no report`` (the model's learned no-report path),
         ``mixed`` (some images have one) or ``image only`` (a text-free model)."""
         if not self.uses_text:
             return "image only"
-        missing = [_missing(t) for t in texts] if texts is not None else [True]
+        missing = [missing_report(t) for t in texts] if texts is not None else [True]
         return "no report" if all(missing) else "mixed" if any(missing) else "report"
 
+    # ------------------------------------------------------------------ what it owns, made on first use
+    @property
+    def run(self) -> LoadedRun:
+        """The loaded run (the network in eval mode on the device)."""
+        if self._run is None:
+            from ..artifacts.runs import load_run
+
+            self._run = load_run(self.source, map_location=self.device,
+                                 resolved=(self.run_dir, self.weights, self.run_config))
+        return self._run
+
+    @property
+    def model(self):
+        """The network (or, with the onnx backend, an ONNX Runtime session with the same call and logits)."""
+        if self._model is None:
+            model = self.run.model
+            if self.backend == "onnx":  # <run>/model.onnx if exported, else exported now
+                from ..artifacts.export import onnx_for_run
+
+                model = onnx_for_run(model, None if self.run.is_model_folder else self.run_dir, weights=self.weights)
+            self._model = model
+        return self._model
+
+    @property
+    def encode_text(self) -> TextFn | None:
+        """``texts -> (emb [N, L, D], mask [N, L])`` of the model's text encoder (None for text-free models)."""
+        if self._encode_text is None and self.uses_text:
+            self._encode_text = run_text_encoder(self.run, self._cache_dir)
+        return self._encode_text
+
+    @property
+    def checker(self):
+        """The :class:`lvit.text.vocabulary.ReportChecker` of this model (None for text-free models)."""
+        if self._checker is None and self.uses_text:
+            from ..text.vocabulary import ReportChecker
+
+            self._checker = ReportChecker(self.run_config, self.run_dir)
+        return self._checker
+
+    def report_writer_folder(self) -> Path | None:
+        """The report writer for images without a report: the one named at construction (a one-line error when
+        that folder holds none), else the run's own; None when there is none. Its config is checked here."""
+        from ..artifacts.reporter_folder import find_reporter, read_reporter_meta
+
+        folder = find_reporter(self.reporter if self.reporter is not None else self.run_dir)
+        if folder is None and self.reporter is not None:
+            raise ConfigError(f"--reporter {self.reporter}: no report writer in this folder (reporter.json missing; "
+                              "train one with lvit train-reporter)")
+        if folder is not None:
+            read_reporter_meta(folder)  # damaged -> one line now, before the slow work
+        return folder
+
+    @property
+    def report_writer(self):
+        """The loaded :class:`lvit.inference.report_writer.ReportWriter` (ConfigError when there is none)."""
+        if self._writer is None:
+            folder = self.report_writer_folder()
+            if folder is None:
+                raise ConfigError(f"{self.source}: no report writer (lvit train-reporter {self.run_dir} --data ROOT, "
+                                  "or --reporter DIR)")
+            from .report_writer import ReportWriter
+
+            self._writer = ReportWriter(folder, device=self.device)
+        return self._writer
+
+    # ------------------------------------------------------------------ answers
     def preprocess(self, image: np.ndarray) -> torch.Tensor:
         """``H x W [x C]`` uint8 -> ``[C, S, S]`` float in [0, 1] (as the training dataset does)."""
-        from ..data import resize_image, to_channels
+        from ..data import prepare_image
 
-        if image.ndim == 2:
-            image = image[..., None]
-        image = to_channels(image, self.in_channels)
-        tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
-        return resize_image(tensor, self.image_size)
+        return prepare_image(image, self.image_size, self.in_channels)
 
     @torch.no_grad()
     def logits(self, images: torch.Tensor, text: torch.Tensor | None = None,
@@ -216,7 +305,7 @@ class Predictor:
             return None, None
         if texts is not None and len(texts) != n:
             raise ValueError(f"text_for: {len(texts)} reports for {n} images")
-        missing = [True] * n if texts is None else [_missing(t) for t in texts]
+        missing = [True] * n if texts is None else [missing_report(t) for t in texts]
         if not any(missing):
             return self.encode_text(list(texts))
         if not self.has_no_report_path:
@@ -245,11 +334,3 @@ class Predictor:
         emb, mask = self.text_for(texts, len(images))
         logits = self.logits(batch, emb, mask)  # [B, 1, S, S]
         return [to_original_size(logits[i:i + 1], im.shape[:2])[0, 0].cpu().numpy() for i, im in enumerate(images)]
-
-
-def to_original_size(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Logits ``[B, 1, S, S]`` -> probabilities ``[B, 1, H, W]`` (bilinear on logits, then sigmoid)."""
-    size = (int(size[0]), int(size[1]))
-    if tuple(logits.shape[-2:]) != size:
-        logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
-    return torch.sigmoid(logits)
