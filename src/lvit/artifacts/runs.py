@@ -330,13 +330,17 @@ class LoadedRun:
     def is_model_folder(self) -> bool:
         return self.weights.name == MODEL_WEIGHTS and is_model_folder(self.run_dir)
 
-    @property
-    def image_size(self) -> int:
-        return int(self.config["model"]["image_size"])
+    image_size = property(lambda self: model_image_size(self.config))
+    in_channels = property(lambda self: model_in_channels(self.config))
 
-    @property
-    def in_channels(self) -> int:
-        return int(self.config["model"].get("in_channels", 3))
+
+def model_image_size(run_config: dict) -> int:
+    """The input side the model of a run config was trained at."""
+    return int(run_config["model"]["image_size"])
+
+
+def model_in_channels(run_config: dict) -> int:
+    return int(run_config["model"].get("in_channels", 3))
 
 
 def _learned_embedding(text_tensors: dict[str, torch.Tensor], where: Path, map_location) -> torch.nn.Module:

@@ -24,6 +24,7 @@ the augmentation are made on the device).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -168,15 +169,22 @@ def affine_matrices(theta: torch.Tensor, scale: torch.Tensor, translate: torch.T
     return rot @ shift @ scl
 
 
+@functools.lru_cache(maxsize=8)
+def pixel_points(h: int, w: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``[3, H*W]`` centred (row, column, 1) coordinates of every output pixel: the same for every batch of one
+    size, so made once per size, device and dtype."""
+    ys = torch.arange(h, device=device, dtype=dtype) - (h - 1) / 2
+    xs = torch.arange(w, device=device, dtype=dtype) - (w - 1) / 2
+    gy, gx = torch.meshgrid(ys, xs, indexing="ij")
+    return torch.stack([gy, gx, torch.ones_like(gy)]).view(3, -1)
+
+
 def affine_warp(image: torch.Tensor, mask: torch.Tensor, matrices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Resample ``image [B, C, H, W]`` (bilinear) and ``mask [B, 1, H, W]`` (nearest) through ``matrices``
     (:func:`affine_matrices`), border padding: MONAI ``Affine(..., padding_mode="border")``."""
     b, _, h, w = image.shape
-    dev, dtype = image.device, image.dtype
-    ys = torch.arange(h, device=dev, dtype=dtype) - (h - 1) / 2
-    xs = torch.arange(w, device=dev, dtype=dtype) - (w - 1) / 2
-    gy, gx = torch.meshgrid(ys, xs, indexing="ij")
-    points = torch.stack([gy, gx, torch.ones_like(gy)]).view(3, -1)  # [3, H*W] (row, column, 1)
+    dtype = image.dtype
+    points = pixel_points(h, w, image.device, dtype)
     src = (matrices.to(dtype) @ points)[:, :2].view(b, 2, h, w)  # input (row, column), centred
     grid = torch.stack([src[:, 1] / (w / 2), src[:, 0] / (h / 2)], -1)  # [B, H, W, (x, y)], align_corners=False
     warped = F.grid_sample(image, grid, mode="bilinear", padding_mode="border", align_corners=False)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..artifacts.runs import BEST_WEIGHTS, CKPT_DIR, LAST_WEIGHTS, LoadedRun
+from ..artifacts.runs import BEST_WEIGHTS, CKPT_DIR, LAST_WEIGHTS, LoadedRun, model_image_size, model_in_channels
 from ..core.errors import CheckpointError, ConfigError, LvitError
 from ..models.pretrained import REPORT_CACHE
 
@@ -150,7 +150,7 @@ class Segmenter:
         self.backend = backend
         self.run_dir, self.weights, self.run_config = read_run(source)  # the one read of the config
         self.reporter = reporter
-        self._cache_dir = cache_dir
+        self.cache_dir = cache_dir
         self._run: LoadedRun | None = None
         self._model = None
         self._encode_text: TextFn | None = None
@@ -176,13 +176,8 @@ class Segmenter:
         """Whether the model also answers without a report (trained with ``model.report_dropout``)."""
         return model_has_no_report_path(self.run_config)
 
-    @property
-    def image_size(self) -> int:
-        return int(self.run_config["model"]["image_size"])
-
-    @property
-    def in_channels(self) -> int:
-        return int(self.run_config["model"].get("in_channels", 3))
+    image_size = property(lambda self: model_image_size(self.run_config))
+    in_channels = property(lambda self: model_in_channels(self.run_config))
 
     def warn_about_weights(self) -> None:
         """Print :meth:`weights_warning` when there is one."""
@@ -234,7 +229,7 @@ class Segmenter:
     def encode_text(self) -> TextFn | None:
         """``texts -> (emb [N, L, D], mask [N, L])`` of the model's text encoder (None for text-free models)."""
         if self._encode_text is None and self.uses_text:
-            self._encode_text = run_text_encoder(self.run, self._cache_dir)
+            self._encode_text = run_text_encoder(self.run, self.cache_dir)
         return self._encode_text
 
     @property
