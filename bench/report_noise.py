@@ -21,7 +21,6 @@ the report writer's (the model then learns how far a report can be trusted), and
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -29,6 +28,8 @@ import sys
 from pathlib import Path
 
 from benchkit import REPO
+
+from lvit.data.layout_annotation import write_annotation
 
 
 def link_or_copy(src: Path, dst: Path) -> None:
@@ -62,8 +63,7 @@ def mixed_copy(data: Path, out: Path, writer_dir: Path, fraction: float, seed: i
             link_or_copy(r.image_path, out / "images" / key / "images" / r.image_path.name)
             link_or_copy(r.mask_path, out / "images" / key / "masks" / r.mask_path.name)
         annotation[key] = [{"image_path": r.mask_path.name, "caption": t} for r, t in zip(records, texts)]
-    (out / "prompts").mkdir(parents=True, exist_ok=True)
-    (out / "prompts" / "annotation.json").write_text(json.dumps(annotation), encoding="utf-8")
+    write_annotation(out, annotation)
     return {"train": len(annotation["train"]), "reports_changed": replaced}
 
 

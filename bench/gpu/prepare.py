@@ -55,6 +55,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from lvit.data.layout_annotation import write_annotation
 from lvit.presets import preset_path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -273,8 +274,7 @@ def unpack_qata(pack: Path, out: Path, workers: int = 0, limit: int | None = Non
                          verify))
     with _pool(workers or os.cpu_count() or 1) as pool:
         results = pool.map(_unpack_case, jobs, chunksize=32)
-    (out / "prompts").mkdir(parents=True, exist_ok=True)
-    (out / "prompts" / "annotation.json").write_text(json.dumps(annotation))
+    write_annotation(out, annotation)
     problems = [f"{name}: {p}" for name, p in results if p]
     return {"n": len(results), "problems": problems}
 

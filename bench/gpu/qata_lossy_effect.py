@@ -29,6 +29,8 @@ import sys
 import time
 from pathlib import Path
 
+from lvit.data.layout_annotation import write_annotation
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -59,8 +61,7 @@ def subset_of_originals(src: Path, dst: Path, limits: dict[str, int | None]) -> 
                 if not link.exists():
                     shutil.copy2(path, link)
             annotation[key].append({"image_path": r.mask_path.name, "caption": r.text})
-    (dst / "prompts").mkdir(parents=True, exist_ok=True)
-    (dst / "prompts" / "annotation.json").write_text(json.dumps(annotation))
+    write_annotation(dst, annotation)
 
 
 def per_image(metrics_dir: Path) -> dict[str, float]:

@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -342,18 +340,10 @@ def _annotation_plans(root, splits, overwrite, rule):
 
     def write(rep: SplitReport) -> None:  # one file for every split: write it once, name one backup
         if state["done"] is None:
-            state["done"] = _replace(rep, _annotation_json(data).encode("utf-8"))
+            state["done"] = _replace(rep, ann.annotation_json(data).encode("utf-8"))
         rep.backup = state["done"]
 
     return [(r, write) for r in reports]
-
-
-def _annotation_json(data: dict) -> str:
-    """The annotation file as QaTa's copy writes it: two-space indent, short number lists on one line."""
-    text = json.dumps(data, indent=2, ensure_ascii=False)
-    text = re.sub(r"\[\s+((?:-?\d+(?:\.\d+)?,\s+)*-?\d+(?:\.\d+)?)\s+\]",
-                  lambda m: "[" + ", ".join(v.strip() for v in m.group(1).split(",")) + "]", text)
-    return text + "\n"
 
 
 # --- shared ---------------------------------------------------------------------------------------------------

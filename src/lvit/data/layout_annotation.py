@@ -28,6 +28,26 @@ SPLIT_KEYS = {"train": ("train",), "val": ("valid", "val"), "test": ("test",)}
 MASK_PREFIX = "mask_"
 
 
+def annotation_json(data: dict) -> str:
+    """The annotation file's text as QaTa's copy writes it: two-space indent, short number lists on one line."""
+    import re
+
+    text = json.dumps(data, indent=2, ensure_ascii=False)
+    text = re.sub(r"\[\s+((?:-?\d+(?:\.\d+)?,\s+)*-?\d+(?:\.\d+)?)\s+\]",
+                  lambda m: "[" + ", ".join(v.strip() for v in m.group(1).split(",")) + "]", text)
+    return text + "\n"
+
+
+def write_annotation(root: Path, data: dict) -> Path:
+    """Write ``root/prompts/annotation.json`` (``{split key: [{"image_path": mask name, "caption": report}]}``,
+    the layout's one index of images and reports), atomically. -> its path."""
+    from ..core.io import atomic_write_text
+
+    path = Path(root) / ANNOTATION_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write_text(path, annotation_json(data))
+
+
 def detect(root: Path) -> bool:
     return (root / ANNOTATION_FILE).is_file() or (root / "images").is_dir() and (root / "prompts").is_dir()
 
