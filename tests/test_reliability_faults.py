@@ -72,14 +72,14 @@ def assert_same_weights(a: Path, b: Path) -> None:
 # Kill and resume (real subprocesses)
 
 
-def _spawn(argv: list[str], fault: str = "") -> subprocess.Popen:
+def _spawn(argv: list[str], fault: str = "", **popen) -> subprocess.Popen:
     # One intra-op thread: on a busy 2-core machine two OpenMP threads spin against each other (10x slower).
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     env.pop(FAULT_ENV, None)
     if fault:
         env[FAULT_ENV] = fault
-    return subprocess.Popen([sys.executable, "-m", "lvit", *map(str, argv)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    popen = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, **popen}
+    return subprocess.Popen([sys.executable, "-m", "lvit", *map(str, argv)], env=env, text=True, **popen)
 
 
 def _wait_for(proc: subprocess.Popen, ready, timeout: float = 240.0) -> bool:
@@ -163,6 +163,60 @@ def test_sigkill_at_random_moments_then_resume_gives_identical_weights(data, tmp
     for name in ("last.safetensors", "best.safetensors"):
         assert_same_weights(ref / "checkpoints" / name, ckpt_dir / name)
     assert "Traceback" not in err
+
+
+# The synth preset's network (LViT reading MiniLM reports, ViT dropout, report-swapping flips) at toy sizes, with
+# DataLoader worker processes: their random streams are what a resume has to reproduce beyond the main process's.
+SYNTH_WITH_WORKERS = ["--config", "synth", "--batch-size", "2", "--workers", "2", "--no-progress",
+                      "--set", "model.image_size=32", "--set", "model.base_channels=8", "--set", "model.vit_heads=2",
+                      "--set", "optim.t0=2"]
+
+
+@pytest.fixture(scope="module")
+def data16(tmp_path_factory) -> Path:
+    """16 training images: eight steps an epoch at batch 2, long enough to kill a run inside one."""
+    from lvit.data import generate_synthetic
+
+    return generate_synthetic(tmp_path_factory.mktemp("faults16") / "data", n_train=16, n_val=2, n_test=1,
+                              size=32, seed=0, progress=False)
+
+
+@pytest.mark.slow
+def test_sigkill_in_epoch_two_of_lvit_with_dataloader_workers_then_resume_is_exact(data16, tmp_path, tally):
+    epochs = 3  # the third epoch follows a validation pass of the resumed process: it must not move the streams
+    ref = tmp_path / "uninterrupted"
+    # In this process (one thread, as the subprocesses): the same `lvit train`, one interpreter start less.
+    code, _, err = run_cli(["train", "--data", data16, "--out", ref, "--epochs", epochs, *SYNTH_WITH_WORKERS])
+    assert code == 0, err
+    assert len(read_rows(ref)) == epochs
+    epoch_seconds = float(next(csv.DictReader(open(ref / "metrics.csv")))["seconds"])
+
+    run = tmp_path / "killed"
+    last = run / "checkpoints" / "last.ckpt"
+    log = open(tmp_path / "killed.log", "w")  # not a pipe: orphaned workers would hold it open after the kill
+    proc = _spawn(["train", "--data", data16, "--out", run, "--epochs", epochs, *SYNTH_WITH_WORKERS],
+                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    assert _wait_for(proc, last.is_file), f"the run ended before its first checkpoint: {log.name}"
+    time.sleep(0.3 * epoch_seconds)  # into the second epoch's training steps
+    assert proc.poll() is None, "the run ended before the kill"
+    proc.send_signal(signal.SIGKILL)  # the training process, as `kill -9 PID` does
+    proc.wait()
+    try:  # its workers notice the dead parent only after seconds: end them now, the test need not wait
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    log.close()
+    tally.add("SIGKILL: injected")
+    assert len(read_rows(run)) == 1 and torch.load(last, weights_only=True)["epoch"] == 0, \
+        "the kill was meant to land inside the second epoch"
+
+    resumed = _spawn(["train", "--out", run, "--resume", "--no-progress"])
+    _, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err
+    tally.add("SIGKILL: survived")
+    assert read_rows(run) == read_rows(ref)  # every epoch's train loss, val loss, Dice, IoU and lr
+    for name in ("last.safetensors", "best.safetensors"):
+        assert_same_weights(ref / "checkpoints" / name, run / "checkpoints" / name)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -102,6 +102,43 @@ def test_resume_after_interruption_gives_identical_weights(synth64, tmp_path):
     assert without_time(read_rows(tmp_path / "full")) == without_time(read_rows(tmp_path / "cut"))
 
 
+def test_worker_loaders_take_every_random_choice_from_the_main_stream(synth64):
+    """With DataLoader workers (kept across epochs) the order and each item's augmentation follow from the main
+    process's torch stream at the epoch's start: the same for any number of workers, and a loader created anew
+    with the stream restored (a resumed run) repeats the epoch a kept one gives; creating iterators (training
+    or validation) takes nothing from that stream."""
+    import monai.transforms  # noqa: F401 - imported before the workers fork, as lvit train has it
+
+    from lvit.train.checkpoint import rng_state, set_rng_state
+    from lvit.train.datamodule import build_train_data
+
+    def loaders(workers: int):
+        config = tiny_config("model_name=lvit-t", f"data.num_workers={workers}", "data.batch_size=4")
+        return build_train_data(config, synth64).loaders(config)
+
+    def epoch(loader) -> list[torch.Tensor]:
+        return [torch.cat([b["image"].flatten(), b["mask"].flatten(), b["index"].float()]) for b in loader]
+
+    def run(workers: int):
+        torch.manual_seed(5)
+        train_loader, val_loader = loaders(workers)
+        first = epoch(train_loader)
+        saved = rng_state()
+        epoch(val_loader)
+        assert torch.equal(torch.get_rng_state(), saved["torch"])  # validation drew nothing
+        return first, saved, epoch(train_loader), torch.get_rng_state()
+
+    first, saved, second, after = run(2)
+    assert not all(torch.equal(a, b) for a, b in zip(first, second))  # the epochs differ (order, augmentation)
+    one_worker = run(1)
+    assert all(torch.equal(a, b) for a, b in zip(one_worker[0] + one_worker[2], first + second))
+    set_rng_state(saved)
+    train_loader, _ = loaders(2)
+    resumed = epoch(train_loader)
+    assert all(torch.equal(a, b) for a, b in zip(resumed, second))
+    assert torch.equal(torch.get_rng_state(), after)
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(synth64, tmp_path, monkeypatch):
     original = SegmentationModule.supervised_loss
 

@@ -179,6 +179,30 @@ def test_a_resume_may_train_longer_and_says_when_the_data_changed(short_run, tmp
     assert info["root"] == str(other.resolve()) and info["earlier"][0]["root"] == str(data.resolve())
 
 
+def test_a_resume_says_when_its_loading_or_threads_change_the_draws_or_the_rounding(short_run, capsys):
+    from types import SimpleNamespace
+
+    from lvit.artifacts.runs import load_state_file
+    from lvit.train.callbacks import RunCheckpoint
+    from lvit.train.runner import resume_config
+
+    _, _, run = short_run  # trained with data.num_workers=0, one torch thread
+    for workers, warned in ((0, False), (2, True)):
+        config, _ = resume_config(run, [f"data.num_workers={workers}"])
+        err = capsys.readouterr().err
+        assert config.data.num_workers == workers and ("data.num_workers 0 -> 2" in err) == warned, err
+    state = load_state_file(run / "checkpoints" / "last.ckpt")["callbacks"]["RunCheckpoint"]
+    threads = torch.get_num_threads()
+    assert state["torch_threads"] == threads
+    trainer, module = SimpleNamespace(is_global_zero=True), SimpleNamespace(device=torch.device("cpu"))
+    for before, warned in ((threads, False), (threads + 1, True)):
+        callback = RunCheckpoint(run)
+        callback.load_state_dict({**state, "rng": None, "torch_threads": before})  # rng None: keep this stream
+        callback.on_train_start(trainer, module)
+        err = capsys.readouterr().err
+        assert (f"resumed with {threads} torch thread(s), trained so far with {before}" in err) == warned, err
+
+
 def test_a_run_folder_in_use_is_locked_and_a_stale_lock_is_reported(short_run, tmp_path, capsys):
     import json
     import shutil

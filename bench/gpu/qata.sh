@@ -60,7 +60,7 @@ BENCH_JSON=
 if [ -z "${SKIP_BENCH:-}" ]; then
   echo "== 1. speed harness ($(date +%T))"
   # shellcheck disable=SC2086
-  timeout "$BENCH_S" $PY -m lvit.cli bench $BENCH_ARGS --out "$WORK/speed_gpu.md" --force \
+  timeout "$BENCH_S" $PY -m lvit bench $BENCH_ARGS --out "$WORK/speed_gpu.md" --force \
       > "$WORK/logs/bench.log" 2>&1
   echo "bench exit $?"
   if [ -f "$WORK/speed_gpu.md" ]; then grep -E "^\| (inference|training) " "$WORK/speed_gpu.md"; BENCH_JSON=$WORK/speed_gpu.json

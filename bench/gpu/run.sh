@@ -33,7 +33,7 @@ MODELS=${MODELS:-"lvit lvit-t unet"}
 if [ -z "${SKIP_BENCH:-}" ]; then
 echo "== 1. speed harness ($(date +%T))"
 # shellcheck disable=SC2086
-timeout "$BENCH_S" $PY -m lvit.cli bench $BENCH_ARGS --out "$WORK/speed_gpu.md" --force \
+timeout "$BENCH_S" $PY -m lvit bench $BENCH_ARGS --out "$WORK/speed_gpu.md" --force \
     > "$WORK/logs/bench.log" 2>&1
 echo "bench exit $?"; tail -n 40 "$WORK/logs/bench.log"
 fi

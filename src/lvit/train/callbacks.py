@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Checkpoint
 
 from ..artifacts.runs import BEST_WEIGHTS, CKPT_DIR, LAST_STATE, LAST_WEIGHTS, save_weights
@@ -30,6 +31,7 @@ class RunCheckpoint(Checkpoint):
         self.best_dice = -math.inf
         self.best_epoch = -1
         self._epoch_started = 0.0
+        self._threads_before: int | None = None  # torch threads of the session that wrote the resumed checkpoint
 
     @property
     def ckpt_dir(self) -> Path:
@@ -40,6 +42,16 @@ class RunCheckpoint(Checkpoint):
         return "RunCheckpoint"
 
     # ------------------------------------------------------------------ epoch hooks
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        threads = torch.get_num_threads()
+        if self._threads_before not in (None, threads) and pl_module.device.type == "cpu" and trainer.is_global_zero:
+            from ..core.errors import warn
+
+            # CPU kernels split their sums by thread, so another count rounds differently: not restorable.
+            warn(f"{self.run_dir}: resumed with {threads} torch thread(s), trained so far with "
+                 f"{self._threads_before}: the arithmetic from here on differs slightly from an uninterrupted run's "
+                 f"(OMP_NUM_THREADS={self._threads_before} continues it exactly)")
+
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._epoch_started = time.perf_counter()
 
@@ -77,12 +89,13 @@ class RunCheckpoint(Checkpoint):
     # ------------------------------------------------------------------ state (in last.ckpt)
     def state_dict(self) -> dict[str, Any]:
         return {"rows": [dict(r) for r in self.rows], "best_dice": float(self.best_dice),
-                "best_epoch": int(self.best_epoch), "rng": rng_state()}
+                "best_epoch": int(self.best_epoch), "rng": rng_state(), "torch_threads": torch.get_num_threads()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.rows = [dict(r) for r in state_dict.get("rows", [])]
         self.best_dice = float(state_dict.get("best_dice", -math.inf))
         self.best_epoch = int(state_dict.get("best_epoch", -1))
+        self._threads_before = state_dict.get("torch_threads")
         if state_dict.get("rng") is not None:
             # Restored here, while Lightning loads the checkpoint: before it builds the first data iterator
             # (which already draws the shuffle order and prefetches an augmented batch), so the resumed run

@@ -8,10 +8,13 @@ network.
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from torch.utils.data import DataLoader, Sampler
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
 
 from ..data.dataset import SegmentationDataset, encode_records
 from ..data.layout import Record, load_split
@@ -67,6 +70,53 @@ def make_dataset(records: list[Record], config: TrainConfig, encoder, cache_dir:
     return SegmentationDataset.from_text(records, size, text, text_variants=variants, **kwargs)
 
 
+class SeedsFromMain(Sampler):
+    """The indices of ``sampler``, each paired with a seed for its item, all drawn in the main process when the
+    epoch's iterator starts (the order, then one seed per index, from torch's stream).
+
+    With DataLoader worker processes this takes the randomness out of the workers: a kept (persistent) worker's
+    own stream runs on from epoch to epoch and no checkpoint holds it, so a resumed run would augment otherwise
+    than an uninterrupted one. Drawn here, every random choice of an epoch follows from the main process's
+    streams at the epoch's start, which the checkpoint restores; and it is the same for any number of workers
+    above 0. Under DDP Lightning shards the pairs (DistributedSamplerWrapper): every process draws the same
+    sequence, as their streams are seeded alike (and all restored from rank 0's on resume).
+    """
+
+    def __init__(self, sampler: Sampler):
+        self.sampler = sampler
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def set_epoch(self, epoch: int) -> None:  # Lightning tells the loader's sampler the epoch; pass it on
+        if callable(getattr(self.sampler, "set_epoch", None)):
+            self.sampler.set_epoch(epoch)
+
+    def __iter__(self):
+        indices = list(self.sampler)
+        seeds = torch.randint(0, 2**31 - 1, (len(indices),)).tolist()
+        return iter(zip(indices, seeds))
+
+
+class SeededItems(Dataset):
+    """``dataset[index]`` for an ``(index, seed)`` of :class:`SeedsFromMain`, with the torch, numpy and Python
+    streams of the worker reading it seeded by ``seed`` first: the item draws what its seed says, whichever
+    worker reads it and whatever that worker read before."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: tuple[int, int]) -> dict:
+        index, seed = item
+        torch.manual_seed(seed)
+        np.random.seed(seed)
+        random.seed(seed)
+        return self.dataset[index]
+
+
 @dataclass
 class TrainData:
     train: SegmentationDataset
@@ -77,10 +127,21 @@ class TrainData:
     def loaders(self, config: TrainConfig) -> tuple[DataLoader, DataLoader]:
         d = config.data
         workers = max(0, int(d.num_workers))
-        common = dict(num_workers=workers, persistent_workers=workers > 0)
-        train = DataLoader(self.train, batch_size=d.batch_size, shuffle=self.train_sampler is None,
-                           sampler=self.train_sampler, drop_last=False, **common)
-        val = DataLoader(self.val, batch_size=d.val_batch_size or d.batch_size, shuffle=False, **common)
+        val_batch = d.val_batch_size or d.batch_size
+        if not workers:  # everything in this process: the item draws come from its streams, which checkpoints keep
+            train = DataLoader(self.train, batch_size=d.batch_size, shuffle=self.train_sampler is None,
+                               sampler=self.train_sampler, drop_last=False, num_workers=0)
+            return train, DataLoader(self.val, batch_size=val_batch, shuffle=False, num_workers=0)
+        # Worker processes, kept across epochs. The items' seeds come from the main process (SeedsFromMain). The
+        # workers' base seed comes from a generator of the loader's own: drawn from torch's main stream instead,
+        # it would take a number from it whenever an iterator is created, which a resumed run does once more
+        # than an uninterrupted one (its first epoch, and its first validation).
+        order = SeedsFromMain(self.train_sampler if self.train_sampler is not None else RandomSampler(self.train))
+        common = dict(num_workers=workers, persistent_workers=True)
+        train = DataLoader(SeededItems(self.train), batch_size=d.batch_size, sampler=order, drop_last=False,
+                           generator=torch.Generator().manual_seed(config.trainer.seed), **common)
+        val = DataLoader(self.val, batch_size=val_batch, shuffle=False,
+                         generator=torch.Generator().manual_seed(config.trainer.seed), **common)
         return train, val
 
 

@@ -72,6 +72,17 @@ def resume_config(run_dir: str | Path, overrides: list[str] | None = None) -> tu
         raise ConfigError(f"{run_dir}: a resumed run cannot change {', '.join(changed)} (it continues the saved "
                           f"weights and optimizer); only {', '.join(RESUMABLE_SETTINGS)} can change. Start a new "
                           "run (--init-from to start from these weights)")
+    workers_before, workers_now = before.get("data.num_workers", 0), config.data.num_workers
+    if (workers_before > 0) != (workers_now > 0):
+        from ..core.errors import warn
+
+        # In-process loading draws each item's augmentation from the main stream between the training steps;
+        # worker loading draws them all at the epoch's start (lvit.train.datamodule.SeedsFromMain). Both are
+        # deterministic, but they are different draws.
+        warn(f"{run_dir}: data.num_workers {workers_before} -> {workers_now}: loading "
+             f"{'in worker processes' if workers_now else 'in the training process'} draws other augmentations "
+             "than the run drew so far, so from here on it differs from an uninterrupted run (any number of "
+             "workers above 0 draws alike)")
     root = (saved.get("data_info") or {}).get("root")
     return config, root
 
