@@ -184,7 +184,7 @@ def test_config_round_trip_and_validation():
     assert LViTConfig().to_dict() == {
         "image_size": 224, "in_channels": 3, "n_classes": 1, "base_channels": 64, "text_dim": 768,
         "text_tokens": 10, "vit_depth": 1, "vit_heads": 8, "mlp_ratio": 4.0, "dropout": 0.1, "use_text": True,
-        "report_dropout": 0.0}
+        "report_dropout": 0.0, "report_prior": False}
     with pytest.raises(ConfigError, match="unknown key"):
         LViTConfig.from_dict({"image_sise": 224})
     with pytest.raises(ConfigError, match="multiple of 32"):

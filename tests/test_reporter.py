@@ -251,8 +251,9 @@ def tiny_runs(tiny_synth, tmp_path_factory) -> tuple[Path, Path]:
 
 def test_segment_with_reports_scores_each_list_like_the_text_probe(tiny_synth, tiny_runs, writer_dir):
     from lvit.data import load_split
-    from lvit.evaluate.reporter import segment_with_reports, write_reports
+    from lvit.evaluate.reporter import segment_with_reports
     from lvit.evaluate.text_probe import probe_reports
+    from lvit.inference import write_reports
 
     run, run_t = tiny_runs
     records = load_split(tiny_synth, "test")
