@@ -72,8 +72,8 @@ def evaluate(args) -> int:
     from lvit.data import load_split, read_mask
     from lvit.data.describe import format_report, mask_findings, parse_findings
     from lvit.data.flags import report_agreement, same_findings
-    from lvit.evaluate.text_probe import NO_INFECTION
     from lvit.evaluate.reporter import segment_with_reports, subset_summary
+    from lvit.evaluate.text_probe import NO_INFECTION
     from lvit.inference import ReportWriter, write_reports
 
     torch.set_num_threads(args.threads)
