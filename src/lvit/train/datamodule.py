@@ -73,13 +73,16 @@ class TrainData:
     val: SegmentationDataset
     encoder: object | None  # lvit.text.TextEncoder or None (model without text)
     train_sampler: Sampler | None = None  # training order (semi-supervised warm-up); None: a plain shuffle
+    # Samples per training batch (None: data.batch_size); the mean-teacher sampler pairs labelled and unlabelled
+    # images in each batch.
+    train_batch_size: int | None = None
 
     def loaders(self, config: TrainConfig) -> tuple[DataLoader, DataLoader]:
         d = config.data
         workers = max(0, int(d.num_workers))
         common = dict(num_workers=workers, persistent_workers=workers > 0)
-        train = DataLoader(self.train, batch_size=d.batch_size, shuffle=self.train_sampler is None,
-                           sampler=self.train_sampler, drop_last=False, **common)
+        train = DataLoader(self.train, batch_size=self.train_batch_size or d.batch_size,
+                           shuffle=self.train_sampler is None, sampler=self.train_sampler, drop_last=False, **common)
         val = DataLoader(self.val, batch_size=d.val_batch_size or d.batch_size, shuffle=False, **common)
         return train, val
 

@@ -68,6 +68,10 @@ class SegmentationModule(pl.LightningModule):
         terms = [weights[name] * value.float() for name, value in aux.items() if weights[name]]
         return logits, (torch.stack(terms).sum() if terms else None)
 
+    def weights_to_save(self) -> tuple[nn.Module, nn.Module | None]:
+        """(network, learned text embedding or None) written as the run's last/best weights: the ones validated."""
+        return self.model, self.text_embedding
+
     # ------------------------------------------------------------------ losses
     def supervised_loss(self, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Official loss on labelled samples: logits, mask ``[N, 1, H, W]``."""
