@@ -17,7 +17,6 @@ from lvit.data.records import Record
 from lvit.data.wording import (
     AREA_WORDS,
     DISEASE_WORDS,
-    JOINERS,
     KIND_WORDS,
     LEVEL_WORDS,
     LUNG_WORDS,
