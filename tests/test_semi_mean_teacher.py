@@ -54,6 +54,11 @@ def test_consistency_loss_with_confidence_mask_and_cutout_by_hand():
     assert teacher.grad is None
     unused = torch.tensor([[[[0, 1], [0, 1]]], [[[1, 0], [0, 0]]]], dtype=torch.bool)
     assert torch.all(logits.grad[unused] == 0) and torch.all(logits.grad[~unused] != 0)
+    # An image whose used pixels are all background stays out of the Dice term: here only BCE on its two used
+    # negatives (of 3 kept negatives; its one lesion pixel, 0.5, is unconfident).
+    alone, _ = consistency_loss(_logit([[[[0.2, 0.5], [0.5, 0.5]]]]), torch.tensor([[[[0.05, 0.1], [0.3, 0.5]]]]),
+                                0.8)
+    assert alone.item() == pytest.approx(0.5 * 0.5 * (-math.log(0.8) - math.log(0.5)) / 3, rel=1e-5)
     # A teacher confident nowhere gives exactly 0.
     zero, frac = consistency_loss(_logit(q), torch.full_like(teacher, 0.6), 0.9)
     assert zero.item() == 0.0 and frac.item() == 0.0
@@ -143,8 +148,11 @@ def test_unlabelled_images_never_contribute_a_supervised_loss_term():
     assert not torch.equal(module.training_step(_garbage(mixed, ~unlabelled, 3), 0), base)
     # A batch of unlabelled images only: the consistency term alone, whatever their masks.
     only = _batch([False] * 4, seed=4)
+    running = module.model.norm.running_mean.clone()
     a, b = (module.training_step(_garbage(only, torch.ones(4, dtype=torch.bool), s), 0) for s in (5, 6))
     assert torch.equal(a, b)
+    # The strong view leaves the student's running BatchNorm statistics to the labelled images.
+    assert torch.equal(module.model.norm.running_mean, running)
     from lvit.train.semi.mean_teacher import consistency_loss
 
     module.teacher["model"].eval()

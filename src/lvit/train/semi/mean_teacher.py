@@ -24,6 +24,7 @@ import copy
 import dataclasses
 import json
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,8 +86,10 @@ def consistency_loss(logits: torch.Tensor, teacher_probs: torch.Tensor, confiden
     ``m = keep & (p <= 1 - confidence or p >= confidence)``, the supervised loss's two terms restricted to m:
 
     * soft Dice per image, squared denominators as the official loss:
-      ``1 - (2 sum(m q y) + s) / (sum(m q^2) + sum(m y) + s)``, q = sigmoid(logits), s = 4e-5, mean over images
-      (an image without a used pixel adds 0);
+      ``1 - (2 sum(m q y) + s) / (sum(m q^2) + sum(m y) + s)``, q = sigmoid(logits), s = 4e-5, averaged over the
+      images with at least one used lesion pixel (0 without any). An image whose used pixels are all background
+      scores ~1 whatever the student does short of predicting exactly 0, so it would only teach "predict
+      nothing" - what a still weak teacher, confident about background first, would otherwise teach;
     * class-balanced BCE pooled over the batch: ``0.5 sum(m y bce) / sum(keep y) + 0.5 sum(m (1-y) bce) /
       sum(keep (1-y))``. Each class is averaged over all of its kept pixels, so unconfident pixels count as 0
       and the term grows to the supervised loss's scale as the teacher grows confident (FixMatch's
@@ -101,8 +104,11 @@ def consistency_loss(logits: torch.Tensor, teacher_probs: torch.Tensor, confiden
     q = torch.sigmoid(logits)
     dims = tuple(range(1, q.dim()))
     inter = (used * q * y).sum(dims)
-    denom = (used * q * q).sum(dims) + (used * y).sum(dims)
-    dice = (1.0 - (2.0 * inter + OFFICIAL_DICE_SMOOTH) / (denom + OFFICIAL_DICE_SMOOTH)).mean()
+    lesion = (used * y).sum(dims)
+    denom = (used * q * q).sum(dims) + lesion
+    per_image = 1.0 - (2.0 * inter + OFFICIAL_DICE_SMOOTH) / (denom + OFFICIAL_DICE_SMOOTH)
+    counted = (lesion > 0).float()
+    dice = (per_image * counted).sum() / counted.sum().clamp_min(1.0)
     bce = F.binary_cross_entropy_with_logits(logits, y, reduction="none")
     pos = (used * y * bce).sum() / ((kept * y).sum() + 1e-12)
     neg = (used * (1.0 - y) * bce).sum() / ((kept * (1.0 - y)).sum() + 1e-12)
@@ -159,6 +165,23 @@ def _select(batch: dict, rows: torch.Tensor) -> dict:
     return {k: v[rows] for k, v in batch.items() if torch.is_tensor(v) and v.dim() >= 1 and v.shape[0] == n}
 
 
+@contextmanager
+def frozen_running_stats(module: nn.Module):
+    """BatchNorm layers of ``module`` normalise with the batch's statistics (train mode) but keep their running
+    statistics and batch count as they were."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    saved = [(m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone()) for m in norms]
+    for m in norms:
+        m.momentum = 0.0  # running = (1 - 0) * running + 0 * batch
+    try:
+        yield
+    finally:
+        for m, (momentum, count) in zip(norms, saved):
+            m.momentum = momentum
+            if count is not None:
+                m.num_batches_tracked.copy_(count)
+
+
 # ---------------------------------------------------------------------- the module
 class MeanTeacherModule(SegmentationModule):
     """SegmentationModule plus an EMA teacher whose confident hard labels train the student on unlabelled images.
@@ -187,7 +210,6 @@ class MeanTeacherModule(SegmentationModule):
         self.unlabelled_loss_mean = MeanMetric()  # the consistency term before its weight
         self.confident_fraction = MeanMetric()  # share of kept pixels the teacher is confident about
         self.val_dice_of = nn.ModuleDict({"teacher": MeanMetric(), "student": MeanMetric()})
-        self._teacher_view: tuple[torch.Tensor, torch.Tensor, float] | None = None  # (probs, keep, ramp)
         self._ramp = float("nan")
         self._ema_step = -1
 
@@ -263,33 +285,40 @@ class MeanTeacherModule(SegmentationModule):
         with torch.no_grad():
             probs = torch.sigmoid(self.teacher_logits(weak).float())  # [U, 1, H, W], fresh every step
         strong, keep = self.strong(weak["image"], self._generator())
-        image = batch["image"].clone()
-        image[unlabelled] = strong
-        self._teacher_view = (probs, keep, self.consistency_ramp(batch_idx))
-        try:
-            return super().training_step({**batch, "image": image}, batch_idx)
-        finally:
-            self._teacher_view = None
-
-    def unlabelled_loss(self, batch: dict, logits: torch.Tensor, unlabelled: torch.Tensor) -> torch.Tensor | None:
-        if self._teacher_view is None:
-            return None
-        probs, keep, self._ramp = self._teacher_view
-        student = logits[unlabelled]
-        loss, used = consistency_loss(student, probs, self.semi.confidence, keep,
-                                      self.config.loss.dice_weight, self.config.loss.bce_weight)
-        self._log_quality(batch, unlabelled, probs, student)
-        self.unlabelled_loss_mean.update(loss.detach(), weight=int(unlabelled.sum()))
+        terms, aux, n_labelled, n_unlabelled = [], [], int(has_mask.sum()), int(unlabelled.sum())
+        if n_labelled:
+            # The labelled images in a pass of their own: the steps-matched baseline's pass, BatchNorm statistics
+            # included.
+            labelled = _select(batch, has_mask)
+            logits, aux_loss = self._logits_and_aux_loss(labelled)
+            terms.append(self.supervised_loss(logits, labelled["mask"]))
+            aux += [] if aux_loss is None else [aux_loss.float() * n_labelled]
+        # The strong view normalises with its own batch statistics but leaves the running ones (what validation
+        # and the teacher normalise with) to the labelled images: in one shared pass the jittered, cut-out images
+        # skewed them, and the student's eval-mode Dice on the synthetic set swung between 0.05 and 0.40 from one
+        # epoch to the next.
+        with frozen_running_stats(self):
+            student, aux_loss = self._logits_and_aux_loss({**weak, "image": strong})
+        aux += [] if aux_loss is None else [aux_loss.float() * n_unlabelled]
+        if aux:  # the report prior learns from every sample's report, weighted as in one pass
+            terms.append(torch.stack(aux).sum() / (n_labelled + n_unlabelled))
+        loss, used = consistency_loss(student, probs, self.semi.confidence, keep, self.config.loss.dice_weight,
+                                      self.config.loss.bce_weight)
+        self._log_quality(weak, probs, student)
+        self.unlabelled_loss_mean.update(loss.detach(), weight=n_unlabelled)
         self.confident_fraction.update(used.detach())
+        self._ramp = self.consistency_ramp(batch_idx)
         weight = self.semi.consistency_weight * self._ramp
-        return weight * loss if weight > 0 else None
+        if weight > 0:
+            terms.append(weight * loss)
+        return self.finish_step(terms, n_labelled + n_unlabelled, batch_idx)
 
-    def _log_quality(self, batch: dict, unlabelled: torch.Tensor, probs: torch.Tensor, student: torch.Tensor):
-        if "hidden_mask" not in batch:
+    def _log_quality(self, weak: dict, probs: torch.Tensor, student: torch.Tensor) -> None:
+        if "hidden_mask" not in weak:
             return
-        known = batch["hidden_has_mask"][unlabelled].bool()  # hidden masks: measured, never trained on
+        known = weak["hidden_has_mask"].bool()  # hidden masks: measured, never trained on
         if bool(known.any()):
-            hidden = batch["hidden_mask"][unlabelled][known] > 0.5
+            hidden = weak["hidden_mask"][known] > 0.5
             self.pseudo_dice.update(batch_dice_iou(probs[known] >= 0.5, hidden)[0].float())
             own = torch.sigmoid(student.detach()[known].float()) >= 0.5
             self.unlabelled_pred_dice.update(batch_dice_iou(own, hidden)[0].float())
