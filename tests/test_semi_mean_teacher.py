@@ -343,11 +343,15 @@ def test_mean_teacher_run_end_to_end_resumes_exactly_and_branches_from_an_epi_wa
     for key, value in saved.items():
         assert torch.equal(value, teacher[key if key.startswith("text_embedding.") else "model." + key]), key
 
-    # Resumed after epoch 2: every figure and every weight (teacher included) as in the uninterrupted run.
+    # Through `lvit train --set semi.mode=mean-teacher ...`, resumed after epoch 2 with `--resume`: every figure
+    # and every weight (teacher included) as in the uninterrupted run.
+    from lvit.cli import main
+
     resumed = tmp_path / "resumed"
-    train(_config(MT, "trainer.max_epochs=2"), tiny_data, resumed)
-    config, _ = resume_config(resumed, ["trainer.max_epochs=3"])
-    train(config, tiny_data, resumed, resume=True)
+    settings = [*OVERRIDES, *[f"semi.{k}={v}" for k, v in MT.items()], "trainer.max_epochs=2"]
+    assert main(["train", "--data", str(tiny_data), "--out", str(resumed),
+                 *[arg for item in settings for arg in ("--set", item)]]) == 0
+    assert main(["train", "--out", str(resumed), "--resume", "--epochs", "3"]) == 0
     assert _rows(resumed) == rows
     again = load_state_file(resumed / "checkpoints" / "last.ckpt")["state_dict"]
     assert again.keys() == weights.keys() and all(torch.equal(again[k], weights[k]) for k in weights)
