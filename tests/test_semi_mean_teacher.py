@@ -219,7 +219,7 @@ def test_paired_sampler_gives_every_batch_the_baselines_labelled_images_plus_unl
     assert everything.loader_batch_size == 2 and sorted(everything) == list(range(5))
 
 
-@pytest.mark.filterwarnings("ignore:.*self.log.*")
+@pytest.mark.filterwarnings("ignore:.*self.log.*", "ignore:You defined a `validation_step`")
 def test_ema_follows_every_optimizer_step_in_training():
     """Through Lightning: after each optimizer step, teacher = d * teacher + (1 - d) * student (d = 0.5)."""
     import lightning.pytorch as pl
