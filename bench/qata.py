@@ -51,20 +51,39 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "lvit-25-epi+lv-beta0.5": ("lvit", ["semi.mode=epi+lv", "semi.labeled_fraction=0.25", "semi.warmup_epochs=5",
                                         "semi.beta=0.5"]),
     "lvit-25-epi+lv-warmup7": ("lvit", ["semi.mode=epi+lv", "semi.labeled_fraction=0.25", "semi.warmup_epochs=7"]),
+    # lvit's mean-teacher recipe (docs/SEMI_SUPERVISED.md, "Mean teacher"; bench/semi_recipes.py): the pilot
+    # branches from the steps row after its 5th epoch; -w2 starts the teacher after 2 labelled-only epochs.
+    "lvit-25-mt": ("lvit", ["semi.mode=mean-teacher", "semi.labeled_fraction=0.25", "semi.warmup_epochs=5"]),
+    "lvit-25-mt-w2": ("lvit", ["semi.mode=mean-teacher", "semi.labeled_fraction=0.25", "semi.warmup_epochs=2"]),
+    # A tenth of the masks: the steps-matched baseline and the mean teacher.
+    "lvit-10-steps": ("lvit", ["semi.mode=epi", "semi.labeled_fraction=0.1", "semi.warmup_epochs=10"]),
+    "lvit-10-mt": ("lvit", ["semi.mode=mean-teacher", "semi.labeled_fraction=0.1", "semi.warmup_epochs=5"]),
 }
-SEMI_ROWS = ("lvit-25", "lvit-25-steps", "lvit-25-epi", "lvit-25-epi+lv", "lvit-25-epi+lv-beta0.5",
-             "lvit-25-epi+lv-warmup7")
-# The EPI rows are the steps row until their warm-up ends (labelled batches only, the same seeded order), so they
-# branch from its state after that epoch (lvit.train.semi.branch): bit-identical to training them from scratch.
+# The qata-semi section's rows (a quarter of the masks); the 10% rows are in bench/semi_recipes.py's section.
+QUARTER_ROWS = ("lvit-25", "lvit-25-steps", "lvit-25-epi", "lvit-25-epi+lv", "lvit-25-epi+lv-beta0.5",
+                "lvit-25-epi+lv-warmup7", "lvit-25-mt", "lvit-25-mt-w2")
+SEMI_ROWS = (*QUARTER_ROWS, "lvit-10-steps", "lvit-10-mt")
+# The EPI and mean-teacher rows are their fraction's steps row until their warm-up ends (labelled batches only,
+# the same seeded order), so they branch from its state after that epoch (lvit.train.semi.branch): bit-identical
+# to training them from scratch.
+SHARED_ROWS = {"lvit-25-steps": ("lvit-25-epi", "lvit-25-epi+lv", "lvit-25-epi+lv-beta0.5",
+                                 "lvit-25-epi+lv-warmup7", "lvit-25-mt", "lvit-25-mt-w2"),
+               "lvit-10-steps": ("lvit-10-mt",)}
 SHARED_ROW = "lvit-25-steps"
-BRANCHED_ROWS = SEMI_ROWS[2:]
+BRANCHED_ROWS = SHARED_ROWS[SHARED_ROW]
+SHARED_OF = {row: shared for shared, rows in SHARED_ROWS.items() for row in rows}
 
 
 def warmup_epochs(row: str) -> int:
     return next(int(o.split("=")[1]) for o in ROWS[row][1] if o.startswith("semi.warmup_epochs="))
 
 
-KEEP_AFTER = tuple(sorted({warmup_epochs(r) for r in BRANCHED_ROWS}))  # where the shared run keeps its state
+def keep_after(shared: str) -> tuple[int, ...]:
+    """The epochs after which a steps row keeps its state: the warm-ups of the rows that branch from it."""
+    return tuple(sorted({warmup_epochs(r) for r in SHARED_ROWS[shared]}))
+
+
+KEEP_AFTER = keep_after(SHARED_ROW)  # where the 25% steps run keeps its state
 
 
 def parse_run(name: str) -> tuple[str, int]:
@@ -98,9 +117,9 @@ def train_runs(args) -> int:
         if finished(run_dir, config.trainer.max_epochs):
             print(f"{name}: finished, skipped", flush=True)
             continue
-        shared = Path(args.work) / "runs" / f"{SHARED_ROW}-s{seed}"
+        shared = Path(args.work) / "runs" / f"{SHARED_OF.get(row, SHARED_ROW)}-s{seed}"
         at = config.semi.warmup_epochs
-        if row in BRANCHED_ROWS and not run_dir.exists() and not args.from_scratch:
+        if row in SHARED_OF and not run_dir.exists() and not args.from_scratch:
             if (kept_state_dir(shared, at) / "last.ckpt").is_file():
                 branch_run(shared, at, run_dir, config)
                 print(f"{name}: branched from {shared.name} after epoch {at}", flush=True)
@@ -111,7 +130,7 @@ def train_runs(args) -> int:
         print(f"{name}: {'resuming' if resume else 'training'} ({config.trainer.max_epochs} epochs)", flush=True)
         if resume:
             config, _ = resume_config(run_dir, ["trainer.progress=false"])
-        plugins = [Callbacks(KeepStateAfter(run_dir, *KEEP_AFTER))] if row == SHARED_ROW else []
+        plugins = [Callbacks(KeepStateAfter(run_dir, *keep_after(row)))] if row in SHARED_ROWS else []
         result = train(config, args.data, run_dir, resume=resume, force=not resume, plugins=plugins)
         print(f"{name}: best val Dice {result.best_dice:.4f} at epoch {result.best_epoch}, "
               f"{result.seconds / 60:.1f} min", flush=True)
@@ -295,6 +314,10 @@ SEMI_LABELS = {"lvit-25": "supervised, 25% of the masks (a quarter of the steps)
                "lvit-25-epi": "25% + EPI pseudo labels", "lvit-25-epi+lv": "25% + EPI + LV loss",
                "lvit-25-epi+lv-beta0.5": "25% + EPI + LV loss, beta 0.5",
                "lvit-25-epi+lv-warmup7": "25% + EPI + LV loss, 7 warm-up epochs",
+               "lvit-25-mt": "25% + mean teacher (lvit's recipe), 5 warm-up epochs",
+               "lvit-25-mt-w2": "25% + mean teacher (lvit's recipe), 2 warm-up epochs",
+               "lvit-10-steps": "supervised, 10% of the masks, the semi runs' step count",
+               "lvit-10-mt": "10% + mean teacher (lvit's recipe), 5 warm-up epochs",
                "lvit": "supervised, 100% of the masks"}
 SEMI_PUBLISHED = {"lvit-25-epi+lv": "80.95", "lvit": "83.66"}
 
@@ -306,8 +329,8 @@ def plot_semi_curves(by_row: dict[str, list[dict]], out: Path) -> Path | None:
     """Validation Dice (left) and, against the withheld masks, the pseudo labels' and the model's own Dice on the
     unlabelled images (right) per epoch, for the semi-supervised rows and the 100% row, one colour per row and one
     line style per seed."""
-    rows = [r for r in (*SEMI_ROWS, "lvit") if by_row.get(r) and r != "lvit-25"]
-    if not any(r in SEMI_ROWS for r in rows):
+    rows = [r for r in (*QUARTER_ROWS, "lvit") if by_row.get(r) and r != "lvit-25"]
+    if not any(r in QUARTER_ROWS for r in rows):
         return None
     import matplotlib
 
@@ -355,7 +378,7 @@ def plot_semi_curves(by_row: dict[str, list[dict]], out: Path) -> Path | None:
 
 def render_semi(by_row: dict[str, list[dict]], curves_png: Path | None = None) -> str:
     """The semi-supervised table (issue "Semi-supervised on real data"), from the same raw results."""
-    if not any(row in by_row for row in SEMI_ROWS):
+    if not any(row in by_row for row in QUARTER_ROWS):
         return ""
 
     def mean(entries, key):
@@ -377,7 +400,7 @@ def render_semi(by_row: dict[str, list[dict]], curves_png: Path | None = None) -
         "best-validation epoch (the weights tested) | published (full scale) |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for row in (*SEMI_ROWS, "lvit"):
+    for row in (*QUARTER_ROWS, "lvit"):
         entries = by_row.get(row)
         if not entries:
             continue
@@ -400,7 +423,7 @@ def render_semi(by_row: dict[str, list[dict]], curves_png: Path | None = None) -
                       "seeds: " + "; ".join(parts) + "."]
     if curves_png is not None:
         lines += ["", f"![Validation Dice and pseudo-label Dice per epoch]({curves_png.name})"]
-    curves = [(n, e) for n, es in by_row.items() if n in SEMI_ROWS for e in es
+    curves = [(n, e) for n, es in by_row.items() if n in QUARTER_ROWS for e in es
               if any(v is not None for v in e.get("pseudo_dice_per_epoch") or [])]
     if curves:
         lines += ["", "Per epoch from the first with pseudo labels, against the withheld masks of the unlabelled "
@@ -438,8 +461,9 @@ def main(argv=None) -> int:
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config override")
     t.add_argument("--threads", type=int, default=1, help="torch threads of this process")
     t.add_argument("--from-scratch", action="store_true",
-                   help=f"train {', '.join(BRANCHED_ROWS)} from scratch even when the {SHARED_ROW} run of the same "
-                        "seed has kept its state at their warm-up's end (default: branch from it)")
+                   help=f"train {', '.join(SHARED_OF)} from scratch even when the steps run of their fraction "
+                        f"({', '.join(SHARED_ROWS)}) and seed has kept its state at their warm-up's end (default: "
+                        "branch from it)")
     e = sub.add_parser("evaluate", help="test every finished run (and probe the text models' reports)")
     e.add_argument("--data", type=Path, required=True, help="QaTa-COV19 root (either layout)")
     e.add_argument("--work", type=Path, required=True)

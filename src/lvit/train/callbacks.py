@@ -72,10 +72,12 @@ class RunCheckpoint(Checkpoint):
                 trainer.logger.log_metrics({f"epoch/{k}": float(v) for k, v in row.items()
                                             if k not in ("epoch", "best")}, step=epoch)
             meta = {"format": "lvit", "epoch": str(epoch + 1), "val_dice": f"{dice:.6f}"}
-            model = pl_module.model
-            save_weights(self.ckpt_dir / LAST_WEIGHTS, model, pl_module.text_embedding, meta)
+            # The weights validated this epoch (a mean-teacher run validates its teacher).
+            chosen = getattr(pl_module, "weights_to_save", None)
+            model, embedding = chosen() if chosen is not None else (pl_module.model, pl_module.text_embedding)
+            save_weights(self.ckpt_dir / LAST_WEIGHTS, model, embedding, meta)
             if is_best:
-                save_weights(self.ckpt_dir / BEST_WEIGHTS, model, pl_module.text_embedding, meta)
+                save_weights(self.ckpt_dir / BEST_WEIGHTS, model, embedding, meta)
         # Full state last (every process takes part; rank 0 writes): a kill before this line resumes from
         # the previous epoch and recomputes this one identically.
         trainer.save_checkpoint(self.ckpt_dir / LAST_STATE)

@@ -101,7 +101,12 @@ class TrainerConfig:
     init_from: str | None = None
 
 
-SEMI_MODES = ("none", "epi", "epi+lv")
+SEMI_MODES = ("none", "epi", "epi+lv", "mean-teacher")
+# Settings of the mean-teacher recipe only (docs/SEMI_SUPERVISED.md, "Mean teacher"): refused with another mode,
+# where they would be silently ignored.
+MEAN_TEACHER_KEYS = ("ema_decay", "confidence", "consistency_weight", "rampup_epochs", "unlabelled_batch",
+                     "eval_model")
+EVAL_MODELS = ("teacher", "student")
 
 
 @dataclass
@@ -109,7 +114,7 @@ class SemiConfig:
     """Semi-supervised training (section ``semi``; docs/SEMI_SUPERVISED.md). Inactive unless a labelled subset
     or a mode other than ``none`` is set."""
 
-    mode: str = "none"  # none (supervised on the labelled subset only) | epi | epi+lv
+    mode: str = "none"  # none (supervised on the labelled subset only) | epi | epi+lv | mean-teacher
     labeled_fraction: float | None = None  # seeded random fraction of the training images keeping masks
     labeled_list: str | None = None  # or a file of names (one per line, or JSON)
     seed: int | None = None  # subset seed (None: trainer.seed)
@@ -123,6 +128,13 @@ class SemiConfig:
     lv_encoder: str | None = None  # text encoder spec for report vectors (None: the run's, or minilm)
     lv_max_tokens: int = 64  # tokens of a report seen by the report vectors (whole structured reports)
     storage: str = "auto"  # pseudo-label bank: memory | disk | auto
+    # mean-teacher (lvit.train.semi.mean_teacher); warmup_epochs above counts its labelled-only epochs too.
+    ema_decay: float = 0.99  # teacher = ema_decay * teacher + (1 - ema_decay) * student, after every optimizer step
+    confidence: float = 0.9  # teacher probabilities strictly between 1 - confidence and confidence are ignored
+    consistency_weight: float = 1.0  # weight of the consistency term once ramped up
+    rampup_epochs: float = 2.0  # sigmoid ramp-up exp(-5 (1 - t)^2) of that weight over these epochs after warm-up
+    unlabelled_batch: int | None = None  # unlabelled images per step beside data.batch_size labelled (None: same)
+    eval_model: str = "teacher"  # teacher | student: the weights validated and saved as best/last
 
     @property
     def active(self) -> bool:
@@ -158,6 +170,27 @@ class SemiConfig:
             raise ConfigError(f"{where}.pseudo_threshold must be in (0, 1), got {self.pseudo_threshold}")
         if self.storage not in ("auto", "memory", "disk"):
             raise ConfigError(f"{where}.storage must be auto, memory or disk, got {self.storage!r}")
+        if self.mode != "mean-teacher":
+            defaults = SemiConfig()
+            changed = [k for k in MEAN_TEACHER_KEYS if getattr(self, k) != getattr(defaults, k)]
+            if changed:
+                raise ConfigError(f"{where}.{changed[0]} is a mean-teacher setting, but semi.mode is {self.mode}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"{where}.ema_decay must be in [0, 1), got {self.ema_decay}")
+        if not 0.5 <= self.confidence < 1.0:
+            raise ConfigError(f"{where}.confidence must be in [0.5, 1) (0.5: every pixel counts), got "
+                              f"{self.confidence}")
+        if self.consistency_weight < 0:
+            raise ConfigError(f"{where}.consistency_weight must be >= 0, got {self.consistency_weight}")
+        if self.rampup_epochs < 0:
+            raise ConfigError(f"{where}.rampup_epochs must be >= 0, got {self.rampup_epochs}")
+        if self.unlabelled_batch is not None and (isinstance(self.unlabelled_batch, bool)
+                                                  or not isinstance(self.unlabelled_batch, int)
+                                                  or self.unlabelled_batch < 1):
+            raise ConfigError(f"{where}.unlabelled_batch must be an integer >= 1 or null, got "
+                              f"{self.unlabelled_batch!r}")
+        if self.eval_model not in EVAL_MODELS:
+            raise ConfigError(f"{where}.eval_model must be teacher or student, got {self.eval_model!r}")
 
 
 # = lvit.train.fastpath.COMPILE_MODES (kept here so that reading a config never imports torch; a test keeps them equal)

@@ -123,13 +123,17 @@ class TrainData:
     val: SegmentationDataset
     encoder: object | None  # lvit.text.TextEncoder or None (model without text)
     train_sampler: Sampler | None = None  # training order (semi-supervised warm-up); None: a plain shuffle
+    # Samples per training batch (None: data.batch_size); the mean-teacher sampler pairs labelled and unlabelled
+    # images in each batch.
+    train_batch_size: int | None = None
 
     def loaders(self, config: TrainConfig) -> tuple[DataLoader, DataLoader]:
         d = config.data
         workers = max(0, int(d.num_workers))
         val_batch = d.val_batch_size or d.batch_size
+        train_batch = self.train_batch_size or d.batch_size
         if not workers:  # everything in this process: the item draws come from its streams, which checkpoints keep
-            train = DataLoader(self.train, batch_size=d.batch_size, shuffle=self.train_sampler is None,
+            train = DataLoader(self.train, batch_size=train_batch, shuffle=self.train_sampler is None,
                                sampler=self.train_sampler, drop_last=False, num_workers=0)
             return train, DataLoader(self.val, batch_size=val_batch, shuffle=False, num_workers=0)
         # Worker processes, kept across epochs. The items' seeds come from the main process (SeedsFromMain). The
@@ -138,7 +142,7 @@ class TrainData:
         # than an uninterrupted one (its first epoch, and its first validation).
         order = SeedsFromMain(self.train_sampler if self.train_sampler is not None else RandomSampler(self.train))
         common = dict(num_workers=workers, persistent_workers=True)
-        train = DataLoader(SeededItems(self.train), batch_size=d.batch_size, sampler=order, drop_last=False,
+        train = DataLoader(SeededItems(self.train), batch_size=train_batch, sampler=order, drop_last=False,
                            generator=torch.Generator().manual_seed(config.trainer.seed), **common)
         val = DataLoader(self.val, batch_size=val_batch, shuffle=False,
                          generator=torch.Generator().manual_seed(config.trainer.seed), **common)

@@ -68,6 +68,10 @@ class SegmentationModule(pl.LightningModule):
         terms = [weights[name] * value.float() for name, value in aux.items() if weights[name]]
         return logits, (torch.stack(terms).sum() if terms else None)
 
+    def weights_to_save(self) -> tuple[nn.Module, nn.Module | None]:
+        """(network, learned text embedding or None) written as the run's last/best weights: the ones validated."""
+        return self.model, self.text_embedding
+
     # ------------------------------------------------------------------ losses
     def supervised_loss(self, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Official loss on labelled samples: logits, mask ``[N, 1, H, W]``."""
@@ -90,6 +94,11 @@ class SegmentationModule(pl.LightningModule):
         extra = self.unlabelled_loss(batch, logits, ~has_mask) if bool((~has_mask).any()) else None
         if extra is not None:
             terms.append(extra)
+        return self.finish_step(terms, logits.shape[0], batch_idx)
+
+    def finish_step(self, terms: list[torch.Tensor], n: int, batch_idx: int):
+        """The step's loss (the sum of ``terms``) checked, recorded and logged over ``n`` samples; None (Lightning
+        skips the step) without terms."""
         if not terms:
             return None  # nothing to learn from in this batch: Lightning skips the step
         loss = torch.stack([t.float() for t in terms]).sum()
@@ -98,7 +107,6 @@ class SegmentationModule(pl.LightningModule):
                 f"loss became {loss.item()} at epoch {self.current_epoch} (batch {batch_idx}); training stopped, "
                 "the last good checkpoint is kept (try a lower optim.lr, optim.grad_clip or 32-true precision)"
             )
-        n = logits.shape[0]
         self.train_loss.update(loss.detach(), weight=n)
         self.log("loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False, batch_size=n)
         return loss

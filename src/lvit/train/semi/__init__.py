@@ -1,4 +1,5 @@
-"""Semi-supervised LViT: EPI pseudo labels (paper Eq. 8) and the Language-Vision loss (Eqs. 16-18)."""
+"""Semi-supervised LViT: EPI pseudo labels (paper Eq. 8) and the Language-Vision loss (Eqs. 16-18); lvit's
+mean-teacher recipe (:mod:`.mean_teacher`, imported on use: it needs Lightning)."""
 
 from .labelled_subset import (
     LabelledSubset,
@@ -15,11 +16,12 @@ from .lv_loss import (
     report_vectors,
 )
 from .pseudo_labels import PseudoLabelBank, gather_updates
-from .sampler import WarmupSampler
+from .sampler import PairedSampler, WarmupSampler
 
 __all__ = [
     "ContrastLabelBank",
     "LabelledSubset",
+    "PairedSampler",
     "PseudoLabelBank",
     "WarmupSampler",
     "choose_fraction",

@@ -1,5 +1,8 @@
 """Several semi-supervised variants from one shared warm-up: keep a run's state after epoch N, start others there.
 
+A mean-teacher run's warm-up is the same labelled-only epochs (lvit.train.semi.sampler.PairedSampler), so it
+branches from an EPI run's kept state too (its teacher starts as a copy of the student at the warm-up's end).
+
 Why: during the warm-up a semi-supervised run trains on labelled batches only, drawn by an order that depends on
 the seed and the epoch alone (:class:`~lvit.train.semi.sampler.WarmupSampler`), so two runs that differ only in
 what happens after the warm-up (EPI or EPI + LV, the momentum, the LV weight, a longer warm-up) are the same run
@@ -37,8 +40,9 @@ from ...artifacts.runs import (
 )
 from ...core.errors import CheckpointError, ConfigError, LvitError
 from ...core.io import atomic_write_json
-from ..config import TrainConfig
+from ..config import MEAN_TEACHER_KEYS, TrainConfig
 from .labelled_subset import SUBSET_FILE
+from .mean_teacher import CHECKPOINT_KEY as MT_CHECKPOINT_KEY
 from .module import CHECKPOINT_KEY
 
 BRANCH_FILE = "branched_from.json"
@@ -46,7 +50,7 @@ STATE_FILES = (LAST_WEIGHTS, BEST_WEIGHTS, LAST_STATE)
 RUN_FILES = (CONFIG_NAME, "metrics.csv", SUBSET_FILE, "report_words.json", "vocab.json")
 # Settings that act only once pseudo labels start: runs differing in these share their warm-up epochs.
 AFTER_WARMUP = ("mode", "warmup_epochs", "beta", "lv_weight", "pseudo_threshold", "lv_contrast", "lv_encoder",
-                "lv_max_tokens", "storage")
+                "lv_max_tokens", "storage", *MEAN_TEACHER_KEYS)
 # Settings that change how a run is shown or fed, not what it computes; model.text_dim follows the text encoder
 # (the saved config has the encoder's width, a preset may not).
 NOT_COMPARED = {("trainer", "progress"), ("trainer", "log_every_n_steps"), ("data", "num_workers"),
@@ -166,8 +170,10 @@ def branch_run(source_run: str | Path, epoch: int, target_run: str | Path, confi
     differing = _differences(mine, theirs)
     if differing:
         raise ConfigError(f"{where}: {differing[0]} differs (only semi.{', semi.'.join(AFTER_WARMUP)} may)")
+    if source.semi.mode == "mean-teacher" and config.semi.mode != "mean-teacher":
+        raise ConfigError(f"{where}: the source is a mean-teacher run; branch EPI variants from an EPI run")
     state = load_state_file(kept / LAST_STATE)
-    if int(state.get("epoch", -1)) + 1 != epoch or CHECKPOINT_KEY not in state:
+    if int(state.get("epoch", -1)) + 1 != epoch or not ({CHECKPOINT_KEY, MT_CHECKPOINT_KEY} & set(state)):
         raise CheckpointError(f"{kept / LAST_STATE}: not the state of a semi-supervised run after epoch {epoch}")
 
     run_config = copy.deepcopy(saved)

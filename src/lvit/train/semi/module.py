@@ -1,4 +1,5 @@
-"""Semi-supervised training: the labelled subset, EPI pseudo labels and the LV loss around SegmentationModule.
+"""Semi-supervised training: the labelled subset, EPI pseudo labels and the LV loss around SegmentationModule
+(the mean-teacher recipe, ``semi.mode: mean-teacher``, lives in :mod:`.mean_teacher` and is set up here too).
 
 ``setup_semi`` turns a supervised :class:`~lvit.train.datamodule.TrainData` into a semi-supervised one (mask
 hidden for the unlabelled images, split written to the run folder) and builds the pseudo-label bank and the
@@ -40,7 +41,7 @@ from .labelled_subset import (
 )
 from .lv_loss import ContrastLabelBank, default_contrast_folder, lv_loss
 from .pseudo_labels import PseudoLabelBank, gather_updates
-from .sampler import WarmupSampler
+from .sampler import PairedSampler, WarmupSampler
 
 BANK_FILE = "pseudo_labels.npy"  # scratch memmap of large banks; the checkpoint holds the durable copy
 CHECKPOINT_KEY = "semi_supervised"
@@ -239,12 +240,16 @@ class SemiSetup:
     bank: PseudoLabelBank
     contrast_index: torch.Tensor | None
     contrast_masks: torch.Tensor | None
-    sampler: WarmupSampler | None = None
+    sampler: WarmupSampler | PairedSampler | None = None
     unlabelled_source: tuple[Dataset, np.ndarray] | None = None  # (plain dataset, unlabelled rows) for P_0
 
     def module(self, model: nn.Module, config, text_embedding: nn.Module | None = None):
         if config.semi.mode == "none":
             return SegmentationModule(model, config, text_embedding)
+        if config.semi.mode == "mean-teacher":
+            from .mean_teacher import MeanTeacherModule
+
+            return MeanTeacherModule(model, config, text_embedding, self.sampler)
         return SemiSupervisedModule(model, config, config.semi, self.bank, self.contrast_index, self.contrast_masks,
                                     text_embedding, self.sampler, self.unlabelled_source)
 
@@ -284,6 +289,13 @@ def setup_semi(config, data, data_root: str | Path | None, run_dir: str | Path, 
         return SemiSetup(dataclasses.replace(data, train=train), subset, bank, None, None)
     plain = make_dataset(records, config, data.encoder, cache, augment=False)
     wrapped = SemiSupervisedDataset(data.train, plain, labelled)
+    if semi.mode == "mean-teacher":
+        # No bank: the teacher labels each unlabelled image afresh at every step.
+        batch = config.data.batch_size
+        paired = PairedSampler(labelled, batch, semi.unlabelled_batch or batch, config.trainer.seed)
+        new_data = dataclasses.replace(data, train=wrapped, train_sampler=paired,
+                                       train_batch_size=paired.loader_batch_size)
+        return SemiSetup(new_data, subset, PseudoLabelBank(1, (1, 1), semi.beta, "memory"), None, None, paired)
     sampler = WarmupSampler(labelled, semi.warmup_epochs, config.trainer.seed)
     new_data = dataclasses.replace(data, train=wrapped, train_sampler=sampler)
 

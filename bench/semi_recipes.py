@@ -1,0 +1,166 @@
+"""Semi-supervised recipes on QaTa-COV19: each finished and tested run of bench/qata.py as one raw entry.
+
+    python bench/qata.py train --data QATA --work W --runs lvit-25-mt-s0      # and the other runs below
+    python bench/qata.py evaluate --data QATA --work W                         # writes W/runs/<run>/test-test/
+    python bench/semi_recipes.py --work W                                      # bench/semi_recipes.json + table
+
+Reads every run folder ``W/runs/<row>-s<seed>`` of a semi-supervised row of bench/qata.py (and the 100% row
+``lvit``, the target) that has a test evaluation, and writes ``bench/semi_recipes.json``: a list, one entry per run,
+with exactly ``method``, ``labelled_fraction``, ``seed``, ``dice_original`` (per-image test Dice at the masks'
+original resolution, from ``test-test/metrics.json``), ``pseudo_label_dice_per_epoch`` (metrics.csv
+``pseudo_dice``, null where an epoch had none) and ``steps`` (optimizer steps, from ``checkpoints/last.ckpt``).
+The table goes into bench/RESULTS.md, section ``semi-recipes``, with the share of the gap between the
+steps-matched supervised baseline and full supervision that each recipe closes (the goal: at least half).
+Exits 2, writing nothing, when no such run exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS_JSON = REPO / "bench" / "semi_recipes.json"
+RESULTS_MD = REPO / "bench" / "RESULTS.md"
+SECTION = "semi-recipes"
+KEYS = ("method", "labelled_fraction", "seed", "dice_original", "pseudo_label_dice_per_epoch", "steps")
+FULL = "supervised-100%"
+BASELINE = "supervised-steps"
+GOAL = 0.5  # share of the gap to close (issue "Semi-supervised learning that pays on real chest X-rays")
+LABELS = {FULL: "supervised, every mask", BASELINE: "supervised, the semi runs' step count (baseline)",
+          "supervised-subset": "supervised, one pass over the labelled images per epoch", "epi": "EPI (paper)",
+          "epi+lv": "EPI + LV loss (paper)", "mean-teacher": "mean teacher (lvit)"}
+
+
+def _qata():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_qata_rows", REPO / "bench" / "qata.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def method_of(row: str) -> str:
+    """The recipe a bench/qata.py row trains, without its fraction: lvit-25-epi+lv -> epi+lv, lvit-10-mt ->
+    mean-teacher, lvit-25-steps -> supervised-steps, lvit -> supervised-100%."""
+    if row == "lvit":
+        return FULL
+    rest = row.split("-", 2)[2] if row.count("-") >= 2 else ""
+    if not rest:
+        return "supervised-subset"
+    if rest == "steps":
+        return BASELINE
+    return "mean-teacher" + rest[2:] if rest.startswith("mt") else rest
+
+
+def _fraction(config: dict) -> float:
+    semi = config.get("semi") or {}
+    fraction = semi.get("labeled_fraction")
+    return 1.0 if fraction is None else float(fraction)
+
+
+def _pseudo_dice(metrics: Path) -> list[float | None]:
+    with metrics.open() as f:
+        rows = list(csv.DictReader(f))
+    return [None if r.get("pseudo_dice") in (None, "", "nan") else round(float(r["pseudo_dice"]), 4) for r in rows]
+
+
+def collect(work: Path) -> list[dict]:
+    """One entry per run folder of ``work/runs`` with a test evaluation (bench/qata.py evaluate)."""
+    import yaml
+
+    from lvit.artifacts.runs import load_state_file
+
+    qata = _qata()
+    wanted = set(qata.SEMI_ROWS) | {"lvit"}
+    entries = []
+    runs = Path(work) / "runs"
+    for run in sorted(runs.iterdir()) if runs.is_dir() else []:
+        row, _, seed = run.name.rpartition("-s")
+        test = run / "test-test" / "metrics.json"
+        if row not in wanted or not seed.isdigit() or not test.is_file():
+            continue
+        config = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))
+        dice = json.loads(test.read_text(encoding="utf-8"))["original_resolution"]["mean_over_images"]["dice"]
+        state = load_state_file(run / "checkpoints" / "last.ckpt")
+        entries.append({"method": method_of(row), "labelled_fraction": _fraction(config), "seed": int(seed),
+                        "dice_original": round(float(dice), 4),
+                        "pseudo_label_dice_per_epoch": _pseudo_dice(run / "metrics.csv"),
+                        "steps": int(state["global_step"])})
+    return sorted(entries, key=lambda e: (-e["labelled_fraction"], e["method"], e["seed"]))
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def render(entries: list[dict]) -> str:
+    def spread(values):
+        return f"{values[0]:.4f}" if len(values) == 1 else \
+            f"{_mean(values):.4f} ({min(values):.4f}-{max(values):.4f})"
+
+    groups: dict[tuple[float, str], list[dict]] = {}
+    for e in entries:
+        groups.setdefault((e["labelled_fraction"], e["method"]), []).append(e)
+    full = [e["dice_original"] for e in groups.get((1.0, FULL), [])]
+    lines = [
+        "## Semi-supervised recipes on QaTa-COV19 (CPU scale)",
+        "",
+        "Preset `qata-cpu` (128 px, base width 16, 10 epochs of as many batches as the whole training split), LViT; "
+        "per-image test Dice at the masks' original resolution on all test images, best-validation weights (a mean "
+        "teacher's are its teacher's). Baseline: the labelled images only, with the semi runs' step count. Gap "
+        f"closed: (recipe - baseline) / (every mask - baseline), mean over seeds; the goal is {GOAL:.0%}. Pseudo "
+        "labels: their Dice against the withheld masks of the unlabelled training images, first and last epoch "
+        "that had them. Raw: `bench/semi_recipes.json` (`bench/semi_recipes.py`).",
+        "",
+        "| masks | recipe | seeds | test Dice (per image, original size) | gap closed | pseudo-label Dice, first -> "
+        "last | steps |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for (fraction, method), group in sorted(groups.items(), key=lambda kv: (-kv[0][0], kv[0][1] != BASELINE,
+                                                                          kv[0][1])):
+        dice = [e["dice_original"] for e in group]
+        base = [e["dice_original"] for e in groups.get((fraction, BASELINE), [])]
+        closed = "-"
+        if method not in (BASELINE, FULL) and base and full and _mean(full) > _mean(base):
+            closed = f"{(_mean(dice) - _mean(base)) / (_mean(full) - _mean(base)):.0%}"
+        pseudo = [[v for v in e["pseudo_label_dice_per_epoch"] if v is not None] for e in group]
+        pseudo = "; ".join(f"{p[0]:.3f} -> {p[-1]:.3f}" for p in pseudo if p) or "-"
+        label = LABELS.get(method, method)
+        lines.append(f"| {fraction:.0%} | {label} | {', '.join(str(e['seed']) for e in group)} | {spread(dice)} | "
+                     f"{closed} | {pseudo} | {', '.join(str(e['steps']) for e in group)} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--work", type=Path, required=True, help="the work folder of bench/qata.py (runs in WORK/runs)")
+    parser.add_argument("--json", type=Path, default=RESULTS_JSON, help="raw results (a list)")
+    parser.add_argument("--results-md", type=Path, default=RESULTS_MD, help="Markdown file for the section")
+    args = parser.parse_args(argv)
+    from lvit.core.errors import LvitError
+    from lvit.core.io import atomic_write_json, write_marked_section
+
+    try:
+        entries = collect(args.work)
+    except (LvitError, OSError, KeyError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not entries:
+        print(f"error: {args.work / 'runs'}: no tested run of a semi-supervised row (bench/qata.py train, then "
+              "evaluate); nothing written", file=sys.stderr)
+        return 2
+    atomic_write_json(args.json, [{k: e[k] for k in KEYS} for e in entries])
+    section = render(entries)
+    write_marked_section(args.results_md, SECTION, section)
+    print(section)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
