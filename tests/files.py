@@ -47,3 +47,15 @@ def load_bench(relative: str, name: str):
 def load_gpu_prepare():
     """bench/gpu/prepare.py as a module."""
     return load_bench("bench/gpu/prepare.py", "bench_gpu_prepare")
+
+
+def semi_flag_overrides(out, *flags: str) -> list[str]:
+    """The ``--set`` overrides that ``lvit train --out OUT FLAGS`` makes of its semi-supervised flags."""
+    import argparse
+
+    from lvit.commands import train as train_cmd
+    from lvit.train.semi_flags import semi_overrides
+
+    parser = argparse.ArgumentParser()
+    train_cmd.register(parser.add_subparsers())
+    return semi_overrides(parser.parse_args(["train", "--out", str(out), *flags]))

@@ -258,18 +258,13 @@ def test_ema_follows_every_optimizer_step_in_training():
 
 # ---------------------------------------------------------------------- settings and the command line
 def test_settings_flags_and_refusals(tmp_path):
-    import argparse
+    from files import semi_flag_overrides
 
-    from lvit.commands import train as train_cmd
     from lvit.core.errors import ConfigError
     from lvit.train.config import load_config
-    from lvit.train.semi_flags import semi_overrides
 
-    parser = argparse.ArgumentParser()
-    train_cmd.register(parser.add_subparsers())
-    args = parser.parse_args(["train", "--out", str(tmp_path), "--labeled-fraction", "0.25", "--semi", "mean-teacher",
-                              "--ema-decay", "0.95", "--confidence", "0.8", "--consistency-weight", "2"])
-    overrides = semi_overrides(args)
+    overrides = semi_flag_overrides(tmp_path, "--labeled-fraction", "0.25", "--semi", "mean-teacher",
+                                    "--ema-decay", "0.95", "--confidence", "0.8", "--consistency-weight", "2")
     assert overrides == ["semi.labeled_fraction=0.25", "semi.mode=mean-teacher", "semi.ema_decay=0.95",
                          "semi.confidence=0.8", "semi.consistency_weight=2.0"]
     semi = load_config(None, overrides + ["semi.rampup_epochs=1", "semi.unlabelled_batch=16",
