@@ -30,6 +30,8 @@ class Tree:
         self.src, self.work = Path(src), Path(work)
         self.work.mkdir(parents=True, exist_ok=True)
         self.env = {**os.environ, "PYTHONPATH": str(self.src), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+        # `python -m lvit` where the tree has lvit/__main__.py; older trees ran their CLI as lvit.cli
+        self.module = "lvit" if (self.src / "lvit" / "__main__.py").is_file() else "lvit.cli"
 
     def cli(self, *args, timeout: float = 600, memory_gb: float | None = None) -> tuple[int, str, str]:
         limit = None
@@ -40,7 +42,7 @@ class Tree:
                 size = int(memory_gb * 2 ** 30)
                 resource.setrlimit(resource.RLIMIT_AS, (size, size))
         try:
-            done = subprocess.run([sys.executable, "-m", "lvit", *map(str, args)], cwd=self.work, env=self.env,
+            done = subprocess.run([sys.executable, "-m", self.module, *map(str, args)], cwd=self.work, env=self.env,
                                   capture_output=True, text=True, timeout=timeout, preexec_fn=limit)
         except subprocess.TimeoutExpired:
             return -9, "", f"(no answer within {timeout:.0f} s)"
@@ -112,7 +114,7 @@ def resume_with_a_setting_that_cannot_change(t: Tree):
 def two_trainings_into_one_folder(t: Tree):
     run = t.work / "busy"
     shutil.rmtree(run, ignore_errors=True)
-    first = subprocess.Popen([sys.executable, "-m", "lvit", "train", "--data", str(t.data()), "--out", str(run),
+    first = subprocess.Popen([sys.executable, "-m", t.module, "train", "--data", str(t.data()), "--out", str(run),
                               "--epochs", "2000", *TINY], cwd=t.work, env=t.env, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
     try:
@@ -290,7 +292,7 @@ def report_sharing_one_known_word(t: Tree):
 
 
 def output_into_a_closed_pipe(t: Tree):
-    proc = subprocess.Popen([sys.executable, "-m", "lvit", "model-info", "--config", "synth"], cwd=t.work,
+    proc = subprocess.Popen([sys.executable, "-m", t.module, "model-info", "--config", "synth"], cwd=t.work,
                             env=t.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     proc.stdout.close()
     err = proc.stderr.read().decode()
@@ -300,9 +302,67 @@ def output_into_a_closed_pipe(t: Tree):
     return "handled", f"ends quietly (exit {code})"
 
 
+def kill_in_epoch_two_then_resume(t: Tree):
+    """`kill -9` of a training with DataLoader workers inside its second epoch, then --resume: the resumed run
+    must end where the uninterrupted one does (every epoch's losses and the final weights)."""
+    data = t.work / "data-kill"
+    if not data.exists():
+        t.cli("synth", data, "--n-train", 16, "--n-val", 2, "--n-test", 1, "--size", 32, "--seed", 0)
+    args = ["--data", data, "--epochs", 3, "--config", "synth", "--batch-size", 2, "--workers", 2, "--no-progress",
+            "--set", "model.image_size=32", "--set", "model.base_channels=8", "--set", "model.vit_heads=2",
+            "--set", "optim.t0=2"]
+    ref, run = t.work / "kill-ref", t.work / "kill-run"
+    for folder in (ref, run):
+        shutil.rmtree(folder, ignore_errors=True)
+    code, _, err = t.cli("train", "--out", ref, *args)
+    if code:
+        raise RuntimeError(f"the uninterrupted run failed: {err[-300:]}")
+    epoch_seconds = float(next(iter(_metrics_rows(ref)))["seconds"])
+    proc = subprocess.Popen([sys.executable, "-m", t.module, "train", "--out", str(run), *map(str, args)],
+                            cwd=t.work, env=t.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    last = run / "checkpoints" / "last.ckpt"
+    for _ in range(6000):
+        if last.is_file() or proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    time.sleep(0.3 * epoch_seconds)  # into the second epoch
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # its DataLoader workers
+    except ProcessLookupError:
+        pass
+    killed_after = len(_metrics_rows(run))
+    code, _, err = t.cli("train", "--out", run, "--resume", "--no-progress")
+    if code:
+        return _error_kind(code, err) or "silent", f"--resume failed: exit {code}: {_first_line(err)}"
+    ref_rows, rows = _metrics_rows(ref), _metrics_rows(run)
+    same_rows = [{k: v for k, v in r.items() if k != "seconds"} for r in ref_rows] == \
+        [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+    same_weights = (ref / "checkpoints" / "last.safetensors").read_bytes() == \
+        (run / "checkpoints" / "last.safetensors").read_bytes()
+    where = f"killed after {killed_after} finished epoch(s)"
+    if same_rows and same_weights:
+        return "handled", f"{where}; the resumed run equals the uninterrupted one (every epoch, final weights)"
+    diff = next((f"epoch {a['epoch']} train loss {a['train_loss']} vs {b['train_loss']} uninterrupted"
+                 for a, b in zip(rows, ref_rows) if a["train_loss"] != b["train_loss"]), "same losses")
+    return "wrong", f"{where}; resumed: {diff}; final weights {'equal' if same_weights else 'differ'}"
+
+
+def _metrics_rows(run: Path) -> list[dict]:
+    import csv
+
+    path = run / "metrics.csv"
+    if not path.is_file():
+        return []
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
 CASES = {
     "run folders": [resume_with_a_setting_that_cannot_change, two_trainings_into_one_folder, resume_on_other_data,
-                    init_from_another_width],
+                    init_from_another_width, kill_in_epoch_two_then_resume],
     "artifacts that go stale": [export_after_the_weights_changed, forced_predict_after_a_generated_report,
                                 export_of_a_run_with_a_report_writer],
     "inputs valid but unusual": [mask_saved_with_label_127, weights_that_are_nan, absurd_size_in_config_json,
