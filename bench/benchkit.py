@@ -28,9 +28,14 @@ def add_results_args(p: argparse.ArgumentParser, results: Path) -> None:
     p.add_argument("--results-md", type=Path, default=RESULTS_MD, help="Markdown file for the section")
 
 
+def runs_folder(work: Path) -> Path:
+    """``WORK/runs``: where bench/qata.py trains its runs."""
+    return Path(work) / "runs"
+
+
 def run_folder(work: Path, name: str) -> Path:
-    """``WORK/runs/NAME``: where bench/qata.py trains a run."""
-    return Path(work) / "runs" / name
+    """``WORK/runs/NAME``: one run of bench/qata.py."""
+    return runs_folder(work) / name
 
 
 def read_raw(path: Path, default=None):

@@ -23,7 +23,7 @@ import os
 import sys
 from pathlib import Path
 
-from benchkit import REPO, RESULTS_MD
+from benchkit import REPO, add_data_args, add_results_args, render_section, run_folder, runs_folder
 
 RESULTS_JSON = REPO / "bench" / "qata_results.json"
 PRESET = "qata-cpu"
@@ -111,13 +111,13 @@ def train_runs(args) -> int:
     for name in args.runs.split(","):
         row, seed = parse_run(name)
         model, extra = ROWS[row]
-        run_dir = Path(args.work) / "runs" / name
+        run_dir = run_folder(args.work, name)
         overrides = [f"model_name={model}", f"trainer.seed={seed}", "trainer.progress=false", *extra, *args.set]
         config = load_config(preset_path(PRESET), overrides)
         if finished(run_dir, config.trainer.max_epochs):
             print(f"{name}: finished, skipped", flush=True)
             continue
-        shared = Path(args.work) / "runs" / f"{SHARED_OF.get(row, SHARED_ROW)}-s{seed}"
+        shared = run_folder(args.work, f"{SHARED_OF.get(row, SHARED_ROW)}-s{seed}")
         at = config.semi.warmup_epochs
         if row in SHARED_OF and not run_dir.exists() and not args.from_scratch:
             if (kept_state_dir(shared, at) / "last.ckpt").is_file():
@@ -172,13 +172,13 @@ def evaluate_runs(args) -> int:
     from lvit.train.config import TrainConfig
 
     results = read_results_file(args.results)
-    runs = sorted(p.name for p in (Path(args.work) / "runs").iterdir() if p.is_dir())
+    runs = sorted(p.name for p in runs_folder(args.work).iterdir() if p.is_dir())
     wanted = set(args.runs.split(",")) if args.runs else None
     for name in runs:
         if wanted is not None and name not in wanted:
             continue
         row, seed = parse_run(name)
-        run_dir = Path(args.work) / "runs" / name
+        run_dir = run_folder(args.work, name)
         saved = yaml.safe_load((run_dir / "config.yaml").read_text())
         epochs = int(saved["trainer"]["max_epochs"])
         if not finished(run_dir, epochs):
@@ -237,7 +237,7 @@ def _spread(values: list[float]) -> str:
 
 
 def render_results(results_path: Path, md_path: Path) -> str:
-    from lvit.core.io import read_results_file, write_marked_section
+    from lvit.core.io import read_results_file
 
     results = read_results_file(results_path)
     if not results:
@@ -300,11 +300,11 @@ def render_results(results_path: Path, md_path: Path) -> str:
         "`python bench/qata.py evaluate --data QATA --work W`.",
     ]
     section = "\n".join(lines)
-    write_marked_section(md_path, "qata", section)
+    render_section("qata", section, md_path)
     curves_png = plot_semi_curves(by_row, md_path.parent / SEMI_CURVES_PNG)
     semi = render_semi(by_row, curves_png)
     if semi:
-        write_marked_section(md_path, "qata-semi", semi)
+        render_section("qata-semi", semi, md_path)
         section += "\n\n" + semi
     return section
 
@@ -455,8 +455,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train (or resume) runs")
-    t.add_argument("--data", type=Path, required=True, help="QaTa-COV19 root (either layout)")
-    t.add_argument("--work", type=Path, required=True, help="folder for the run folders (outside the repository)")
+    add_data_args(t)
     t.add_argument("--runs", required=True, help="comma-separated <row>-s<seed>, rows: " + ", ".join(ROWS))
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config override")
     t.add_argument("--threads", type=int, default=1, help="torch threads of this process")
@@ -465,16 +464,14 @@ def main(argv=None) -> int:
                         f"({', '.join(SHARED_ROWS)}) and seed has kept its state at their warm-up's end (default: "
                         "branch from it)")
     e = sub.add_parser("evaluate", help="test every finished run (and probe the text models' reports)")
-    e.add_argument("--data", type=Path, required=True, help="QaTa-COV19 root (either layout)")
-    e.add_argument("--work", type=Path, required=True)
+    add_data_args(e)
     e.add_argument("--runs", default=None, help="only these runs (default: every finished run in WORK/runs)")
     e.add_argument("--again", action="store_true", help="evaluate runs already in the results file again")
     e.add_argument("--no-render", action="store_true", help="leave RESULTS.md alone")
     e.add_argument("--threads", type=int, default=2)
     r = sub.add_parser("render", help="write the RESULTS.md section from the results file")
     for q in (e, r):
-        q.add_argument("--results", type=Path, default=RESULTS_JSON, help="raw results JSON")
-        q.add_argument("--results-md", type=Path, default=RESULTS_MD, help="Markdown file to write the section into")
+        add_results_args(q, RESULTS_JSON)
     r.set_defaults(threads=1)
     args = p.parse_args(argv)
     import torch

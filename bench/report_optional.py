@@ -27,7 +27,16 @@ import sys
 import time
 from pathlib import Path
 
-from benchkit import REPO, RESULTS_MD, bench_module
+from benchkit import (
+    REPO,
+    add_data_args,
+    add_results_args,
+    bench_module,
+    read_raw,
+    render_section,
+    run_folder,
+    write_raw,
+)
 
 RESULTS_JSON = REPO / "bench" / "report_optional.json"
 QATA_JSON = REPO / "bench" / "qata_results.json"
@@ -110,19 +119,17 @@ def evaluate(args) -> int:
 
     import torch
 
-    from lvit.core.io import atomic_write_json
-
     torch.set_num_threads(args.threads)
-    results = json.loads(args.results.read_text()) if args.results.is_file() else []
+    results = read_raw(args.results, [])
     work = Path(tempfile.mkdtemp(prefix="lvit-optional-"))
     for name in args.runs.split(","):
-        run_dir = Path(args.work) / "runs" / name
+        run_dir = run_folder(args.work, name)
         if not (run_dir / "checkpoints" / "best.safetensors").is_file():
             print(f"{name}: no best weights yet, skipped", flush=True)
             continue
         entry = evaluate_run(run_dir, args.data, work, args.reporter)
         results = [e for e in results if e["model"] != name] + [entry]
-        atomic_write_json(args.results, sorted(results, key=lambda e: e["model"]))
+        write_raw(args.results, sorted(results, key=lambda e: e["model"]))
         print(f"{name}: " + ", ".join(f"{c} {entry[c]:.4f}" for c in COLUMNS if entry[c] is not None), flush=True)
     shutil.rmtree(work, ignore_errors=True)
     render(args)
@@ -134,11 +141,9 @@ def _cell(value) -> str:
 
 
 def render(args) -> int:
-    from lvit.core.io import write_marked_section
-
-    if not args.results.is_file():
+    results = read_raw(args.results)
+    if not results:
         return 0
-    results = json.loads(args.results.read_text())
     machine = sorted({e["machine"] for e in results})
     lines = [
         "## One model with or without a report (QaTa-COV19, CPU scale)",
@@ -167,7 +172,7 @@ def render(args) -> int:
                           "; the goals: at least 0.825 with the true report, 0.79 without one, a swap costing at "
                           "least 0.15 on the changed reports, rewording at most 0.01."]
     lines += ["", f"Machine: {'; '.join(machine)}."]
-    write_marked_section(args.results_md, SECTION, "\n".join(lines))
+    render_section(SECTION, "\n".join(lines), args.results_md)
     return 0
 
 
@@ -175,8 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     e = sub.add_parser("evaluate")
-    e.add_argument("--data", type=Path, required=True, help="QaTa-COV19 root (either layout)")
-    e.add_argument("--work", type=Path, required=True, help="the work folder of bench/qata.py (runs in WORK/runs)")
+    add_data_args(e)
     e.add_argument("--runs", required=True, help="comma-separated run names")
     e.add_argument("--reporter", type=Path, default=None, help="report writer folder (lvit train-reporter --out)")
     e.add_argument("--threads", type=int, default=2)
@@ -184,8 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     r = sub.add_parser("render")
     r.set_defaults(func=render)
     for q in (e, r):
-        q.add_argument("--results", type=Path, default=RESULTS_JSON, help="raw results JSON (a list)")
-        q.add_argument("--results-md", type=Path, default=RESULTS_MD, help="Markdown file for the section")
+        add_results_args(q, RESULTS_JSON)
     args = parser.parse_args(argv)
     return args.func(args)
 

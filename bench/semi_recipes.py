@@ -22,9 +22,9 @@ import json
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS_JSON = REPO / "bench" / "semi_recipes.json"
-RESULTS_MD = REPO / "bench" / "RESULTS.md"
+from benchkit import BENCH, RESULTS_MD, bench_module, render_section, runs_folder
+
+RESULTS_JSON = BENCH / "semi_recipes.json"
 SECTION = "semi-recipes"
 KEYS = ("method", "labelled_fraction", "seed", "dice_original", "pseudo_label_dice_per_epoch", "steps")
 FULL = "supervised-100%"
@@ -36,13 +36,7 @@ LABELS = {FULL: "supervised, every mask", BASELINE: "supervised, the semi runs' 
 
 
 def _qata():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_qata_rows", REPO / "bench" / "qata.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return bench_module("qata")
 
 
 def method_of(row: str) -> str:
@@ -79,7 +73,7 @@ def collect(work: Path) -> list[dict]:
     qata = _qata()
     wanted = set(qata.SEMI_ROWS) | {"lvit"}
     entries = []
-    runs = Path(work) / "runs"
+    runs = runs_folder(work)
     for run in sorted(runs.iterdir()) if runs.is_dir() else []:
         row, _, seed = run.name.rpartition("-s")
         test = run / "test-test" / "metrics.json"
@@ -144,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results-md", type=Path, default=RESULTS_MD, help="Markdown file for the section")
     args = parser.parse_args(argv)
     from lvit.core.errors import LvitError
-    from lvit.core.io import atomic_write_json, write_marked_section
+    from lvit.core.io import atomic_write_json
 
     try:
         entries = collect(args.work)
@@ -157,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     atomic_write_json(args.json, [{k: e[k] for k in KEYS} for e in entries])
     section = render(entries)
-    write_marked_section(args.results_md, SECTION, section)
+    render_section(SECTION, section, args.results_md)
     print(section)
     return 0
 
