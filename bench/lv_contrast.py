@@ -94,18 +94,15 @@ def main(argv=None) -> int:
 
 
 def figure(path: Path, records, unl_rows, examples, chosen, bank, truth, size: int) -> None:
-    import io
     import textwrap
 
     import torch
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
 
+    from lvit.core.figures import NOTE_SIZE, figure_png, image_panel, new_figure
     from lvit.core.io import atomic_write_bytes
     from lvit.data import read_image, resize_image
 
-    fig = Figure(figsize=(12, 2.9 * len(examples)), dpi=80)
-    FigureCanvasAgg(fig)
+    fig = new_figure(12, 2.9 * len(examples), dpi=80)
     for row, k in enumerate(examples.tolist()):
         record = records[unl_rows[k]]
         image = torch.from_numpy(read_image(record.image_path)[..., 0]).float()[None] / 255
@@ -113,19 +110,13 @@ def figure(path: Path, records, unl_rows, examples, chosen, bank, truth, size: i
         panels = [(image, "unlabelled image", "gray"), (truth[k, 0].numpy(), "its withheld mask", "gray"),
                   (bank.masks[chosen[k], 0].numpy(), "contrast label (LV loss)", "gray")]
         for col, (picture, title, cmap) in enumerate(panels):
-            ax = fig.add_subplot(len(examples), 4, 4 * row + col + 1)
-            ax.imshow(picture, cmap=cmap, vmin=0, vmax=1)
-            ax.set_title(title, fontsize=9)
-            ax.set_axis_off()
+            image_panel(fig.add_subplot(len(examples), 4, 4 * row + col + 1), picture, title, cmap, vmin=0, vmax=1)
         ax = fig.add_subplot(len(examples), 4, 4 * row + 4)
         ax.set_axis_off()
         text = (f"report:\n{textwrap.fill(record.text, 42)}\n\nnearest labelled report:\n"
                 f"{textwrap.fill(bank.texts[chosen[k]], 42)}\n({bank.names[chosen[k]][:38]})")
-        ax.text(0, 0.5, text, fontsize=8, va="center", ha="left")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    atomic_write_bytes(path, buf.getvalue())
+        ax.text(0, 0.5, text, fontsize=NOTE_SIZE, va="center", ha="left")
+    atomic_write_bytes(path, figure_png(fig))
 
 
 def render(r: dict, md: Path) -> None:

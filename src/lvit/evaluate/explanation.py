@@ -3,7 +3,6 @@ overlays, the text-attribution figure (the same image under two reports), and th
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
@@ -50,12 +49,10 @@ def text_attribution_figure(image: np.ndarray, texts: tuple[str, str], explanati
     difference of the probability maps (report 1 minus report 2), so the effect of the text is visible."""
     import textwrap
 
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from ..core.figures import figure_png, image_panel, new_figure
 
     rgb = to_rgb(image)
-    fig = Figure(figsize=(13.5, 7.0), dpi=100)
-    FigureCanvasAgg(fig)
+    fig = new_figure(13.5, 7.0)
     grid = fig.add_gridspec(2, 4, width_ratios=(1, 1, 1, 1.15))
     for row, (text, expl) in enumerate(zip(texts, explanations)):
         pred = expl.probability >= threshold
@@ -65,10 +62,7 @@ def text_attribution_figure(image: np.ndarray, texts: tuple[str, str], explanati
             (heatmap_overlay(rgb, expl.cams[layer]), f"Grad-CAM {layer}"),
         )
         for col, (picture, title) in enumerate(panels):
-            ax = fig.add_subplot(grid[row, col])
-            ax.imshow(picture)
-            ax.set_title(title, fontsize=9)
-            ax.set_axis_off()
+            image_panel(fig.add_subplot(grid[row, col]), picture, title)
         label = "report" if row == 0 else "changed report"
         # The report under its row, left-aligned across the three panels.
         fig.axes[row * 3].text(0.0, -0.04, f"{label}: " + "\n".join(textwrap.wrap(text, 110)[:2]),
@@ -82,10 +76,7 @@ def text_attribution_figure(image: np.ndarray, texts: tuple[str, str], explanati
                  f"max {float(np.abs(diff).max()):.3g}", fontsize=9)
     ax.set_axis_off()
     fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
+    return figure_png(fig)
 
 
 def write_explanation(out_dir: str | Path, image: np.ndarray, texts: tuple[str, str],

@@ -9,7 +9,6 @@ Figures use matplotlib's object API on an Agg canvas (no pyplot global state, no
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
@@ -60,16 +59,11 @@ def curve_columns(frame: pd.DataFrame) -> dict[str, list[str]]:
 
 
 def _figure_png(draw, width: float = 5.0, height: float = 3.2, dpi: int = 110) -> bytes:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from ..core.figures import figure_png, new_figure
 
-    fig = Figure(figsize=(width, height), dpi=dpi)
-    FigureCanvasAgg(fig)
+    fig = new_figure(width, height, dpi)
     draw(fig)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
+    return figure_png(fig)
 
 
 def plot_curve(frame: pd.DataFrame, columns: list[str], title: str, ylabel: str) -> bytes:

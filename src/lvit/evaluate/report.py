@@ -120,28 +120,17 @@ def _find_saved_overlay(test_dir: Path, name: str) -> Path | None:
 def case_figure(image: np.ndarray, truth: np.ndarray | None, probability: np.ndarray, cams: dict[str, np.ndarray],
                 threshold: float = 0.5) -> bytes:
     """One row: image, prediction (red) vs ground truth (green outline), then one Grad-CAM per layer. PNG."""
-    import io
-
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure as MplFigure
-
+    from ..core.figures import figure_png, image_panel, new_figure
     from ..core.overlays import to_rgb
     from .explanation import heatmap_overlay, mask_overlay
 
     rgb = to_rgb(image)
     panels = [(rgb, "image"), (mask_overlay(rgb, probability >= threshold, truth), "prediction (red), truth (green)")]
     panels += [(heatmap_overlay(rgb, cam), f"Grad-CAM {layer}") for layer, cam in cams.items()]
-    fig = MplFigure(figsize=(2.8 * len(panels), 3.0), dpi=100)
-    FigureCanvasAgg(fig)
+    fig = new_figure(2.8 * len(panels), 3.0)
     for i, (picture, title) in enumerate(panels):
-        ax = fig.add_subplot(1, len(panels), i + 1)
-        ax.imshow(picture)
-        ax.set_title(title, fontsize=8)
-        ax.set_axis_off()
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
+        image_panel(fig.add_subplot(1, len(panels), i + 1), picture, title, title_size=8)
+    return figure_png(fig)
 
 
 def _explain_cases(run_dir: Path, cases: list[Case], layers: list[str] | None, threshold: float) -> str:
