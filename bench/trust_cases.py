@@ -168,7 +168,10 @@ def export_after_the_weights_changed(t: Tree):
     t.cli("test", run, "--data", t.data(), "--no-progress", "--k", 0)
     t.python(f"""
 import torch
-from lvit.artifacts.runs import load_run, save_weights
+try:
+    from lvit.artifacts.runs import load_run, save_weights
+except ImportError:  # trees before the artifacts/ package
+    from lvit.runs import load_run, save_weights
 r = load_run({str(run)!r})
 with torch.no_grad():
     r.model.head.bias.add_(1.0)
@@ -340,14 +343,22 @@ def kill_in_epoch_two_then_resume(t: Tree):
     ref_rows, rows = _metrics_rows(ref), _metrics_rows(run)
     same_rows = [{k: v for k, v in r.items() if k != "seconds"} for r in ref_rows] == \
         [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
-    same_weights = (ref / "checkpoints" / "last.safetensors").read_bytes() == \
-        (run / "checkpoints" / "last.safetensors").read_bytes()
+    same_weights = _same_tensors(ref / "checkpoints" / "last.safetensors", run / "checkpoints" / "last.safetensors")
     where = f"killed after {killed_after} finished epoch(s)"
     if same_rows and same_weights:
         return "handled", f"{where}; the resumed run equals the uninterrupted one (every epoch, final weights)"
     diff = next((f"epoch {a['epoch']} train loss {a['train_loss']} vs {b['train_loss']} uninterrupted"
                  for a, b in zip(rows, ref_rows) if a["train_loss"] != b["train_loss"]), "same losses")
     return "wrong", f"{where}; resumed: {diff}; final weights {'equal' if same_weights else 'differ'}"
+
+
+def _same_tensors(a: Path, b: Path) -> bool:
+    """Whether two safetensors files hold the same tensors, bit for bit (their metadata may differ)."""
+    import torch
+    from safetensors.torch import load_file
+
+    x, y = load_file(str(a)), load_file(str(b))
+    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
 
 def _metrics_rows(run: Path) -> list[dict]:
