@@ -20,6 +20,10 @@ Rules (``TRAINING_RULES``), each applied with probability 1/2, at least one per 
   preamble     "findings:" / "impression:" / "chest radiograph shows" before the report
 
 Reports that do not follow the template (other datasets, free text) are kept as they are.
+
+Known limit, measured on QaTa-COV19 (docs/REPORT_OPTIONAL.md): about a quarter of the reworded copies run past
+24 MiniLM word pieces (a template report has at most 20), so a model keeping 24 tokens loses the second side's
+zones in those copies, and the lvit-rdpw pilot stopped reading the report's sides.
 """
 
 from __future__ import annotations
