@@ -185,8 +185,14 @@ def data16(tmp_path_factory) -> Path:
 def test_sigkill_in_epoch_two_of_lvit_with_dataloader_workers_then_resume_is_exact(data16, tmp_path, tally):
     epochs = 3  # the third epoch follows a validation pass of the resumed process: it must not move the streams
     ref = tmp_path / "uninterrupted"
-    # In this process (one thread, as the subprocesses): the same `lvit train`, one interpreter start less.
-    code, _, err = run_cli(["train", "--data", data16, "--out", ref, "--epochs", epochs, *SYNTH_WITH_WORKERS])
+    # In this process, at one thread as the subprocesses (OMP_NUM_THREADS=1; other rounding otherwise): the same
+    # `lvit train`, one interpreter start less.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        code, _, err = run_cli(["train", "--data", data16, "--out", ref, "--epochs", epochs, *SYNTH_WITH_WORKERS])
+    finally:
+        torch.set_num_threads(threads)
     assert code == 0, err
     assert len(read_rows(ref)) == epochs
     # The second epoch's time: the first one's also holds the start-up (text encoding, workers), and a kill timed
