@@ -104,6 +104,54 @@ def test_variants_are_seeded():
     assert [len(v) for v in wording_variants(texts, 3)] == [20, 20, 20]
 
 
+def test_variants_are_drawn_again_until_they_fit_and_else_keep_the_original():
+    texts = TEMPLATE_REPORTS
+    short = wording_variants(texts, 2, seed=1, fits=lambda t: len(t) <= len(texts[0]) + 12)
+    unbounded = wording_variants(texts, 2, seed=1)
+    assert any(len(v) > len(texts[0]) + 12 for copy in unbounded for v in copy)  # the check has work to do
+    for copy in short:
+        for text, variant in zip(texts, copy):
+            assert variant == text or len(variant) <= len(texts[0]) + 12
+            assert _back_to_template(variant) == text
+    assert wording_variants(texts[:5], 1, fits=lambda t: False) == [texts[:5]]  # nothing fits: own words
+
+
+def test_training_copies_stay_within_the_models_word_pieces(tmp_path):
+    """The training data layer bounds the copies by the run's own tokenizer (MiniLM here, L = 14: tighter than
+    a template's 20, so the bound must bite)."""
+    from lvit.text import get_text_encoder
+    from lvit.text.vocabulary import ReportChecker
+    from lvit.train.datamodule import make_dataset
+
+    encoder = get_text_encoder("minilm", max_tokens=14)
+    counter = ReportChecker({"text_encoder": encoder.describe()}, None)
+    config = load_config(preset_path("synth"), ["text.wording_variants=2", "model.text_tokens=14"])
+    from PIL import Image
+
+    records = []
+    for k, text in enumerate(TEMPLATE_REPORTS[:12]):
+        path = tmp_path / f"{k}.png"
+        Image.fromarray(np.zeros((32, 32), np.uint8)).save(path)
+        records.append(Record(name=path.name, image_path=path, mask_path=None, text=text))
+    seen = []
+    from unittest import mock
+
+    import lvit.data.wording as wording
+
+    real = wording.wording_variants
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        seen.extend(v for copy in out for v in copy)
+        return out
+
+    with mock.patch.object(wording, "wording_variants", spy):
+        make_dataset(records, config, encoder, tmp_path / "cache", augment=True)
+    assert len(seen) == 24
+    assert all(counter.count_tokens(v) <= 14 or v in TEMPLATE_REPORTS for v in seen)
+    assert any(v not in TEMPLATE_REPORTS for v in seen)
+
+
 # --- the dataset draws a variant half the time ------------------------------------------------------------------
 
 

@@ -21,12 +21,16 @@ Rules (``TRAINING_RULES``), each applied with probability 1/2, at least one per 
 
 Reports that do not follow the template (other datasets, free text) are kept as they are.
 
-Known limit, measured on QaTa-COV19 (docs/REPORT_OPTIONAL.md): about a quarter of the reworded copies run past
-24 MiniLM word pieces (a template report has at most 20), so a model keeping 24 tokens loses the second side's
-zones in those copies, and the lvit-rdpw pilot stopped reading the report's sides.
+Length: several rules lengthen a report, and a model keeps only its first L word pieces. Unbounded, about a
+quarter of the reworded QaTa-COV19 copies ran past 24 MiniLM word pieces (a template report has at most 20), so
+the second side's zones were cut off in those copies and the lvit-rdpw pilot stopped reading the report's sides
+(docs/REPORT_OPTIONAL.md). :func:`wording_variants` therefore takes a ``fits`` check (the training code passes
+"at most the model's L word pieces") and draws again until a variant fits.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 
@@ -87,7 +91,23 @@ def vary_wording(text: str, rng: np.random.Generator) -> str:
     return _choice(rng, PREAMBLES) + report if "preamble" in rules else report
 
 
-def wording_variants(texts: list[str], count: int, seed: int = 0) -> list[list[str]]:
-    """``count`` reworded copies of ``texts``: a list of ``count`` lists, each as long as ``texts``."""
+#: Draws of :func:`vary_wording` per copy before a report that never fits is kept in its own words.
+MAX_DRAWS = 32
+
+
+def wording_variants(texts: list[str], count: int, seed: int = 0,
+                     fits: Callable[[str], bool] | None = None) -> list[list[str]]:
+    """``count`` reworded copies of ``texts``: a list of ``count`` lists, each as long as ``texts``.
+
+    ``fits(variant)`` (optional) must hold for every copy: a variant that fails it is drawn again, up to
+    :data:`MAX_DRAWS` times, then the original text stands in (it is what the model would read anyway)."""
     rng = np.random.default_rng(seed)
-    return [[vary_wording(t, rng) for t in texts] for _ in range(count)]
+
+    def one(text: str) -> str:
+        for _ in range(MAX_DRAWS if fits is not None else 1):
+            variant = vary_wording(text, rng)
+            if fits is None or fits(variant):
+                return variant
+        return text
+
+    return [[one(t) for t in texts] for _ in range(count)]

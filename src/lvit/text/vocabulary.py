@@ -124,7 +124,7 @@ class ReportChecker:
         self.known_words = read_training_words(run_dir)
         self._tokenizer = None
 
-    def _count_tokens(self, prepared: str) -> int | None:
+    def count_tokens(self, prepared: str) -> int | None:
         """Word pieces of ``prepared`` as the run's encoder splits it (None: a backend this check cannot read)."""
         if self.spec == "learned" or self.spec.startswith("learned:"):
             from . import word_tokens
@@ -141,7 +141,7 @@ class ReportChecker:
 
     def check(self, text: str) -> ReportCheck:
         # The report's own word pieces: the official " EOF XXX" padding of short reports is cut freely.
-        tokens = self._count_tokens(" ".join(str(text).split()))
+        tokens = self.count_tokens(" ".join(str(text).split()))
         words = report_words(text)
         known = None if self.known_words is None else len(words & self.known_words)
         if tokens is None:  # unknown tokenizer: no truncation check

@@ -64,8 +64,17 @@ def make_dataset(records: list[Record], config: TrainConfig, encoder, cache_dir:
     variants = []
     if aug and config.text.wording_variants:
         from ..data.wording import wording_variants
+        from ..text.vocabulary import ReportChecker
 
-        reworded = wording_variants([r.text for r in records], config.text.wording_variants, config.trainer.seed)
+        # A copy longer than the model's L word pieces would lose its last zones: keep every copy within L.
+        counter = ReportChecker({"text_encoder": encoder.describe()}, None)
+
+        def fits(text: str) -> bool:
+            tokens = counter.count_tokens(" ".join(text.split()))
+            return tokens is None or tokens <= encoder.max_tokens
+
+        reworded = wording_variants([r.text for r in records], config.text.wording_variants, config.trainer.seed,
+                                    fits=fits)
         variants = [encode_records(records, encoder, cache_dir, flipped=flipped, texts=texts) for texts in reworded]
     return SegmentationDataset.from_text(records, size, text, text_variants=variants, **kwargs)
 
