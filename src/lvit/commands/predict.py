@@ -109,7 +109,7 @@ def _predict_folder(args, segmenter) -> int:
     from ..core.errors import LvitError
     from ..core.io import output_dir
     from ..inference import requests
-    from ..inference.batch import segment_images
+    from ..inference.batch import BackgroundCalls, segment_images
 
     folder = Path(args.images)
     images = requests.image_folder(folder)
@@ -130,12 +130,13 @@ def _predict_folder(args, segmenter) -> int:
             requests.warn_about_reports(segmenter, [t for _, t in pairs], [p.name for p, _ in pairs],
                                         f"--reports {args.reports}")
         written, generated = 0, []
-        for path, image, prob, report in segment_images(segmenter, pairs, args.batch_size, generate, failed,
-                                                        progress=not args.no_progress):
-            out_files.save_folder_prediction(out, path.stem, image, prob, prob >= args.threshold, args.prob,
-                                             args.overlay)
-            written += 1
-            generated += [(path.name, report)] if generate else []
+        with BackgroundCalls() as saving:  # the files are written while the next batch runs
+            for path, image, prob, report in segment_images(segmenter, pairs, args.batch_size, generate, failed,
+                                                            progress=not args.no_progress):
+                saving.submit(out_files.save_folder_prediction, out, path.stem, image, prob,
+                              prob >= args.threshold, args.prob, args.overlay)
+                written += 1
+                generated += [(path.name, report)] if generate else []
         if not written:
             raise LvitError(f"{folder}: none of the {total} image(s) could be predicted (first: {failed[0][1]})")
         listing = out_files.write_folder_lists(out, skipped, failed, generated, writer_folder)

@@ -63,6 +63,7 @@ def images_and_reports(images: dict[str, Path], folder: Path, table: str | None,
 def _pairs(images, folder, table, image_column, text_column, reads_text, source, model_name):
     from ..core.errors import warn
     from ..data.layout_official import match_row, read_table
+    from ..data.records import stem_index
 
     if table is None or wants_generated(table):
         if table is not None and not reads_text:
@@ -73,8 +74,9 @@ def _pairs(images, folder, table, image_column, text_column, reads_text, source,
         warn(f"--reports {table}: the model of {source} ({model_name}) does not read reports; the table only "
              "selects the images to predict")
     pairs, failed, used = [], [], set()
+    by_stem = stem_index(images)  # once: per row it made a table of N rows cost N^2
     for row in read_table(table, image_column, text_column):
-        name, _ = match_row(row.key, images, {})
+        name, _ = match_row(row.key, images, {}, by_stem)
         if name is None:
             failed.append((row.key, f"{table}: row {row.row}: no image in {folder} for {row.key!r}"))
             continue
