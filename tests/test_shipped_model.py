@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from files import load_bench
 from PIL import Image
 
 from lvit.commands.cli import main
@@ -103,3 +104,14 @@ def test_the_shipped_model_scores_the_card_figure_on_the_shared_qata_sample(shar
     assert metrics["n_scored"] == stated["n_test"]
     assert abs(metrics["original_resolution"]["mean_over_images"]["dice"] - stated["dice_original"]) <= 1e-4
     assert abs(metrics["dice"] - stated["dice"]) <= 1e-4
+
+
+def test_flip_average_bench_scores_the_plain_answer_as_lvit_test_does(shared_dir):
+    """bench/flip_average.py: its plain column is the shipped model's per-image Dice on the sample's test cases
+    (the card's figure), and the averaged column comes from the same passes (a different number)."""
+    bench = load_bench("bench/flip_average.py", "flip_average")
+    entry = bench.score("qata-lvit", shared_dir / "datasets" / "QaTa-COV19-sample", "true")
+    card = json.loads((REPO / "bench" / "shipped_model.json").read_text())["sample_test"]
+    assert entry["n"] == card["n_test"]
+    assert entry["dice_original_plain"] == pytest.approx(card["dice_original"], abs=1e-4)
+    assert entry["dice_original_flip_average"] != entry["dice_original_plain"]
