@@ -10,9 +10,9 @@ masks' original 224x224 (``dice_original``) with:
 * ``true``: the dataset's reports;
 * ``none``: no report (the model's no-report path; null for a model without one);
 * ``generated``: reports the report writer ``--reporter`` wrote from the images (null without one);
-* ``self_described``: two passes, no report then a report the model wrote itself: the no-report path's mask is
-  described by ``lvit describe``'s rules (sides, count, zones) and the model reads that report (null for a model
-  without a no-report path);
+* ``self_described``: two passes, no report then a report the model wrote itself: the no-report path's mask (at
+  the model's resolution) is described by ``lvit describe``'s rules (sides, count, zones) and the model reads
+  that report (``Segmenter(..., no_report_path="self-described")``; null for a model without a no-report path);
 * ``rephrased``: the reports reworded by bench/rephrase_reports.py (same facts, other words; seed 0);
 * ``swapped_changed`` / ``true_changed``: left and right swapped, and the true reports, on the test reports a swap
   changes (lvit.evaluate.text_probe's rule).
@@ -71,14 +71,6 @@ def mean(values) -> float:
     return sum(values) / len(values)
 
 
-def self_described_reports(scored: Path, names: list[str]) -> list[str]:
-    """The report ``lvit describe`` writes for each no-report mask of a ``run_test`` output folder, in ``names``'
-    order."""
-    from lvit.data.describe import describe_file
-
-    return [describe_file(scored / "masks" / f"{Path(n).stem}.png") for n in names]
-
-
 def evaluate_run(run_dir: Path, data: Path, work: Path, reporter: Path | None) -> dict:
     import yaml
 
@@ -87,6 +79,7 @@ def evaluate_run(run_dir: Path, data: Path, work: Path, reporter: Path | None) -
     from lvit.evaluate.testing import run_test
     from lvit.evaluate.text_probe import meaning_changed, variant_reports
     from lvit.inference import model_has_no_report_path
+    from lvit.text import default_cache_dir
 
     rephrase = bench_module("rephrase_reports")
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
@@ -94,17 +87,21 @@ def evaluate_run(run_dir: Path, data: Path, work: Path, reporter: Path | None) -
     names = [r.name for r in load_split(data, "test")]
     started = time.perf_counter()
 
-    def score(label: str, **kwargs) -> dict[str, float]:
+    def score(label: str, run=None, **kwargs) -> dict[str, float]:
         out = work / f"{run_dir.name}-{label}"
-        run_test(run_dir, data, "test", out, force=True, progress=False, batch_size=32, k=0, **kwargs)
+        run_test(run if run is not None else run_dir, data, "test", out, force=True, progress=False, batch_size=32,
+                 k=0, **kwargs)
         print(f"{run_dir.name}: {label} done", flush=True)
         return per_image(out)
 
     scores = {"true": score("true")}
     if model_has_no_report_path(config):
         scores["none"] = score("none", reports="none")
-        described = self_described_reports(work / f"{run_dir.name}-none", names)
-        scores["self_described"] = score("self_described", texts=described)
+        from lvit.inference import Segmenter
+
+        scores["self_described"] = score("self_described", reports="none",
+                                         run=Segmenter(run_dir, no_report_path="self-described",
+                                                       cache_dir=default_cache_dir(data)))
     if reporter is not None:
         scores["generated"] = score("generated", reports="generated", reporter=reporter)
     reworded, _ = rephrase.rephrase_all(texts, seed=0)

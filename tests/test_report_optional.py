@@ -120,6 +120,33 @@ def test_predictor_mixes_reports_and_missing_ones_row_by_row(runs):
         Segmenter(plain).predict(images[0])
 
 
+def test_the_self_described_path_reads_the_report_its_first_mask_describes(runs):
+    """Second pass = the report path given describe_mask(first mask at the model's resolution); rows with a report
+    are untouched; the description is kept for the caller."""
+    import torch
+
+    from lvit.data import load_split, read_image
+    from lvit.data.describe import describe_mask
+    from lvit.inference import Segmenter
+
+    data, rd, _ = runs
+    records = load_split(data, "test")
+    learned, described = Segmenter(rd), Segmenter(rd, no_report_path="self-described")
+    batch = torch.stack([learned.preprocess(read_image(r.image_path)) for r in records])
+    first = learned.logits(batch)  # [3, 1, 32, 32], all without a report
+    reports = [describe_mask((first[i, 0] >= 0).numpy()) for i in range(len(records))]
+    expected = learned.logits(batch, *learned.text_for(reports, len(reports)))
+    assert torch.allclose(described.logits(batch), expected, atol=1e-6)
+    assert described.last_descriptions == reports
+    emb, mask = described.text_for([records[0].text, None, records[2].text], 3)  # mixed: only row 1 is re-read
+    mixed = described.logits(batch, emb, mask)
+    assert torch.allclose(mixed[[0, 2]], learned.logits(batch[[0, 2]], emb[[0, 2]], mask[[0, 2]]), atol=1e-6)
+    assert torch.allclose(mixed[1], expected[1], atol=1e-6)
+    assert described.last_descriptions == [reports[1]]
+    with pytest.raises(ConfigError, match="no-report path"):
+        Segmenter(rd, no_report_path="guess")
+
+
 def test_the_no_report_path_never_loads_the_text_encoder(runs, monkeypatch):
     import lvit.inference.segmenter as segmenter_module
     from lvit.data import load_split, read_image

@@ -27,6 +27,10 @@ from ..models.pretrained import REPORT_CACHE
 
 TextFn = Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]]
 TITLES = {"lvit": "LViT", "lvit-t": "LViT-T (no text)", "unet": "U-Net"}
+#: How a model with a no-report path answers an image without a report: ``learned``, its learned stand-in for
+#: the report (one pass); ``self-described``, that pass, then the report ``lvit describe``'s rules write from its
+#: mask (sides, count, zones) read back as the image's report (a second pass; needs the text encoder).
+NO_REPORT_PATHS = ("learned", "self-described")
 
 
 def model_reads_text(run_config: dict) -> bool:
@@ -135,12 +139,16 @@ class Segmenter:
     """Segment images with a trained model. ``source``: a run folder, a model folder, a weights file or a shipped
     model's name; ``backend``: ``torch`` or ``onnx`` (ONNX Runtime, see :mod:`lvit.artifacts.export`);
     ``cache_dir``: where encoded reports are cached; ``reporter``: a report writer folder (default: the run's own
-    ``RUN/reporter/``, if any)."""
+    ``RUN/reporter/``, if any); ``no_report_path``: one of :data:`NO_REPORT_PATHS`, for images without a report."""
 
     def __init__(self, source: str | Path, device: str | torch.device = "cpu", backend: str = "torch",
-                 cache_dir: str | Path | None = None, reporter: str | Path | None = None):
+                 cache_dir: str | Path | None = None, reporter: str | Path | None = None,
+                 no_report_path: str = "learned"):
         if backend not in ("torch", "onnx"):
             raise ConfigError(f"unknown backend {backend!r} (available: torch, onnx)")
+        if no_report_path not in NO_REPORT_PATHS:
+            raise ConfigError(f"unknown no-report path {no_report_path!r} (available: {', '.join(NO_REPORT_PATHS)})")
+        self.no_report_path = no_report_path
         self.device = resolve_device(device)
         if backend == "onnx" and self.device.type != "cpu":
             raise ConfigError("the onnx backend runs on CPU (ONNX Runtime's CPU provider): use --device cpu")
@@ -156,6 +164,7 @@ class Segmenter:
         self._encode_text: TextFn | None = None
         self._checker = None
         self._writer = None
+        self.last_descriptions: list[str] = []  # the self-described path's reports of the last batch
 
     # ------------------------------------------------------------------ what the model is (no load needed)
     @property
@@ -282,14 +291,35 @@ class Segmenter:
         if text is not None:
             text = text.to(self.device)
             text_mask = None if text_mask is None else text_mask.to(self.device)
-        if self.has_no_report_path and text_mask is not None and not bool(text_mask.any(1).all()):
-            # rows without a single token are images without a report (text_for): the no-report path answers
-            logits = self.model(images, text, text_mask, no_report=~text_mask.any(1)).float()
+        missing = None  # [B] bool: the images without a report
+        if self.has_no_report_path and text is None:
+            missing = torch.ones(images.shape[0], dtype=torch.bool, device=images.device)
+        elif self.has_no_report_path and text_mask is not None and not bool(text_mask.any(1).all()):
+            missing = ~text_mask.any(1)  # rows without a single token have no report (text_for)
+        if missing is not None:
+            logits = self.model(images, text, text_mask, no_report=None if text is None else missing).float()
+            if self.no_report_path == "self-described":
+                logits = self._read_own_description(images, logits, missing)
         else:
             logits = self.model(images, text, text_mask).float()
         if not bool(torch.isfinite(logits).all()):  # never a mask thresholded from NaN
             raise LvitError(f"{self.weights}: the model gave NaN or infinite values for this input (weights or "
                             "input out of range); no mask was written")
+        return logits
+
+    def _read_own_description(self, images: torch.Tensor, logits: torch.Tensor,
+                              missing: torch.Tensor) -> torch.Tensor:
+        """The second pass of the self-described path: each image without a report gets the report ``lvit
+        describe`` writes from its first mask (at the model's resolution, threshold 0.5) and is run again with it."""
+        from ..data.describe import describe_mask
+
+        rows = missing.nonzero().flatten()
+        reports = [describe_mask((logits[i, 0] >= 0).cpu().numpy()) for i in rows.tolist()]  # logit 0 = p 0.5
+        self.last_descriptions = reports
+        emb, mask = self.encode_text(reports)
+        second = self.model(images[rows], emb.to(self.device), mask.to(self.device)).float()
+        logits = logits.clone()
+        logits[rows] = second
         return logits
 
     def text_for(self, texts: Sequence[str | None] | None,
