@@ -168,12 +168,17 @@ def render(args) -> int:
         "reports a swap changes.",
         "",
         "| model | recipe | seed | true | no report | self-described | generated | reworded | swapped (changed) "
-        "| true (changed) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| true (changed) | rewording costs | swap costs |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for e in results:
+        costs = (e["true"] - e["rephrased"], e["true_changed"] - e["swapped_changed"])
         lines.append(f"| {e['model']} | {e['recipe']} | {e['seed']} | " + " | ".join(
-            _cell(e.get(c)) for c in COLUMNS) + " |")
+            _cell(e.get(c)) for c in COLUMNS) + " | " + " | ".join(f"{c:.3f}" for c in costs) + " |")
+    lines += ["", "Reworded training copies: `lvit-rdpw-s0` was trained before they were bounded by the model's 24 "
+                  "word pieces (a quarter of them ran past it); every later run's copies fit (docs/REPORT_OPTIONAL.md)."
+                  " Self-described and generated: columns added with `lvit-rdw-s0`; earlier runs were not rescored "
+                  "(their work folders are gone)."]
     if QATA_JSON.is_file():
         qata = json.loads(QATA_JSON.read_text())
         free = [qata[k]["dice_original"] for k in sorted(qata) if qata[k].get("row") == "lvit-t"]
