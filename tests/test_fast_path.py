@@ -172,7 +172,10 @@ def test_whole_fast_step_agrees_with_eager_fp32_over_a_few_steps():
     """The fast step lvit train runs (bf16 autocast, channels_last, torch.compile, fused Adam, batches gathered and
     augmented by DeviceLoader, the official Dice + BCE loss) against eager fp32 on the same device data: from the
     same warmed weights, three consecutive steps (each side updating its own weights) give losses within 1e-2
-    relative and gradients within BF16_BOUND (5e-2); ``pytest -s`` prints the errors.
+    relative and gradients within BF16_BOUND (5e-2) at the first step, where both sides hold the same weights, and
+    within k x BF16_BOUND at step k: each side then steps from its own weights, so the two trajectories drift
+    apart by bf16's rounding of the updates as well (more on CPUs whose bf16 runs on its own hardware, e.g. AMX,
+    than where it is emulated); ``pytest -s`` prints the errors.
 
     Compiled with ``aot_eager_decomp_partition`` (Dynamo + AOTAutograd with inductor's decompositions and
     partitioner, run eagerly): inductor's own code generation does not finish here in a test's time."""
@@ -210,7 +213,7 @@ def test_whole_fast_step_agrees_with_eager_fp32_over_a_few_steps():
         rel_grads = float((grads - ref_grads).norm() / ref_grads.norm())
         print(f"step {k + 1}: loss {loss:.5f} vs {ref_loss:.5f} eager fp32, gradients {rel_grads:.1e} off")  # -s
         assert abs(loss - ref_loss) <= 1e-2 * abs(ref_loss), (k, loss, ref_loss)
-        assert rel_grads <= BF16_BOUND, (k, rel_grads)
+        assert rel_grads <= (k + 1) * BF16_BOUND, (k, rel_grads)
 
 
 def test_fast_config_section_and_preset():
