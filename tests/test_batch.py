@@ -118,3 +118,17 @@ def test_a_full_disk_while_saving_a_folder_is_one_line_and_stops(tmp_path, monke
     assert code != 0
     assert "3.png" in err and "No space left on device" in err and "Traceback" not in err
     assert sorted(p.name for p in (tmp_path / "out" / "masks").iterdir()) == ["0.png", "1.png", "2.png"]
+
+
+def test_a_full_disk_while_lvit_test_saves_its_masks_is_one_line(shared_dir, tmp_path, monkeypatch, capsys):
+    """lvit test writes its masks on a background thread too: a failed write ends the command with its message,
+    and no metrics.json claims a finished test."""
+    from lvit.core import io as lio
+
+    monkeypatch.setenv(lio.FAULT_ENV, "enospc=*.png")
+    code = main(["test", "qata-lvit", "--data", str(shared_dir / "datasets" / "QaTa-COV19-sample"), "--out",
+                 str(tmp_path / "out"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code != 0
+    assert "No space left on device" in err and ".png" in err and "Traceback" not in err
+    assert not (tmp_path / "out" / "metrics.json").exists()

@@ -177,6 +177,7 @@ def _score(segmenter, records, out: Path, data_root: Path, split: str, k: int, b
     """Predict ``records``, write masks, per_image.csv, overlays and metrics.json into ``out``."""
     from ..data import load_pair
     from ..inference import to_original_size
+    from ..inference.batch import BackgroundCalls
 
     run_dir = segmenter.run_dir
     dataset = _eval_dataset(segmenter, records)
@@ -186,26 +187,27 @@ def _score(segmenter, records, out: Path, data_root: Path, split: str, k: int, b
     model_scores, orig_scores = SegmentationScores(), SegmentationScores()
     rows: list[dict] = []
     bar = tqdm(total=len(dataset), desc=f"lvit test ({split})", unit="img", disable=not progress)
-    for items in loader:
-        images = torch.stack([it["image"] for it in items])  # [B, C, S, S]
-        text = torch.stack([it["text"] for it in items]) if "text" in items[0] else None
-        text_mask = torch.stack([it["text_mask"] for it in items]) if "text_mask" in items[0] else None
-        logits = segmenter.logits(images, text, text_mask).cpu()  # [B, 1, S, S]
-        for i, item in enumerate(items):
-            record = records[item["index"]]
-            _, mask_orig = load_pair(record, segmenter.in_channels)
-            prob = to_original_size(logits[i:i + 1], item["orig_size"])[0, 0].numpy()  # [H, W]
-            pred_orig = prob >= THRESHOLD
-            stem = Path(record.name).stem
-            save_png(out / "masks" / f"{stem}.png", mask_png(pred_orig))
-            row = {"name": record.name, "mask_file": f"masks/{stem}.png", "pred_pixels": int(pred_orig.sum())}
-            if item["has_mask"]:
-                pred_model = torch.sigmoid(logits[i, 0]).numpy() >= THRESHOLD
-                d, j = model_scores.add(record.name, pred_model, item["mask"][0].numpy() > 0.5)
-                do, jo = orig_scores.add(record.name, pred_orig, mask_orig.astype(bool))
-                row.update(dice=d, iou=j, dice_original=do, iou_original=jo, gt_pixels=int(mask_orig.sum()))
-            rows.append(row)
-            bar.update(1)
+    with BackgroundCalls() as saving:  # the masks are written while the next batch runs
+        for items in loader:
+            images = torch.stack([it["image"] for it in items])  # [B, C, S, S]
+            text = torch.stack([it["text"] for it in items]) if "text" in items[0] else None
+            text_mask = torch.stack([it["text_mask"] for it in items]) if "text_mask" in items[0] else None
+            logits = segmenter.logits(images, text, text_mask).cpu()  # [B, 1, S, S]
+            for i, item in enumerate(items):
+                record = records[item["index"]]
+                _, mask_orig = load_pair(record, segmenter.in_channels)
+                prob = to_original_size(logits[i:i + 1], item["orig_size"])[0, 0].numpy()  # [H, W]
+                pred_orig = prob >= THRESHOLD
+                stem = Path(record.name).stem
+                saving.submit(save_png, out / "masks" / f"{stem}.png", mask_png(pred_orig))
+                row = {"name": record.name, "mask_file": f"masks/{stem}.png", "pred_pixels": int(pred_orig.sum())}
+                if item["has_mask"]:
+                    pred_model = torch.sigmoid(logits[i, 0]).numpy() >= THRESHOLD
+                    d, j = model_scores.add(record.name, pred_model, item["mask"][0].numpy() > 0.5)
+                    do, jo = orig_scores.add(record.name, pred_orig, mask_orig.astype(bool))
+                    row.update(dice=d, iou=j, dice_original=do, iou_original=jo, gt_pixels=int(mask_orig.sum()))
+                rows.append(row)
+                bar.update(1)
     bar.close()
 
     _write_per_image(out / "per_image.csv", rows)
