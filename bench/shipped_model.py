@@ -3,6 +3,7 @@ measured, and described by a card rendered from the measurements.
 
     python bench/shipped_model.py ship --run W/runs/lvit-s0 --data QATA \
         --sample ../shared/datasets/QaTa-COV19-sample --command "python bench/qata.py train ..." --commit SHA
+    python bench/shipped_model.py add-reporter --reporter R --data QATA --sample ... --command "lvit ..." --commit SHA
     python bench/shipped_model.py timing --data QATA     # whole-process predict, folder and forward rates
     python bench/shipped_model.py card                   # README.md of the shipped folder from the JSON
 
@@ -34,6 +35,8 @@ RESULTS_JSON = REPO / "bench" / "shipped_model.json"
 NAME = "qata-lvit"
 PACKAGE_FOLDER = REPO / "src" / "lvit" / "resources" / "models" / NAME
 FP16_TOLERANCE = 0.001  # largest change of any test figure that float16 weights may cause
+# The writer's validation scores kept in the JSON: exact report, sides, count, mean F1 of the six zones.
+WRITER_VAL_KEYS = ("n", "exact", "sides_accuracy", "count_accuracy", "macro_f1")
 FIGURES = ("dice", "iou", "pooled_dice", "dice_original", "iou_original", "pooled_dice_original")
 
 
@@ -123,6 +126,73 @@ def ship(args) -> int:
     shutil.rmtree(work, ignore_errors=True)
     print(f"shipped {PACKAGE_FOLDER} ({dtype}, sha256 {entry['weights_sha256'][:12]}): test Dice "
           f"{entry['dice_original']:.4f} at 224 px; wrote {RESULTS_JSON}", flush=True)
+    return 0
+
+
+def add_reporter(args) -> int:
+    """Put a report writer (``lvit train-reporter``) into the shipped folder, with every report it can write
+    shipped encoded beside the training reports (no text model at prediction time), and score the folder on the
+    test split with the reports it writes from the images (the path ``lvit predict`` takes without ``--text``)."""
+    import torch
+
+    from lvit.artifacts.reporter_folder import read_reporter_meta
+    from lvit.benchmark import machine_line
+    from lvit.data import load_split
+    from lvit.data.flags import possible_reports
+    from lvit.models.pretrained import REPORT_CACHE, REPORTER_DIR, REPORTER_FILES
+    from lvit.text import get_text_encoder
+    from lvit.text.cache import cache_file_bytes, read_cache_rows
+    from lvit.text.reports import text_sha256
+
+    meta = read_reporter_meta(args.reporter)
+    work = Path(tempfile.mkdtemp(prefix="lvit-reporter-"))
+    staged = work / NAME
+    shutil.copytree(PACKAGE_FOLDER, staged, ignore=shutil.ignore_patterns(REPORTER_DIR))
+    (staged / REPORTER_DIR).mkdir()
+    shutil.copyfile(Path(meta["folder"]) / "weights.safetensors", staged / REPORTER_DIR / "weights.safetensors")
+    shipped_meta = {k: v for k, v in meta.items() if k != "folder"}
+    if isinstance(shipped_meta.get("data"), dict) and shipped_meta["data"].get("root"):  # no local paths shipped
+        shipped_meta["data"] = {**shipped_meta["data"], "root": Path(shipped_meta["data"]["root"]).name}
+    (staged / REPORTER_DIR / "reporter.json").write_text(json.dumps(shipped_meta, indent=2) + "\n")
+    assert sorted(p.name for p in (staged / REPORTER_DIR).iterdir()) == sorted(REPORTER_FILES)
+    info = json.loads((staged / "config.json").read_text())["text_encoder"]
+    encoder = get_text_encoder(info["spec"], int(info["max_tokens"]), min_words=int(info["min_words"]))
+    written = possible_reports(meta["allow_empty"], bool(meta.get("capitalize")))
+    shipped_cache = PACKAGE_FOLDER / REPORT_CACHE
+    old = read_cache_rows(shipped_cache, encoder)
+    reports = sorted({r.text for r in load_split(args.data, "train")})
+    if not {text_sha256(t) for t in encoder.prepare(reports)} <= set(old):
+        raise SystemExit(f"error: {shipped_cache}: lacks some of {args.data}'s training reports (not the data the "
+                         "shipped model was trained on?)")
+    (staged / REPORT_CACHE).write_bytes(cache_file_bytes(encoder, written, base=shipped_cache))
+    new = read_cache_rows(staged / REPORT_CACHE, encoder)
+    assert all(torch.equal(old[k][0], new[k][0]) for k in old), "the shipped rows must stay bit for bit"
+    print(f"report cache: {len(old)} shipped rows kept, {len(new) - len(old)} of the writer's "
+          f"{len(written)} reports added", flush=True)
+    started = time.perf_counter()
+    generated = figures(test(staged, args.data, work / "test-generated", reports="generated"))
+    print(f"generated reports: {json.dumps(generated)} ({time.perf_counter() - started:.0f} s)", flush=True)
+    results = json.loads(RESULTS_JSON.read_text())
+    if sha256(staged / "model.safetensors") != results["weights_sha256"]:
+        raise SystemExit(f"error: {PACKAGE_FOLDER}: its weights are not those {RESULTS_JSON} describes")
+    results["generated"] = generated
+    results["reporter"] = {"command": args.command, "commit": args.commit,
+                           "epochs": (meta.get("training") or {}).get("epochs"),
+                           "weights_sha256": sha256(staged / REPORTER_DIR / "weights.safetensors"),
+                           "weights_bytes": (staged / REPORTER_DIR / "weights.safetensors").stat().st_size,
+                           "reports_it_can_write": len(written),
+                           "val": {k: meta["val"]["thresholds_chosen"][k] for k in WRITER_VAL_KEYS},
+                           "machine": machine_line()}
+    if args.sample and "sample_test" in results:
+        sample = figures(test(staged, args.sample, work / "test-sample-generated", reports="generated"))
+        results["sample_test"]["generated"] = sample
+    shutil.rmtree(PACKAGE_FOLDER)
+    shutil.copytree(staged, PACKAGE_FOLDER)
+    RESULTS_JSON.write_text(json.dumps(results, indent=2) + "\n")
+    write_card()
+    shutil.rmtree(work, ignore_errors=True)
+    print(f"{PACKAGE_FOLDER}: now carries the report writer {args.reporter}; test Dice with its reports "
+          f"{generated['dice_original']:.4f} at 224 px; wrote {RESULTS_JSON}", flush=True)
     return 0
 
 
@@ -219,12 +289,27 @@ def _f(x: float) -> str:
     return f"{x:.4f}"
 
 
+def _writer_text(r: dict) -> str:
+    w = r["reporter"]
+    return ("Without a report the folder's **report writer** (`reporter/`, a small CNN trained by "
+            f"`{w['command']}` at lvit commit {w['commit']}; {w['weights_bytes']:,} bytes) scores the six lung "
+            "zones of the report template from the image and writes the report the model then reads: `lvit predict` "
+            "without `--text`, `lvit app`'s \"Write the report\" button and `lvit test --reports generated` use it "
+            f"and say so. All {w['reports_it_can_write']} reports it can write ship already encoded. On the "
+            f"{w['val']['n']:,} validation images its report names the lungs of the true one in "
+            f"{w['val']['sides_accuracy']:.0%} of them, the count in {w['val']['count_accuracy']:.0%}, every zone "
+            f"right in {w['val']['exact']:.0%}: it is weaker than a true report (table below), and the model itself "
+            "has no no-report path.")
+
+
 def card_text(r: dict) -> str:
     seeds = ", ".join(f"seed {s['seed']}: {_f(s['dice_original'])}" for s in r["seeds"])
     px = f"{r['image_size']} px"
     rows = [("true report", r)]
     if "no_report" in r:
         rows.append(("no report (the no-report path)", r["no_report"]))
+    if "generated" in r:
+        rows.append(("no report: written from the image by the folder's report writer", r["generated"]))
     table = "\n".join(
         f"| {label} | {_f(m['dice_original'])} | {_f(m['iou_original'])} | {_f(m['pooled_dice_original'])} | "
         f"{_f(m['dice'])} | {_f(m['iou'])} | {_f(m['pooled_dice'])} |" for label, m in rows)
@@ -235,11 +320,14 @@ def card_text(r: dict) -> str:
                        f"(`../shared/datasets/QaTa-COV19-sample`), with their true reports: per-image Dice "
                        f"{_f(sample['dice_original'])} at 224 px, {_f(sample['dice'])} at {r['image_size']} px"
                        + (f"; without a report {_f(sample['no_report']['dice_original'])} at 224 px"
-                          if "no_report" in sample else "") + ".\n")
+                          if "no_report" in sample else "")
+                       + (f"; with the reports its writer writes {_f(sample['generated']['dice_original'])} at "
+                          "224 px" if "generated" in sample else "") + ".\n")
     no_report = ("The model also answers **without a report**: it was trained with report dropout (each training "
                  f"report replaced by a learned \"no report\" stand-in with probability {r['report_dropout']:g}), so "
                  "`lvit predict` without `--text` and `lvit app` with an empty report box use that path and say so."
                  if "no_report" in r else
+                 _writer_text(r) if "generated" in r else
                  "The model needs the report: without one, `lvit predict` asks for `--text` (this model has no "
                  "no-report path and the folder carries no report writer).")
     speed = ""
@@ -350,10 +438,18 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--repeats-folder", type=int, default=3, help="folder and forward runs (medians kept)")
     t.add_argument("--threads", type=int, default=1)
     t.set_defaults(func=timing)
+    w = sub.add_parser("add-reporter", help="put a report writer into the shipped folder and score its reports")
+    w.add_argument("--reporter", type=Path, required=True, help="a folder written by lvit train-reporter --out")
+    w.add_argument("--data", type=Path, required=True, help="QaTa-COV19 root (either layout)")
+    w.add_argument("--sample", type=Path, default=None, help="the 64-case sample (../shared/datasets/...)")
+    w.add_argument("--command", required=True, help="the command that trained the writer (for the card)")
+    w.add_argument("--commit", required=True, help="the lvit commit that trained it (for the card)")
+    w.add_argument("--threads", type=int, default=2)
+    w.set_defaults(func=add_reporter)
     c = sub.add_parser("card", help="the shipped folder's README.md from the JSON")
     c.set_defaults(func=card)
     args = parser.parse_args(argv)
-    if hasattr(args, "threads") and args.command_name == "ship":
+    if hasattr(args, "threads") and args.command_name in ("ship", "add-reporter"):
         import torch
 
         torch.set_num_threads(args.threads)

@@ -149,8 +149,14 @@ def test_text_models_need_the_report_and_the_report_writer_hook_fills_it(text_ru
         "The report is long: the model reads its first 6 of 11 tokens (word pieces)."]
     assert any("far from the training reports" in n for n in seg.segment(image, "xyzzy plugh", 0.5).notes)
     assert seg.write_report(image) == ("", "No report writer for this model (lvit train-reporter): type the report.")
-    seg.report_writer = lambda pixels: f"report of a {pixels.shape[1]}x{pixels.shape[0]} image"
-    assert seg.write_report(image)[0] == "report of a 60x72 image"
+    seg.report_writer = lambda pixels: f"left lung, {pixels.shape[1]}x{pixels.shape[0]} image"
+    assert seg.write_report(image)[0] == "left lung, 60x72 image"
+    # an empty box with a writer: the writer's report is read (as lvit predict without --text), and said so
+    written = seg.segment(image, "  ", 0.5)
+    typed = seg.segment(image, "left lung, 60x72 image", 0.5)
+    assert written.ok and np.array_equal(written.overlay, typed.overlay)
+    assert written.notes == ['No report: the report writer wrote "left lung, 60x72 image" from the image and the '
+                             "model read it; a true report usually gives a better mask."]
 
 
 def test_lvit_app_without_gradio_is_one_line(model_folder, monkeypatch, capsys):

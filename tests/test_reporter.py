@@ -73,6 +73,21 @@ def test_every_decoded_report_parses_back_into_the_template(allow_empty):
     assert len(seen) > 20
 
 
+@pytest.mark.parametrize("allow_empty", [True, False])
+def test_possible_reports_are_every_report_the_flags_can_decode_to(allow_empty):
+    from lvit.data.flags import possible_reports
+
+    reports = possible_reports(allow_empty)
+    assert len(reports) == len(set(reports)) == (64 if allow_empty else 63)
+    assert {parse_findings(r).flags for r in reports} == {tuple(row) for row in np.ndindex(*(2,) * 6)
+                                                         if any(row) or allow_empty}
+    assert ("no pulmonary infection." in reports) is allow_empty
+    rng = np.random.default_rng(1)  # whatever a writer decodes is one of them
+    written = findings_from_probabilities(rng.random((300, 6)), rng.uniform(0.1, 0.9, 6), allow_empty)
+    assert {format_report(f) for f in written} <= set(reports)
+    assert possible_reports(allow_empty, capitalize=True) == [r[0].upper() + r[1:] for r in reports]
+
+
 def test_no_zone_over_its_threshold_names_the_most_likely_one_unless_empty_reports_are_allowed():
     probs = np.array([[0.1, 0.2, 0.3, 0.05, 0.1, 0.0]])
     assert format_report(findings_from_probabilities(probs, [0.5] * 6, True)[0]) == "no pulmonary infection."
@@ -305,6 +320,32 @@ def test_predict_without_text_writes_the_mask_and_its_generated_report(run_with_
     assert main(["predict", str(run_with_writer), "--image", str(image), "--out", str(other), "--text",
                  "Unilateral pulmonary infection, one infected area, lower left lung."]) == 0
     assert other.is_file() and not (tmp_path / "given.report.txt").exists()
+
+
+def test_an_exported_folder_ships_every_report_its_writer_can_write_already_encoded(run_with_writer, tiny_synth,
+                                                                                    tmp_path, monkeypatch, capsys):
+    from lvit.artifacts.model_folder import export_model_folder
+    from lvit.commands.cli import main
+    from lvit.data import load_split
+    from lvit.text.encoders import HFEncoder
+
+    train_reports = [r.text for r in load_split(tiny_synth, "train")]
+    folder = export_model_folder(run_with_writer, tmp_path / "folder", report_texts=train_reports)
+    assert (folder / "reporter" / "reporter.json").is_file()
+    image = next((tiny_synth / "Test_Folder" / "img").iterdir())
+    reference = tmp_path / "run-mask.png"
+    assert main(["predict", str(run_with_writer), "--image", str(image), "--out", str(reference)]) == 0
+    capsys.readouterr()
+
+    def no_model(self):
+        raise AssertionError("the text model was loaded")
+
+    monkeypatch.setattr(HFEncoder, "_load", no_model)
+    out = tmp_path / "folder-mask.png"
+    assert main(["predict", str(folder), "--image", str(image), "--out", str(out)]) == 0
+    assert "generated from the image by the report writer" in capsys.readouterr().out
+    assert out.read_bytes() == reference.read_bytes()
+    assert (tmp_path / "folder-mask.report.txt").read_text() == (tmp_path / "run-mask.report.txt").read_text()
 
 
 def test_predict_without_text_and_without_a_writer_says_how_to_get_one(tiny_runs, writer_dir, tiny_synth, tmp_path,

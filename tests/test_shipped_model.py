@@ -94,6 +94,29 @@ def test_predict_with_no_model_argument_uses_the_shipped_model(tmp_path, capsys)
     assert Image.open(tmp_path / "m.png").size == (224, 224)
 
 
+def test_without_a_report_the_shipped_model_reads_its_writers_report_and_never_loads_the_text_model(
+        tmp_path, capsys, monkeypatch):
+    from lvit.text.encoders import HFEncoder
+
+    folder, results = _shipped()
+    assert "generated" in results and (folder / "reporter" / "reporter.json").is_file()
+    card = (folder / "README.md").read_text()
+    assert f"{results['generated']['dice_original']:.4f}" in card and "report writer" in card
+
+    def no_model(self):
+        raise AssertionError("the text model was loaded")
+
+    monkeypatch.setattr(HFEncoder, "_load", no_model)
+    image = np.zeros((224, 224), np.uint8)
+    image[40:180, 20:100] = 180  # a bright left lung: any report the writer writes is in the shipped cache
+    Image.fromarray(image).save(tmp_path / "x.png")
+    assert main(["predict", "--image", str(tmp_path / "x.png"), "--out", str(tmp_path / "m.png")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "the shipped qata-lvit" in lines[0]
+    assert any("no report given: generated from the image by the report writer" in line for line in lines)
+    assert Image.open(tmp_path / "m.png").size == (224, 224) and (tmp_path / "m.report.txt").is_file()
+
+
 def test_the_shipped_model_scores_the_card_figure_on_the_shared_qata_sample(shared_dir, tmp_path, monkeypatch):
     _, results = _shipped()
     sample = shared_dir / "datasets" / "QaTa-COV19-sample"
@@ -104,6 +127,12 @@ def test_the_shipped_model_scores_the_card_figure_on_the_shared_qata_sample(shar
     assert metrics["n_scored"] == stated["n_test"]
     assert abs(metrics["original_resolution"]["mean_over_images"]["dice"] - stated["dice_original"]) <= 1e-4
     assert abs(metrics["dice"] - stated["dice"]) <= 1e-4
+    # without the reports: the folder's writer writes them from the images (the card's "generated" figure)
+    assert main(["test", "qata-lvit", "--data", str(sample), "--no-progress", "--k", "0", "--reports", "generated",
+                 "--out", str(tmp_path / "generated")]) == 0
+    metrics = json.loads((tmp_path / "generated" / "metrics.json").read_text())
+    assert abs(metrics["original_resolution"]["mean_over_images"]["dice"]
+               - stated["generated"]["dice_original"]) <= 1e-4
 
 
 def test_flip_average_bench_scores_the_plain_answer_as_lvit_test_does(shared_dir):

@@ -239,7 +239,8 @@ def export_model_folder(source: str | Path, out: str | Path, *, metrics_files: l
     """Write the model folder of a run (or re-export a model folder) into ``out``; returns ``out``. ``half``:
     float16 weights; ``card``: a model card of the caller's instead of the one made from the run;
     ``report_texts``: reports to ship already encoded (``report_cache.safetensors``; the training reports, so
-    that predicting with one of them never loads the text model); ``preset``: (name, changed settings) of the
+    that predicting with one of them never loads the text model; with them, every report the run's writer can
+    write); ``preset``: (name, changed settings) of the
     shipped preset closest to the run (:func:`lvit.train.config.closest_preset`), for the card; the one the
     source records when not given."""
     run = run or load_run(source, map_location="cpu")
@@ -309,6 +310,15 @@ def export_model_folder(source: str | Path, out: str | Path, *, metrics_files: l
     elif run.reads_text and not spec:
         raise CheckpointError(f"{run.run_dir}: the run config names no text encoder (text_encoder.spec): the "
                               "model folder could not read reports")
+    reporter = None
+    if run.reads_text and (Path(run.run_dir) / REPORTER_DIR / "reporter.json").is_file():
+        from ..data.flags import possible_reports
+        from .reporter_folder import read_reporter_meta
+
+        writer = read_reporter_meta(Path(run.run_dir) / REPORTER_DIR)  # a damaged writer is refused, not copied
+        reporter = {name: (Path(run.run_dir) / REPORTER_DIR / name).read_bytes() for name in REPORTER_FILES}
+        if report_texts:  # whatever the writer writes is then read without the text model too
+            report_texts = [*report_texts, *possible_reports(writer["allow_empty"], bool(writer.get("capitalize")))]
     if report_texts and run.reads_text and not spec.startswith("learned"):
         from ..text import get_text_encoder
         from ..text.cache import cache_file_bytes
@@ -321,12 +331,6 @@ def export_model_folder(source: str | Path, out: str | Path, *, metrics_files: l
     if card is None:
         card = model_card({**config, "model": run.model.config.to_dict(), "model_name": source_config["model_name"]},
                           run.reads_text)
-    reporter = None
-    if run.reads_text and (Path(run.run_dir) / REPORTER_DIR / "reporter.json").is_file():
-        from .reporter_folder import read_reporter_meta
-
-        read_reporter_meta(Path(run.run_dir) / REPORTER_DIR)  # a damaged writer is refused, not copied
-        reporter = {name: (Path(run.run_dir) / REPORTER_DIR / name).read_bytes() for name in REPORTER_FILES}
     return write_model_folder(out, run.model, config, card=card, files=files,
                               text_embedding=run.text_embedding if run.reads_text else None, force=force, half=half,
                               reporter=reporter)

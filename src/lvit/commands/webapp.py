@@ -195,9 +195,13 @@ class Page:
         image = self.read_upload(path)
         text = " ".join(str(report or "").split())
         notes = []
-        if self.reads_text and not text:
-            if not self.segmenter.has_no_report_path:
+        if self.reads_text and not text and not self.segmenter.has_no_report_path:
+            if self.report_writer is None:
                 raise LvitError("This model reads the report: type the image's report first.")
+            text = " ".join(str(self.report_writer(image)).split())  # as lvit predict without --text does
+            notes.append(f'No report: the report writer wrote "{text}" from the image and the model read it; a '
+                         "true report usually gives a better mask.")
+        elif self.reads_text and not text:
             notes.append("No report: the mask comes from the model's no-report path (learned with report dropout); "
                          "a report, where there is one, usually gives a better mask.")
         elif self.reads_text:

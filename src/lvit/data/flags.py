@@ -7,6 +7,7 @@ LViT's template gives, and how well one set of flags matches another.
 * :func:`choose_thresholds`: per-zone thresholds on a validation split (F1 or accuracy);
 * :func:`flag_metrics`, :func:`report_agreement`: per-zone accuracy / precision / recall / F1, exact report
   match, count and side accuracy;
+* :func:`possible_reports`: every report flags can decode to;
 * :data:`FLIPPED_ZONES`: the flags of a horizontally flipped image.
 
 Pure NumPy; the report writer's training (:mod:`lvit.train.reporter`) and use (:mod:`lvit.evaluate.reporter`)
@@ -15,11 +16,12 @@ both build on it.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import numpy as np
 
-from .describe import SIDES, ZONES, Findings, parse_findings
+from .describe import SIDES, ZONES, Findings, format_report, parse_findings
 
 ZONE_NAMES = tuple(f"{level} {side}" for level, side in ZONES)
 # Index of the same zone on the other side: the flags of a horizontally flipped image.
@@ -53,6 +55,15 @@ def findings_from_probabilities(probs: np.ndarray, thresholds: Sequence[float],
                                 allow_empty: bool = True) -> list[Findings]:
     """:func:`decode_flags`, then one consistent :class:`Findings` per image."""
     return [Findings.from_flags(row) for row in decode_flags(probs, thresholds, allow_empty)]
+
+
+def possible_reports(allow_empty: bool = True, capitalize: bool = False) -> list[str]:
+    """Every report flags can decode to: one per set of named zones, in flag order (the empty set, "no
+    pulmonary infection.", only with ``allow_empty``). What a report writer can write, so a model folder can ship
+    all of them already encoded."""
+    sets = itertools.product((0, 1), repeat=len(ZONES))
+    return [format_report(Findings.from_flags(flags), capitalize=capitalize)
+            for flags in sets if any(flags) or allow_empty]
 
 
 def _f1(tp: float, fp: float, fn: float) -> float:

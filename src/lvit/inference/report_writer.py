@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..data.describe import ZONES, Findings, format_report
-from ..data.flags import findings_from_probabilities
+from ..data.flags import findings_from_probabilities, possible_reports
 
 
 class ReportWriter:
@@ -68,6 +68,10 @@ class ReportWriter:
 
     def report(self, image: np.ndarray) -> str:
         return self.reports([image])[0]
+
+    def possible_reports(self) -> list[str]:
+        """Every report this writer can write (:func:`lvit.data.flags.possible_reports` with its settings)."""
+        return possible_reports(self.allow_empty, self.capitalize)
 
 
 def write_reports(writer: ReportWriter, records, batch_size: int = 32,

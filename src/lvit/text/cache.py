@@ -34,7 +34,9 @@ def cache_file(encoder: TextEncoder, cache_dir: str | Path) -> Path:
     return Path(cache_dir) / f"text-{slug}-L{encoder.max_tokens}.safetensors"
 
 
-def _load_rows(path: Path, encoder: TextEncoder) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def read_cache_rows(path: Path, encoder: TextEncoder) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The rows of a cache file: ``{sha256 of the prepared report: (emb [L, D], mask [L])}``; ``{}`` (with a
+    warning) when the file is damaged or made by another encoder, ``{}`` when there is none."""
     if not path.is_file():
         return {}
     from safetensors import safe_open
@@ -66,14 +68,19 @@ def _save_rows(path: Path, encoder: TextEncoder, rows: dict[str, tuple[torch.Ten
         save_file({"emb": emb, "mask": mask}, str(tmp), metadata=meta)
 
 
-def cache_file_bytes(encoder: TextEncoder, texts: list[str]) -> bytes:
+def cache_file_bytes(encoder: TextEncoder, texts: list[str], base: str | Path | None = None) -> bytes:
     """A cache file (the format above) holding ``texts``' embeddings, as bytes: what a model folder ships so that
-    its training reports never need the text model at prediction time."""
+    its training reports never need the text model at prediction time. ``base``: a cache file whose rows are kept
+    as they are (only the reports it lacks are encoded: the same text model on another CPU differs in the last
+    bits, and a shipped row's figures were measured with its own bits)."""
     import tempfile
 
-    emb, mask = encoder.encode(list(dict.fromkeys(texts)))
-    prepared = encoder.prepare(list(dict.fromkeys(texts)))
-    rows = {text_sha256(t): (emb[i], mask[i]) for i, t in enumerate(prepared)}
+    rows = read_cache_rows(Path(base), encoder) if base is not None else {}
+    unique = list(dict.fromkeys(texts))
+    missing = [t for t, key in zip(unique, map(text_sha256, encoder.prepare(unique))) if key not in rows]
+    if missing:
+        emb, mask = encoder.encode(missing)
+        rows.update({text_sha256(t): (emb[i], mask[i]) for i, t in enumerate(encoder.prepare(missing))})
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "cache.safetensors"
         _save_rows(path, encoder, rows)
@@ -85,7 +92,7 @@ def encode_with_rows(encoder: TextEncoder, texts: list[str], shipped: str | Path
     """:func:`encode_cached`, looking each report up in the read-only cache file ``shipped`` first (never
     written); only the reports it lacks reach ``cache_dir``'s cache and the encoder."""
     texts = list(texts)
-    rows = _load_rows(Path(shipped), encoder)
+    rows = read_cache_rows(Path(shipped), encoder)
     keys = [text_sha256(t) for t in encoder.prepare(texts)]
     missing = [t for t, k in zip(texts, keys) if k not in rows]
     if missing:
@@ -105,7 +112,7 @@ def encode_cached(
     if cache_dir is None or encoder.trainable or not texts:
         return encoder.encode(texts)
     path = cache_file(encoder, cache_dir)
-    rows = _load_rows(path, encoder)
+    rows = read_cache_rows(path, encoder)
     prepared = encoder.prepare(texts)
     keys = [text_sha256(t) for t in prepared]
     missing: dict[str, str] = {}
