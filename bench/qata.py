@@ -138,8 +138,9 @@ def train_runs(args) -> int:
 
 
 def run_facts(run_dir: Path) -> dict:
-    """Training facts of a run folder (metrics.csv): epochs, best epoch and val Dice, minutes of epochs, the
-    validation curve, and for semi-supervised runs the pseudo labels' Dice against the withheld masks per epoch."""
+    """Training facts of a run folder (metrics.csv, checkpoints/last.ckpt): epochs, optimizer steps, best epoch
+    and val Dice, minutes of epochs, the validation curve, and for semi-supervised runs the pseudo labels' Dice
+    against the withheld masks per epoch."""
     with (run_dir / "metrics.csv").open() as f:
         rows = list(csv.DictReader(f))
     best = max(rows, key=lambda r: float(r["val_dice"]))
@@ -152,6 +153,11 @@ def run_facts(run_dir: Path) -> dict:
                                            for r in rows]
     from lvit.train.semi.branch import BRANCH_FILE
 
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if last.is_file():  # optimizer steps: the semi table compares recipes at equal steps
+        from lvit.artifacts.runs import load_state_file
+
+        facts["steps"] = int(load_state_file(last)["global_step"])
     branch = run_dir / BRANCH_FILE
     if branch.is_file():  # epochs up to the branch point were trained once, in the shared run
         info = json.loads(branch.read_text())

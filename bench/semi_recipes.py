@@ -5,7 +5,8 @@
     python bench/semi_recipes.py --work W                                      # bench/semi_recipes.json + table
 
 Reads every run folder ``W/runs/<row>-s<seed>`` of a semi-supervised row of bench/qata.py (and the 100% row
-``lvit``, the target) that has a test evaluation, and writes ``bench/semi_recipes.json``: a list, one entry per run,
+``lvit``, the target) that has a test evaluation, and the runs of bench/qata_results.json whose folders are gone
+(``--earlier``), and writes ``bench/semi_recipes.json``: a list, one entry per run,
 with exactly ``method``, ``labelled_fraction``, ``seed``, ``dice_original`` (per-image test Dice at the masks'
 original resolution, from ``test-test/metrics.json``), ``pseudo_label_dice_per_epoch`` (metrics.csv
 ``pseudo_dice``, null where an epoch had none) and ``steps`` (optimizer steps, from ``checkpoints/last.ckpt``).
@@ -64,17 +65,25 @@ def _pseudo_dice(metrics: Path) -> list[float | None]:
     return [None if r.get("pseudo_dice") in (None, "", "nan") else round(float(r["pseudo_dice"]), 4) for r in rows]
 
 
-def collect(work: Path) -> list[dict]:
-    """One entry per run folder of ``work/runs`` with a test evaluation (bench/qata.py evaluate)."""
+def _row_fraction(row: str) -> float:
+    """lvit-25-mt -> 0.25, lvit-10-steps -> 0.1, lvit -> 1.0 (the rows name their fraction in percent)."""
+    parts = row.split("-")
+    return int(parts[1]) / 100 if len(parts) > 1 and parts[1].isdigit() else 1.0
+
+
+def collect(work: Path | None, earlier: Path | None = None) -> list[dict]:
+    """One entry per run folder of ``work/runs`` with a test evaluation (bench/qata.py evaluate), and per run of
+    ``earlier`` (bench/qata.py's raw results) whose folder is not in ``work``: run folders do not outlive the
+    machine that trained them, the raw results do (``steps`` is None where an entry did not record them)."""
     import yaml
 
     from lvit.artifacts.runs import load_state_file
 
     qata = _qata()
     wanted = set(qata.SEMI_ROWS) | {"lvit"}
-    entries = []
-    runs = runs_folder(work)
-    for run in sorted(runs.iterdir()) if runs.is_dir() else []:
+    found: dict[str, dict] = {}
+    runs = runs_folder(work) if work is not None else None
+    for run in sorted(runs.iterdir()) if runs is not None and runs.is_dir() else []:
         row, _, seed = run.name.rpartition("-s")
         test = run / "test-test" / "metrics.json"
         if row not in wanted or not seed.isdigit() or not test.is_file():
@@ -82,11 +91,19 @@ def collect(work: Path) -> list[dict]:
         config = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))
         dice = json.loads(test.read_text(encoding="utf-8"))["original_resolution"]["mean_over_images"]["dice"]
         state = load_state_file(run / "checkpoints" / "last.ckpt")
-        entries.append({"method": method_of(row), "labelled_fraction": _fraction(config), "seed": int(seed),
-                        "dice_original": round(float(dice), 4),
-                        "pseudo_label_dice_per_epoch": _pseudo_dice(run / "metrics.csv"),
-                        "steps": int(state["global_step"])})
-    return sorted(entries, key=lambda e: (-e["labelled_fraction"], e["method"], e["seed"]))
+        found[run.name] = {"method": method_of(row), "labelled_fraction": _fraction(config), "seed": int(seed),
+                           "dice_original": round(float(dice), 4),
+                           "pseudo_label_dice_per_epoch": _pseudo_dice(run / "metrics.csv"),
+                           "steps": int(state["global_step"])}
+    results = json.loads(earlier.read_text(encoding="utf-8")) if earlier is not None and earlier.is_file() else {}
+    for name, r in sorted(results.items()):
+        if name in found or r.get("row") not in wanted or r.get("dice_original") is None:
+            continue
+        found[name] = {"method": method_of(r["row"]), "labelled_fraction": _row_fraction(r["row"]),
+                       "seed": int(r["seed"]), "dice_original": round(float(r["dice_original"]), 4),
+                       "pseudo_label_dice_per_epoch": list(r.get("pseudo_dice_per_epoch") or [None] * r["epochs"]),
+                       "steps": r.get("steps")}
+    return sorted(found.values(), key=lambda e: (-e["labelled_fraction"], e["method"], e["seed"]))
 
 
 def _mean(values: list[float]) -> float:
@@ -126,14 +143,17 @@ def render(entries: list[dict]) -> str:
         pseudo = [[v for v in e["pseudo_label_dice_per_epoch"] if v is not None] for e in group]
         pseudo = "; ".join(f"{p[0]:.3f} -> {p[-1]:.3f}" for p in pseudo if p) or "-"
         label = LABELS.get(method, method)
+        steps = ", ".join("-" if e["steps"] is None else str(e["steps"]) for e in group)
         lines.append(f"| {fraction:.0%} | {label} | {', '.join(str(e['seed']) for e in group)} | {spread(dice)} | "
-                     f"{closed} | {pseudo} | {', '.join(str(e['steps']) for e in group)} |")
+                     f"{closed} | {pseudo} | {steps} |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--work", type=Path, required=True, help="the work folder of bench/qata.py (runs in WORK/runs)")
+    parser.add_argument("--work", type=Path, default=None, help="the work folder of bench/qata.py (runs in WORK/runs)")
+    parser.add_argument("--earlier", type=Path, default=BENCH / "qata_results.json",
+                        help="bench/qata.py's raw results: runs whose folders are gone (default: %(default)s)")
     parser.add_argument("--json", type=Path, default=RESULTS_JSON, help="raw results (a list)")
     parser.add_argument("--results-md", type=Path, default=RESULTS_MD, help="Markdown file for the section")
     args = parser.parse_args(argv)
@@ -141,13 +161,13 @@ def main(argv: list[str] | None = None) -> int:
     from lvit.core.io import atomic_write_json
 
     try:
-        entries = collect(args.work)
+        entries = collect(args.work, args.earlier)
     except (LvitError, OSError, KeyError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if not entries:
-        print(f"error: {args.work / 'runs'}: no tested run of a semi-supervised row (bench/qata.py train, then "
-              "evaluate); nothing written", file=sys.stderr)
+        print(f"error: {args.work}/runs, {args.earlier}: no tested run of a semi-supervised row (bench/qata.py "
+              "train, then evaluate); nothing written", file=sys.stderr)
         return 2
     atomic_write_json(args.json, [{k: e[k] for k in KEYS} for e in entries])
     section = render(entries)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import torch
 from files import load_bench
 
 
@@ -61,6 +62,7 @@ def test_evaluate_refreshes_training_facts_of_evaluated_runs_without_testing_aga
     (run / "checkpoints" / "best.safetensors").write_bytes(b"")
     (run / "config.yaml").write_text("model_name: lvit\ntrainer:\n  max_epochs: 2\n")
     (run / "metrics.csv").write_text("epoch,val_dice,seconds\n1,0.5,60\n2,0.7,60\n")
+    torch.save({"global_step": 1430, "epoch": 1}, run / "checkpoints" / "last.ckpt")
     old = _entry("lvit", 0, 0.82)
     del old["val_dice_per_epoch"]
     raw = tmp_path / "qata_results.json"
@@ -70,4 +72,5 @@ def test_evaluate_refreshes_training_facts_of_evaluated_runs_without_testing_aga
     assert rc == 0
     entry = json.loads(raw.read_text())["lvit-s0"]
     assert entry["val_dice_per_epoch"] == [0.5, 0.7] and entry["best_epoch"] == 2 and entry["train_minutes"] == 2.0
+    assert entry["steps"] == 1430
     assert entry["dice"] == 0.82  # not tested again

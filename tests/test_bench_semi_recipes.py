@@ -40,13 +40,24 @@ def test_raw_list_and_section_from_fake_run_folders(tmp_path, capsys):
     _run(work, "lvit-t-s0", None, 0.81)  # not a row of this table
     out, md = tmp_path / "semi_recipes.json", tmp_path / "RESULTS.md"
     md.write_text("# Results\n\n<!-- qata:start -->\nkept\n<!-- qata:end -->\n")
-    assert bench.main(["--work", str(work), "--json", str(out), "--results-md", str(md)]) == 0
+    # bench/qata.py's raw results of runs whose folders are gone; a folder that is here wins over its old entry
+    earlier = tmp_path / "qata_results.json"
+    earlier.write_text(json.dumps({
+        "lvit-25-epi-s1": {"row": "lvit-25-epi", "seed": 1, "dice_original": 0.80312, "epochs": 3,
+                           "pseudo_dice_per_epoch": [None, 0.78, 0.79]},
+        "lvit-25-steps-s0": {"row": "lvit-25-steps", "seed": 0, "dice_original": 0.5, "epochs": 3, "steps": 1},
+        "lvit-t-s1": {"row": "lvit-t", "seed": 1, "dice_original": 0.77, "epochs": 3}}))
+    assert bench.main(["--work", str(work), "--json", str(out), "--results-md", str(md), "--earlier",
+                       str(earlier)]) == 0
 
     raw = json.loads(out.read_text())
     assert all(sorted(e) == sorted(bench.KEYS) for e in raw)
     by = {(e["method"], e["labelled_fraction"], e["seed"]): e for e in raw}
-    assert sorted(by) == [("mean-teacher", 0.1, 1), ("mean-teacher", 0.25, 0), ("supervised-100%", 1.0, 0),
-                          ("supervised-steps", 0.25, 0), ("supervised-steps", 0.25, 1)]
+    assert sorted(by) == [("epi", 0.25, 1), ("mean-teacher", 0.1, 1), ("mean-teacher", 0.25, 0),
+                          ("supervised-100%", 1.0, 0), ("supervised-steps", 0.25, 0), ("supervised-steps", 0.25, 1)]
+    assert by[("epi", 0.25, 1)] == {"method": "epi", "labelled_fraction": 0.25, "seed": 1, "dice_original": 0.8031,
+                                    "pseudo_label_dice_per_epoch": [None, 0.78, 0.79], "steps": None}
+    assert by[("supervised-steps", 0.25, 0)]["dice_original"] == 0.81
     mt = by[("mean-teacher", 0.25, 0)]
     assert mt["dice_original"] == 0.825 and mt["steps"] == 9999
     assert mt["pseudo_label_dice_per_epoch"] == [None, 0.79, 0.8049]
@@ -59,13 +70,14 @@ def test_raw_list_and_section_from_fake_run_folders(tmp_path, capsys):
     assert "| 0 | 0.8250 | 83% | 0.790 -> 0.805 | 9999 |" in row
     assert "| 25% | supervised, the semi runs' step count (baseline) | 0, 1 | 0.8000 (0.7900-0.8100) | - |" in text
     assert "| 10% | mean teacher (lvit) | 1 | 0.7800 | - | 0.700 -> 0.700 | 7150 |" in text
+    assert "| 25% | EPI (paper) | 1 | 0.8031 | 10% | 0.780 -> 0.790 | - |" in text
     assert capsys.readouterr().out.startswith("## Semi-supervised recipes")
 
     # No tested run: exit 2, nothing written.
     empty = tmp_path / "empty"
     (empty / "runs").mkdir(parents=True)
     assert bench.main(["--work", str(empty), "--json", str(tmp_path / "none.json"),
-                       "--results-md", str(md)]) == 2
+                       "--results-md", str(md), "--earlier", str(tmp_path / "missing.json")]) == 2
     assert "no tested run" in capsys.readouterr().err and not (tmp_path / "none.json").exists()
 
 
