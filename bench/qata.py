@@ -40,6 +40,12 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     # estimated from the image)
     "lvit-rdw": ("lvit", ["model.report_dropout=0.25", "text.wording_variants=3"]),
     "lvit-rdpw": ("lvit", ["model.report_dropout=0.25", "model.report_prior=true", "text.wording_variants=3"]),
+    # report dropout + distillation of the answer with the report into the no-report answer (loss.distill_weight);
+    # -e3: three-epoch pilots (the schedule annealed over 3 epochs) of it and of its report-dropout baseline
+    "lvit-rdkd": ("lvit", ["model.report_dropout=0.25", "loss.distill_weight=1.0"]),
+    "lvit-rd25-e3": ("lvit", ["model.report_dropout=0.25", "trainer.max_epochs=3", "optim.t0=3"]),
+    "lvit-rdkd-e3": ("lvit", ["model.report_dropout=0.25", "loss.distill_weight=1.0", "trainer.max_epochs=3",
+                              "optim.t0=3"]),
     # A quarter of the masks (the subset drawn with the trainer seed), docs/SEMI_SUPERVISED.md:
     "lvit-25": ("lvit", ["semi.mode=none", "semi.labeled_fraction=0.25"]),  # a quarter of the steps
     # labelled batches only, as many steps as the semi runs (a warm-up as long as the run: no pseudo labels)
@@ -232,7 +238,10 @@ ROW_LABELS = {"lvit": "LViT (24 tokens: whole report)", "lvit-10tok": "LViT (off
               "lvit-t": "LViT-T (no text)", "unet": "U-Net (no text)",
               "lvit-rd25": "LViT, report dropout 0.25 (true reports)",
               "lvit-rdw": "LViT, report dropout 0.25 + reworded training reports (true reports)",
-              "lvit-rdpw": "LViT, report dropout 0.25 + report prior + reworded training reports (true reports)"}
+              "lvit-rdpw": "LViT, report dropout 0.25 + report prior + reworded training reports (true reports)",
+              "lvit-rdkd": "LViT, report dropout 0.25 + distillation into the no-report path (true reports)",
+              "lvit-rd25-e3": "LViT, report dropout 0.25, 3-epoch pilot (true reports)",
+              "lvit-rdkd-e3": "LViT, report dropout 0.25 + distillation, 3-epoch pilot (true reports)"}
 PUBLISHED = {"lvit": "83.66 / 75.11", "lvit-t": "81.12 / 71.37 (LViT without text)", "unet": "79.02 / 69.46"}
 
 

@@ -45,6 +45,7 @@ RESULTS_JSON = REPO / "bench" / "report_optional.json"
 QATA_JSON = REPO / "bench" / "qata_results.json"
 SECTION = "report-optional"
 COLUMNS = ("true", "none", "self_described", "generated", "rephrased", "swapped_changed", "true_changed")
+PRESET_EPOCHS = 10  # qata-cpu's; a run with fewer is a pilot (its figures compare only with pilots)
 GOALS = {"true": 0.825, "none": 0.79}  # issue "One model, with or without a report"
 
 
@@ -58,7 +59,11 @@ def recipe_of(config: dict) -> str:
     variants = int((config.get("text") or {}).get("wording_variants") or 0)
     if variants:
         parts.append(f"{variants} reworded copies per training report")
-    return " + ".join(parts)
+    distill = float((config.get("loss") or {}).get("distill_weight") or 0.0)
+    if distill:
+        parts.append(f"distillation into the no-report path (weight {distill:g})")
+    epochs = int((config.get("trainer") or {}).get("max_epochs") or PRESET_EPOCHS)
+    return " + ".join(parts) + (f"; {epochs}-epoch pilot" if epochs != PRESET_EPOCHS else "")
 
 
 def per_image(out: Path) -> dict[str, float]:

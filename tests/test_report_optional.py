@@ -74,6 +74,79 @@ def test_train_mode_drops_each_report_with_the_configured_probability():
     assert torch.equal(kept, text)  # eval mode never drops a report
 
 
+def test_in_train_mode_a_given_no_report_chooses_the_dropped_rows_without_a_draw():
+    model = build_model("lvit", LViTConfig(**SMALL, report_dropout=0.9)).train()
+    _, text, mask = _inputs(4)
+    stand_in = model.no_report_text.unsqueeze(0)
+    torch.manual_seed(3)
+    used, used_mask = model.with_no_report(stand_in, text, mask, torch.tensor([False, True, False, False]))
+    assert torch.equal(torch.rand(1), torch.manual_seed(3) and torch.rand(1))  # the RNG was not touched
+    assert torch.equal(used[[0, 2, 3]], text[[0, 2, 3]]) and torch.equal(used[1], model.no_report_text)
+    assert bool(used_mask.all())
+
+
+# --- distillation of the report's answer into the no-report path ------------------------------------------------
+
+
+def test_distillation_loss_by_hand():
+    from lvit.train.losses import distillation_loss
+
+    teacher = torch.full((1, 1, 2, 2), float(np.log(3.0)), requires_grad=True)  # p = 0.75
+    student = torch.zeros(1, 1, 2, 2, requires_grad=True)  # q = 0.5
+    loss = distillation_loss(student, teacher)
+    expected = 0.75 * np.log(0.75 / 0.5) + 0.25 * np.log(0.25 / 0.5)  # KL(Bernoulli(0.75) || Bernoulli(0.5))
+    assert loss.item() == pytest.approx(expected, abs=1e-6)
+    loss.backward()
+    assert teacher.grad is None and student.grad.abs().sum() > 0  # only the student learns
+    same = torch.tensor([[[[-30.0, -2.0], [0.5, 40.0]]]])
+    assert distillation_loss(same, same).item() == pytest.approx(0.0, abs=1e-6)  # saturated logits stay finite
+
+
+def test_distill_weight_is_checked():
+    for bad in ("-1.0", "true", '"1"', "abc"):
+        with pytest.raises(ConfigError, match="distill_weight"):
+            load_config(preset_path("synth"), ["model.report_dropout=0.3", f"loss.distill_weight={bad}"])
+    with pytest.raises(ConfigError, match="needs model.report_dropout"):
+        load_config(preset_path("synth"), ["loss.distill_weight=1.0"])
+
+
+def test_training_distils_the_answer_with_the_report_into_the_dropped_rows(monkeypatch):
+    from lvit.train.losses import distillation_loss
+    from lvit.train.module import SegmentationModule
+
+    config = load_config(preset_path("synth"), ["model.report_dropout=0.5", "loss.distill_weight=2.0"])
+    model = build_model("lvit", LViTConfig(**SMALL, report_dropout=0.5))
+    with torch.no_grad():
+        model.no_report_text.normal_()
+    module = SegmentationModule(model, config).train()
+    monkeypatch.setattr(module, "log", lambda *a, **k: None)
+    image, text, mask = _inputs(6)
+    batch = {"image": image, "text": text, "text_mask": mask, "mask": (image[:, :1] > 0.5).float(),
+             "has_mask": torch.ones(6, dtype=torch.bool)}
+    torch.manual_seed(11)
+    dropped = torch.rand(6) < 0.5
+    assert 0 < int(dropped.sum()) < 6
+    calls = []
+    real = model.forward_with_aux
+
+    def spy(*args):
+        calls.append((model.training, args[3]))
+        return real(*args)
+
+    monkeypatch.setattr(model, "forward_with_aux", spy)
+    torch.manual_seed(11)
+    logits, aux_loss = module._logits_and_aux_loss(batch)
+    assert torch.equal(calls[0][1], dropped) and calls[0][0]  # the student pass: the module's rows, train mode
+    assert model.training  # the teacher's eval pass handed the train mode back
+    model.eval()  # the teacher the long way: eval mode, with the BatchNorm statistics the student pass updated
+    with torch.no_grad():
+        teacher = model(image[dropped], text[dropped], mask[dropped])
+    model.train()
+    assert aux_loss.item() == pytest.approx(2.0 * distillation_loss(logits[dropped], teacher).item(), rel=1e-5)
+    aux_loss.backward()
+    assert model.no_report_text.grad.abs().sum() > 0  # the stand-in learns from the distillation term
+
+
 def test_a_model_without_the_path_refuses_a_missing_report():
     model = build_model("lvit", LViTConfig(**SMALL)).eval()
     image, text, mask = _inputs()
@@ -99,6 +172,21 @@ def runs(tmp_path_factory) -> tuple[Path, Path, Path]:
     train(load_config(preset_path("synth"), COMMON + ["model.report_dropout=0.3"]), data, base / "rd")
     train(load_config(preset_path("synth"), COMMON), data, base / "plain")
     return data, base / "rd", base / "plain"
+
+
+def test_a_run_with_distillation_trains_and_answers_without_a_report(runs, tmp_path):
+    import csv
+
+    from lvit.data import load_split, read_image
+    from lvit.inference import Segmenter
+
+    data = runs[0]
+    train(load_config(preset_path("synth"), COMMON + ["model.report_dropout=0.5", "loss.distill_weight=1.0",
+                                                      "trainer.max_epochs=2"]), data, tmp_path / "kd")
+    rows = list(csv.DictReader((tmp_path / "kd" / "metrics.csv").open()))
+    assert len(rows) == 2 and all(np.isfinite(float(r["train_loss"])) for r in rows)
+    image = read_image(load_split(data, "test")[0].image_path)
+    assert np.isfinite(Segmenter(tmp_path / "kd").predict(image)).all()
 
 
 def test_predictor_mixes_reports_and_missing_ones_row_by_row(runs):
@@ -299,3 +387,20 @@ def test_a_model_trained_with_report_dropout_answers_with_and_without_a_report(t
     chance = max(np.mean([dice(frequency >= t, m) for m in test_masks]) for t in np.linspace(0.01, 0.5, 50))
     assert none > chance + 0.2  # the no-report path segments from the image alone
     assert true > none + 0.1  # and the report path reads which square the report names
+
+
+def test_the_bench_names_each_recipe_from_its_run_config():
+    bench = load_bench("bench/report_optional.py", "report_optional")
+    qata = load_bench("bench/qata.py", "bench_qata")
+
+    def recipe(row):
+        config = load_config(preset_path("qata-cpu"), qata.ROWS[row][1]).to_dict()
+        return bench.recipe_of(config)
+
+    assert recipe("lvit") == "none (always a report)"
+    assert recipe("lvit-rd25") == "report dropout 0.25"
+    assert recipe("lvit-rdw") == "report dropout 0.25 + 3 reworded copies per training report"
+    assert recipe("lvit-rdkd") == "report dropout 0.25 + distillation into the no-report path (weight 1)"
+    assert recipe("lvit-rdkd-e3") == ("report dropout 0.25 + distillation into the no-report path (weight 1); "
+                                      "3-epoch pilot")
+    assert recipe("lvit-rd25-e3") == "report dropout 0.25; 3-epoch pilot"

@@ -214,8 +214,9 @@ class LViT(PretrainedMixin, nn.Module):
     def with_no_report(self, stand_in: torch.Tensor, text: torch.Tensor | None, text_mask: torch.Tensor | None,
                        no_report: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The text the network reads: ``stand_in [1 or B, L, D]`` where ``no_report [B]`` is True (every sample
-        when ``text`` is None), the report elsewhere. In train mode each report is also replaced with probability
-        ``report_dropout``."""
+        when ``text`` is None), the report elsewhere. In train mode without ``no_report`` each report is replaced
+        with probability ``report_dropout``; a trainer that passes ``no_report`` chooses the rows itself (to
+        distil the report's answer into exactly those)."""
         batch = stand_in.shape[0] if text is None else text.shape[0]
         device = stand_in.device
         if text is None:
@@ -223,8 +224,8 @@ class LViT(PretrainedMixin, nn.Module):
             return stand_in.expand(batch, -1, -1), mask
         drop = torch.zeros(batch, dtype=torch.bool, device=device) if no_report is None \
             else no_report.to(device=device, dtype=torch.bool)
-        if self.training:
-            drop = drop | (torch.rand(batch, device=device) < float(self.config.report_dropout))
+        if self.training and no_report is None:
+            drop = torch.rand(batch, device=device) < float(self.config.report_dropout)
         if not bool(drop.any()):
             return text, text_mask
         text = torch.where(drop[:, None, None], stand_in, text.to(stand_in.dtype))

@@ -81,6 +81,9 @@ class LossConfig:
     # Weight of the report prior's loss (model.report_prior): cosine distance of the report estimated from the
     # image to the true report's token embeddings.
     report_prior_weight: float = 0.2
+    # With report dropout: weight of the distillation term that pulls the no-report answer of each dropped sample
+    # towards the same network's answer with its report (eval mode, no gradient); 0: off.
+    distill_weight: float = 0.0
 
 
 @dataclass
@@ -293,6 +296,12 @@ class TrainConfig:
             raise ConfigError(f"{source}: loss weights must be >= 0 and not both 0")
         if not self.loss.report_prior_weight >= 0:
             raise ConfigError(f"{source}: loss.report_prior_weight must be >= 0 (got {self.loss.report_prior_weight})")
+        distill = self.loss.distill_weight
+        if isinstance(distill, bool) or not isinstance(distill, int | float) or not distill >= 0:
+            raise ConfigError(f"{source}: loss.distill_weight must be a number >= 0 (got {distill!r})")
+        if distill and not (self.model.use_text and float(self.model.report_dropout) > 0):
+            raise ConfigError(f"{source}: loss.distill_weight needs model.report_dropout > 0 (it distils the report's "
+                              "answer into the no-report path)")
         variants = self.text.wording_variants
         if isinstance(variants, bool) or not isinstance(variants, int) or not 0 <= variants <= 16:
             raise ConfigError(f"{source}: text.wording_variants must be an integer from 0 to 16 (got {variants!r})")

@@ -15,6 +15,9 @@ probabilities p and targets t):
 We take logits and use ``binary_cross_entropy_with_logits`` (log-sum-exp, no log(0)); the official code
 applies ``F.binary_cross_entropy`` to probabilities, which clamps the log at -100 - identical wherever the
 loss is finite.
+
+:func:`distillation_loss` is lvit's: it pulls the no-report answer towards the same network's answer with the
+report (``loss.distill_weight``; docs/REPORT_OPTIONAL.md).
 """
 
 from __future__ import annotations
@@ -72,3 +75,15 @@ class DiceBCELoss(nn.Module):
         logits = logits.float()
         target = target.float()
         return self.dice_weight * self.dice(logits, target) + self.bce_weight * self.bce(logits, target)
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Mean per-pixel KL divergence ``KL(teacher || student)`` of two Bernoulli maps given as logits
+    ``[N, 1, H, W]``: 0 where the student gives the teacher's probabilities, and only the student gets gradients.
+    Written as BCE(student, p) - BCE(teacher, p) with ``p = sigmoid(teacher)`` (the teacher's entropy removed), so
+    it is stable for any logits."""
+    teacher_logits = teacher_logits.detach().float()
+    target = torch.sigmoid(teacher_logits)
+    cross = F.binary_cross_entropy_with_logits(student_logits.float(), target, reduction="none")
+    entropy = F.binary_cross_entropy_with_logits(teacher_logits, target, reduction="none")
+    return (cross - entropy).mean()

@@ -18,7 +18,7 @@ from torchmetrics import MeanMetric
 from ..core.errors import TrainingDiverged
 from ..core.metrics import batch_dice_iou
 from .config import TrainConfig
-from .losses import DiceBCELoss
+from .losses import DiceBCELoss, distillation_loss
 
 
 class SegmentationModule(pl.LightningModule):
@@ -59,14 +59,36 @@ class SegmentationModule(pl.LightningModule):
         return self(*self._inputs(batch))
 
     def _logits_and_aux_loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Training logits and the weighted sum of the network's auxiliary losses (None when it has none)."""
+        """Training logits and the weighted sum of the network's auxiliary losses (None when it has none): the
+        report prior's, and with ``loss.distill_weight`` the distillation of the report's answer into the
+        no-report answer of the samples whose report was dropped."""
         forward_with_aux = getattr(self.model, "forward_with_aux", None)
         if forward_with_aux is None:
             return self._logits(batch), None
-        logits, aux = forward_with_aux(*self._inputs(batch))
+        image, text, text_mask = self._inputs(batch)
+        dropped = None
+        if self.config.loss.distill_weight and text is not None:  # the module draws the dropped rows itself
+            dropped = torch.rand(image.shape[0], device=image.device) < float(self.model.config.report_dropout)
+        logits, aux = forward_with_aux(image, text, text_mask, dropped)
         weights = {"report_prior": self.config.loss.report_prior_weight}
         terms = [weights[name] * value.float() for name, value in aux.items() if weights[name]]
+        if dropped is not None and bool(dropped.any()):
+            teacher = self.answer_with_report(image[dropped], text[dropped],
+                                              None if text_mask is None else text_mask[dropped])
+            terms.append(self.config.loss.distill_weight * distillation_loss(logits[dropped], teacher))
         return logits, (torch.stack(terms).sum() if terms else None)
+
+    @torch.no_grad()
+    def answer_with_report(self, image: torch.Tensor, text: torch.Tensor,
+                           text_mask: torch.Tensor | None) -> torch.Tensor:
+        """The network's logits with the report, as it answers at test time (eval mode: running BatchNorm
+        statistics, no dropout; no gradient): the target its no-report answer is distilled towards."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            return self.model(image, text, text_mask).float()
+        finally:
+            self.model.train(was_training)
 
     def weights_to_save(self) -> tuple[nn.Module, nn.Module | None]:
         """(network, learned text embedding or None) written as the run's last/best weights: the ones validated."""
