@@ -76,7 +76,8 @@ def mean(values) -> float:
     return sum(values) / len(values)
 
 
-def evaluate_run(run_dir: Path, data: Path, work: Path, reporter: Path | None) -> dict:
+def evaluate_run(run_dir: Path, data: Path, work: Path, reporter: Path | None, pilot: bool = False) -> dict:
+    """The entry of one run; ``pilot``: the true and no-report columns only (what a pilot decides on)."""
     import yaml
 
     from lvit.benchmark import machine_line
@@ -102,24 +103,26 @@ def evaluate_run(run_dir: Path, data: Path, work: Path, reporter: Path | None) -
     scores = {"true": score("true")}
     if model_has_no_report_path(config):
         scores["none"] = score("none", reports="none")
+    if model_has_no_report_path(config) and not pilot:
         from lvit.inference import Segmenter
 
         scores["self_described"] = score("self_described", reports="none",
                                          run=Segmenter(run_dir, no_report_path="self-described",
                                                        cache_dir=default_cache_dir(data)))
-    if reporter is not None:
+    if reporter is not None and not pilot:
         scores["generated"] = score("generated", reports="generated", reporter=reporter)
-    reworded, _ = rephrase.rephrase_all(texts, seed=0)
-    scores["rephrased"] = score("rephrased", texts=reworded)
     swapped = variant_reports(texts, "swapped")
-    scores["swapped"] = score("swapped", texts=swapped)
     changed = [n for n, a, b in zip(names, texts, swapped) if meaning_changed("swapped", a, b)]
+    if not pilot:
+        reworded, _ = rephrase.rephrase_all(texts, seed=0)
+        scores["rephrased"] = score("rephrased", texts=reworded)
+        scores["swapped"] = score("swapped", texts=swapped)
     row, _, seed = run_dir.name.rpartition("-s")
     entry = {"model": run_dir.name, "row": row, "seed": int(seed) if seed.isdigit() else None,
              "recipe": recipe_of(config), "n_test": len(scores["true"])}
     for column in ("true", "none", "self_described", "generated", "rephrased"):
         entry[column] = mean(scores[column].values()) if column in scores else None
-    entry["swapped_changed"] = mean(scores["swapped"][n] for n in changed)
+    entry["swapped_changed"] = mean(scores["swapped"][n] for n in changed) if "swapped" in scores else None
     entry["true_changed"] = mean(scores["true"][n] for n in changed)
     entry["n_changed"] = len(changed)
     entry["reporter"] = str(reporter) if reporter else None
@@ -142,7 +145,7 @@ def evaluate(args) -> int:
         if not (run_dir / "checkpoints" / "best.safetensors").is_file():
             print(f"{name}: no best weights yet, skipped", flush=True)
             continue
-        entry = evaluate_run(run_dir, args.data, work, args.reporter)
+        entry = evaluate_run(run_dir, args.data, work, args.reporter, pilot=args.pilot)
         results = [e for e in results if e["model"] != name] + [entry]
         write_raw(args.results, sorted(results, key=lambda e: e["model"]))
         print(f"{name}: " + ", ".join(f"{c} {entry[c]:.4f}" for c in COLUMNS if entry.get(c) is not None), flush=True)
@@ -170,16 +173,18 @@ def render(args) -> int:
         "rules and read back as the report (two passes); "
         "reports the report writer wrote from the images; the true reports reworded (`bench/rephrase_reports.py`: "
         "same sides, count and zones, other words); left and right swapped, and the true reports, on the test "
-        "reports a swap changes.",
+        "reports a swap changes. A pilot (fewer epochs) is scored with and without the report only.",
         "",
         "| model | recipe | seed | true | no report | self-described | generated | reworded | swapped (changed) "
         "| true (changed) | rewording costs | swap costs |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for e in results:
-        costs = (e["true"] - e["rephrased"], e["true_changed"] - e["swapped_changed"])
+        costs = (None if e.get("rephrased") is None else e["true"] - e["rephrased"],
+                 None if e.get("swapped_changed") is None else e["true_changed"] - e["swapped_changed"])
         lines.append(f"| {e['model']} | {e['recipe']} | {e['seed']} | " + " | ".join(
-            _cell(e.get(c)) for c in COLUMNS) + " | " + " | ".join(f"{c:.3f}" for c in costs) + " |")
+            _cell(e.get(c)) for c in COLUMNS) + " | " + " | ".join(
+            "n/a" if c is None else f"{c:.3f}" for c in costs) + " |")
     lines += ["", "Reworded training copies: `lvit-rdpw-s0` was trained before they were bounded by the model's 24 "
                   "word pieces (a quarter of them ran past it); every later run's copies fit (docs/REPORT_OPTIONAL.md)."
                   " Self-described and generated: columns added with `lvit-rdw-s0`; earlier runs were not rescored "
@@ -206,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--runs", required=True, help="comma-separated run names")
     e.add_argument("--reporter", type=Path, default=None, help="report writer folder (lvit train-reporter --out)")
     e.add_argument("--threads", type=int, default=2)
+    e.add_argument("--pilot", action="store_true",
+                   help="score the true and no-report columns only (the others are left n/a)")
     e.set_defaults(func=evaluate)
     r = sub.add_parser("render")
     r.set_defaults(func=render)

@@ -404,3 +404,21 @@ def test_the_bench_names_each_recipe_from_its_run_config():
     assert recipe("lvit-rdkd-e3") == ("report dropout 0.25 + distillation into the no-report path (weight 1); "
                                       "3-epoch pilot")
     assert recipe("lvit-rd25-e3") == "report dropout 0.25; 3-epoch pilot"
+
+
+def test_the_bench_table_leaves_the_columns_a_pilot_did_not_score_empty(tmp_path):
+    import argparse
+
+    bench = load_bench("bench/report_optional.py", "report_optional")
+    full = {"model": "lvit-rd25-s0", "row": "lvit-rd25", "seed": 0, "recipe": "report dropout 0.25", "n_test": 10,
+            "true": 0.82, "none": 0.76, "self_described": 0.75, "generated": None, "rephrased": 0.74,
+            "swapped_changed": 0.52, "true_changed": 0.75, "n_changed": 4, "machine": "m"}
+    pilot = {**full, "model": "lvit-rdkd-e3-s0", "recipe": "report dropout 0.25 + distillation; 3-epoch pilot",
+             "self_described": None, "rephrased": None, "swapped_changed": None, "true": 0.7, "none": 0.65}
+    raw, md = tmp_path / "raw.json", tmp_path / "RESULTS.md"
+    raw.write_text(json.dumps([full, pilot]))
+    md.write_text("# Results\n")
+    bench.render(argparse.Namespace(results=raw, results_md=md))
+    rows = [line for line in md.read_text().splitlines() if line.startswith("| lvit-")]
+    assert rows[0].endswith("| 0.8200 | 0.7600 | 0.7500 | n/a | 0.7400 | 0.5200 | 0.7500 | 0.080 | 0.230 |")
+    assert rows[1].endswith("| 0.7000 | 0.6500 | n/a | n/a | n/a | n/a | 0.7500 | n/a | n/a |")
