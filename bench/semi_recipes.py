@@ -33,7 +33,10 @@ BASELINE = "supervised-steps"
 GOAL = 0.5  # share of the gap to close (issue "Semi-supervised learning that pays on real chest X-rays")
 LABELS = {FULL: "supervised, every mask", BASELINE: "supervised, the semi runs' step count (baseline)",
           "supervised-subset": "supervised, one pass over the labelled images per epoch", "epi": "EPI (paper)",
-          "epi+lv": "EPI + LV loss (paper)", "mean-teacher": "mean teacher (lvit)"}
+          "epi+lv": "EPI + LV loss (paper)", "mean-teacher": "mean teacher (lvit)",
+          "epi+lv-beta0.5": "EPI + LV loss, pseudo labels with beta 0.5",
+          "epi+lv-warmup7": "EPI + LV loss, 7 warm-up epochs",
+          "mean-teacher-w2": "mean teacher (lvit), 2 warm-up epochs"}
 
 
 def _qata():
@@ -110,7 +113,18 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
 
-def render(entries: list[dict]) -> str:
+def machines(earlier: Path | None) -> dict[str, list[str]]:
+    """Machine -> the runs of ``earlier`` (bench/qata.py's raw results) of this table's rows tested on it."""
+    results = json.loads(earlier.read_text(encoding="utf-8")) if earlier is not None and earlier.is_file() else {}
+    wanted = set(_qata().SEMI_ROWS) | {"lvit"}
+    by: dict[str, list[str]] = {}
+    for name, r in sorted(results.items()):
+        if r.get("row") in wanted and r.get("machine"):  # the CPU, not the evaluation's thread count
+            by.setdefault(r["machine"].split(", torch")[0], []).append(name)
+    return by
+
+
+def render(entries: list[dict], tested_on: dict[str, list[str]] | None = None) -> str:
     def spread(values):
         return f"{values[0]:.4f}" if len(values) == 1 else \
             f"{_mean(values):.4f} ({min(values):.4f}-{max(values):.4f})"
@@ -146,6 +160,11 @@ def render(entries: list[dict]) -> str:
         steps = ", ".join("-" if e["steps"] is None else str(e["steps"]) for e in group)
         lines.append(f"| {fraction:.0%} | {label} | {', '.join(str(e['seed']) for e in group)} | {spread(dice)} | "
                      f"{closed} | {pseudo} | {steps} |")
+    if tested_on:
+        lines += ["", "Machines (bench/qata_results.json): " + "; ".join(
+            f"{machine}: {', '.join(names)}" for machine, names in sorted(tested_on.items())) + ". CPU training "
+            "is bit-identical on one machine, not across machines: compare a recipe with the baseline trained on "
+            "the same machine."]
     return "\n".join(lines)
 
 
@@ -170,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
               "train, then evaluate); nothing written", file=sys.stderr)
         return 2
     atomic_write_json(args.json, [{k: e[k] for k in KEYS} for e in entries])
-    section = render(entries)
+    section = render(entries, machines(args.earlier))
     render_section(SECTION, section, args.results_md)
     print(section)
     return 0

@@ -44,7 +44,8 @@ def test_raw_list_and_section_from_fake_run_folders(tmp_path, capsys):
     earlier = tmp_path / "qata_results.json"
     earlier.write_text(json.dumps({
         "lvit-25-epi-s1": {"row": "lvit-25-epi", "seed": 1, "dice_original": 0.80312, "epochs": 3,
-                           "pseudo_dice_per_epoch": [None, 0.78, 0.79]},
+                           "pseudo_dice_per_epoch": [None, 0.78, 0.79],
+                           "machine": "CPU AMD EPYC, 2 cores, torch 2.13.0+cpu, 1 thread(s)"},
         "lvit-25-steps-s0": {"row": "lvit-25-steps", "seed": 0, "dice_original": 0.5, "epochs": 3, "steps": 1},
         "lvit-t-s1": {"row": "lvit-t", "seed": 1, "dice_original": 0.77, "epochs": 3}}))
     assert bench.main(["--work", str(work), "--json", str(out), "--results-md", str(md), "--earlier",
@@ -71,6 +72,7 @@ def test_raw_list_and_section_from_fake_run_folders(tmp_path, capsys):
     assert "| 25% | supervised, the semi runs' step count (baseline) | 0, 1 | 0.8000 (0.7900-0.8100) | - |" in text
     assert "| 10% | mean teacher (lvit) | 1 | 0.7800 | - | 0.700 -> 0.700 | 7150 |" in text
     assert "| 25% | EPI (paper) | 1 | 0.8031 | 10% | 0.780 -> 0.790 | - |" in text
+    assert "Machines (bench/qata_results.json): CPU AMD EPYC, 2 cores: lvit-25-epi-s1. CPU training" in text
     assert capsys.readouterr().out.startswith("## Semi-supervised recipes")
 
     # No tested run: exit 2, nothing written.
