@@ -305,10 +305,13 @@ def render_results(results_path: Path, md_path: Path) -> str:
                 f"({sw['changed']['true_dice']:.4f}, n={sw['changed']['n']}) | {sh['dice']:.4f} | "
                 f"{sh['changed']['dice']:.4f} ({sh['changed']['true_dice']:.4f}, n={sh['changed']['n']}) | "
                 f"{v['no_infection']['dice']:.4f} |")
-    machines = sorted({r["machine"] for r in results.values()})
+    machines: dict[str, list[str]] = {}
+    for name, r in sorted(results.items()):
+        machines.setdefault(r["machine"], []).append(name)
     lines += [
         "",
-        f"Machine: {'; '.join(machines)}; two runs side by side, one thread each. Raw results: "
+        "Tested on (training: the same machine; CPU training differs across machines): " + "; ".join(
+            f"{machine}: {', '.join(names)}" for machine, names in sorted(machines.items())) + ". Raw results: "
         "`bench/qata_results.json`. Commands (QATA = the `data/QaTa` folder of ShuchangYe-bib/SGSeg): "
         "`python bench/qata.py train --data QATA --work W --runs lvit-s0,lvit-t-s0,lvit-10tok-s0` and "
         "`... --runs lvit-s1,lvit-t-s1,unet-s0` side by side, then "
