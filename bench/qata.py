@@ -46,6 +46,11 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "lvit-rd25-e3": ("lvit", ["model.report_dropout=0.25", "trainer.max_epochs=3", "optim.t0=3"]),
     "lvit-rdkd-e3": ("lvit", ["model.report_dropout=0.25", "loss.distill_weight=1.0", "trainer.max_epochs=3",
                               "optim.t0=3"]),
+    # the distillation term from a later epoch only (loss.distill_start_epoch counts from 0): -w1-e3 the pilot,
+    # from the 2nd of 3 epochs; -w3 the full run, from the 4th of 10
+    "lvit-rdkd-w1-e3": ("lvit", ["model.report_dropout=0.25", "loss.distill_weight=1.0",
+                                 "loss.distill_start_epoch=1", "trainer.max_epochs=3", "optim.t0=3"]),
+    "lvit-rdkd-w3": ("lvit", ["model.report_dropout=0.25", "loss.distill_weight=1.0", "loss.distill_start_epoch=3"]),
     # A quarter of the masks (the subset drawn with the trainer seed), docs/SEMI_SUPERVISED.md:
     "lvit-25": ("lvit", ["semi.mode=none", "semi.labeled_fraction=0.25"]),  # a quarter of the steps
     # labelled batches only, as many steps as the semi runs (a warm-up as long as the run: no pseudo labels)
@@ -241,7 +246,9 @@ ROW_LABELS = {"lvit": "LViT (24 tokens: whole report)", "lvit-10tok": "LViT (off
               "lvit-rdpw": "LViT, report dropout 0.25 + report prior + reworded training reports (true reports)",
               "lvit-rdkd": "LViT, report dropout 0.25 + distillation into the no-report path (true reports)",
               "lvit-rd25-e3": "LViT, report dropout 0.25, 3-epoch pilot (true reports)",
-              "lvit-rdkd-e3": "LViT, report dropout 0.25 + distillation, 3-epoch pilot (true reports)"}
+              "lvit-rdkd-e3": "LViT, report dropout 0.25 + distillation, 3-epoch pilot (true reports)",
+              "lvit-rdkd-w1-e3": "LViT, report dropout 0.25 + distillation from epoch 2, 3-epoch pilot (true reports)",
+              "lvit-rdkd-w3": "LViT, report dropout 0.25 + distillation from epoch 4 (true reports)"}
 PUBLISHED = {"lvit": "83.66 / 75.11", "lvit-t": "81.12 / 71.37 (LViT without text)", "unet": "79.02 / 69.46"}
 
 

@@ -59,9 +59,12 @@ def recipe_of(config: dict) -> str:
     variants = int((config.get("text") or {}).get("wording_variants") or 0)
     if variants:
         parts.append(f"{variants} reworded copies per training report")
-    distill = float((config.get("loss") or {}).get("distill_weight") or 0.0)
+    loss = config.get("loss") or {}
+    distill = float(loss.get("distill_weight") or 0.0)
     if distill:
-        parts.append(f"distillation into the no-report path (weight {distill:g})")
+        start = int(loss.get("distill_start_epoch") or 0)  # counted from 0; metrics.csv counts epochs from 1
+        parts.append(f"distillation into the no-report path (weight {distill:g}"
+                     + (f", from epoch {start + 1})" if start else ")"))
     epochs = int((config.get("trainer") or {}).get("max_epochs") or PRESET_EPOCHS)
     return " + ".join(parts) + (f"; {epochs}-epoch pilot" if epochs != PRESET_EPOCHS else "")
 

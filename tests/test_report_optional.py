@@ -108,6 +108,46 @@ def test_distill_weight_is_checked():
             load_config(preset_path("synth"), ["model.report_dropout=0.3", f"loss.distill_weight={bad}"])
     with pytest.raises(ConfigError, match="needs model.report_dropout"):
         load_config(preset_path("synth"), ["loss.distill_weight=1.0"])
+    for bad in ("-1", "1.5", "true"):
+        with pytest.raises(ConfigError, match="distill_start_epoch"):
+            load_config(preset_path("synth"), ["model.report_dropout=0.3", "loss.distill_weight=1.0",
+                                               f"loss.distill_start_epoch={bad}"])
+    with pytest.raises(ConfigError, match="would never run"):
+        load_config(preset_path("synth"), ["model.report_dropout=0.3", "loss.distill_weight=1.0",
+                                           "trainer.max_epochs=3", "loss.distill_start_epoch=3"])
+    load_config(preset_path("synth"), ["model.report_dropout=0.3", "loss.distill_weight=1.0",
+                                       "trainer.max_epochs=3", "loss.distill_start_epoch=2"])
+
+
+def test_distillation_waits_for_its_start_epoch_with_the_same_draw(monkeypatch):
+    from lvit.train.module import SegmentationModule
+
+    config = load_config(preset_path("synth"), ["model.report_dropout=0.5", "loss.distill_weight=1.0",
+                                                "loss.distill_start_epoch=2"])
+    model = build_model("lvit", LViTConfig(**SMALL, report_dropout=0.5))
+    with torch.no_grad():
+        model.no_report_text.normal_()
+    module = SegmentationModule(model, config).train()
+    image, text, mask = _inputs(6)
+    batch = {"image": image, "text": text, "text_mask": mask}
+    drawn, teacher_calls = [], []
+    real = model.forward_with_aux
+    def spy(*args):
+        if model.training:  # the student pass (the teacher's eval pass goes through here too)
+            drawn.append(args[3])
+        return real(*args)
+
+    monkeypatch.setattr(model, "forward_with_aux", spy)
+    real_teacher = module.answer_with_report
+    monkeypatch.setattr(module, "answer_with_report", lambda *args: teacher_calls.append(1) or real_teacher(*args))
+    aux = {}
+    for epoch in (0, 1, 2, 3):
+        monkeypatch.setattr(SegmentationModule, "current_epoch", property(lambda self, e=epoch: e))
+        torch.manual_seed(11)
+        aux[epoch] = module._logits_and_aux_loss(batch)[1]
+    assert all(torch.equal(d, drawn[0]) for d in drawn) and 0 < int(drawn[0].sum()) < 6  # one draw, every epoch
+    assert aux[0] is None and aux[1] is None  # before the start epoch: no term, no teacher pass
+    assert len(teacher_calls) == 2 and aux[2].item() > 0 and aux[3].item() > 0
 
 
 def test_training_distils_the_answer_with_the_report_into_the_dropped_rows(monkeypatch):
@@ -404,6 +444,10 @@ def test_the_bench_names_each_recipe_from_its_run_config():
     assert recipe("lvit-rdkd-e3") == ("report dropout 0.25 + distillation into the no-report path (weight 1); "
                                       "3-epoch pilot")
     assert recipe("lvit-rd25-e3") == "report dropout 0.25; 3-epoch pilot"
+    assert recipe("lvit-rdkd-w1-e3") == ("report dropout 0.25 + distillation into the no-report path (weight 1, "
+                                         "from epoch 2); 3-epoch pilot")
+    assert recipe("lvit-rdkd-w3") == ("report dropout 0.25 + distillation into the no-report path (weight 1, "
+                                      "from epoch 4)")
 
 
 def test_the_bench_table_leaves_the_columns_a_pilot_did_not_score_empty(tmp_path):

@@ -84,6 +84,9 @@ class LossConfig:
     # With report dropout: weight of the distillation term that pulls the no-report answer of each dropped sample
     # towards the same network's answer with its report (eval mode, no gradient); 0: off.
     distill_weight: float = 0.0
+    # The first epoch (counted from 0) that has the distillation term: the answer with the report is a poor
+    # target before the network has learnt to read it, and pulling towards it then also drags the report path.
+    distill_start_epoch: int = 0
 
 
 @dataclass
@@ -302,6 +305,12 @@ class TrainConfig:
         if distill and not (self.model.use_text and float(self.model.report_dropout) > 0):
             raise ConfigError(f"{source}: loss.distill_weight needs model.report_dropout > 0 (it distils the report's "
                               "answer into the no-report path)")
+        start = self.loss.distill_start_epoch
+        if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+            raise ConfigError(f"{source}: loss.distill_start_epoch must be an integer >= 0 (got {start!r})")
+        if distill and start >= t.max_epochs:
+            raise ConfigError(f"{source}: loss.distill_start_epoch {start} is not before the last epoch "
+                              f"(trainer.max_epochs={t.max_epochs}): the distillation would never run")
         variants = self.text.wording_variants
         if isinstance(variants, bool) or not isinstance(variants, int) or not 0 <= variants <= 16:
             raise ConfigError(f"{source}: text.wording_variants must be an integer from 0 to 16 (got {variants!r})")

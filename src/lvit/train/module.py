@@ -61,7 +61,8 @@ class SegmentationModule(pl.LightningModule):
     def _logits_and_aux_loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Training logits and the weighted sum of the network's auxiliary losses (None when it has none): the
         report prior's, and with ``loss.distill_weight`` the distillation of the report's answer into the
-        no-report answer of the samples whose report was dropped."""
+        no-report answer of the samples whose report was dropped (from epoch ``loss.distill_start_epoch`` on; the
+        module draws the dropped rows in every epoch, so the draw does not depend on the start)."""
         forward_with_aux = getattr(self.model, "forward_with_aux", None)
         if forward_with_aux is None:
             return self._logits(batch), None
@@ -72,7 +73,8 @@ class SegmentationModule(pl.LightningModule):
         logits, aux = forward_with_aux(image, text, text_mask, dropped)
         weights = {"report_prior": self.config.loss.report_prior_weight}
         terms = [weights[name] * value.float() for name, value in aux.items() if weights[name]]
-        if dropped is not None and bool(dropped.any()):
+        distilling = self.current_epoch >= self.config.loss.distill_start_epoch
+        if dropped is not None and bool(dropped.any()) and distilling:
             teacher = self.answer_with_report(image[dropped], text[dropped],
                                               None if text_mask is None else text_mask[dropped])
             terms.append(self.config.loss.distill_weight * distillation_loss(logits[dropped], teacher))
