@@ -66,7 +66,11 @@ def recipe_of(config: dict) -> str:
         parts.append(f"distillation into the no-report path (weight {distill:g}"
                      + (f", from epoch {start + 1})" if start else ")"))
     epochs = int((config.get("trainer") or {}).get("max_epochs") or PRESET_EPOCHS)
-    return " + ".join(parts) + (f"; {epochs}-epoch pilot" if epochs != PRESET_EPOCHS else "")
+    if epochs < PRESET_EPOCHS:
+        parts[-1] += f"; {epochs}-epoch pilot"
+    elif epochs > PRESET_EPOCHS:
+        parts[-1] += f"; {epochs} epochs"
+    return " + ".join(parts)
 
 
 def per_image(out: Path) -> dict[str, float]:
