@@ -19,6 +19,7 @@ from lvit.data.flags import (
     decode_flags,
     findings_from_probabilities,
     flag_metrics,
+    likely_flag_sets,
     report_agreement,
     same_findings,
 )
@@ -95,6 +96,28 @@ def test_no_zone_over_its_threshold_names_the_most_likely_one_unless_empty_repor
             == "unilateral pulmonary infection, one infected area, lower left lung.")
     with pytest.raises(ValueError, match="thresholds"):
         decode_flags(probs, [0.5] * 5)
+
+
+def test_the_likely_flag_sets_and_their_weights_by_hand():
+    probs = np.array([[0.9, 0.2, 0.1, 0.6, 0.5, 0.05]])
+    sets, weights = likely_flag_sets(probs, 4, allow_empty=False)
+    # every set shares p(the certain zones); it is the 0.6 and 0.5 zones that vary: 0.3, 0.3 (a tie), 0.2, 0.2
+    assert sets.shape == (1, 4, 6) and sets.dtype == bool
+    assert sets[0].astype(int).tolist() == [[1, 0, 0, 1, 0, 0], [1, 0, 0, 1, 1, 0], [1, 0, 0, 0, 0, 0],
+                                            [1, 0, 0, 0, 1, 0]]
+    assert weights[0] == pytest.approx([0.3, 0.3, 0.2, 0.2])
+    # k = 1 is the most probable set; a writer that may write "no infection" may get the empty set
+    quiet = np.full((1, 6), 0.1)
+    assert not likely_flag_sets(quiet, 1, allow_empty=True)[0].any()
+    one, w = likely_flag_sets(quiet, 1, allow_empty=False)
+    assert one.sum() == 1 and w[0] == pytest.approx([1.0])
+    assert likely_flag_sets(np.random.default_rng(0).random((5, 6)), 63, allow_empty=False)[1].sum(1) \
+        == pytest.approx(np.ones(5))
+    for bad in (0, 64, 2.0, True):
+        with pytest.raises(ValueError, match="k must be"):
+            likely_flag_sets(probs, bad, allow_empty=False)
+    with pytest.raises(ValueError, match="expected scores"):
+        likely_flag_sets(probs[:, :5], 2)
 
 
 def test_thresholds_maximise_each_zones_f1_or_accuracy_on_val():
@@ -310,6 +333,7 @@ def test_predict_without_text_writes_the_mask_and_its_generated_report(run_with_
     assert read_mask(out).shape == (64, 64) and report_file.is_file()
     report = report_file.read_text().strip()
     assert parse_findings(report).consistent and f'"{report}"' in printed and "generated from the image" in printed
+    assert "most likely reports" in printed  # the mask averages over them
     # --text auto asks for the same explicitly; an existing report file is not overwritten without --force
     assert main(["predict", str(run_with_writer), "--image", str(image), "--out", str(out), "--text", "auto"]) == 2
     assert main(["predict", str(run_with_writer), "--image", str(image), "--out", str(out), "--text", "AUTO",
@@ -365,6 +389,34 @@ def test_predict_without_text_and_without_a_writer_says_how_to_get_one(tiny_runs
     assert "no report writer" in capsys.readouterr().err
 
 
+def test_the_answer_over_written_reports_is_the_weighted_mean_of_the_answers_with_each(run_with_writer, tiny_synth):
+    from lvit.data import load_split, read_image
+    from lvit.inference import Segmenter, to_original_size
+    from lvit.inference.segmenter import MIXED_REPORTS
+
+    segmenter = Segmenter(run_with_writer)
+    writer = segmenter.report_writer
+    images = [read_image(r.image_path) for r in load_split(tiny_synth, "test")[:3]]
+    batch = torch.stack([segmenter.preprocess(im) for im in images])
+    reports, weights = writer.likely_reports(writer.probabilities(images), 3)
+    assert len(reports) == 3 and all(len(row) == 3 and len(set(row)) == 3 for row in reports)
+    mixed = segmenter.logits_over_reports(batch, reports, weights, chunk=4)  # chunks cut across images
+    for b in range(3):  # the long way: each report alone, probabilities averaged with the weights
+        probs = [torch.sigmoid(segmenter.logits(batch[b:b + 1], *segmenter.text_for([r], 1)))[0] for r in reports[b]]
+        mean = sum(float(w) * p for w, p in zip(weights[b], probs))
+        assert torch.allclose(torch.sigmoid(mixed[b]), mean, atol=1e-5)
+    # predict_written: the mean over the writer's MIXED_REPORTS likely reports, with the writer's own report
+    probs, written = segmenter.predict_written(images)
+    assert written == writer.reports(images)
+    reports, weights = writer.likely_reports(writer.probabilities(images), MIXED_REPORTS)
+    expected = segmenter.logits_over_reports(batch, reports, weights)
+    for b, image in enumerate(images):
+        assert probs[b].shape == image.shape[:2]
+        assert np.allclose(probs[b], to_original_size(expected[b:b + 1], image.shape[:2])[0, 0].numpy(), atol=1e-6)
+    with pytest.raises(ValueError, match="3 images, 2 report lists"):
+        segmenter.logits_over_reports(batch, reports[:2], weights)
+
+
 def test_predict_a_folder_without_a_report_table(run_with_writer, tiny_synth, tmp_path):
     import csv
 
@@ -386,19 +438,24 @@ def test_lvit_test_with_generated_reports(run_with_writer, tiny_runs, tiny_synth
     out = tmp_path / "t"
     assert main(["test", str(run_with_writer), "--data", str(tiny_synth), "--out", str(out), "--reports", "generated",
                  "--no-progress", "--k", "0"]) == 0
-    assert "reports generated from the images" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "reports generated from the images" in printed and "averages the writer's" in printed
     metrics = json.loads((out / "metrics.json").read_text())
     exact = metrics["reports"]["agreement_with_true_reports"]["exact"]
     assert metrics["reports"]["source"] == "generated" and 0 <= exact <= 1
     rows = list(csv.DictReader((out / "reports.csv").open()))
     assert len(rows) == 4 and all(parse_findings(r["generated_report"]).consistent for r in rows)
-    # the same figures as scoring the generated reports directly
-    from lvit.data import load_split
-    from lvit.evaluate.reporter import segment_with_reports
+    # the masks average over the writer's likely reports: the same masks as lvit predict writes without --text
+    from lvit.data import load_split, read_image, read_mask
+    from lvit.inference import Segmenter
+    from lvit.inference.segmenter import MIXED_REPORTS
 
-    direct = segment_with_reports(run_with_writer, load_split(tiny_synth, "test"),
-                                  {"g": [r["generated_report"] for r in rows]})
-    assert metrics["dice"] == pytest.approx(direct["sources"]["g"]["dice"], abs=1e-9)
+    assert metrics["reports"]["mixed_reports"] == MIXED_REPORTS and metrics["reports"]["path"] == "written"
+    records = load_split(tiny_synth, "test")
+    probs, written = Segmenter(run_with_writer).predict_written([read_image(r.image_path) for r in records])
+    assert written == [r["generated_report"] for r in rows]
+    for record, prob in zip(records, probs):
+        assert np.array_equal(read_mask(out / "masks" / f"{Path(record.name).stem}.png") > 0, prob >= 0.5)
     assert main(["test", str(tiny_runs[1]), "--data", str(tiny_synth), "--out", str(tmp_path / "t2"), "--reports",
                  "generated"]) == 2
     assert "does not read reports" in capsys.readouterr().err
@@ -434,3 +491,17 @@ def test_train_reporter_never_writes_into_a_model_folder(tiny_runs, tiny_synth, 
     assert main(["train-reporter", str(folder), "--data", str(tiny_synth), "--epochs", "1", "--no-progress"]) == 2
     assert "lvit never writes into one: pass --out DIR" in capsys.readouterr().err
     assert sorted(p.name for p in folder.iterdir()) == before
+
+
+def test_the_app_with_an_empty_box_answers_over_the_writers_likely_reports(run_with_writer, tiny_synth, tmp_path):
+    pytest.importorskip("matplotlib")
+    from lvit.commands.webapp import Page
+    from lvit.data import load_split, read_image, read_mask
+
+    path = load_split(tiny_synth, "test")[0].image_path
+    page = Page(run_with_writer, work_dir=tmp_path / "work")
+    result = page.segment(str(path), "  ", 0.5)
+    assert result.ok, result.message
+    (prob,), (report,) = page.segmenter.predict_written([read_image(path)])
+    assert len(result.notes) == 1 and f'"{report}"' in result.notes[0] and "most likely reports" in result.notes[0]
+    assert np.array_equal(read_mask(result.mask_file) > 0, prob >= 0.5)  # the mask is the averaged answer

@@ -86,14 +86,15 @@ def _predict_one(args, segmenter) -> int:
         warn(f"--text is ignored: the model of {args.checkpoint} ({segmenter.model_name}) does not read reports")
         text = None
     if generate:
-        text = segmenter.report_writer.report(image)
+        (prob,), (text,) = segmenter.predict_written([image])  # [H, W] original size
         print(f"{args.image}: no report given: generated from the image by the report writer "
-              f"{segmenter.report_writer.folder}: \"{text}\"")
-    elif segmenter.uses_text and text is None:
-        print(f"{args.image}: {requests.NO_REPORT_NOTE}")
-    elif segmenter.uses_text:
-        requests.warn_about_reports(segmenter, [text], [image_path.name], "--text")
-    prob = segmenter.predict(image, text)  # [H, W] original size
+              f"{segmenter.report_writer.folder}: \"{text}\"; {requests.WRITTEN_MASK_NOTE}")
+    else:
+        if segmenter.uses_text and text is None:
+            print(f"{args.image}: {requests.NO_REPORT_NOTE}")
+        elif segmenter.uses_text:
+            requests.warn_about_reports(segmenter, [text], [image_path.name], "--text")
+        prob = segmenter.predict(image, text)  # [H, W] original size
     mask = prob >= args.threshold
     written = out_files.write_image_outputs(outputs, image, prob, mask)
     report_note = out_files.write_or_clear_report(outputs[0][1], image_path, outputs, text if generate else None)
@@ -123,7 +124,7 @@ def _predict_folder(args, segmenter) -> int:
     with output_dir(Path(args.out), args.force) as out:
         if generate:
             print(f"no report table: the report writer {writer_folder} writes each image's report "
-                  f"(saved in {out / out_files.REPORTS})")
+                  f"(saved in {out / out_files.REPORTS}); {requests.WRITTEN_MASK_NOTE}")
         elif segmenter.uses_text and args.reports is None:
             print(f"{folder}: {requests.NO_REPORT_NOTE}")
         elif segmenter.uses_text:

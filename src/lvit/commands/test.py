@@ -48,7 +48,8 @@ def run(args: argparse.Namespace) -> int:
 
 _PATHS = {"report": "from the report path", "no report": "from the no-report path (the model's learned stand-in for "
           "a missing report)", "mixed": "from the report path, and the no-report path where a report is missing",
-          "image only": "from the image alone (the model does not read reports)"}
+          "image only": "from the image alone (the model does not read reports)",
+          "written": "from the report path, averaged over the report writer's most likely reports"}
 
 
 def format_summary(m: dict) -> str:
@@ -57,9 +58,11 @@ def format_summary(m: dict) -> str:
     lines.append(f"  masks {_PATHS.get(reports.get('path'), _PATHS['report'])}")
     if reports.get("source") == "generated":
         agree = reports.get("agreement_with_true_reports")
+        k = reports.get("mixed_reports")
+        mixed = f"; each mask averages the writer's {k} most likely reports" if k else ""
         lines.append(f"  reports generated from the images by {reports['writer']}"
                      + (f" (same as the dataset's for {agree['exact']:.1%} of images)" if agree else "")
-                     + f"; listed in {m['out']}/reports.csv")
+                     + f"; listed in {m['out']}/reports.csv{mixed}")
     model_res = m.get("model_resolution", {})
     if "mean_over_images" in model_res:
         mo, dl = model_res["mean_over_images"], model_res["dataset_level"]

@@ -194,13 +194,22 @@ class Page:
             raise LvitError("The threshold must lie between 0 and 1.")
         image = self.read_upload(path)
         text = " ".join(str(report or "").split())
+        from ..inference.segmenter import MIXED_REPORTS
+
         notes = []
+        mixed = None  # [H, W]: the mask averaged over the written reports (the model's own report writer)
         if self.reads_text and not text and not self.segmenter.has_no_report_path:
-            if self.report_writer is None:
+            if self.segmenter.report_writer_folder() is not None:  # as lvit predict without --text does
+                (mixed,), (text,) = self.segmenter.predict_written([image])
+                notes.append(f'No report: the report writer wrote "{text}" from the image; the mask averages the '
+                             f"model's answers with the writer's {MIXED_REPORTS} most likely reports (Grad-CAM: "
+                             "with the one shown). A true report usually gives a better mask.")
+            elif self.report_writer is None:
                 raise LvitError("This model reads the report: type the image's report first.")
-            text = " ".join(str(self.report_writer(image)).split())  # as lvit predict without --text does
-            notes.append(f'No report: the report writer wrote "{text}" from the image and the model read it; a '
-                         "true report usually gives a better mask.")
+            else:
+                text = " ".join(str(self.report_writer(image)).split())
+                notes.append(f'No report: the report writer wrote "{text}" from the image and the model read it; '
+                             "a true report usually gives a better mask.")
         elif self.reads_text and not text:
             notes.append("No report: the mask comes from the model's no-report path (learned with report dropout); "
                          "a report, where there is one, usually gives a better mask.")
@@ -215,7 +224,7 @@ class Page:
         elif text:
             notes.append(f"{self.title} does not read reports: the report was ignored.")
         (expl,) = explain_image(self.segmenter.model, image, [text], self.segmenter.encode_text, [self.layer])
-        prob = expl.probability
+        prob = expl.probability if mixed is None else mixed
         mask = prob >= float(threshold)
         stem = Path(str(path)).stem[:40] or "image"
         self._prune()

@@ -4,6 +4,7 @@ LViT's template gives, and how well one set of flags matches another.
 * :func:`report_flags`: a report -> its flags; :func:`decode_flags`, :func:`findings_from_probabilities`:
   zone scores -> flags -> findings (always a report of the template: :func:`lvit.data.describe.parse_findings`
   reads every one back);
+* :func:`likely_flag_sets`: the most probable sets of flags and their weights, for averaging over guesses;
 * :func:`choose_thresholds`: per-zone thresholds on a validation split (F1 or accuracy);
 * :func:`flag_metrics`, :func:`report_agreement`: per-zone accuracy / precision / recall / F1, exact report
   match, count and side accuracy;
@@ -49,6 +50,25 @@ def decode_flags(probs: np.ndarray, thresholds: Sequence[float], allow_empty: bo
         empty = ~flags.any(axis=1)
         flags[np.flatnonzero(empty), probs[empty].argmax(axis=1)] = True
     return flags
+
+
+def likely_flag_sets(probs: np.ndarray, k: int, allow_empty: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` most probable sets of flags for each image when the six zone scores ``probs [N, 6]`` are read as
+    independent probabilities (the empty set only with ``allow_empty``): ``(flags [N, k, 6] bool, weights
+    [N, k])``, most probable first, the weights normalised over the ``k`` sets kept. Where one guess at the
+    report is often wrong, averaging a model's answers over these sets is what the guesses are worth together."""
+    probs = np.asarray(probs, dtype=np.float64)
+    if probs.ndim != 2 or probs.shape[1] != len(ZONES):
+        raise ValueError(f"expected scores [N, {len(ZONES)}], got shape {probs.shape}")
+    sets = np.array([f for f in itertools.product((0, 1), repeat=len(ZONES)) if any(f) or allow_empty], dtype=bool)
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= len(sets):
+        raise ValueError(f"k must be an integer from 1 to {len(sets)}, got {k!r}")
+    p = np.clip(probs, 1e-6, 1 - 1e-6)
+    log_prob = np.log(p) @ sets.T + np.log1p(-p) @ (~sets).T  # [N, n_sets]
+    top = np.argsort(-log_prob, axis=1, kind="stable")[:, :k]  # [N, k]
+    kept = np.take_along_axis(log_prob, top, axis=1)
+    weights = np.exp(kept - kept[:, :1])
+    return sets[top], weights / weights.sum(axis=1, keepdims=True)
 
 
 def findings_from_probabilities(probs: np.ndarray, thresholds: Sequence[float],
@@ -154,6 +174,7 @@ __all__ = [
     "ZONE_NAMES",
     "choose_thresholds",
     "decode_flags",
+    "likely_flag_sets",
     "findings_from_probabilities",
     "flag_metrics",
     "report_agreement",

@@ -114,15 +114,20 @@ def run_test(
     folder = Path(out) if out else default_out(run_dir, split)
     with output_dir(folder, force=force, what="test output folder") as folder:
         extra = {"reports": {"source": "true" if texts is None else "given"}}
+        logits_of = None  # default: the model with each record's report
         if writer_folder is not None:
-            records, extra = _generated_records(records, segmenter, folder, batch_size, progress)
+            records, extra, zone_probs = _generated_records(records, segmenter, folder, batch_size, progress)
+
+            def logits_of(images: torch.Tensor, indices: list[int]) -> torch.Tensor:
+                return segmenter.written_logits(images, zone_probs[indices])
         elif reports == "none":
             import dataclasses
 
             records = [dataclasses.replace(r, text=None) for r in records]
             extra = {"reports": {"source": "none"}}
-        extra["reports"]["path"] = segmenter.report_path([r.text for r in records])
-        return _score(segmenter, records, folder, data_root, split, k, batch_size, progress, extra)
+        extra["reports"]["path"] = ("written" if writer_folder is not None
+                                    else segmenter.report_path([r.text for r in records]))
+        return _score(segmenter, records, folder, data_root, split, k, batch_size, progress, extra, logits_of)
 
 
 REPORT_SOURCES = ("true", "generated", "none")
@@ -144,11 +149,12 @@ def _writer_folder(segmenter) -> Path:
 
 def _generated_records(records, segmenter, out: Path, batch_size: int, progress: bool):
     """The records with the writer's reports instead of the dataset's; writes ``out/reports.csv``.
-    -> (records, metrics entry ``{"reports": {source, writer, agreement}}``)"""
+    -> (records, metrics entry ``{"reports": {source, writer, agreement, mixed_reports}}``, zone scores [N, 6])"""
     import dataclasses
 
     from ..data.flags import report_agreement, same_findings
     from ..inference import write_reports
+    from ..inference.segmenter import MIXED_REPORTS
 
     writer = segmenter.report_writer
     bar = tqdm(total=len(records), desc="report writer", unit="img", disable=not progress)
@@ -156,7 +162,7 @@ def _generated_records(records, segmenter, out: Path, batch_size: int, progress:
     def advance(done: int, total: int) -> None:
         bar.update(done - bar.n)
 
-    generated, _ = write_reports(writer, records, batch_size=max(batch_size, 32), progress=advance)
+    generated, probs = write_reports(writer, records, batch_size=max(batch_size, 32), progress=advance)
     bar.close()
     buf = io.StringIO()
     table = csv.writer(buf, lineterminator="\n")
@@ -168,13 +174,15 @@ def _generated_records(records, segmenter, out: Path, batch_size: int, progress:
         agreement = report_agreement(generated, [r.text for r in records])
     except ValueError:  # the dataset's reports are not in the template: nothing to compare with
         agreement = None
-    info = {"source": "generated", "writer": str(writer.folder), "agreement_with_true_reports": agreement}
-    return [dataclasses.replace(r, text=g) for r, g in zip(records, generated)], {"reports": info}
+    info = {"source": "generated", "writer": str(writer.folder), "agreement_with_true_reports": agreement,
+            "mixed_reports": MIXED_REPORTS}
+    return [dataclasses.replace(r, text=g) for r, g in zip(records, generated)], {"reports": info}, probs
 
 
 def _score(segmenter, records, out: Path, data_root: Path, split: str, k: int, batch_size: int,
-           progress: bool, extra: dict | None = None) -> dict:
-    """Predict ``records``, write masks, per_image.csv, overlays and metrics.json into ``out``."""
+           progress: bool, extra: dict | None = None, logits_of=None) -> dict:
+    """Predict ``records``, write masks, per_image.csv, overlays and metrics.json into ``out``. ``logits_of(images
+    [B, C, S, S], record indices) -> logits``: how to answer instead of the model with each record's report."""
     from ..data import load_pair
     from ..inference import to_original_size
     from ..inference.batch import BackgroundCalls
@@ -192,7 +200,10 @@ def _score(segmenter, records, out: Path, data_root: Path, split: str, k: int, b
             images = torch.stack([it["image"] for it in items])  # [B, C, S, S]
             text = torch.stack([it["text"] for it in items]) if "text" in items[0] else None
             text_mask = torch.stack([it["text_mask"] for it in items]) if "text_mask" in items[0] else None
-            logits = segmenter.logits(images, text, text_mask).cpu()  # [B, 1, S, S]
+            if logits_of is not None:
+                logits = logits_of(images, [it["index"] for it in items]).cpu()  # [B, 1, S, S]
+            else:
+                logits = segmenter.logits(images, text, text_mask).cpu()
             for i, item in enumerate(items):
                 record = records[item["index"]]
                 _, mask_orig = load_pair(record, segmenter.in_channels)

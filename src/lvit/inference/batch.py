@@ -35,8 +35,9 @@ def segment_images(segmenter, pairs: list[tuple[Path, str | None]], batch_size: 
                    failed: list[tuple[str, str]], progress: bool = True,
                    ) -> Iterator[tuple[Path, np.ndarray, np.ndarray, str | None]]:
     """``(image path, report or None)`` pairs -> ``(path, image HxWxC uint8, probability HxW, report read)`` per
-    image that could be read, in order. ``generate``: the segmenter's report writer writes every report. An image
-    that cannot be read is appended to ``failed`` as ``(name, why)``."""
+    image that could be read, in order. ``generate``: the segmenter's report writer writes every report (the
+    mask averages over its likely reports: ``Segmenter.predict_written``). An image that cannot be read is
+    appended to ``failed`` as ``(name, why)``."""
     from tqdm import tqdm
 
     chunks = [pairs[start:start + batch_size] for start in range(0, len(pairs), batch_size)]
@@ -58,8 +59,9 @@ def segment_images(segmenter, pairs: list[tuple[Path, str | None]], batch_size: 
             pictures = [image for _, _, image in chunk]
             texts = [text for _, text, _ in chunk] if segmenter.uses_text else None
             if generate:
-                texts = segmenter.report_writer.reports(pictures)
-            probs = segmenter.predict_many(pictures, texts)
+                probs, texts = segmenter.predict_written(pictures)
+            else:
+                probs = segmenter.predict_many(pictures, texts)
             for i, ((path, _, image), prob) in enumerate(zip(chunk, probs)):
                 yield path, image, prob, None if texts is None else texts[i]
                 bar.update(1)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..data.describe import ZONES, Findings, format_report
-from ..data.flags import findings_from_probabilities, possible_reports
+from ..data.flags import findings_from_probabilities, likely_flag_sets, possible_reports
 
 
 class ReportWriter:
@@ -64,10 +64,22 @@ class ReportWriter:
 
     def reports(self, images: Sequence[np.ndarray]) -> list[str]:
         """One report per image, in the style of the writer's training reports (capitalised or not)."""
-        return [format_report(f, capitalize=self.capitalize) for f in self.findings(images)]
+        return self.reports_from(self.probabilities(images))
+
+    def reports_from(self, probs: np.ndarray) -> list[str]:
+        """The reports of zone scores ``probs [N, 6]`` (:meth:`probabilities`)."""
+        return [format_report(f, capitalize=self.capitalize) for f in self.decode(probs)]
 
     def report(self, image: np.ndarray) -> str:
         return self.reports([image])[0]
+
+    def likely_reports(self, probs: np.ndarray, k: int) -> tuple[list[list[str]], np.ndarray]:
+        """The ``k`` most probable reports per image for zone scores ``probs [N, 6]`` (zones read as independent),
+        and their weights ``[N, k]`` (summing to 1 per image): what :meth:`Segmenter.logits_over_reports
+        <lvit.inference.Segmenter.logits_over_reports>` averages over. Only reports this writer can write."""
+        sets, weights = likely_flag_sets(probs, k, self.allow_empty)
+        reports = [[format_report(Findings.from_flags(f), capitalize=self.capitalize) for f in row] for row in sets]
+        return reports, weights
 
     def possible_reports(self) -> list[str]:
         """Every report this writer can write (:func:`lvit.data.flags.possible_reports` with its settings)."""
@@ -87,4 +99,4 @@ def write_reports(writer: ReportWriter, records, batch_size: int = 32,
         if progress is not None:
             progress(min(start + batch_size, len(records)), len(records))
     probs = np.concatenate(probs) if probs else np.zeros((0, len(ZONES)))
-    return [format_report(f, capitalize=writer.capitalize) for f in writer.decode(probs)], probs
+    return writer.reports_from(probs), probs

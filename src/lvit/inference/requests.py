@@ -5,8 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .segmenter import MIXED_REPORTS
+
 AUTO = "auto"  # --text / --reports value: always write the report from the image
 NO_REPORT_NOTE = "no report given: the mask comes from the model's no-report path (learned with report dropout)"
+WRITTEN_MASK_NOTE = (f"the mask averages the model's answers with the writer's {MIXED_REPORTS} most likely reports, "
+                     "weighted by how likely each is")
 
 
 def wants_generated(value: str | None, segmenter=None) -> bool:

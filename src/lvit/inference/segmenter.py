@@ -31,6 +31,10 @@ TITLES = {"lvit": "LViT", "lvit-t": "LViT-T (no text)", "unet": "U-Net"}
 #: the report (one pass); ``self-described``, that pass, then the report ``lvit describe``'s rules write from its
 #: mask (sides, count, zones) read back as the image's report (a second pass; needs the text encoder).
 NO_REPORT_PATHS = ("learned", "self-described")
+# Images without a report, for a model that reads one and has no no-report path of its own: its answers with the
+# report writer's this-many most likely reports are averaged (chosen on QaTa-COV19's validation split,
+# bench/written_mixture.json).
+MIXED_REPORTS = 16
 
 
 def model_reads_text(run_config: dict) -> bool:
@@ -307,6 +311,30 @@ class Segmenter:
                             "input out of range); no mask was written")
         return logits
 
+    @torch.no_grad()
+    def logits_over_reports(self, images: torch.Tensor, reports: Sequence[Sequence[str]],
+                            weights: np.ndarray, chunk: int = 32) -> torch.Tensor:
+        """The model's answer averaged over several reports per image: ``images [B, C, S, S]``, ``reports[b]`` the
+        reports of image ``b`` and ``weights [B, K]`` theirs (each row summing to 1) -> logits ``[B, 1, S, S]`` of
+        the weighted mean probability. For an image whose report is only guessed (:meth:`ReportWriter.likely_reports
+        <lvit.inference.report_writer.ReportWriter.likely_reports>`), the mean over the likely guesses is the
+        answer the guesses support together, where the one most likely guess commits to zones it often has wrong.
+        Runs ``chunk`` (image, report) pairs per forward."""
+        weights = np.asarray(weights, dtype=np.float64)
+        if len(reports) != images.shape[0] or weights.shape[0] != images.shape[0]:
+            raise ValueError(f"logits_over_reports: {images.shape[0]} images, {len(reports)} report lists, "
+                             f"{weights.shape[0]} weight rows")
+        pairs = [(b, j) for b, row in enumerate(reports) for j in range(len(row))]
+        mean = torch.zeros(images.shape[0], 1, *images.shape[-2:], dtype=torch.float64)
+        for start in range(0, len(pairs), chunk):
+            part = pairs[start:start + chunk]
+            emb, mask = self.encode_text([reports[b][j] for b, j in part])
+            rows = torch.tensor([b for b, _ in part])
+            probs = torch.sigmoid(self.logits(images[rows], emb, mask)).cpu().double()  # [P, 1, S, S]
+            scale = torch.tensor([weights[b, j] for b, j in part], dtype=torch.float64).view(-1, 1, 1, 1)
+            mean.index_add_(0, rows, probs * scale)
+        return torch.logit(mean.clamp(1e-6, 1 - 1e-6)).float()
+
     def _read_own_description(self, images: torch.Tensor, logits: torch.Tensor,
                               missing: torch.Tensor) -> torch.Tensor:
         """The second pass of the self-described path: each image without a report gets the report ``lvit
@@ -359,3 +387,24 @@ class Segmenter:
         emb, mask = self.text_for(texts, len(images))
         logits = self.logits(batch, emb, mask)  # [B, 1, S, S]
         return [to_original_size(logits[i:i + 1], im.shape[:2])[0, 0].cpu().numpy() for i, im in enumerate(images)]
+
+    @torch.no_grad()
+    def written_logits(self, images: torch.Tensor, zone_probs: np.ndarray) -> torch.Tensor:
+        """Logits ``[B, 1, S, S]`` for preprocessed ``images [B, C, S, S]`` that have no report, given the report
+        writer's zone scores of the same images ``[B, 6]``: the model's answers with the writer's
+        :data:`MIXED_REPORTS` most likely reports, averaged (:meth:`logits_over_reports`)."""
+        likely, weights = self.report_writer.likely_reports(zone_probs, MIXED_REPORTS)
+        return self.logits_over_reports(images, likely, weights)
+
+    @torch.no_grad()
+    def predict_written(self, images: Sequence[np.ndarray]) -> tuple[list[np.ndarray], list[str]]:
+        """Images without a report, for a model that reads one, through its report writer: ``(probability maps
+        H x W at each image's original size, the writer's report of each image)``. The mask averages the model's
+        answers over the writer's :data:`MIXED_REPORTS` most likely reports; the report returned is the one the
+        writer writes (its zone scores thresholded), the single report to show and check."""
+        writer = self.report_writer
+        zone_probs = writer.probabilities(images)
+        batch = torch.stack([self.preprocess(im) for im in images])  # [B, C, S, S]
+        logits = self.written_logits(batch, zone_probs)
+        return ([to_original_size(logits[i:i + 1], im.shape[:2])[0, 0].cpu().numpy() for i, im in enumerate(images)],
+                writer.reports_from(zone_probs))
