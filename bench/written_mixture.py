@@ -1,6 +1,7 @@
 """How many written reports to average over: a model that always reads a report, answering without one.
 
     python bench/written_mixture.py --data QATA [--model qata-lvit] [--split val] [--ks 1,2,4,8,16] [--limit N]
+    python bench/written_mixture.py --render      # the RESULTS.md section from the raw files
 
 A model trained with a report for every image answers an image without one through its report writer. The
 writer's one report (its zone scores thresholded) names all six zones right on about a third of the images, and
@@ -19,10 +20,13 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
-from benchkit import REPO, add_data_args, read_raw, write_raw
+from benchkit import REPO, RESULTS_MD, read_raw, render_section, write_raw
 
 RESULTS_JSON = REPO / "bench" / "written_mixture.json"
+SHIPPED_JSON = REPO / "bench" / "shipped_model.json"
+SECTION = "written-mixture"
 
 
 def dice(pred, truth) -> float:
@@ -83,15 +87,51 @@ def sweep(model: str, data, split: str, ks: list[int], limit: int | None, batch:
             "minutes": round((time.perf_counter() - started) / 60, 1)}
 
 
+def render(results_md: Path = RESULTS_MD) -> Path:
+    """The RESULTS.md section: each sweep, and the shipped model's test figures before and after (its JSON)."""
+    entries = read_raw(RESULTS_JSON, [])
+    lines = ["## Answering without a report through the report writer: one report or the likely ones", "",
+             "A model that always reads a report (the shipped `qata-lvit`) answers an image without one through its "
+             "report writer. Columns: per-image Dice at the masks' original size with the writer's one report "
+             "(its zone scores thresholded), with the mean of the model's answers over the writer's K most probable "
+             "reports (zones read as independent, weights their probabilities), and with the true report. K is "
+             "chosen on the validation split (`bench/written_mixture.py`; raw `bench/written_mixture.json`).", ""]
+    for e in entries:
+        ks = sorted((k for k in e["dice_original"] if k.isdigit()), key=int)
+        lines += ["| model | split | images | one report | " + " | ".join(f"K = {k}" for k in ks) + " | true report |",
+                  "|---|---|---|---|" + "---|" * len(ks) + "---|",
+                  f"| {e['model']} | {e['split']} | {e['n']:,} | {e['dice_original']['written']:.4f} | "
+                  + " | ".join(f"{e['dice_original'][k]:.4f}" for k in ks) + f" | {e['dice_original']['true']:.4f} |",
+                  "", f"Best K: {e['best_k']}. Machine: {e['machine']}; `{e['command']}`; {e['minutes']} min.", ""]
+    shipped = read_raw(SHIPPED_JSON, {})
+    if "generated_before" in shipped:
+        before, after = shipped["generated_before"]["test"], shipped["generated"]
+        scoring = shipped.get("generated_scoring", {})
+        lines += [f"Test split, {after['n_test']:,} images, the shipped weights (`bench/shipped_model.json`, keys "
+                  f"`generated_before` and `generated`): one report {before['dice_original']:.4f}, the mean over "
+                  f"the {after['mixed_reports']} most likely {after['dice_original']:.4f} (IoU "
+                  f"{before['iou_original']:.4f} -> {after['iou_original']:.4f}; pooled Dice "
+                  f"{before['pooled_dice_original']:.4f} -> {after['pooled_dice_original']:.4f}); with the true "
+                  f"report {shipped['dice_original']:.4f}. Machine: {scoring.get('machine')}; "
+                  f"`{scoring.get('command')}`."]
+    return render_section(SECTION, "\n".join(lines).rstrip() + "\n", results_md)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_data_args(p, work=False)
+    p.add_argument("--data", type=Path, help="QaTa-COV19 root (either layout); not needed with --render")
     p.add_argument("--model", default="qata-lvit", help="a shipped name or a run/model folder with a report writer")
     p.add_argument("--split", default="val", choices=("train", "val", "test"))
     p.add_argument("--ks", default="1,2,4,8,16", help="comma-separated numbers of reports to average over")
     p.add_argument("--limit", type=int, default=None, help="only N images of the split, evenly spread")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--render", action="store_true", help="only render the RESULTS.md section from the raw files")
     args = p.parse_args(argv)
+    if args.render:
+        print(f"wrote {render()}")
+        return 0
+    if args.data is None:
+        p.error("--data is required (unless --render)")
     import torch
 
     from lvit.benchmark import machine_line
@@ -105,6 +145,7 @@ def main(argv=None) -> int:
                         + f" --threads {args.threads}")
     results = [e for e in read_raw(RESULTS_JSON, []) if (e["model"], e["split"]) != (args.model, args.split)]
     write_raw(RESULTS_JSON, results + [entry])
+    render()
     print(f"{args.model} ({args.split}, {entry['n']} images): best K {entry['best_k']}; "
           + ", ".join(f"{name} {v:.4f}" for name, v in entry["dice_original"].items()), flush=True)
     return 0

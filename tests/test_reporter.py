@@ -505,3 +505,34 @@ def test_the_app_with_an_empty_box_answers_over_the_writers_likely_reports(run_w
     (prob,), (report,) = page.segmenter.predict_written([read_image(path)])
     assert len(result.notes) == 1 and f'"{report}"' in result.notes[0] and "most likely reports" in result.notes[0]
     assert np.array_equal(read_mask(result.mask_file) > 0, prob >= 0.5)  # the mask is the averaged answer
+
+
+def test_the_written_mixture_bench_mixes_as_the_segmenter_does_and_renders_its_table(run_with_writer, tiny_synth,
+                                                                                     tmp_path, monkeypatch):
+    from files import load_bench
+
+    from lvit.data import load_pair, load_split
+    from lvit.inference import Segmenter
+
+    bench = load_bench("bench/written_mixture.py", "written_mixture")
+    entry = bench.sweep(str(run_with_writer), tiny_synth, "test", [1, 2], None)
+    segmenter = Segmenter(run_with_writer)
+    writer = segmenter.report_writer
+    expected = []
+    for record in load_split(tiny_synth, "test"):
+        image, truth = load_pair(record, segmenter.in_channels)
+        reports, weights = writer.likely_reports(writer.probabilities([image]), 2)
+        logits = segmenter.logits_over_reports(segmenter.preprocess(image)[None], reports, weights)
+        expected.append(bench.score(torch.sigmoid(logits[0]).double(), image, truth))
+    assert entry["n"] == 4 and entry["dice_original"]["2"] == pytest.approx(np.mean(expected), abs=1e-6)
+    assert entry["best_k"] in (1, 2)
+    entry.update(machine="m", command="c")
+    raw, shipped, md = tmp_path / "raw.json", tmp_path / "shipped.json", tmp_path / "RESULTS.md"
+    raw.write_text(json.dumps([entry]))
+    shipped.write_text("{}")
+    monkeypatch.setattr(bench, "RESULTS_JSON", raw)
+    monkeypatch.setattr(bench, "SHIPPED_JSON", shipped)
+    bench.render(md)
+    row = next(line for line in md.read_text().splitlines() if line.startswith(f"| {run_with_writer}"))
+    assert row.endswith(f"| {entry['dice_original']['written']:.4f} | {entry['dice_original']['1']:.4f} | "
+                        f"{entry['dice_original']['2']:.4f} | {entry['dice_original']['true']:.4f} |")
