@@ -221,7 +221,9 @@ def rescore_written(args) -> int:
     before = {"test": results["generated"], "sample_test": results.get("sample_test", {}).get("generated")}
     work = Path(tempfile.mkdtemp(prefix="lvit-rescore-"))
     generated = score_written(PACKAGE_FOLDER, args.data, args.sample, work, results)
-    results["generated_before"] = {**before, "mixed_reports": before["test"].get("mixed_reports", 1)}
+    k = before["test"].get("mixed_reports")
+    results["generated_before"] = {**before, "path": f"the mean over the writer's {k} most likely reports" if k
+                                   else "the writer's one report (its zone scores thresholded)"}
     results["generated_scoring"] = {"command": args.command, "commit": args.commit, "machine": machine_line()}
     RESULTS_JSON.write_text(json.dumps(results, indent=2) + "\n")
     write_card()
@@ -349,7 +351,9 @@ def card_text(r: dict) -> str:
     if "no_report" in r:
         rows.append(("no report (the no-report path)", r["no_report"]))
     if "generated" in r:
-        rows.append(("no report: written from the image by the folder's report writer", r["generated"]))
+        k = r["generated"].get("mixed_reports")
+        rows.append((f"no report: the mean over the report writer's {k} most likely reports" if k else
+                     "no report: written from the image by the folder's report writer", r["generated"]))
     table = "\n".join(
         f"| {label} | {_f(m['dice_original'])} | {_f(m['iou_original'])} | {_f(m['pooled_dice_original'])} | "
         f"{_f(m['dice'])} | {_f(m['iou'])} | {_f(m['pooled_dice'])} |" for label, m in rows)
@@ -361,7 +365,7 @@ def card_text(r: dict) -> str:
                        f"{_f(sample['dice_original'])} at 224 px, {_f(sample['dice'])} at {r['image_size']} px"
                        + (f"; without a report {_f(sample['no_report']['dice_original'])} at 224 px"
                           if "no_report" in sample else "")
-                       + (f"; with the reports its writer writes {_f(sample['generated']['dice_original'])} at "
+                       + (f"; without a report, through its writer, {_f(sample['generated']['dice_original'])} at "
                           "224 px" if "generated" in sample else "") + ".\n")
     no_report = ("The model also answers **without a report**: it was trained with report dropout (each training "
                  f"report replaced by a learned \"no report\" stand-in with probability {r['report_dropout']:g}), so "

@@ -102,7 +102,9 @@ def render(results_md: Path = RESULTS_MD) -> Path:
                   "|---|---|---|---|" + "---|" * len(ks) + "---|",
                   f"| {e['model']} | {e['split']} | {e['n']:,} | {e['dice_original']['written']:.4f} | "
                   + " | ".join(f"{e['dice_original'][k]:.4f}" for k in ks) + f" | {e['dice_original']['true']:.4f} |",
-                  "", f"Best K: {e['best_k']}. Machine: {e['machine']}; `{e['command']}`; {e['minutes']} min.", ""]
+                  "", f"Best K: {e['best_k']}" + (f" ({e['n']:,} images of the split, evenly spread)" if "--limit" in
+                                                     e["command"] else "")
+                  + f". Machine: {e['machine']}; `{e['command']}`; {e['minutes']} min.", ""]
     shipped = read_raw(SHIPPED_JSON, {})
     if "generated_before" in shipped:
         before, after = shipped["generated_before"]["test"], shipped["generated"]
