@@ -1,6 +1,7 @@
 """What lvit's inference answers, recorded so that a change meant to keep behaviour can prove it did.
 
     python bench/inference_baseline.py record [--sample ../shared/datasets/QaTa-COV19-sample]
+    python bench/inference_baseline.py remeasure    # the committed runs kept, their answers recorded anew
     python bench/inference_baseline.py check
 
 ``record`` trains two tiny runs once and keeps them (weights and config only) in ``tests/fixtures/inference/``:
@@ -218,22 +219,28 @@ def differences(expected, actual, where: str = "") -> list[str]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
-    for name in ("record", "check"):
+    for name in ("record", "remeasure", "check"):
         s = sub.add_parser(name)
         s.add_argument("--sample", type=Path, default=DEFAULT_SAMPLE, help="the shared QaTa-COV19 sample")
     args = p.parse_args(argv)
     if not args.sample.is_dir():
         print(f"error: {args.sample}: the shared QaTa-COV19 sample is not there", file=sys.stderr)
         return 2
-    if args.command == "record":
+    if args.command in ("record", "remeasure"):  # remeasure: the committed runs kept, their answers recomputed
         import torch
 
         torch.set_num_threads(1)
-        with tempfile.TemporaryDirectory() as tmp:
-            train_fixtures(args.sample, Path(tmp))
+        before = json.loads(BASELINE.read_text()) if BASELINE.is_file() else {}
+        if args.command == "record":
+            with tempfile.TemporaryDirectory() as tmp:
+                train_fixtures(args.sample, Path(tmp))
         baseline = {"about": "bench/inference_baseline.py record; tests/test_inference_baseline.py compares",
                     "demo_data": DEMO, **measure(args.sample)}
         BASELINE.write_text(json.dumps(baseline, indent=1, sort_keys=True) + "\n")
+        if args.command == "remeasure":
+            changed = differences({k: v for k, v in before.items() if k != "about"},
+                                  {k: v for k, v in baseline.items() if k != "about"})
+            print("\n".join(changed) or "no answer changed")
         size = sum(f.stat().st_size for f in FIXTURES.rglob("*") if f.is_file())
         print(f"recorded {BASELINE} ({size / 1024:.0f} KiB of fixtures)")
         return 0
