@@ -183,12 +183,17 @@ def add_reporter(args) -> int:
                            "machine": machine_line()}
     shutil.rmtree(PACKAGE_FOLDER)
     shutil.copytree(staged, PACKAGE_FOLDER)
-    RESULTS_JSON.write_text(json.dumps(results, indent=2) + "\n")
-    write_card()
-    shutil.rmtree(work, ignore_errors=True)
+    save_results(results, work)
     print(f"{PACKAGE_FOLDER}: now carries the report writer {args.reporter}; test Dice with its reports "
           f"{generated['dice_original']:.4f} at 224 px; wrote {RESULTS_JSON}", flush=True)
     return 0
+
+
+def save_results(results: dict, work: Path) -> None:
+    """Write bench/shipped_model.json and the card rendered from it; drop the scratch folder."""
+    RESULTS_JSON.write_text(json.dumps(results, indent=2) + "\n")
+    write_card()
+    shutil.rmtree(work, ignore_errors=True)
 
 
 def score_written(folder: Path, data: Path, sample: Path | None, work: Path, results: dict) -> dict:
@@ -225,9 +230,7 @@ def rescore_written(args) -> int:
     results["generated_before"] = {**before, "path": f"the mean over the writer's {k} most likely reports" if k
                                    else "the writer's one report (its zone scores thresholded)"}
     results["generated_scoring"] = {"command": args.command, "commit": args.commit, "machine": machine_line()}
-    RESULTS_JSON.write_text(json.dumps(results, indent=2) + "\n")
-    write_card()
-    shutil.rmtree(work, ignore_errors=True)
+    save_results(results, work)
     print(f"{PACKAGE_FOLDER}: test Dice without a report {generated['dice_original']:.4f} at 224 px (before: "
           f"{before['test']['dice_original']:.4f}); wrote {RESULTS_JSON}", flush=True)
     return 0
@@ -484,19 +487,15 @@ def main(argv: list[str] | None = None) -> int:
     t.set_defaults(func=timing)
     w = sub.add_parser("add-reporter", help="put a report writer into the shipped folder and score its reports")
     w.add_argument("--reporter", type=Path, required=True, help="a folder written by lvit train-reporter --out")
-    w.add_argument("--data", type=Path, required=True, help="QaTa-COV19 root (either layout)")
-    w.add_argument("--sample", type=Path, default=None, help="the 64-case sample (../shared/datasets/...)")
-    w.add_argument("--command", required=True, help="the command that trained the writer (for the card)")
-    w.add_argument("--commit", required=True, help="the lvit commit that trained it (for the card)")
-    w.add_argument("--threads", type=int, default=2)
     w.set_defaults(func=add_reporter)
     g = sub.add_parser("rescore-written", help="score the shipped folder's report-writer path again")
-    g.add_argument("--data", type=Path, required=True, help="QaTa-COV19 root (either layout)")
-    g.add_argument("--sample", type=Path, default=None, help="the 64-case sample (../shared/datasets/...)")
-    g.add_argument("--command", required=True, help="this command as run (for the JSON)")
-    g.add_argument("--commit", required=True, help="the lvit commit that scores it")
-    g.add_argument("--threads", type=int, default=2)
     g.set_defaults(func=rescore_written)
+    for q, what in ((w, "the command that trained the writer"), (g, "this command as run")):
+        q.add_argument("--data", type=Path, required=True, help="QaTa-COV19 root (either layout)")
+        q.add_argument("--sample", type=Path, default=None, help="the 64-case sample (../shared/datasets/...)")
+        q.add_argument("--command", required=True, help=f"{what} (for the card)")
+        q.add_argument("--commit", required=True, help="the lvit commit that made it (for the card)")
+        q.add_argument("--threads", type=int, default=2)
     c = sub.add_parser("card", help="the shipped folder's README.md from the JSON")
     c.set_defaults(func=card)
     args = parser.parse_args(argv)
