@@ -9,7 +9,8 @@ masks' original 224x224 (``dice_original``) with:
 
 * ``true``: the dataset's reports;
 * ``none``: no report (the model's no-report path; null for a model without one);
-* ``generated``: reports the report writer ``--reporter`` wrote from the images (null without one);
+* ``generated``: through the report writer ``--reporter`` (``lvit test --reports generated``: the mean of the
+  model's answers with the writer's most likely reports; null without a writer);
 * ``self_described``: two passes, no report then a report the model wrote itself: the no-report path's mask (at
   the model's resolution) is described by ``lvit describe``'s rules (sides, count, zones) and the model reads
   that report (``Segmenter(..., no_report_path="self-described")``; null for a model without a no-report path);
@@ -178,7 +179,8 @@ def render(args) -> int:
         "(`bench/report_optional.py`; raw `bench/report_optional.json`). Columns: the true reports; no report "
         "(the model's learned no-report path); self-described: the no-report mask described by `lvit describe`'s "
         "rules and read back as the report (two passes); "
-        "reports the report writer wrote from the images; the true reports reworded (`bench/rephrase_reports.py`: "
+        "generated: through the report writer (`lvit test --reports generated`; the mean over its likely reports "
+        "since lvit commit 295aa74, its one report before); the true reports reworded (`bench/rephrase_reports.py`: "
         "same sides, count and zones, other words); left and right swapped, and the true reports, on the test "
         "reports a swap changes. A pilot (fewer epochs) is scored with and without the report only.",
         "",
