@@ -134,9 +134,34 @@ def evaluate_run(run_dir: Path, data: Path, work: Path, reporter: Path | None, p
     entry["true_changed"] = mean(scores["true"][n] for n in changed)
     entry["n_changed"] = len(changed)
     entry["reporter"] = str(reporter) if reporter else None
+    if "generated" in scores:  # how the writer's path answered: the mean over this many likely reports
+        from lvit.inference.segmenter import MIXED_REPORTS
+
+        entry["generated_mixed_reports"] = MIXED_REPORTS
+    entry.update(training_facts(run_dir))
     entry["machine"] = machine_line()
     entry["evaluate_minutes"] = round((time.perf_counter() - started) / 60, 1)
     return entry
+
+
+def training_facts(run_dir: Path) -> dict:
+    """The run's validation Dice and training loss per epoch (its metrics.csv), as the table's notes cite them."""
+    with (run_dir / "metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    return {"val_dice_per_epoch": [round(float(r["val_dice"]), 4) for r in rows],
+            "train_loss_per_epoch": [round(float(r["train_loss"]), 4) for r in rows]}
+
+
+def add_facts(args) -> int:
+    """Add the training facts of the runs still in WORK to their entries (no scoring)."""
+    results = read_raw(args.results, [])
+    for entry in results:
+        run_dir = run_folder(args.work, entry["model"])
+        if (run_dir / "metrics.csv").is_file():
+            entry.update(training_facts(run_dir))
+            print(f"{entry['model']}: validation Dice per epoch {entry['val_dice_per_epoch']}", flush=True)
+    write_raw(args.results, results)
+    return 0
 
 
 def evaluate(args) -> int:
@@ -179,8 +204,9 @@ def render(args) -> int:
         "(`bench/report_optional.py`; raw `bench/report_optional.json`). Columns: the true reports; no report "
         "(the model's learned no-report path); self-described: the no-report mask described by `lvit describe`'s "
         "rules and read back as the report (two passes); "
-        "generated: through the report writer (`lvit test --reports generated`; the mean over its likely reports "
-        "since lvit commit 295aa74, its one report before); the true reports reworded (`bench/rephrase_reports.py`: "
+        "generated: through the report writer (`lvit test --reports generated`: the mean of the model's answers "
+        "with the writer's most likely reports; \"one report\" marks a figure scored before, with the writer's one "
+        "report per image); the true reports reworded (`bench/rephrase_reports.py`: "
         "same sides, count and zones, other words); left and right swapped, and the true reports, on the test "
         "reports a swap changes. A pilot (fewer epochs) is scored with and without the report only.",
         "",
@@ -191,8 +217,9 @@ def render(args) -> int:
     for e in results:
         costs = (None if e.get("rephrased") is None else e["true"] - e["rephrased"],
                  None if e.get("swapped_changed") is None else e["true_changed"] - e["swapped_changed"])
-        lines.append(f"| {e['model']} | {e['recipe']} | {e['seed']} | " + " | ".join(
-            _cell(e.get(c)) for c in COLUMNS) + " | " + " | ".join(
+        cells = [_cell(e.get(c)) + (" (one report)" if c == "generated" and e.get(c) is not None
+                                    and not e.get("generated_mixed_reports") else "") for c in COLUMNS]
+        lines.append(f"| {e['model']} | {e['recipe']} | {e['seed']} | " + " | ".join(cells) + " | " + " | ".join(
             "n/a" if c is None else f"{c:.3f}" for c in costs) + " |")
     lines += ["", "Reworded training copies: `lvit-rdpw-s0` was trained before they were bounded by the model's 24 "
                   "word pieces (a quarter of them ran past it); every later run's copies fit (docs/REPORT_OPTIONAL.md)."
@@ -223,9 +250,12 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--pilot", action="store_true",
                    help="score the true and no-report columns only (the others are left n/a)")
     e.set_defaults(func=evaluate)
+    f = sub.add_parser("facts", help="add the training facts (metrics.csv) of the runs in WORK to their entries")
+    f.add_argument("--work", type=Path, required=True, help="the work folder of bench/qata.py (WORK/runs)")
+    f.set_defaults(func=add_facts)
     r = sub.add_parser("render")
     r.set_defaults(func=render)
-    for q in (e, r):
+    for q in (e, r, f):
         add_results_args(q, RESULTS_JSON)
     args = parser.parse_args(argv)
     return args.func(args)

@@ -66,7 +66,7 @@ def sweep(model: str, data, split: str, ks: list[int], limit: int | None, batch:
         images = torch.stack([segmenter.preprocess(image) for image, _ in pairs])  # [B, C, S, S]
         zone_probs = writer.probabilities([image for image, _ in pairs])  # [B, 6]
         likely, weights = writer.likely_reports(zone_probs, k_max)  # [B][k_max], [B, k_max]
-        written = [writer.reports([image])[0] for image, _ in pairs]
+        written = writer.reports_from(zone_probs)
         texts = [t for row in likely for t in row] + written + [r.text for r in chunk]
         rows = torch.tensor([b for b in range(len(chunk)) for _ in range(k_max)] + [*range(len(chunk))] * 2)
         probs = torch.cat([torch.sigmoid(segmenter.logits(images[rows[s:s + 64]],

@@ -117,6 +117,8 @@ def test_distill_weight_is_checked():
                                            "trainer.max_epochs=3", "loss.distill_start_epoch=3"])
     load_config(preset_path("synth"), ["model.report_dropout=0.3", "loss.distill_weight=1.0",
                                        "trainer.max_epochs=3", "loss.distill_start_epoch=2"])
+    with pytest.raises(ConfigError, match="no effect without loss.distill_weight"):
+        load_config(preset_path("synth"), ["model.report_dropout=0.3", "loss.distill_start_epoch=1"])
 
 
 def test_distillation_waits_for_its_start_epoch_with_the_same_draw(monkeypatch):
@@ -133,7 +135,7 @@ def test_distillation_waits_for_its_start_epoch_with_the_same_draw(monkeypatch):
     drawn, teacher_calls = [], []
     real = model.forward_with_aux
     def spy(*args):
-        if model.training:  # the student pass (the teacher's eval pass goes through here too)
+        if model.training:  # the student pass (the teacher's eval pass runs with the model in eval mode)
             drawn.append(args[3])
         return real(*args)
 

@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
 _PATHS = {"report": "from the report path", "no report": "from the no-report path (the model's learned stand-in for "
           "a missing report)", "mixed": "from the report path, and the no-report path where a report is missing",
           "image only": "from the image alone (the model does not read reports)",
-          "written": "from the report path, averaged over the report writer's most likely reports"}
+          "written": "from the report path, with reports the report writer wrote from the images"}
 
 
 def format_summary(m: dict) -> str:

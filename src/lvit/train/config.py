@@ -309,8 +309,10 @@ class TrainConfig:
         if isinstance(start, bool) or not isinstance(start, int) or start < 0:
             raise ConfigError(f"{source}: loss.distill_start_epoch must be an integer >= 0 (got {start!r})")
         if distill and start >= t.max_epochs:
-            raise ConfigError(f"{source}: loss.distill_start_epoch {start} is not before the last epoch "
-                              f"(trainer.max_epochs={t.max_epochs}): the distillation would never run")
+            raise ConfigError(f"{source}: loss.distill_start_epoch must be below trainer.max_epochs "
+                              f"({t.max_epochs}; got {start}): the distillation would never run")
+        if start and not distill:
+            raise ConfigError(f"{source}: loss.distill_start_epoch has no effect without loss.distill_weight > 0")
         variants = self.text.wording_variants
         if isinstance(variants, bool) or not isinstance(variants, int) or not 0 <= variants <= 16:
             raise ConfigError(f"{source}: text.wording_variants must be an integer from 0 to 16 (got {variants!r})")
