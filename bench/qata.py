@@ -405,6 +405,23 @@ def plot_semi_curves(by_row: dict[str, list[dict]], out: Path) -> Path | None:
     return out
 
 
+def _rerun_branch_notes(by_row: dict[str, list[dict]]) -> list[str]:
+    """Branched runs measured on another machine than the run they branched from as the table now holds it: that
+    run was trained again there, so they continued an earlier copy of it (CPU training is bit-identical on one
+    machine only, so the two copies differ)."""
+    runs = {f"{row}-s{e['seed']}": e for row, es in by_row.items() for e in es}
+    moved: dict[tuple[str, str, str], list[str]] = {}
+    for name, e in sorted(runs.items()):
+        source_name = (e.get("branched_from") or {}).get("run")
+        source = runs.get(source_name)
+        if source is not None and source.get("machine") != e.get("machine"):
+            moved.setdefault((source_name, e.get("machine"), source.get("machine")), []).append(name)
+    return ["", *(f"{', '.join(names)}: measured on {theirs}; they branched from a copy of {source} trained there, "
+                  f"while the {source} in this table was trained again on {now} (CPU training is bit-identical on "
+                  "one machine only; the earlier copy's figures are in the raw file's history)."
+                  for (source, theirs, now), names in sorted(moved.items()))] if moved else []
+
+
 def render_semi(by_row: dict[str, list[dict]], curves_png: Path | None = None) -> str:
     """The semi-supervised table (issue "Semi-supervised on real data"), from the same raw results."""
     if not any(row in by_row for row in QUARTER_ROWS):
@@ -472,6 +489,7 @@ def render_semi(by_row: dict[str, list[dict]], curves_png: Path | None = None) -
                   "trained once and continued from its kept state (`lvit.train.semi.branch`; a test checks that a "
                   "branched run equals the run from scratch bit for bit); their train minutes include those shared "
                   "epochs."]
+        lines += _rerun_branch_notes(by_row)
     lines += ["", f"Commands: `python bench/qata.py train --data QATA --work W --runs {SHARED_ROW}-s0,{SHARED_ROW}-s1` "
               f"(each keeps its state after epochs {' and '.join(map(str, KEEP_AFTER))}), then "
               "`... --runs lvit-25-epi-s0,lvit-25-epi+lv-s0` and the same with `-s1`, and the diagnostic rows "

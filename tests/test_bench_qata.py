@@ -51,6 +51,26 @@ def test_semi_section_from_raw_results(tmp_path):
     assert (tmp_path / "qata_semi_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "![Validation Dice and pseudo-label Dice per epoch](qata_semi_curves.png)" in text
     assert "Branched runs: lvit-25-epi+lv-s0 (after epoch 5), lvit-25-epi+lv-s1 (after epoch 5)." in text
+    assert "trained again" not in text  # every branched run shares its machine with the run it branched from
+
+
+def test_semi_section_says_when_the_run_a_branch_continued_was_trained_again_elsewhere(tmp_path):
+    qata = load_bench("bench/qata.py", "bench_qata")
+    with_pseudo = [None] * 5 + [0.70, 0.71, 0.72, 0.73, 0.74]
+    results = {"lvit-s0": _entry("lvit", 0, 0.82),
+               "lvit-25-steps-s0": {**_entry("lvit-25-steps", 0, 0.76, [None] * 10), "machine": "machine B"},
+               "lvit-25-steps-s1": _entry("lvit-25-steps", 1, 0.78, [None] * 10),
+               "lvit-25-epi-s0": _entry("lvit-25-epi", 0, 0.79, with_pseudo, branched=True),
+               "lvit-25-epi+lv-s0": _entry("lvit-25-epi+lv", 0, 0.79, with_pseudo, branched=True),
+               "lvit-25-epi+lv-s1": _entry("lvit-25-epi+lv", 1, 0.81, with_pseudo, branched=True)}
+    raw, md = tmp_path / "qata_results.json", tmp_path / "RESULTS.md"
+    raw.write_text(json.dumps(results))
+    md.write_text("# Results\n")
+    text = qata.render_results(raw, md)
+    assert ("lvit-25-epi+lv-s0, lvit-25-epi-s0: measured on test machine; they branched from a copy of "
+            "lvit-25-steps-s0 trained there, while the lvit-25-steps-s0 in this table was trained again on machine B"
+            in text)
+    assert "lvit-25-epi+lv-s1: measured" not in text  # seed 1 branched from the run the table holds
 
 
 def test_evaluate_refreshes_training_facts_of_evaluated_runs_without_testing_again(tmp_path):
