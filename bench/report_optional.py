@@ -64,8 +64,13 @@ def recipe_of(config: dict) -> str:
     distill = float(loss.get("distill_weight") or 0.0)
     if distill:
         start = int(loss.get("distill_start_epoch") or 0)  # counted from 0; metrics.csv counts epochs from 1
+        teacher = loss.get("distill_teacher")
         parts.append(f"distillation into the no-report path (weight {distill:g}"
-                     + (f", from epoch {start + 1})" if start else ")"))
+                     + (f", from epoch {start + 1}" if start else "")
+                     + (f", frozen teacher {teacher})" if teacher else ")"))
+    start_from = (config.get("trainer") or {}).get("init_from")
+    if start_from:
+        parts[0] = f"from {start_from}: " + parts[0]
     epochs = int((config.get("trainer") or {}).get("max_epochs") or PRESET_EPOCHS)
     if epochs < PRESET_EPOCHS:
         parts[-1] += f"; {epochs}-epoch pilot"

@@ -189,6 +189,45 @@ def test_training_distils_the_answer_with_the_report_into_the_dropped_rows(monke
     assert model.no_report_text.grad.abs().sum() > 0  # the stand-in learns from the distillation term
 
 
+def test_a_distillation_teacher_gives_the_target_and_stays_out_of_training_and_weights(monkeypatch):
+    from lvit.train.losses import distillation_loss
+    from lvit.train.module import SegmentationModule
+
+    config = load_config(preset_path("synth"), ["model.report_dropout=0.5", "loss.distill_weight=2.0",
+                                                "loss.distill_teacher=elsewhere"])
+    torch.manual_seed(0)
+    model = build_model("lvit", LViTConfig(**SMALL, report_dropout=0.5))
+    teacher = build_model("lvit", LViTConfig(**SMALL)).train()  # another network; handed over in train mode
+    module = SegmentationModule(model, config).train()
+    module.set_distill_teacher(teacher)
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    assert set(module.state_dict()) == set(SegmentationModule(model, config).state_dict())  # not in the weights
+    assert all(p is not q for p in module.parameters() for q in teacher.parameters())  # nor in the optimizer's
+    image, text, mask = _inputs(6)
+    batch = {"image": image, "text": text, "text_mask": mask}
+    torch.manual_seed(11)
+    dropped = torch.rand(6) < 0.5
+    assert 0 < int(dropped.sum()) < 6
+    torch.manual_seed(11)
+    logits, aux_loss = module._logits_and_aux_loss(batch)
+    with torch.no_grad():
+        target = teacher(image[dropped], text[dropped], mask[dropped])
+        own = module.model.eval()(image[dropped], text[dropped], mask[dropped])
+    module.model.train()
+    assert aux_loss.item() == pytest.approx(2.0 * distillation_loss(logits[dropped], target).item(), rel=1e-5)
+    assert aux_loss.item() != pytest.approx(2.0 * distillation_loss(logits[dropped], own).item(), rel=1e-3)
+    aux_loss.backward()
+    assert model.no_report_text.grad.abs().sum() > 0 and all(p.grad is None for p in teacher.parameters())
+
+
+def test_distill_teacher_is_checked():
+    with pytest.raises(ConfigError, match="no effect without loss.distill_weight"):
+        load_config(preset_path("synth"), ["model.report_dropout=0.3", "loss.distill_teacher=some/run"])
+    with pytest.raises(ConfigError, match="distill_teacher must be"):
+        load_config(preset_path("synth"), ["model.report_dropout=0.3", "loss.distill_weight=1.0",
+                                           "loss.distill_teacher=' '"])
+
+
 def test_a_model_without_the_path_refuses_a_missing_report():
     model = build_model("lvit", LViTConfig(**SMALL)).eval()
     image, text, mask = _inputs()
@@ -229,6 +268,36 @@ def test_a_run_with_distillation_trains_and_answers_without_a_report(runs, tmp_p
     assert len(rows) == 2 and all(np.isfinite(float(r["train_loss"])) for r in rows)
     image = read_image(load_split(data, "test")[0].image_path)
     assert np.isfinite(Segmenter(tmp_path / "kd").predict(image)).all()
+
+
+def test_a_run_distils_from_a_frozen_teacher_run_and_refuses_one_that_reads_other_inputs(runs, tmp_path, capsys):
+    import csv
+
+    from lvit.core.errors import LvitError
+
+    data, rd, plain = runs
+    student = COMMON + ["model.report_dropout=0.5", "loss.distill_weight=1.0"]
+    before = {p: p.read_bytes() for p in sorted((plain / "checkpoints").iterdir()) if p.is_file()}
+    train(load_config(preset_path("synth"), student + [f"loss.distill_teacher={plain}"]), data, tmp_path / "kd")
+    rows = list(csv.DictReader((tmp_path / "kd" / "metrics.csv").open()))
+    assert len(rows) == 1 and np.isfinite(float(rows[0]["train_loss"]))
+    assert {p: p.read_bytes() for p in before} == before  # the teacher's run is read, never written
+    for extra, says in ((["model.image_size=64"], "its model.image_size is 32, this run's 64"),
+                        (["model_name=lvit-t"], None)):
+        out = tmp_path / f"refused-{len(extra[0])}"
+        if says is None:  # a text-free teacher: refused by what it is (the student here is an LViT)
+            teacher = tmp_path / "text-free"
+            train(load_config(preset_path("synth"), COMMON + extra), data, teacher)
+            with pytest.raises(LvitError, match="reads no report"):
+                train(load_config(preset_path("synth"), student + [f"loss.distill_teacher={teacher}"]), data, out)
+        else:
+            with pytest.raises(LvitError, match=says):
+                train(load_config(preset_path("synth"), student + extra + [f"loss.distill_teacher={plain}"]),
+                      data, out)
+        assert not (out / "config.yaml").exists()  # refused before the run folder was written
+    with pytest.raises(LvitError, match="no such run folder"):
+        train(load_config(preset_path("synth"), student + [f"loss.distill_teacher={tmp_path / 'missing'}"]),
+              data, tmp_path / "refused-missing")
 
 
 def test_predictor_mixes_reports_and_missing_ones_row_by_row(runs):
@@ -451,6 +520,10 @@ def test_the_bench_names_each_recipe_from_its_run_config():
                                          "from epoch 2); 3-epoch pilot")
     assert recipe("lvit-rdkd-w3") == ("report dropout 0.25 + distillation into the no-report path (weight 1, "
                                       "from epoch 4)")
+    assert recipe("lvit-ft-rd25-e3") == "from qata-lvit: report dropout 0.25; 3-epoch pilot"
+    assert recipe("lvit-ft-rdkd-w02-e3") == ("from qata-lvit: report dropout 0.25 + distillation into the no-report "
+                                             "path (weight 0.2, frozen teacher qata-lvit); 3-epoch pilot")
+    assert set(qata.ROW_LABELS) <= set(qata.ROWS) and {r for r in qata.ROWS if "rd" in r} <= set(qata.ROW_LABELS)
 
 
 def test_the_bench_table_leaves_the_columns_a_pilot_did_not_score_empty(tmp_path):

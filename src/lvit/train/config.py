@@ -87,6 +87,10 @@ class LossConfig:
     # The first epoch (counted from 0) that has the distillation term: the answer with the report is a poor
     # target before the network has learnt to read it, and pulling towards it then also drags the report path.
     distill_start_epoch: int = 0
+    # The network whose answer with the report is the target (a run folder, model folder or shipped model name;
+    # frozen, eval mode) instead of the network being trained: a fully trained reader from the first step, which
+    # the student's own updates cannot move. None: the network itself.
+    distill_teacher: str | None = None
 
 
 @dataclass
@@ -313,6 +317,12 @@ class TrainConfig:
                               f"({t.max_epochs}; got {start}): the distillation would never run")
         if start and not distill:
             raise ConfigError(f"{source}: loss.distill_start_epoch has no effect without loss.distill_weight > 0")
+        teacher = self.loss.distill_teacher
+        if teacher is not None and (not isinstance(teacher, str) or not teacher.strip()):
+            raise ConfigError(f"{source}: loss.distill_teacher must be a run folder, model folder or shipped model "
+                              f"name (got {teacher!r})")
+        if teacher is not None and not distill:
+            raise ConfigError(f"{source}: loss.distill_teacher has no effect without loss.distill_weight > 0")
         variants = self.text.wording_variants
         if isinstance(variants, bool) or not isinstance(variants, int) or not 0 <= variants <= 16:
             raise ConfigError(f"{source}: text.wording_variants must be an integer from 0 to 16 (got {variants!r})")

@@ -43,6 +43,14 @@ class SegmentationModule(pl.LightningModule):
         self.val_iou = MeanMetric()
         self.val_results: dict[str, float] = {}
         self._epoch_lr = math.nan
+        self.distill_teacher: nn.Module | None = None
+
+    def set_distill_teacher(self, teacher: nn.Module) -> None:
+        """Distil from ``teacher`` (a frozen network reading the same inputs) instead of from this network. Kept out
+        of the module's children so that it is neither trained, nor moved by the optimizer, nor written into the
+        run's weights and checkpoints: the run's config names it (``loss.distill_teacher``)."""
+        teacher.eval().requires_grad_(False)
+        self.__dict__["distill_teacher"] = teacher  # bypasses nn.Module's registration of child modules
 
     # ------------------------------------------------------------------ forward
     def forward(self, image: torch.Tensor, text: torch.Tensor | None = None,
@@ -84,7 +92,11 @@ class SegmentationModule(pl.LightningModule):
     def answer_with_report(self, image: torch.Tensor, text: torch.Tensor,
                            text_mask: torch.Tensor | None) -> torch.Tensor:
         """The network's logits with the report, as it answers at test time (eval mode: running BatchNorm
-        statistics, no dropout; no gradient): the target its no-report answer is distilled towards."""
+        statistics, no dropout; no gradient): the target its no-report answer is distilled towards. With a
+        distillation teacher (:meth:`set_distill_teacher`), that network's logits instead."""
+        teacher = self.distill_teacher
+        if teacher is not None:
+            return teacher.to(image.device)(image, text, text_mask).float()
         was_training = self.model.training
         self.model.eval()
         try:

@@ -211,6 +211,12 @@ def _train(config: TrainConfig, data_root: str | Path, run_dir: str | Path, *, r
         if _launched_as_rank_zero():
             data.encoder.save(run_dir / "vocab.json")
         text_info["spec"] = "learned:vocab.json"  # relative to the run folder
+    teacher = None
+    if config.loss.distill_teacher:  # refused in one line before the run folder is written
+        from .teacher import load_distill_teacher
+
+        teacher = load_distill_teacher(config.loss.distill_teacher, config.model, text_info,
+                                       learns_text=text_embedding is not None)
     data_info = {"root": str(data_root.resolve()), "n_train": len(data.train), "n_val": len(data.val),
                  "image_size": config.model.image_size, "in_channels": config.model.in_channels,
                  "fingerprint": split_fingerprint(data.train.records, data.val.records)}
@@ -231,6 +237,8 @@ def _train(config: TrainConfig, data_root: str | Path, run_dir: str | Path, *, r
 
     module = next((m for m in (p.make_module(model, config, text_embedding) for p in plugins) if m is not None),
                   None) or SegmentationModule(model, config, text_embedding)
+    if teacher is not None:
+        module.set_distill_teacher(teacher)
     run_callback = RunCheckpoint(run_dir)
     callbacks = [run_callback]
     early = None
