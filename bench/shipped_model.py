@@ -347,6 +347,12 @@ def _writer_text(r: dict) -> str:
             "has no no-report path.")
 
 
+def _without_threads(machine: str) -> str:
+    """A machine line without its thread count: that count is the measuring process's, not the training's."""
+    head, sep, last = machine.rpartition(", ")
+    return head if sep and last.endswith("thread(s)") else machine
+
+
 def card_text(r: dict) -> str:
     seeds = ", ".join(f"seed {s['seed']}: {_f(s['dice_original'])}" for s in r["seeds"])
     px = f"{r['image_size']} px"
@@ -422,7 +428,8 @@ clinical decision.** Its masks can be wrong, confidently.
   terms allow research use only, so **these weights are for research use only**.
 - command: `{r['command']}`
 - code: lvit commit {r['commit']}
-- {r['train_minutes']} minutes of training on {r['machine']}
+- {r['train_minutes']} minutes of training (the sum of the run's epoch times in its metrics.csv), with the
+  command's threads, on a {_without_threads(r['machine'])}
 
 ## Test figures
 

@@ -218,6 +218,9 @@ def test_a_distillation_teacher_gives_the_target_and_stays_out_of_training_and_w
     assert aux_loss.item() != pytest.approx(2.0 * distillation_loss(logits[dropped], own).item(), rel=1e-3)
     aux_loss.backward()
     assert model.no_report_text.grad.abs().sum() > 0 and all(p.grad is None for p in teacher.parameters())
+    # A student computing in bf16 (trainer.precision bf16-true) still gets the float32 teacher's answer.
+    half = module.answer_with_report(image[dropped].bfloat16(), text[dropped].bfloat16(), mask[dropped])
+    assert half.dtype == torch.float32 and torch.allclose(half, target, atol=0.05)
 
 
 def test_distill_teacher_is_checked():
@@ -298,6 +301,44 @@ def test_a_run_distils_from_a_frozen_teacher_run_and_refuses_one_that_reads_othe
     with pytest.raises(LvitError, match="no such run folder"):
         train(load_config(preset_path("synth"), student + [f"loss.distill_teacher={tmp_path / 'missing'}"]),
               data, tmp_path / "refused-missing")
+    out = tmp_path / "refused-learned"
+    with pytest.raises(LvitError, match="learns its own text embedding"):
+        train(load_config(preset_path("synth"), student + ["text.encoder=learned", f"loss.distill_teacher={plain}"]),
+              data, out)
+    assert not out.exists() or not any(out.iterdir())  # nothing written (no vocab.json either)
+    with pytest.raises(ConfigError, match="fast path"):
+        load_config(preset_path("synth"), student + ["fast.enabled=true"])
+
+
+def test_a_resumed_run_reloads_its_teacher_and_refuses_other_weights(runs, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from lvit.train.runner import resume_config
+
+    data, _, plain = runs
+    teacher = tmp_path / "teacher"
+    shutil.copytree(plain, teacher)
+    student = COMMON + ["model.report_dropout=0.5", "loss.distill_weight=1.0", f"loss.distill_teacher={teacher}"]
+    run = tmp_path / "kd"
+    train(load_config(preset_path("synth"), student), data, run)
+    record = json.loads((run / "distill_teacher.json").read_text())
+    assert record["weights"] == str((teacher / "checkpoints" / "best.safetensors").resolve())
+    state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert not any("distill_teacher" in k for k in state["state_dict"])  # the teacher is not in the checkpoint
+    train(resume_config(run, ["trainer.max_epochs=2"])[0], data, run, resume=True)  # the teacher loads again
+    assert len((run / "metrics.csv").read_text().splitlines()) == 3
+    weights = teacher / "checkpoints" / "best.safetensors"
+    changed = load_file(weights)
+    first = next(iter(changed))
+    changed[first] = changed[first] + 1.0
+    save_file(changed, weights)
+    config_before = (run / "config.yaml").read_bytes()
+    with pytest.raises(ConfigError, match="not the ones this run distilled from so far"):
+        train(resume_config(run, ["trainer.max_epochs=3"])[0], data, run, resume=True)
+    assert (run / "config.yaml").read_bytes() == config_before
+    assert len((run / "metrics.csv").read_text().splitlines()) == 3
 
 
 def test_predictor_mixes_reports_and_missing_ones_row_by_row(runs):

@@ -323,6 +323,9 @@ class TrainConfig:
                               f"name (got {teacher!r})")
         if teacher is not None and not distill:
             raise ConfigError(f"{source}: loss.distill_teacher has no effect without loss.distill_weight > 0")
+        if distill and self.fast.enabled:
+            raise ConfigError(f"{source}: loss.distill_weight is not available on the fast path (fast.enabled): its "
+                              "training step has no distillation term")
         variants = self.text.wording_variants
         if isinstance(variants, bool) or not isinstance(variants, int) or not 0 <= variants <= 16:
             raise ConfigError(f"{source}: text.wording_variants must be an integer from 0 to 16 (got {variants!r})")

@@ -95,8 +95,9 @@ class SegmentationModule(pl.LightningModule):
         statistics, no dropout; no gradient): the target its no-report answer is distilled towards. With a
         distillation teacher (:meth:`set_distill_teacher`), that network's logits instead."""
         teacher = self.distill_teacher
-        if teacher is not None:
-            return teacher.to(image.device)(image, text, text_mask).float()
+        if teacher is not None:  # float32 whatever the student computes in (bf16-true, 64-true)
+            dtype = next(teacher.parameters()).dtype
+            return teacher.to(image.device)(image.to(dtype), text.to(dtype), text_mask).float()
         was_training = self.model.training
         self.model.eval()
         try:

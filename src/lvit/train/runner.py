@@ -186,6 +186,17 @@ def _train(config: TrainConfig, data_root: str | Path, run_dir: str | Path, *, r
     pl.seed_everything(seed, workers=True, verbose=False)
 
     data = build_train_data(config, data_root)  # may set config.model.text_dim from the encoder
+    teacher = None
+    if config.loss.distill_teacher:  # refused in one line before anything is written into the run folder
+        from .teacher import check_same_teacher, load_distill_teacher
+
+        before = rng_state()  # building the teacher's network draws initial weights: not from the run's stream
+        teacher, teacher_record = load_distill_teacher(
+            config.loss.distill_teacher, config.model, describe_encoder(data.encoder),
+            learns_text=bool(getattr(data.encoder, "trainable", False)))
+        set_rng_state(before)
+        if resume:
+            check_same_teacher(run_dir, teacher_record)
     plugins = list(plugins)
     if config.semi.active:
         from .semi.module import SemiSupervisedPlugin
@@ -211,12 +222,6 @@ def _train(config: TrainConfig, data_root: str | Path, run_dir: str | Path, *, r
         if _launched_as_rank_zero():
             data.encoder.save(run_dir / "vocab.json")
         text_info["spec"] = "learned:vocab.json"  # relative to the run folder
-    teacher = None
-    if config.loss.distill_teacher:  # refused in one line before the run folder is written
-        from .teacher import load_distill_teacher
-
-        teacher = load_distill_teacher(config.loss.distill_teacher, config.model, text_info,
-                                       learns_text=text_embedding is not None)
     data_info = {"root": str(data_root.resolve()), "n_train": len(data.train), "n_val": len(data.val),
                  "image_size": config.model.image_size, "in_channels": config.model.in_channels,
                  "fingerprint": split_fingerprint(data.train.records, data.val.records)}
@@ -233,6 +238,11 @@ def _train(config: TrainConfig, data_root: str | Path, run_dir: str | Path, *, r
         if config.trainer.init_from and not resume:
             write_init_report(run_dir, init_report)
             print(summary_line(init_report), flush=True)
+        if teacher is not None:
+            from .teacher import write_teacher_record
+
+            write_teacher_record(run_dir, teacher_record)
+            print(f"distilling from {teacher_record['weights']} (sha256 {teacher_record['sha256'][:12]})", flush=True)
         record_training_words(run_dir, data)  # report_words.json: what lvit predict checks reports against
 
     module = next((m for m in (p.make_module(model, config, text_embedding) for p in plugins) if m is not None),
