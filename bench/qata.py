@@ -81,19 +81,23 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     # branches from the steps row after its 5th epoch; -w2 starts the teacher after 2 labelled-only epochs.
     "lvit-25-mt": ("lvit", ["semi.mode=mean-teacher", "semi.labeled_fraction=0.25", "semi.warmup_epochs=5"]),
     "lvit-25-mt-w2": ("lvit", ["semi.mode=mean-teacher", "semi.labeled_fraction=0.25", "semi.warmup_epochs=2"]),
+    # Diagnostic: the same passes and EMA teacher without the consistency term, so the unlabelled images teach
+    # nothing; what it gains over the steps row is the EMA weights' averaging, not the unlabelled data.
+    "lvit-25-mt-cw0": ("lvit", ["semi.mode=mean-teacher", "semi.labeled_fraction=0.25", "semi.warmup_epochs=5",
+                                "semi.consistency_weight=0"]),
     # A tenth of the masks: the steps-matched baseline and the mean teacher.
     "lvit-10-steps": ("lvit", ["semi.mode=epi", "semi.labeled_fraction=0.1", "semi.warmup_epochs=10"]),
     "lvit-10-mt": ("lvit", ["semi.mode=mean-teacher", "semi.labeled_fraction=0.1", "semi.warmup_epochs=5"]),
 }
 # The qata-semi section's rows (a quarter of the masks); the 10% rows are in bench/semi_recipes.py's section.
 QUARTER_ROWS = ("lvit-25", "lvit-25-steps", "lvit-25-epi", "lvit-25-epi+lv", "lvit-25-epi+lv-beta0.5",
-                "lvit-25-epi+lv-warmup7", "lvit-25-mt", "lvit-25-mt-w2")
+                "lvit-25-epi+lv-warmup7", "lvit-25-mt", "lvit-25-mt-w2", "lvit-25-mt-cw0")
 SEMI_ROWS = (*QUARTER_ROWS, "lvit-10-steps", "lvit-10-mt")
 # The EPI and mean-teacher rows are their fraction's steps row until their warm-up ends (labelled batches only,
 # the same seeded order), so they branch from its state after that epoch (lvit.train.semi.branch): bit-identical
 # to training them from scratch.
 SHARED_ROWS = {"lvit-25-steps": ("lvit-25-epi", "lvit-25-epi+lv", "lvit-25-epi+lv-beta0.5",
-                                 "lvit-25-epi+lv-warmup7", "lvit-25-mt", "lvit-25-mt-w2"),
+                                 "lvit-25-epi+lv-warmup7", "lvit-25-mt", "lvit-25-mt-w2", "lvit-25-mt-cw0"),
                "lvit-10-steps": ("lvit-10-mt",)}
 SHARED_ROW = "lvit-25-steps"
 BRANCHED_ROWS = SHARED_ROWS[SHARED_ROW]
@@ -362,6 +366,7 @@ SEMI_LABELS = {"lvit-25": "supervised, 25% of the masks (a quarter of the steps)
                "lvit-25-epi+lv-warmup7": "25% + EPI + LV loss, 7 warm-up epochs",
                "lvit-25-mt": "25% + mean teacher (lvit's recipe), 5 warm-up epochs",
                "lvit-25-mt-w2": "25% + mean teacher (lvit's recipe), 2 warm-up epochs",
+               "lvit-25-mt-cw0": "25% + the mean teacher's EMA weights without its consistency term (diagnostic)",
                "lvit-10-steps": "supervised, 10% of the masks, the semi runs' step count",
                "lvit-10-mt": "10% + mean teacher (lvit's recipe), 5 warm-up epochs",
                "lvit": "supervised, 100% of the masks"}

@@ -36,7 +36,8 @@ LABELS = {FULL: "supervised, every mask", BASELINE: "supervised, the semi runs' 
           "epi+lv": "EPI + LV loss (paper)", "mean-teacher": "mean teacher (lvit)",
           "epi+lv-beta0.5": "EPI + LV loss, pseudo labels with beta 0.5",
           "epi+lv-warmup7": "EPI + LV loss, 7 warm-up epochs",
-          "mean-teacher-w2": "mean teacher (lvit), 2 warm-up epochs"}
+          "mean-teacher-w2": "mean teacher (lvit), 2 warm-up epochs",
+          "mean-teacher-cw0": "mean teacher's EMA weights, no consistency term (diagnostic)"}
 
 
 def _qata():

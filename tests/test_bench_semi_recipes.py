@@ -90,7 +90,9 @@ def test_method_names_from_the_rows():
     assert names["lvit"] == "supervised-100%" and names["lvit-25"] == "supervised-subset"
     assert names["lvit-25-steps"] == names["lvit-10-steps"] == "supervised-steps"
     assert names["lvit-25-mt"] == names["lvit-10-mt"] == "mean-teacher" and names["lvit-25-mt-w2"] == "mean-teacher-w2"
-    assert names["lvit-25-epi+lv-beta0.5"] == "epi+lv-beta0.5"
+    assert names["lvit-25-epi+lv-beta0.5"] == "epi+lv-beta0.5" and names["lvit-25-mt-cw0"] == "mean-teacher-cw0"
+    assert set(names.values()) - {"supervised-subset"} <= set(bench.LABELS)  # every method has its table label
+    assert qata.SHARED_OF["lvit-25-mt-cw0"] == "lvit-25-steps"
     # The mean-teacher rows branch from their own fraction's steps row, which keeps its state there.
     assert qata.SHARED_OF["lvit-10-mt"] == "lvit-10-steps" and qata.keep_after("lvit-10-steps") == (5,)
     assert qata.SHARED_OF["lvit-25-mt"] == "lvit-25-steps" and 5 in qata.keep_after("lvit-25-steps")
