@@ -54,7 +54,8 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     # Teach the no-report path after the reader is trained: 3 epochs from the shipped reader (qata-lvit) at a
     # fine-tuning rate with report dropout, without (-ft-rd25-e3) and with distillation from a frozen copy of it
     # (loss.distill_teacher): the target is a trained reader's answer from the first step, and the student's
-    # updates cannot move it.
+    # updates cannot move it. Measured from the first shipped qata-lvit (10 epochs, weights sha256 39b3b59e...,
+    # lvit 1e48ab6 and before); from a later checkout these rows start from the qata-lvit it ships.
     "lvit-ft-rd25-e3": ("lvit", ["trainer.init_from=qata-lvit", "optim.lr=3e-4", "model.report_dropout=0.25",
                                  "trainer.max_epochs=3", "optim.t0=3"]),
     "lvit-ft-rdkd-e3": ("lvit", ["trainer.init_from=qata-lvit", "optim.lr=3e-4", "model.report_dropout=0.25",
@@ -66,6 +67,9 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     # Toward 0.8366 (docs/QATA.md): the validation Dice still rose at epoch 10, so three times as long, one
     # 30-epoch cosine cycle, with report dropout so that the model also answers without a report
     "lvit-rd25-e30": ("lvit", ["model.report_dropout=0.25", "trainer.max_epochs=30", "optim.t0=30"]),
+    # Mirrored training images with their reports' sides swapped (data.hflip_prob): twice the lesion layouts per
+    # image; the official recipe never mirrors, and test-time mirroring of a model trained without it lost 0.020
+    "lvit-hflip": ("lvit", ["data.hflip_prob=0.5"]),
     # A quarter of the masks (the subset drawn with the trainer seed), docs/SEMI_SUPERVISED.md:
     "lvit-25": ("lvit", ["semi.mode=none", "semi.labeled_fraction=0.25"]),  # a quarter of the steps
     # labelled batches only, as many steps as the semi runs (a warm-up as long as the run: no pseudo labels)
@@ -269,6 +273,7 @@ ROW_LABELS = {"lvit": "LViT (24 tokens: whole report)", "lvit-10tok": "LViT (off
               "lvit-rdkd-w1-e3": "LViT, report dropout 0.25 + distillation from epoch 2, 3-epoch pilot (true reports)",
               "lvit-rdkd-w3": "LViT, report dropout 0.25 + distillation from epoch 4 (true reports)",
               "lvit-rd25-e30": "LViT, report dropout 0.25, 30 epochs (true reports)",
+              "lvit-hflip": "LViT, mirrored training images with swapped reports (hflip 0.5)",
               "lvit-ft-rd25-e3": "LViT, 3 epochs from qata-lvit with report dropout 0.25 (true reports)",
               "lvit-ft-rdkd-e3": "LViT, 3 epochs from qata-lvit with report dropout 0.25 + distillation from a frozen "
                                  "qata-lvit (true reports)",

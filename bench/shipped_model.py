@@ -6,6 +6,7 @@ measured, and described by a card rendered from the measurements.
     python bench/shipped_model.py add-reporter --reporter R --data QATA --sample ... --command "lvit ..." --commit SHA
     python bench/shipped_model.py rescore-written --data QATA --sample ... --command "..." --commit SHA
     python bench/shipped_model.py timing --data QATA     # whole-process predict, folder and forward rates
+    python bench/shipped_model.py training-facts --run W/runs/lvit-s0   # training-time keys from the run
     python bench/shipped_model.py card                   # README.md of the shipped folder from the JSON
 
 ``ship`` exports the run's best-validation weights twice (float32 and float16), tests both on QaTa-COV19's
@@ -59,6 +60,19 @@ def test(folder: Path, data: Path, out: Path, reports: str = "true") -> dict:
     return run_test(folder, data, "test", out, force=True, progress=False, batch_size=32, k=0, reports=reports)
 
 
+def text_probe_of(run_name: str, results: Path = REPO / "bench" / "qata_results.json") -> dict | None:
+    """The left/right swap of the text probe that ``bench/qata.py evaluate`` measured for the run of this name
+    (per-image Dice on the test images whose report a swap changes), or None when it has not been measured."""
+    if not results.is_file():
+        return None
+    probe = (json.loads(results.read_text()).get(run_name) or {}).get("probe")
+    if not probe:
+        return None
+    changed = probe["variants"]["swapped"]["changed"]
+    return {"n_changed": changed["n"], "true": changed["true_dice"], "swapped": changed["dice"],
+            "source": f"{results.name}: {run_name}"}
+
+
 def ship(args) -> int:
     from lvit.artifacts.model_folder import export_model_folder
     from lvit.artifacts.runs import load_run
@@ -108,14 +122,16 @@ def ship(args) -> int:
             if other.get("row") == row and other["seed"] not in {s["seed"] for s in seeds}:
                 seeds.append({"seed": int(other["seed"]), "dice_original": other["dice_original"],
                               "source": f"{Path(path).name}: {name}"})
-    train_minutes = _train_minutes(Path(args.run))
     entry.update({
         "seeds": sorted(seeds, key=lambda s: s["seed"]), "command": args.command, "commit": args.commit,
         "epochs": int(run.config["trainer"]["max_epochs"]), "image_size": run.image_size,
         "base_channels": int(run.config["model"]["base_channels"]),
         "report_dropout": float(run.config["model"].get("report_dropout") or 0.0),
-        "train_minutes": train_minutes, "machine": machine_line(),
+        **training_time(Path(args.run)), "machine": machine_line(),
     })
+    probe = text_probe_of(Path(args.run).name)
+    if probe:
+        entry["text_probe_swap"] = {**probe, "image_size": run.image_size}
     if PACKAGE_FOLDER.exists():
         shutil.rmtree(PACKAGE_FOLDER)
     shutil.copytree(folder, PACKAGE_FOLDER)
@@ -236,11 +252,49 @@ def rescore_written(args) -> int:
     return 0
 
 
-def _train_minutes(run_dir: Path) -> float:
+SLOW_EPOCH = 2.0  # an epoch this many times the median one was paused or shared the CPU
+
+
+def training_time(run_dir: Path) -> dict:
+    """``train_minutes`` (the sum of the epoch times in metrics.csv), the median epoch in seconds, and the epochs
+    that took more than :data:`SLOW_EPOCH` times the median (a stopped process or a shared CPU), whose wall time
+    is not training speed."""
     import csv
 
-    with (run_dir / "metrics.csv").open() as f:
-        return round(sum(float(r["seconds"]) for r in csv.DictReader(f)) / 60, 1)
+    with (Path(run_dir) / "metrics.csv").open() as f:
+        seconds = {int(r["epoch"]): float(r["seconds"]) for r in csv.DictReader(f)}
+    median = statistics.median(seconds.values())
+    return {"train_minutes": round(sum(seconds.values()) / 60, 1), "epoch_seconds_median": round(median, 1),
+            "slow_epochs": {str(e): round(t, 1) for e, t in sorted(seconds.items()) if t > SLOW_EPOCH * median}}
+
+
+def training_facts(args) -> int:
+    """Refresh the training-time keys of the shipped JSON from the run it was made of (the run's best weights,
+    exported as shipped, must equal the shipped ones tensor by tensor)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from lvit.artifacts.model_folder import export_model_folder
+    from lvit.artifacts.runs import load_run
+
+    results = json.loads(RESULTS_JSON.read_text())
+    work = Path(tempfile.mkdtemp(prefix="lvit-facts-"))
+    try:
+        folder = export_model_folder(args.run, work / "folder", run=load_run(args.run),
+                                     half=results["weights_dtype"] == "float16")
+        exported = load_file(folder / "model.safetensors")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    shipped = load_file(PACKAGE_FOLDER / "model.safetensors")
+    same = exported.keys() == shipped.keys() and all(
+        exported[k].dtype == shipped[k].dtype and torch.equal(exported[k], shipped[k]) for k in shipped)
+    if not same:
+        raise SystemExit(f"error: {args.run}: its best weights are not the shipped ones ({PACKAGE_FOLDER})")
+    results.update(training_time(Path(args.run)))
+    RESULTS_JSON.write_text(json.dumps(results, indent=2) + "\n")
+    write_card()
+    print(json.dumps({k: results[k] for k in ("train_minutes", "epoch_seconds_median", "slow_epochs")}))
+    return 0
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -347,6 +401,18 @@ def _writer_text(r: dict) -> str:
             "has no no-report path.")
 
 
+def _slow_epochs_text(r: dict) -> str:
+    slow = r.get("slow_epochs")
+    if not slow:
+        return ""
+    listed = ", ".join(f"{e} ({t / 60:.0f} min)" for e, t in slow.items())
+    # the slow epochs counted at the median epoch's time
+    typical = r["train_minutes"] + (len(slow) * r["epoch_seconds_median"] - sum(slow.values())) / 60
+    return (f"; epoch{'s' if len(slow) > 1 else ''} {listed} took more than {SLOW_EPOCH:g} times the median epoch "
+            f"({r['epoch_seconds_median']:.0f} s): the process was stopped or shared the CPU then, so the "
+            f"training itself took about {typical:.0f} minutes (those epochs counted at the median)")
+
+
 def _without_threads(machine: str) -> str:
     """A machine line without its thread count: that count is the measuring process's, not the training's."""
     head, sep, last = machine.rpartition(", ")
@@ -379,6 +445,10 @@ def card_text(r: dict) -> str:
     no_report = ("The model also answers **without a report**: it was trained with report dropout (each training "
                  f"report replaced by a learned \"no report\" stand-in with probability {r['report_dropout']:g}), so "
                  "`lvit predict` without `--text` and `lvit app` with an empty report box use that path and say so."
+                 + (" The folder also carries a **report writer** (`reporter/`, trained by "
+                    f"`{r['reporter']['command']}` at lvit commit {r['reporter']['commit']}) for the app's \"Write "
+                    "the report\" button and `lvit test --reports generated`; the model's answers with its likely "
+                    "reports are scored in the table below." if "reporter" in r else "")
                  if "no_report" in r else
                  _writer_text(r) if "generated" in r else
                  "The model needs the report: without one, `lvit predict` asks for `--text` (this model has no "
@@ -393,6 +463,11 @@ def card_text(r: dict) -> str:
                  f"batched rate ({r['forward_images_per_second']:.1f} images/s; medians of "
                  f"{len(r['folder_images_per_second_runs'])} runs each; `python bench/shipped_model.py timing`). "
                  "Other machines differ.\n")
+    swap = r.get("text_probe_swap")
+    swap_line = (f"swapping left and right in the report costs {swap['true'] - swap['swapped']:.2f} per-image Dice "
+                 f"at {swap['image_size']} px on the {swap['n_changed']:,} test images where that changes the report, "
+                 f"{swap['true']:.3f} -> {swap['swapped']:.3f}" if swap else
+                 "swapping left and right in the report moves the mask")
     return f"""---
 library_name: lvit
 pipeline_tag: image-segmentation
@@ -429,7 +504,7 @@ clinical decision.** Its masks can be wrong, confidently.
 - command: `{r['command']}`
 - code: lvit commit {r['commit']}
 - {r['train_minutes']} minutes of training (the sum of the run's epoch times in its metrics.csv), with the
-  command's threads, on a {_without_threads(r['machine'])}
+  command's threads, on a {_without_threads(r['machine'])}{_slow_epochs_text(r)}
 
 ## Test figures
 
@@ -451,8 +526,7 @@ For research on language-guided segmentation: reproducing, comparing and explain
 What a clinician must know:
 
 - the reports it was trained on were written from the masks (they state sides, count and zones of the lesions
-  the mask shows): a report written from the image by a radiologist, or a wrong one, can move the mask (swapping
-  left and right in the report costs about 0.25 Dice on the images where that changes the report);
+  the mask shows): a report written from the image by a radiologist, or a wrong one, can move the mask ({swap_line});
 - one dataset: adult COVID-19 chest X-rays of QaTa-COV19; other diseases, children, other hospitals' images or
   report styles are untested;
 - {r['image_size']} px input: small lesions and fine borders are lost.
@@ -503,6 +577,9 @@ def main(argv: list[str] | None = None) -> int:
         q.add_argument("--command", required=True, help=f"{what} (for the card)")
         q.add_argument("--commit", required=True, help="the lvit commit that made it (for the card)")
         q.add_argument("--threads", type=int, default=2)
+    f = sub.add_parser("training-facts", help="training-time keys of the shipped JSON from the run it was made of")
+    f.add_argument("--run", type=Path, required=True)
+    f.set_defaults(func=training_facts)
     c = sub.add_parser("card", help="the shipped folder's README.md from the JSON")
     c.set_defaults(func=card)
     args = parser.parse_args(argv)

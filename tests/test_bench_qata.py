@@ -94,3 +94,16 @@ def test_evaluate_refreshes_training_facts_of_evaluated_runs_without_testing_aga
     assert entry["val_dice_per_epoch"] == [0.5, 0.7] and entry["best_epoch"] == 2 and entry["train_minutes"] == 2.0
     assert entry["steps"] == 1430
     assert entry["dice"] == 0.82  # not tested again
+
+
+def test_every_row_is_a_valid_configuration_of_the_preset():
+    """A row's overrides are checked when its run starts, hours into a session's plan: check them all here."""
+    from lvit.presets import preset_path
+    from lvit.train import load_config
+
+    qata = load_bench("bench/qata.py", "qata")
+    for row, (model, overrides) in qata.ROWS.items():
+        config = load_config(preset_path(qata.PRESET), [f"model_name={model}", *overrides])
+        assert config.model_name == model, row
+    flip = load_config(preset_path(qata.PRESET), qata.ROWS["lvit-hflip"][1])
+    assert flip.data.hflip_prob == 0.5 and flip.data.augment

@@ -3,6 +3,7 @@ initialisation, init_from.json lists both, and a source that matches nothing is 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -49,6 +50,7 @@ def test_unet_weights_start_lvits_cnn_branch(unet_run, tmp_path, monkeypatch):
     assert code == 0, err
     report = json.loads((tmp_path / "lvit" / "init_from.json").read_text())
     assert report["parts"]["stem"] == report["parts"]["head"] == 1.0 and report["parts"]["vit_down"] == 0.0
+    assert report["sha256"] == hashlib.sha256(Path(report["weights"]).read_bytes()).hexdigest()
     assert f"{report['counts']['loaded']} of {report['counts']['model']} tensors loaded, covering" in out
     assert "at initialisation:" in out and "vit_down" in out.split("at initialisation:")[1]
     before, after = captured["before"], captured["after"]

@@ -61,6 +61,41 @@ def test_a_folder_with_encoded_training_reports_never_loads_the_text_model_for_t
     assert (copy / "report_cache.safetensors").read_bytes() == (folder / "report_cache.safetensors").read_bytes()
 
 
+def test_float16_export_keeps_a_tensor_beyond_float16s_range_in_float32(tiny_run, tmp_path):
+    """A BatchNorm running variance above 65504 (the shipped run's text projection holds 1.6e5) would become
+    infinity in float16; the export keeps such a tensor in float32 and says so, and the folder loads finite."""
+    import torch
+    from safetensors import safe_open
+
+    from lvit.artifacts.model_folder import export_model_folder
+    from lvit.artifacts.runs import load_run
+
+    _, run_dir = tiny_run
+    run = load_run(run_dir, map_location="cpu")
+    name, buffer = next((k, v) for k, v in run.model.named_buffers() if k.endswith("running_var"))
+    buffer.fill_(1.6e5)
+    folder = export_model_folder(run_dir, tmp_path / "half", run=run, half=True)
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+    assert dtypes[name] == "F32"
+    assert {d for k, d in dtypes.items() if k != name and d.startswith("F")} == {"F16"}
+    config = json.loads((folder / "config.json").read_text())
+    assert config["weights_dtype"] == "float16" and config["float32_tensors"] == [name]
+    loaded = dict(load_run(folder, map_location="cpu").model.named_buffers())[name]
+    assert torch.equal(loaded, torch.full_like(loaded, 1.6e5))
+
+
+def test_two_exports_of_the_same_weights_are_the_same_bytes(tiny_run, tmp_path):
+    """A card states the sha256 of the weights file: exporting the same weights again must reproduce it."""
+    from lvit.artifacts.model_folder import export_model_folder
+
+    _, run_dir = tiny_run
+    for half in (False, True):
+        a = export_model_folder(run_dir, tmp_path / f"a{half}", half=half) / "model.safetensors"
+        b = export_model_folder(run_dir, tmp_path / f"b{half}", half=half) / "model.safetensors"
+        assert hashlib.sha256(a.read_bytes()).digest() == hashlib.sha256(b.read_bytes()).digest()
+
+
 # --- the shipped model ------------------------------------------------------------------------------------------
 
 
@@ -94,8 +129,34 @@ def test_predict_with_no_model_argument_uses_the_shipped_model(tmp_path, capsys)
     assert Image.open(tmp_path / "m.png").size == (224, 224)
 
 
-def test_without_a_report_the_shipped_model_reads_its_writers_report_and_never_loads_the_text_model(
+def test_without_a_report_the_shipped_model_answers_through_its_no_report_path_without_the_text_model(
         tmp_path, capsys, monkeypatch):
+    from lvit.inference.requests import NO_REPORT_NOTE
+    from lvit.text.encoders import HFEncoder
+
+    folder, results = _shipped()
+    assert results["report_dropout"] > 0 and "no_report" in results
+    card = (folder / "README.md").read_text()
+    assert f"{results['no_report']['dice_original']:.4f}" in card and "without a report" in card
+
+    def no_model(self):
+        raise AssertionError("the text model was loaded")
+
+    monkeypatch.setattr(HFEncoder, "_load", no_model)
+    image = np.zeros((224, 224), np.uint8)
+    image[40:180, 20:100] = 180
+    Image.fromarray(image).save(tmp_path / "x.png")
+    assert main(["predict", "--image", str(tmp_path / "x.png"), "--out", str(tmp_path / "m.png")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "the shipped qata-lvit" in lines[0]
+    assert any(NO_REPORT_NOTE in line for line in lines)
+    assert Image.open(tmp_path / "m.png").size == (224, 224) and not (tmp_path / "m.report.txt").exists()
+
+
+def test_the_shipped_folders_report_writer_writes_reports_its_cache_holds(monkeypatch):
+    """The writer stays in the folder for the app's "Write the report" button and ``--reports generated``: every
+    report it writes is encoded in the folder, so that path loads no text model either."""
+    from lvit.inference import Segmenter
     from lvit.text.encoders import HFEncoder
 
     folder, results = _shipped()
@@ -107,14 +168,12 @@ def test_without_a_report_the_shipped_model_reads_its_writers_report_and_never_l
         raise AssertionError("the text model was loaded")
 
     monkeypatch.setattr(HFEncoder, "_load", no_model)
+    segmenter = Segmenter(folder)
     image = np.zeros((224, 224), np.uint8)
-    image[40:180, 20:100] = 180  # a bright left lung: any report the writer writes is in the shipped cache
-    Image.fromarray(image).save(tmp_path / "x.png")
-    assert main(["predict", "--image", str(tmp_path / "x.png"), "--out", str(tmp_path / "m.png")]) == 0
-    lines = capsys.readouterr().out.splitlines()
-    assert "the shipped qata-lvit" in lines[0]
-    assert any("no report given: generated from the image by the report writer" in line for line in lines)
-    assert Image.open(tmp_path / "m.png").size == (224, 224) and (tmp_path / "m.report.txt").is_file()
+    image[40:180, 20:100] = 180  # a bright left lung
+    report = segmenter.report_writer.report(image)
+    assert "lung" in report
+    assert np.isfinite(segmenter.predict(image, report)).all()
 
 
 def test_the_shipped_model_scores_the_card_figure_on_the_shared_qata_sample(shared_dir, tmp_path, monkeypatch):
@@ -127,7 +186,13 @@ def test_the_shipped_model_scores_the_card_figure_on_the_shared_qata_sample(shar
     assert metrics["n_scored"] == stated["n_test"]
     assert abs(metrics["original_resolution"]["mean_over_images"]["dice"] - stated["dice_original"]) <= 1e-4
     assert abs(metrics["dice"] - stated["dice"]) <= 1e-4
-    # without the reports: the folder's writer writes them from the images (the card's "generated" figure)
+    # without the reports: the model's no-report path (the card's "no report" figure) ...
+    assert main(["test", "qata-lvit", "--data", str(sample), "--no-progress", "--k", "0", "--reports", "none",
+                 "--out", str(tmp_path / "none")]) == 0
+    metrics = json.loads((tmp_path / "none" / "metrics.json").read_text())
+    assert abs(metrics["original_resolution"]["mean_over_images"]["dice"]
+               - stated["no_report"]["dice_original"]) <= 1e-4
+    # ... and the folder's writer writing them from the images (the card's "generated" figure)
     assert main(["test", "qata-lvit", "--data", str(sample), "--no-progress", "--k", "0", "--reports", "generated",
                  "--out", str(tmp_path / "generated")]) == 0
     metrics = json.loads((tmp_path / "generated" / "metrics.json").read_text())
@@ -144,3 +209,19 @@ def test_flip_average_bench_scores_the_plain_answer_as_lvit_test_does(shared_dir
     assert entry["n"] == card["n_test"]
     assert entry["dice_original_plain"] == pytest.approx(card["dice_original"], abs=1e-4)
     assert entry["dice_original_flip_average"] != entry["dice_original_plain"]
+
+
+def test_the_cards_training_time_names_epochs_that_were_paused(tmp_path):
+    """An epoch many times the median one was a stopped process or a shared CPU: the card says so and what the
+    training itself took, instead of passing a pause off as training time."""
+    bench = load_bench("bench/shipped_model.py", "shipped_model")
+    (tmp_path / "metrics.csv").write_text("epoch,train_loss,seconds\n1,0.5,100\n2,0.4,110\n3,0.3,1000\n4,0.2,90\n")
+    facts = bench.training_time(tmp_path)
+    assert facts == {"train_minutes": 21.7, "epoch_seconds_median": 105.0, "slow_epochs": {"3": 1000.0}}
+    results = {**json.loads(RESULTS.read_text()), **facts, "epochs": 4}
+    card = bench.card_text(results)
+    assert "epoch 3 (17 min) took more than 2 times the median epoch (105 s)" in card
+    assert "about 7 minutes" in card  # 21.7 - (1000 - 105) / 60
+    (tmp_path / "metrics.csv").write_text("epoch,train_loss,seconds\n1,0.5,100\n2,0.4,110\n")
+    quiet = {**results, **bench.training_time(tmp_path)}
+    assert "median epoch" not in bench.card_text(quiet)

@@ -70,3 +70,43 @@ def test_quoted_override_values_stay_strings_and_path_flags_are_quoted():
 def test_a_semi_setting_without_a_labelled_subset_is_refused_not_ignored():
     with pytest.raises(ConfigError, match="semi.beta is set but semi-supervised training is off"):
         load_config(None, ["semi.beta=0.5"])
+
+
+@pytest.mark.parametrize("items, needle", [
+    (["data.hflip_prob=1.5"], "data.hflip_prob must be a probability"),
+    (["data.hflip_prob=-0.1"], "data.hflip_prob must be a probability"),
+    (["data.hflip_prob=0.5", "data.augment=false"], "needs data.augment"),
+])
+def test_hflip_prob_is_checked(items, needle):
+    with pytest.raises(ConfigError, match=needle):
+        load_config(preset_path("synth"), items)
+
+
+def test_hflip_prob_mirrors_training_images_with_their_reports_swapped(tmp_path):
+    """``data.hflip_prob``: the training dataset mirrors an image with that probability and then reads the
+    report with left and right swapped (the encoding of the swapped words, not the original's)."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from lvit.data.records import Record
+    from lvit.text import encode_cached, get_text_encoder, swap_left_right
+    from lvit.train.datamodule import make_dataset
+
+    report = "unilateral pulmonary infection, one infected area, upper left lung."
+    image = np.zeros((32, 32), np.uint8)
+    image[4:12, 2:10] = 200  # the image's left side, as in the report
+    Image.fromarray(image).save(tmp_path / "a.png")
+    Image.fromarray((image > 0).astype(np.uint8) * 255).save(tmp_path / "a_mask.png")
+    records = [Record(name="a.png", image_path=tmp_path / "a.png", mask_path=tmp_path / "a_mask.png", text=report)]
+    encoder = get_text_encoder("minilm", max_tokens=14)
+    settings = ["model.text_tokens=14", "model.image_size=32", "data.augment=true"]
+    flipping = load_config(preset_path("synth"), settings + ["data.hflip_prob=1"])
+    plain = load_config(preset_path("synth"), settings)
+    item = make_dataset(records, flipping, encoder, tmp_path / "cache", augment=True)[0]
+    assert item["flipped"]
+    swapped, _ = encode_cached(encoder, [swap_left_right(report)], tmp_path / "cache")
+    original, _ = encode_cached(encoder, [report], tmp_path / "cache")
+    assert torch.equal(item["text"], swapped[0]) and not torch.equal(item["text"], original[0])
+    assert item["mask"][0, :, 16:].sum() > item["mask"][0, :, :16].sum()  # the lesion moved to the other side
+    assert not make_dataset(records, plain, encoder, tmp_path / "cache", augment=True)[0]["flipped"]

@@ -35,7 +35,8 @@ def register(subparsers) -> None:
     p.add_argument("--data-licence", default=None, metavar="TEXT",
                    help="--hf: licence notes of the training data for the model card")
     p.add_argument("--fp16", action="store_true",
-                   help="--hf: store the weights as float16 (half the size; loaded back as float32)")
+                   help="--hf: store the weights as float16 (half the size; loaded back as float32; a tensor "
+                        "holding a value beyond float16's range stays float32)")
     p.add_argument("--force", action="store_true", help="overwrite FILE / replace the model in DIR")
     p.set_defaults(func=run)
 

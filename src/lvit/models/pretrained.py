@@ -166,6 +166,25 @@ def _first_clause(exc: BaseException, limit: int = 200) -> str:
     return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + "..."
 
 
+def half_tensors(tensors: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """Floating-point tensors as float16, except those holding a value beyond float16's range (a BatchNorm
+    running variance can exceed 65504: in float16 it would become infinity); returns (tensors, the names kept
+    as float32)."""
+    import torch
+
+    limit = torch.finfo(torch.float16).max
+    out, kept = {}, []
+    for name, value in tensors.items():
+        if not value.is_floating_point():
+            out[name] = value
+        elif value.numel() and float(value.abs().max()) > limit:
+            out[name] = value.float()
+            kept.append(name)
+        else:
+            out[name] = value.half()
+    return out, kept
+
+
 def write_model_folder(folder: str | Path, model, config: dict[str, Any], *, card: str | None = None,
                        files: dict[str, bytes] | None = None, text_embedding=None, force: bool = False,
                        half: bool = False, reporter: dict[str, bytes] | None = None) -> Path:
@@ -197,15 +216,19 @@ def write_model_folder(folder: str | Path, model, config: dict[str, Any], *, car
     full["model"] = model.config.to_dict()
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     if half:
-        tensors = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
+        tensors, kept = half_tensors(tensors)
+        if kept:
+            full["float32_tensors"] = kept
     full["weights_dtype"] = "float16" if half else "float32"
     written = {MODEL_WEIGHTS, MODEL_CONFIG, MODEL_CARD, *files}
     with atomic_path(folder / MODEL_WEIGHTS) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt", "library": LIBRARY_NAME})
+        # one metadata key: safetensors writes a metadata map in no fixed order, so two keys would make the bytes
+        # (and the sha256 a card states) differ between two exports of the same weights
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
     if text_embedding is not None:
         emb = {k: v.detach().cpu().contiguous().clone() for k, v in text_embedding.state_dict().items()}
         with atomic_path(folder / TEXT_EMBEDDING_WEIGHTS) as tmp:
-            save_file(emb, str(tmp), metadata={"format": "pt", "library": LIBRARY_NAME})
+            save_file(emb, str(tmp), metadata={"format": "pt"})
         written.add(TEXT_EMBEDDING_WEIGHTS)
     for name, data in files.items():
         atomic_write_bytes(folder / name, data)

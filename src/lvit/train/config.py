@@ -54,6 +54,9 @@ class DataConfig:
     batch_size: int = 24
     val_batch_size: int | None = None  # None: same as batch_size
     augment: bool = True  # random flips/rotations on the training split (lvit.data)
+    # Horizontal mirror of a training image with this probability, its report's left and right swapped with it
+    # (a mirror moves the lesion to the other lung); 0 keeps the official recipe, which never mirrors.
+    hflip_prob: float = 0.0
     num_workers: int = 2
 
 
@@ -291,6 +294,11 @@ class TrainConfig:
             raise ConfigError(f"{source}: optim.t0 and optim.t_mult must be >= 1")
         if o.grad_clip is not None and (not isinstance(o.grad_clip, (int, float)) or not o.grad_clip > 0):
             raise ConfigError(f"{source}: optim.grad_clip must be > 0 or null (got {o.grad_clip})")
+        flip = self.data.hflip_prob
+        if isinstance(flip, bool) or not isinstance(flip, int | float) or not 0.0 <= flip <= 1.0:
+            raise ConfigError(f"{source}: data.hflip_prob must be a probability in [0, 1] (got {flip!r})")
+        if flip and not self.data.augment:
+            raise ConfigError(f"{source}: data.hflip_prob needs data.augment: true (the mirror is an augmentation)")
         if self.data.batch_size < 1:
             raise ConfigError(f"{source}: data.batch_size must be >= 1 (got {self.data.batch_size})")
         if t.max_epochs < 1:

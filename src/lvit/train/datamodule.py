@@ -46,7 +46,7 @@ def text_cache_dir(config: TrainConfig, root: str | Path) -> Path:
 def make_dataset(records: list[Record], config: TrainConfig, encoder, cache_dir: Path | None,
                  augment: bool) -> SegmentationDataset:
     """A dataset over ``records`` with their reports encoded (or tokenised) by ``encoder``."""
-    aug = AugmentConfig() if augment else False
+    aug = AugmentConfig(hflip_prob=float(config.data.hflip_prob)) if augment else False
     kwargs = dict(augment=aug, in_channels=config.model.in_channels)
     size = config.model.image_size
     if encoder is None:

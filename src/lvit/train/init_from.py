@@ -8,6 +8,7 @@ What was and was not loaded is written to ``init_from.json`` in the new run fold
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
@@ -98,6 +99,8 @@ def load_matching(model: nn.Module, source: str | Path) -> dict:
     return {
         "source": str(Path(source)),
         "weights": str(weights),
+        # a shipped model's name or a run folder can hold other weights later: the hash says which were read
+        "sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
         "loaded": loaded,
         "skipped_from_source": skipped,
         "left_at_initialisation": missing,
