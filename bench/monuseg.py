@@ -115,6 +115,11 @@ def official_data_plugin(limit: int | None = None):
 
     class OfficialData(TrainingPlugin):
         def setup(self, config, data, data_root, run_dir, resume):
+            if config.data.hflip_prob:
+                from lvit.core.errors import ConfigError
+
+                raise ConfigError("data.hflip_prob: the official MoNuSeg augmentation replaces lvit's, and it "
+                                  "mirrors without swapping the report; leave data.hflip_prob at 0 here")
             data.train = official_dataset(data.train, augment=config.data.augment, limit=limit)
             data.val = official_dataset(data.val, augment=False, limit=limit)
             return data

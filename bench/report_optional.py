@@ -150,10 +150,12 @@ def evaluate_run(run_dir: Path, data: Path, work: Path, reporter: Path | None, p
 
 
 def training_facts(run_dir: Path) -> dict:
-    """The run's validation Dice and training loss per epoch (its metrics.csv), as the table's notes cite them."""
+    """The run's validation Dice, validation loss and training loss per epoch (its metrics.csv), as the table's
+    notes cite them."""
     with (run_dir / "metrics.csv").open() as f:
         rows = list(csv.DictReader(f))
     return {"val_dice_per_epoch": [round(float(r["val_dice"]), 4) for r in rows],
+            "val_loss_per_epoch": [round(float(r["val_loss"]), 4) for r in rows],
             "train_loss_per_epoch": [round(float(r["train_loss"]), 4) for r in rows]}
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import shutil
 import statistics
@@ -60,15 +61,16 @@ def test(folder: Path, data: Path, out: Path, reports: str = "true") -> dict:
     return run_test(folder, data, "test", out, force=True, progress=False, batch_size=32, k=0, reports=reports)
 
 
-def text_probe_of(run_name: str, results: Path = REPO / "bench" / "qata_results.json") -> dict | None:
+def text_probe_of(run_name: str, dice: float, results: Path = REPO / "bench" / "qata_results.json") -> dict | None:
     """The left/right swap of the text probe that ``bench/qata.py evaluate`` measured for the run of this name
-    (per-image Dice on the test images whose report a swap changes), or None when it has not been measured."""
+    (per-image Dice on the test images whose report a swap changes), or None when it has not been measured or the
+    entry of that name is another run's (its true-report Dice at model resolution is not ``dice``)."""
     if not results.is_file():
         return None
-    probe = (json.loads(results.read_text()).get(run_name) or {}).get("probe")
-    if not probe:
+    entry = json.loads(results.read_text()).get(run_name) or {}
+    changed = ((entry.get("probe") or {}).get("variants", {}).get("swapped") or {}).get("changed")
+    if not changed or abs(float(entry.get("dice", -1.0)) - dice) > 1e-4:
         return None
-    changed = probe["variants"]["swapped"]["changed"]
     return {"n_changed": changed["n"], "true": changed["true_dice"], "swapped": changed["dice"],
             "source": f"{results.name}: {run_name}"}
 
@@ -129,7 +131,7 @@ def ship(args) -> int:
         "report_dropout": float(run.config["model"].get("report_dropout") or 0.0),
         **training_time(Path(args.run)), "machine": machine_line(),
     })
-    probe = text_probe_of(Path(args.run).name)
+    probe = text_probe_of(Path(args.run).name, measured["float32"]["dice"])
     if probe:
         entry["text_probe_swap"] = {**probe, "image_size": run.image_size}
     if PACKAGE_FOLDER.exists():
@@ -263,6 +265,8 @@ def training_time(run_dir: Path) -> dict:
 
     with (Path(run_dir) / "metrics.csv").open() as f:
         seconds = {int(r["epoch"]): float(r["seconds"]) for r in csv.DictReader(f)}
+    if not seconds or not all(math.isfinite(t) and t >= 0 for t in seconds.values()):
+        raise SystemExit(f"error: {run_dir}/metrics.csv: no epoch times, or one that is not a number of seconds")
     median = statistics.median(seconds.values())
     return {"train_minutes": round(sum(seconds.values()) / 60, 1), "epoch_seconds_median": round(median, 1),
             "slow_epochs": {str(e): round(t, 1) for e, t in sorted(seconds.items()) if t > SLOW_EPOCH * median}}
@@ -405,7 +409,7 @@ def _slow_epochs_text(r: dict) -> str:
     slow = r.get("slow_epochs")
     if not slow:
         return ""
-    listed = ", ".join(f"{e} ({t / 60:.0f} min)" for e, t in slow.items())
+    listed = ", ".join(f"{e} ({t / 60:.0f} min)" if t >= 60 else f"{e} ({t:.0f} s)" for e, t in slow.items())
     # the slow epochs counted at the median epoch's time
     typical = r["train_minutes"] + (len(slow) * r["epoch_seconds_median"] - sum(slow.values())) / 60
     return (f"; epoch{'s' if len(slow) > 1 else ''} {listed} took more than {SLOW_EPOCH:g} times the median epoch "

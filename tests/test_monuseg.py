@@ -129,3 +129,14 @@ def test_side_by_side_processes_merge_results_and_render_a_gpu_section(tmp_path)
     assert "| LViT (text) (`lvit`) | 3 | 2 |" in text and "U-Net (`unet`)" in text and "a 224 px copy" in text
     assert (tmp_path / "monuseg_gpu_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert bench.main(["--render-only", "--runs", str(tmp_path / "none"), "--results", str(md)]) == 2
+
+
+def test_the_official_data_plugin_refuses_a_mirror_that_would_not_swap_the_report():
+    from lvit.core.errors import ConfigError
+    from lvit.presets import preset_path
+    from lvit.train import load_config
+
+    plugin = bench.official_data_plugin()
+    config = load_config(preset_path("monuseg"), ["data.hflip_prob=0.5"])
+    with pytest.raises(ConfigError, match="data.hflip_prob"):
+        plugin.setup(config, None, None, None, False)

@@ -583,3 +583,14 @@ def test_the_bench_table_leaves_the_columns_a_pilot_did_not_score_empty(tmp_path
     rows = [line for line in md.read_text().splitlines() if line.startswith("| lvit-")]
     assert rows[0].endswith("| 0.8200 | 0.7600 | 0.7500 | n/a | 0.7400 | 0.5200 | 0.7500 | 0.080 | 0.230 |")
     assert rows[1].endswith("| 0.7000 | 0.6500 | n/a | n/a | n/a | n/a | 0.7500 | n/a | n/a |")
+
+
+def test_the_bench_reads_each_runs_curves_from_its_metrics(tmp_path):
+    from files import load_bench
+
+    bench = load_bench("bench/report_optional.py", "report_optional")
+    (tmp_path / "metrics.csv").write_text("epoch,train_loss,val_loss,val_dice,seconds\n"
+                                          "1,0.31234,0.27655,0.59518,300\n2,0.2,0.21453,0.68886,290\n")
+    assert bench.training_facts(tmp_path) == {"val_dice_per_epoch": [0.5952, 0.6889],
+                                              "val_loss_per_epoch": [0.2766, 0.2145],
+                                              "train_loss_per_epoch": [0.3123, 0.2]}
