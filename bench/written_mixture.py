@@ -83,24 +83,38 @@ def sweep(model: str, data, split: str, ks: list[int], limit: int | None, batch:
               + "  ".join(f"{name} {np.mean(v):.4f}" for name, v in scores.items()), flush=True)
     figures = {name: float(np.mean(v)) for name, v in scores.items()}
     best = max(ks, key=lambda k: (round(figures[str(k)], 4), -k))  # ties to the smaller K (fewer forwards)
-    return {"model": str(model), "split": split, "n": len(records), "dice_original": figures, "best_k": best,
-            "minutes": round((time.perf_counter() - started) / 60, 1)}
+    return {"model": str(model), "weights_sha256": weights_sha256(model), "split": split, "n": len(records),
+            "dice_original": figures, "best_k": best, "minutes": round((time.perf_counter() - started) / 60, 1)}
+
+
+def weights_sha256(model: str) -> str:
+    """The sha256 of the weights file a sweep read: a shipped name or a folder can hold other weights later."""
+    import hashlib
+
+    from lvit.artifacts.runs import resolve_run
+
+    _, weights = resolve_run(model)
+    return hashlib.sha256(Path(weights).read_bytes()).hexdigest()
 
 
 def render(results_md: Path = RESULTS_MD) -> Path:
     """The RESULTS.md section: each sweep, and the shipped model's test figures before and after (its JSON)."""
     entries = read_raw(RESULTS_JSON, [])
     lines = ["## Answering without a report through the report writer: one report or the likely ones", "",
-             "A model that always reads a report (the shipped `qata-lvit`) answers an image without one through its "
-             "report writer. Columns: per-image Dice at the masks' original size with the writer's one report "
-             "(its zone scores thresholded), with the mean of the model's answers over the writer's K most probable "
-             "reports (zones read as independent, weights their probabilities), and with the true report. K is "
+             "A model that always reads a report and has no no-report path of its own answers an image without "
+             "one through its report writer (the first shipped `qata-lvit`, 10 epochs, did). Each sweep names the "
+             "weights it ran on (a sweep without a hash ran before lvit recorded it, on that first `qata-lvit`, "
+             "weights sha256 39b3b59e...). Columns: per-image Dice at the masks' original size with the writer's "
+             "one report (its zone scores thresholded), with the mean of the model's answers over the writer's K "
+             "most probable reports (zones read as independent, weights their probabilities), and with the true "
+             "report. K is "
              "chosen on the validation split (`bench/written_mixture.py`; raw `bench/written_mixture.json`).", ""]
     for e in entries:
         ks = sorted((k for k in e["dice_original"] if k.isdigit()), key=int)
         lines += ["| model | split | images | one report | " + " | ".join(f"K = {k}" for k in ks) + " | true report |",
                   "|---|---|---|---|" + "---|" * len(ks) + "---|",
-                  f"| {e['model']} | {e['split']} | {e['n']:,} | {e['dice_original']['written']:.4f} | "
+                  f"| {e['model']} ({e['weights_sha256'][:8] if e.get('weights_sha256') else 'no hash'}) | "
+                  f"{e['split']} | {e['n']:,} | {e['dice_original']['written']:.4f} | "
                   + " | ".join(f"{e['dice_original'][k]:.4f}" for k in ks) + f" | {e['dice_original']['true']:.4f} |",
                   "", f"Best K: {e['best_k']}" + (f" ({e['n']:,} images of the split, evenly spread)" if "--limit" in
                                                      e["command"] else "")
@@ -116,6 +130,15 @@ def render(results_md: Path = RESULTS_MD) -> Path:
                   f"{before['pooled_dice_original']:.4f} -> {after['pooled_dice_original']:.4f}); with the true "
                   f"report {shipped['dice_original']:.4f}. Machine: {scoring.get('machine')}; "
                   f"`{scoring.get('command')}`."]
+    elif "generated" in shipped:
+        after, own = shipped["generated"], shipped.get("no_report")
+        lines += [f"Test split, {after['n_test']:,} images, the shipped weights (sha256 "
+                  f"{shipped['weights_sha256'][:8]}, `bench/shipped_model.json`, key `generated`): the mean over the "
+                  f"writer's {after['mixed_reports']} most likely reports {after['dice_original']:.4f}; with the true "
+                  f"report {shipped['dice_original']:.4f}"
+                  + (f"; through the model's own no-report path (report dropout, the default without a report) "
+                     f"{own['dice_original']:.4f}" if own else "") + ". Machine: "
+                  f"{(shipped.get('reporter') or {}).get('machine')}; `python bench/shipped_model.py add-reporter`."]
     return render_section(SECTION, "\n".join(lines).rstrip() + "\n", results_md)
 
 

@@ -3,6 +3,7 @@ training and storage, the writer at inference time, and segmentation with the re
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -526,6 +527,8 @@ def test_the_written_mixture_bench_mixes_as_the_segmenter_does_and_renders_its_t
         expected.append(bench.score(torch.sigmoid(logits[0]).double(), image, truth))
     assert entry["n"] == 4 and entry["dice_original"]["2"] == pytest.approx(np.mean(expected), abs=1e-6)
     assert entry["best_k"] in (1, 2)
+    assert entry["weights_sha256"] == hashlib.sha256((run_with_writer / "checkpoints" / "best.safetensors")
+                                                     .read_bytes()).hexdigest()
     entry.update(machine="m", command="c")
     raw, shipped, md = tmp_path / "raw.json", tmp_path / "shipped.json", tmp_path / "RESULTS.md"
     raw.write_text(json.dumps([entry]))
@@ -533,6 +536,7 @@ def test_the_written_mixture_bench_mixes_as_the_segmenter_does_and_renders_its_t
     monkeypatch.setattr(bench, "RESULTS_JSON", raw)
     monkeypatch.setattr(bench, "SHIPPED_JSON", shipped)
     bench.render(md)
-    row = next(line for line in md.read_text().splitlines() if line.startswith(f"| {run_with_writer}"))
+    row = next(line for line in md.read_text().splitlines()
+               if line.startswith(f"| {run_with_writer} ({entry['weights_sha256'][:8]})"))
     assert row.endswith(f"| {entry['dice_original']['written']:.4f} | {entry['dice_original']['1']:.4f} | "
                         f"{entry['dice_original']['2']:.4f} | {entry['dice_original']['true']:.4f} |")
