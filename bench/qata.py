@@ -292,6 +292,11 @@ def _spread(values: list[float]) -> str:
     return f"{sum(values) / len(values):.4f} ({min(values):.4f}-{max(values):.4f})"
 
 
+def _spread_or_dash(values: list[float | None]) -> str:
+    """The spread, or "-" where an entry was evaluated before the figure was recorded."""
+    return "-" if any(v is None for v in values) else _spread(values)
+
+
 def render_results(results_path: Path, md_path: Path) -> str:
     from lvit.core.io import read_results_file
 
@@ -305,26 +310,29 @@ def render_results(results_path: Path, md_path: Path) -> str:
     lines = [
         "## QaTa-COV19 (real chest X-rays with LViT's reports) on the CPU",
         "",
-        f"Preset `{PRESET}` for every row ({any_r['image_size']} px, base width {any_r['base_channels']}, batch 8, "
+        f"Preset `{PRESET}` for every row ({any_r['image_size']} px unless the px column says otherwise, base width "
+        f"{any_r['base_channels']}, batch 8, "
         "Adam lr 1e-3, one cosine cycle T_0 = 10, augmentation on, no horizontal flips, MiniLM text), trained on the "
         "whole training split (5,716 images) and validated on the 1,429 validation images; test figures on all "
         f"{any_r['n_test']} test images with the best-validation weights, at threshold 0.5 and the model's "
-        "resolution (ground truth resized, as the official test code). Per-image = mean over images (the paper's "
+        "resolution (ground truth resized, as the official test code), and per image at the masks' own 224 px "
+        "(the model's mask resized up; the figure that compares rows of different px). Per-image = mean over "
+        "images (the paper's "
         "figure); pooled = all test pixels as one mask (GuideDecoder's and SGSeg's figure). Several seeds: mean "
         "(min-max).",
         "",
-        "| model | seeds | test Dice (per image) | test IoU (per image) | pooled Dice | pooled IoU | params | "
-        "epochs | train minutes / run | published (224 px, full scale) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model | px | seeds | test Dice (per image) | test IoU (per image) | pooled Dice | pooled IoU | "
+        "test Dice at 224 px (per image) | params | epochs | train minutes / run | published (224 px, full scale) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row, entries in by_row.items():
         if row in SEMI_ROWS:
             continue
         lines.append(
-            f"| {ROW_LABELS[row]} | {', '.join(str(e['seed']) for e in entries)} | "
+            f"| {ROW_LABELS[row]} | {entries[0]['image_size']} | {', '.join(str(e['seed']) for e in entries)} | "
             f"{_spread([e['dice'] for e in entries])} | {_spread([e['iou'] for e in entries])} | "
             f"{_spread([e['pooled_dice'] for e in entries])} | {_spread([e['pooled_iou'] for e in entries])} | "
-            f"{entries[0]['params'] / 1e6:.2f}M | {entries[0]['epochs']} | "
+            f"{_spread_or_dash([e.get('dice_original') for e in entries])} | {entries[0]['params'] / 1e6:.2f}M | {entries[0]['epochs']} | "
             f"{sum(e['train_minutes'] for e in entries) / len(entries):.0f} | {PUBLISHED.get(row, '-')} |")
     probes = [(n, r) for n, r in sorted(results.items()) if r.get("probe")]
     if probes:

@@ -107,3 +107,19 @@ def test_every_row_is_a_valid_configuration_of_the_preset():
         assert config.model_name == model, row
     flip = load_config(preset_path(qata.PRESET), qata.ROWS["lvit-hflip"][1])
     assert flip.data.hflip_prob == 0.5 and flip.data.augment
+
+
+def test_supervised_table_says_each_rows_input_size_and_compares_them_at_224(tmp_path):
+    qata = load_bench("bench/qata.py", "bench_qata")
+    results = {"lvit-s0": {**_entry("lvit", 0, 0.82), "dice_original": 0.8211},
+               "lvit-rd25-160-s0": {**_entry("lvit-rd25-160", 0, 0.83), "image_size": 160, "dice_original": 0.8333},
+               "unet-s0": _entry("unet", 0, 0.77)}  # evaluated before the 224 px figure was recorded
+    raw, md = tmp_path / "qata_results.json", tmp_path / "RESULTS.md"
+    raw.write_text(json.dumps(results))
+    md.write_text("# Results\n")
+    lines = qata.render_results(raw, md).splitlines()
+    assert "| LViT (24 tokens: whole report) | 128 | 0 | 0.8200 |" in next(x for x in lines if x.startswith("| LViT (24"))
+    row_160 = next(x for x in lines if x.startswith("| LViT, report dropout 0.25, 160 px"))
+    assert row_160.startswith("| LViT, report dropout 0.25, 160 px input (true reports) | 160 | 0 | 0.8300 |")
+    assert "| 0.8333 | 1.00M |" in row_160
+    assert "| 0.7200 | - | 1.00M |" in next(x for x in lines if x.startswith("| U-Net"))
