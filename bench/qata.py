@@ -332,7 +332,8 @@ def render_results(results_path: Path, md_path: Path) -> str:
             f"| {ROW_LABELS[row]} | {entries[0]['image_size']} | {', '.join(str(e['seed']) for e in entries)} | "
             f"{_spread([e['dice'] for e in entries])} | {_spread([e['iou'] for e in entries])} | "
             f"{_spread([e['pooled_dice'] for e in entries])} | {_spread([e['pooled_iou'] for e in entries])} | "
-            f"{_spread_or_dash([e.get('dice_original') for e in entries])} | {entries[0]['params'] / 1e6:.2f}M | {entries[0]['epochs']} | "
+            f"{_spread_or_dash([e.get('dice_original') for e in entries])} | "
+            f"{entries[0]['params'] / 1e6:.2f}M | {entries[0]['epochs']} | "
             f"{sum(e['train_minutes'] for e in entries) / len(entries):.0f} | {PUBLISHED.get(row, '-')} |")
     probes = [(n, r) for n, r in sorted(results.items()) if r.get("probe")]
     if probes:
