@@ -140,3 +140,26 @@ def test_learned_backend_tokenize_module_and_roundtrip(tmp_path):
     assert back.vocab == enc.vocab and torch.equal(back.tokenize(REPORTS)[0], enc.tokenize(REPORTS)[0])
     with pytest.raises(ConfigError, match="training reports"):
         get_text_encoder("learned")
+
+
+def test_cache_bytes_are_the_same_from_one_write_to_the_next_and_old_files_still_read(minilm, tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    from lvit.text.cache import cache_file_bytes, read_cache_rows
+
+    first = cache_file_bytes(minilm, REPORTS)
+    assert all(cache_file_bytes(minilm, REPORTS) == first for _ in range(3))
+    path = tmp_path / "new.safetensors"
+    path.write_bytes(first)
+    rows = read_cache_rows(path, minilm)
+    assert len(rows) == len(REPORTS)
+    # A file written before the one-key format (the shipped qata-lvit's report cache is one) keeps its rows.
+    hashes = sorted(rows)
+    old = tmp_path / "old.safetensors"
+    save_file({"emb": torch.stack([rows[h][0] for h in hashes]), "mask": torch.stack([rows[h][1] for h in hashes])},
+              str(old), metadata={"encoder": minilm.name, "max_tokens": str(minilm.max_tokens),
+                                  "dim": str(minilm.dim), "hashes": json.dumps(hashes)})
+    old_rows = read_cache_rows(old, minilm)
+    assert sorted(old_rows) == hashes and all(torch.equal(old_rows[h][0], rows[h][0]) for h in hashes)

@@ -1,7 +1,7 @@
 """On-disk cache of report embeddings, so a dataset is encoded once.
 
 One safetensors file per (encoder name, max_tokens) in the cache folder, holding one row per distinct
-report: ``emb [M, L, D]`` float32, ``mask [M, L]`` bool, and in its metadata the sha256 of each row's
+report: ``emb [M, L, D]`` float32, ``mask [M, L]`` bool, and in its one metadata entry the sha256 of each row's
 prepared text. Encoding looks every report up by hash and runs the model only on the misses (a changed
 report re-encodes that report alone); the file is then rewritten atomically. The model is loaded lazily by
 the encoder, so a full cache hit never loads it. A damaged cache file is ignored and rebuilt (it is only a
@@ -23,6 +23,7 @@ from .base import TextEncoder
 from .reports import text_sha256
 
 CACHE_DIRNAME = ".lvit_cache"
+META_KEY = "lvit_text_cache"  # the file's one metadata entry: JSON of encoder, max_tokens, dim and the row hashes
 
 
 def default_cache_dir(dataset_root: str | Path) -> Path:
@@ -44,7 +45,11 @@ def read_cache_rows(path: Path, encoder: TextEncoder) -> dict[str, tuple[torch.T
     try:
         with safe_open(str(path), framework="pt") as fh:
             meta = fh.metadata() or {}
-            hashes = json.loads(meta.get("hashes", "[]"))
+            if META_KEY in meta:
+                meta = json.loads(meta[META_KEY])
+                hashes = meta["hashes"]
+            else:  # files written before the one-key format: the hashes under their own key
+                hashes = json.loads(meta.get("hashes", "[]"))
             emb, mask = fh.get_tensor("emb"), fh.get_tensor("mask")
     except Exception as exc:  # noqa: BLE001 - any damage means "rebuild", never "crash training"
         warnings.warn(f"{path}: unreadable text cache ignored ({exc})", stacklevel=3)
@@ -62,10 +67,11 @@ def _save_rows(path: Path, encoder: TextEncoder, rows: dict[str, tuple[torch.Ten
     hashes = sorted(rows)
     emb = torch.stack([rows[h][0] for h in hashes]).contiguous()
     mask = torch.stack([rows[h][1] for h in hashes]).contiguous()
-    meta = {"encoder": encoder.name, "max_tokens": str(encoder.max_tokens), "dim": str(encoder.dim),
-            "hashes": json.dumps(hashes)}
+    # One metadata key: safetensors writes its metadata map in no fixed order, so several keys would give the
+    # same rows different bytes (and a shipped cache a different sha256) from one write to the next.
+    meta = {"encoder": encoder.name, "max_tokens": encoder.max_tokens, "dim": encoder.dim, "hashes": hashes}
     with atomic_path(path) as tmp:
-        save_file({"emb": emb, "mask": mask}, str(tmp), metadata=meta)
+        save_file({"emb": emb, "mask": mask}, str(tmp), metadata={META_KEY: json.dumps(meta, sort_keys=True)})
 
 
 def cache_file_bytes(encoder: TextEncoder, texts: list[str], base: str | Path | None = None) -> bytes:
