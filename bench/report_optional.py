@@ -47,6 +47,7 @@ QATA_JSON = REPO / "bench" / "qata_results.json"
 SECTION = "report-optional"
 COLUMNS = ("true", "none", "self_described", "generated", "rephrased", "swapped_changed", "true_changed")
 PRESET_EPOCHS = 10  # qata-cpu's; a run with fewer is a pilot (its figures compare only with pilots)
+PRESET_IMAGE_SIZE = 128  # qata-cpu's; a run at another input size says so in its recipe
 GOALS = {"true": 0.825, "none": 0.79}  # issue "One model, with or without a report"
 
 
@@ -71,6 +72,9 @@ def recipe_of(config: dict) -> str:
     start_from = (config.get("trainer") or {}).get("init_from")
     if start_from:
         parts[0] = f"from {start_from}: " + parts[0]
+    size = int(config["model"].get("image_size") or PRESET_IMAGE_SIZE)
+    if size != PRESET_IMAGE_SIZE:
+        parts[-1] += f"; {size} px"
     epochs = int((config.get("trainer") or {}).get("max_epochs") or PRESET_EPOCHS)
     if epochs < PRESET_EPOCHS:
         parts[-1] += f"; {epochs}-epoch pilot"

@@ -99,6 +99,26 @@ def test_segmenter_gives_mask_probabilities_and_gradcam_at_the_image_size(model_
     assert (tmp_path / "work").is_dir()  # a folder the caller named is kept
 
 
+def test_the_page_cuts_at_the_models_own_threshold_unless_the_slider_moves(model_folder, tmp_path):
+    import json
+    import shutil
+
+    from lvit.commands.webapp import Page
+
+    folder = Path(shutil.copytree(model_folder, tmp_path / "folder"))
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "threshold": {"threshold": 0.35, "split": "val",
+                                                                            "n_images": 9}}))
+    seg = Page(folder, work_dir=tmp_path / "work")
+    assert seg.segmenter.threshold == 0.35
+    xray = str(_xray(tmp_path / "x.png"))
+    own, at_05 = seg.segment(xray, ""), seg.segment(xray, "", 0.5)
+    assert "above probability 0.35" in own.message and "above probability 0.5" in at_05.message
+    own_mask, mask_05 = (np.array(Image.open(r.mask_file)) > 0 for r in (own, at_05))
+    assert own_mask.sum() > mask_05.sum() and not (mask_05 & ~own_mask).any()
+    seg.close()
+
+
 def test_the_segmenters_own_temporary_folder_goes_with_it(model_folder, tmp_path):
     from lvit.commands.webapp import Page
 

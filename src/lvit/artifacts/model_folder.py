@@ -178,7 +178,8 @@ def model_card(config: dict, reads_text: bool) -> str:
              f"- network: `{name}` ({title}), LViT (Li et al., \"LViT: Language meets Vision Transformer in Medical "
              "Image Segmentation\", IEEE TMI 2023) as implemented by lvit",
              f"- input: {model.get('in_channels', 3)}-channel images resized to {model.get('image_size')} x "
-             f"{model.get('image_size')} px; output: a lesion probability map at the input's size (threshold 0.5)",
+             f"{model.get('image_size')} px; output: a lesion probability map at the input's size, cut at "
+             + _threshold_phrase(config.get("threshold")),
              f"- base width {model.get('base_channels')}, ViT depth {model.get('vit_depth')}, "
              f"{model.get('vit_heads')} heads",
              f"- text encoder: {_text_line(config, reads_text)}",
@@ -191,12 +192,13 @@ def model_card(config: dict, reads_text: bool) -> str:
              f"- licence notes: {dataset.get('licence') or UNKNOWN_LICENCE}",
              "", "## Metrics", ""]
     if tests:
-        lines += ["Threshold 0.5; Dice/IoU per image then averaged (the paper's figure), and pooled over all pixels "
-                  "(dataset level); from `lvit test`'s metrics.json.", "",
-                  "| split | images | Dice | IoU | Dice (dataset level) | Dice (original size) | source |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += ["Dice/IoU per image then averaged (the paper's figure), and pooled over all pixels (dataset level), "
+                  "at the threshold each row was measured with; from `lvit test`'s metrics.json.", "",
+                  "| split | images | threshold | Dice | IoU | Dice (dataset level) | Dice (original size) | source |",
+                  "|---|---|---|---|---|---|---|---|"]
         for t in tests:
-            lines.append(f"| {t['split']} | {t.get('n_images')} | {_fmt(t.get('dice'))} | {_fmt(t.get('iou'))} | "
+            lines.append(f"| {t['split']} | {t.get('n_images')} | {t.get('threshold', 0.5):g} | "
+                         f"{_fmt(t.get('dice'))} | {_fmt(t.get('iou'))} | "
                          f"{_fmt((t.get('dataset_level') or {}).get('dice'))} | "
                          f"{_fmt((t.get('original_resolution') or {}).get('dice'))} | `{t.get('file')}`"
                          + (f" ({t['weights_note']})" if t.get("weights_note") else "") + " |")
@@ -220,6 +222,13 @@ def model_card(config: dict, reads_text: bool) -> str:
               "```", "",
               "Loading never goes to the network and reads weights only from `model.safetensors`.", ""]
     return "\n".join(lines)
+
+
+def _threshold_phrase(record: dict | None) -> str:
+    if not record:
+        return "probability 0.5 (lvit's default; no threshold was chosen for this model)"
+    return (f"probability {float(record['threshold']):g}, chosen on the {record.get('split', '?')} split "
+            f"({record.get('n_images', '?')} images, per-image Dice at the masks' size) with `lvit calibrate`")
 
 
 def _counts(info: dict) -> str:
@@ -288,6 +297,12 @@ def export_model_folder(source: str | Path, out: str | Path, *, metrics_files: l
     config["metrics"] = {"test": tests, "validation": validation}
     config["exported_from"] = {"weights": Path(run.weights).name,
                                "weights_sha256": hashlib.sha256(Path(run.weights).read_bytes()).hexdigest()}
+    if not is_model_folder(run.run_dir):  # a model folder's own threshold is in the config copied above
+        from .threshold import CONFIG_KEY, read_threshold
+
+        record = read_threshold(run.run_dir, source_config, run.weights, is_model_folder=False)
+        if record is not None:
+            config[CONFIG_KEY] = record
 
     files: dict[str, bytes] = {}
     words = Path(run.run_dir) / WORDS_FILE

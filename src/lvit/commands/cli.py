@@ -25,6 +25,7 @@ COMMANDS = [
     "train",
     "train_reporter",
     "test",
+    "calibrate",
     "predict",
     "explain",
     "report",

@@ -25,7 +25,8 @@ def register(subparsers) -> None:
                    help="module names as in model.named_modules() (see --list-layers); "
                         "default: decoder levels and PLAM outputs")
     p.add_argument("--list-layers", action="store_true", help="print the layers Grad-CAM can explain and exit")
-    p.add_argument("--threshold", type=float, default=0.5, help="probability threshold of the prediction")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="probability threshold of the prediction (default: the model's own, else 0.5)")
     p.add_argument("--out", default=None, help="output folder")
     p.add_argument("--force", action="store_true", help="write into a non-empty output folder")
     p.set_defaults(func=run)
@@ -47,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     missing = [flag for flag, value in (("--image", args.image), ("--out", args.out)) if not value]
     if missing:
         raise ConfigError(f"lvit explain needs {' and '.join(missing)} (or --list-layers)")
-    if not 0.0 < args.threshold < 1.0:
+    if args.threshold is not None and not 0.0 < args.threshold < 1.0:
         raise ConfigError(f"--threshold must be in (0, 1), got {args.threshold}")
 
     from ..core.io import output_dir
@@ -60,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
     segmenter = Segmenter(args.checkpoint)
     segmenter.warn_about_weights()
     reads_text = segmenter.uses_text
+    threshold = args.threshold if args.threshold is not None else segmenter.threshold
     if reads_text and not args.text:
         raise ConfigError(f"{args.checkpoint}: this model reads the report: pass --text \"...\"")
     if not reads_text and (args.text or args.alt_text):
@@ -74,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
         text = args.text or ""
         alt_text = args.alt_text if args.alt_text is not None else (counterfactual_report(text) if encode else "")
         explanations = explain_image(model, image, [text, alt_text], encode, args.layers)
-        summary = write_explanation(out, image, (text, alt_text), tuple(explanations), args.threshold,
+        summary = write_explanation(out, image, (text, alt_text), tuple(explanations), threshold,
                                     extra={"checkpoint": str(Path(args.checkpoint)), "image": str(Path(args.image))})
     print(f"explained {len(summary['layers'])} layer(s) of {args.image}: {', '.join(summary['layers'])}")
     print(f"report changed to: {alt_text!r}; mean |probability change| "

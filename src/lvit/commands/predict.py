@@ -35,7 +35,9 @@ def register(subparsers) -> None:
                    help="also save the probability map (one image: its PNG path; --images: a flag)")
     p.add_argument("--overlay", nargs="?", const=True, default=None,
                    help="also save an overlay of the predicted contour (one image: PNG path; --images: a flag)")
-    p.add_argument("--threshold", type=float, default=0.5, help="probability threshold (default 0.5)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="probability threshold (default: the model's own, chosen on validation data by lvit "
+                        "calibrate; else 0.5)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--backend", default="torch", choices=("torch", "onnx"),
                    help="inference backend: torch (default) or onnx (ONNX Runtime on CPU; uses RUN/model.onnx "
@@ -52,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
 
     if bool(args.image) == bool(args.images):
         raise ConfigError("give either --image FILE (with --text) or --images DIR (with --reports)")
-    if not 0.0 < args.threshold < 1.0:
+    if args.threshold is not None and not 0.0 < args.threshold < 1.0:
         raise ConfigError(f"--threshold must be in (0, 1), got {args.threshold}")
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -60,6 +62,9 @@ def run(args: argparse.Namespace) -> int:
                                                      "it was trained and how well it does)")
     segmenter = Segmenter(args.checkpoint, device=args.device, backend=args.backend, reporter=args.reporter)
     segmenter.warn_about_weights()
+    args.threshold_given = args.threshold is not None
+    if not args.threshold_given:
+        args.threshold = segmenter.threshold
     if not segmenter.uses_text and args.reporter:
         warn(f"--reporter is ignored: the model of {args.checkpoint} ({segmenter.model_name}) does not read reports")
     return (_predict_one if args.image else _predict_folder)(args, segmenter)
@@ -101,7 +106,7 @@ def _predict_one(args, segmenter) -> int:
     written += [report_note] if report_note else []
     h, w = mask.shape
     print(f"{args.image}: {w}x{h}, {int(mask.sum())} foreground pixels ({100 * mask.mean():.2f}%) -> "
-          + ", ".join(written) + f" (weights: {segmenter.weights})")
+          + ", ".join(written) + f" (weights: {segmenter.weights}; {_threshold_note(args, segmenter)})")
     return 0
 
 
@@ -143,9 +148,18 @@ def _predict_folder(args, segmenter) -> int:
         listing = out_files.write_folder_lists(out, skipped, failed, generated, writer_folder)
     print(f"predicted {written} of {total + len(skipped)} image(s) in {folder} -> {out}/masks/"
           + (", probs/" if args.prob else "") + (", overlays/" if args.overlay else "")
-          + (", reports.csv (generated reports)" if generated else "") + f" (weights: {segmenter.weights})")
+          + (", reports.csv (generated reports)" if generated else "")
+          + f" (weights: {segmenter.weights}; {_threshold_note(args, segmenter)})")
     requests.warn_about_skipped(skipped, folder, args.reports, listing)
     if failed:
         raise LvitError(f"{len(failed)} image(s) could not be predicted ({written} were, into {out}/; every failure "
                         f"is listed in {listing}); first: {failed[0][1]}")
     return 0
+
+
+def _threshold_note(args, segmenter) -> str:
+    from ..artifacts.threshold import describe_threshold
+
+    if args.threshold_given:
+        return f"threshold {args.threshold:g} (--threshold)"
+    return describe_threshold(segmenter.threshold_record)

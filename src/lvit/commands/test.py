@@ -10,7 +10,9 @@ def register(subparsers) -> None:
         "test",
         help="evaluate a run on a split: metrics.json, per_image.csv, masks/, overlays/",
         description="Evaluate a trained run (folder or .safetensors weights) on a split of a dataset. Dice/IoU at "
-                    "threshold 0.5: mean over images (what the paper reports) and pooled over the dataset, at the "
+                    "the model's threshold (0.5, the official test code's, unless lvit calibrate chose one; "
+                    "--threshold to override): mean over images (what the paper reports) and pooled over the dataset, "
+                    "at the "
                     "model's resolution and at the original image size. Both-empty masks score 1.",
     )
     p.add_argument("checkpoint", metavar="RUN_DIR_OR_CHECKPOINT")
@@ -27,6 +29,8 @@ def register(subparsers) -> None:
                         "model's own no-report path (a model trained with model.report_dropout)")
     p.add_argument("--reporter", metavar="DIR", help="report writer folder for --reports generated (default: "
                                                      "RUN/reporter/)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="probability threshold of the masks (default: the model's own, else 0.5)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 
@@ -41,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     segmenter.warn_about_weights()
     m = run_test(segmenter, args.data, args.split, args.out, force=args.force, k=args.k,
                  batch_size=args.batch_size, device=args.device, progress=not args.no_progress,
-                 reports=args.reports, reporter=args.reporter)
+                 reports=args.reports, reporter=args.reporter, threshold=args.threshold)
     print(format_summary(m))
     return 0
 
@@ -52,10 +56,15 @@ _PATHS = {"report": "from the report path", "no report": "from the no-report pat
           "written": "from the report path, with reports the report writer wrote from the images"}
 
 
+_THRESHOLD_SOURCES = {"model": " (the model's, chosen on validation data by lvit calibrate)",
+                      "default": " (the default: no threshold chosen for this model)", "given": " (--threshold)"}
+
+
 def format_summary(m: dict) -> str:
     lines = [f"{m['model_name']} on {m['split']} ({m['n_images']} images):"]
     reports = m.get("reports") or {}
-    lines.append(f"  masks {_PATHS.get(reports.get('path'), _PATHS['report'])}")
+    lines.append(f"  masks {_PATHS.get(reports.get('path'), _PATHS['report'])}, cut at probability "
+                 f"{m.get('threshold', 0.5):g}{_THRESHOLD_SOURCES.get(m.get('threshold_source'), '')}")
     if reports.get("source") == "generated":
         agree = reports.get("agreement_with_true_reports")
         k = reports.get("mixed_reports")

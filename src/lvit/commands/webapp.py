@@ -175,7 +175,8 @@ class Page:
         except LvitError as exc:
             return "", str(exc)
 
-    def segment(self, path: str | Path | None, report: str | None, threshold: float = 0.5) -> Result:
+    def segment(self, path: str | Path | None, report: str | None, threshold: float | None = None) -> Result:
+        """``threshold``: None = the model's own (chosen by lvit calibrate; else 0.5)."""
         try:
             return self._segment(path, report, threshold)
         except LvitError as exc:
@@ -184,12 +185,13 @@ class Page:
             return Result(message=f"Could not segment this image ({type(exc).__name__}: "
                                   f"{' '.join(str(exc).split())[:200]}).")
 
-    def _segment(self, path, report, threshold: float) -> Result:
+    def _segment(self, path, report, threshold: float | None) -> Result:
         from ..core.io import save_png
         from ..core.overlays import mask_png
         from ..evaluate.explanation import heatmap_overlay, mask_overlay
         from ..evaluate.gradcam import explain_image
 
+        threshold = self.segmenter.threshold if threshold is None else threshold
         if not 0.0 < float(threshold) < 1.0:
             raise LvitError("The threshold must lie between 0 and 1.")
         image = self.read_upload(path)
@@ -308,7 +310,10 @@ def build_app(segmenter: Page):
                                                  "lung and lower right lung." if reads_text else ""))
                 write = gr.Button("Write the report from the image", visible=segmenter.report_writer is not None
                                   and reads_text, elem_id="write-report")
-                threshold = gr.Slider(0.05, 0.95, value=0.5, step=0.05, label="Probability threshold")
+                own = segmenter.segmenter.threshold_record is not None
+                threshold = gr.Slider(0.05, 0.95, value=segmenter.segmenter.threshold, step=0.05,
+                                      label="Probability threshold" + (" (the model's own: chosen on validation "
+                                                                       "images)" if own else ""))
                 run = gr.Button("Segment", variant="primary", elem_id="segment")
             with gr.Column(scale=2):
                 status = gr.Markdown("Waiting for an image.", elem_id="status")

@@ -2,8 +2,9 @@
 
 Outputs (folder ``OUT``, default ``RUN_DIR/test-<split>``):
 
-* ``metrics.json``: Dice and IoU at threshold 0.5, as the mean over images (what the paper reports) and
-  pooled over the dataset, at the model's resolution (the official protocol: ground truth resized to
+* ``metrics.json``: Dice and IoU at the model's threshold (0.5 unless ``lvit calibrate`` chose one; recorded as
+  ``threshold`` with ``threshold_source``: model, default or given), as the mean over images (what the paper
+  reports) and pooled over the dataset, at the model's resolution (the official protocol: ground truth resized to
   ``image_size``) and at each image's original resolution (prediction resized back).
 * ``per_image.csv``: name, Dice, IoU (both resolutions), ground-truth and predicted foreground pixels.
 * ``masks/<image stem>.png``: predicted masks (0/255) at the original image size.
@@ -27,7 +28,7 @@ from ..core.io import atomic_write_json, atomic_write_text, save_png
 from ..core.metrics import SegmentationScores
 from ..core.overlays import mask_png, overlay
 
-THRESHOLD = 0.5
+THRESHOLD = 0.5  # the official test code's; a model's own (lvit.artifacts.threshold) replaces it
 EMPTY_CONVENTION = ("Dice = IoU = 1 when prediction and ground truth are both empty; 0 when only one is empty")
 
 
@@ -63,6 +64,7 @@ def run_test(
     reports: str = "true",
     reporter: str | Path | None = None,
     texts: list[str | None] | None = None,
+    threshold: float | None = None,
 ) -> dict:
     """Evaluate a run (or a :class:`lvit.inference.Segmenter`) on ``split`` of ``data_root``; returns the metrics
     dict also written to metrics.json.
@@ -71,7 +73,8 @@ def run_test(
     "true" (the dataset's), "generated" (written from each image by the report writer ``reporter``, default
     the run's own ``RUN/reporter/``; text-guided models only) or "none" (no report: the model's no-report path,
     for a model trained with report dropout). ``texts``: the reports to read instead of the dataset's, one per
-    image of the split in its order (None or blank: no report), e.g. a reworded or altered copy."""
+    image of the split in its order (None or blank: no report), e.g. a reworded or altered copy. ``threshold``:
+    the probability the masks are cut at (default: the model's own, chosen by ``lvit calibrate``, else 0.5)."""
     from ..artifacts.runs import is_model_folder, shipped_model
     from ..core.errors import ConfigError, DataError
     from ..core.io import output_dir
@@ -84,6 +87,8 @@ def run_test(
         raise ConfigError(f"--k must be >= 0 (overlays of the k best and k worst images), got {k}")
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
+    if threshold is not None and not 0.0 < threshold < 1.0:
+        raise ConfigError(f"--threshold must be in (0, 1), got {threshold}")
     data_root = Path(data_root)
     if isinstance(run_or_checkpoint, Segmenter):  # the caller's, already built (its config read once)
         segmenter, run_or_checkpoint = run_or_checkpoint, run_or_checkpoint.source
@@ -127,7 +132,13 @@ def run_test(
             extra = {"reports": {"source": "none"}}
         extra["reports"]["path"] = ("written" if writer_folder is not None
                                     else segmenter.report_path([r.text for r in records]))
-        return _score(segmenter, records, folder, data_root, split, k, batch_size, progress, extra, logits_of)
+        if threshold is None:
+            threshold = segmenter.threshold
+            extra["threshold_source"] = "model" if segmenter.threshold_record is not None else "default"
+        else:
+            extra["threshold_source"] = "given"
+        return _score(segmenter, records, folder, data_root, split, k, batch_size, progress, extra, logits_of,
+                      threshold)
 
 
 REPORT_SOURCES = ("true", "generated", "none")
@@ -180,7 +191,7 @@ def _generated_records(records, segmenter, out: Path, batch_size: int, progress:
 
 
 def _score(segmenter, records, out: Path, data_root: Path, split: str, k: int, batch_size: int,
-           progress: bool, extra: dict | None = None, logits_of=None) -> dict:
+           progress: bool, extra: dict | None = None, logits_of=None, threshold: float = THRESHOLD) -> dict:
     """Predict ``records``, write masks, per_image.csv, overlays and metrics.json into ``out``. ``logits_of(images
     [B, C, S, S], record indices) -> logits``: how to answer instead of the model with each record's report."""
     from ..data import load_pair
@@ -208,12 +219,12 @@ def _score(segmenter, records, out: Path, data_root: Path, split: str, k: int, b
                 record = records[item["index"]]
                 _, mask_orig = load_pair(record, segmenter.in_channels)
                 prob = to_original_size(logits[i:i + 1], item["orig_size"])[0, 0].numpy()  # [H, W]
-                pred_orig = prob >= THRESHOLD
+                pred_orig = prob >= threshold
                 stem = Path(record.name).stem
                 saving.submit(save_png, out / "masks" / f"{stem}.png", mask_png(pred_orig))
                 row = {"name": record.name, "mask_file": f"masks/{stem}.png", "pred_pixels": int(pred_orig.sum())}
                 if item["has_mask"]:
-                    pred_model = torch.sigmoid(logits[i, 0]).numpy() >= THRESHOLD
+                    pred_model = torch.sigmoid(logits[i, 0]).numpy() >= threshold
                     d, j = model_scores.add(record.name, pred_model, item["mask"][0].numpy() > 0.5)
                     do, jo = orig_scores.add(record.name, pred_orig, mask_orig.astype(bool))
                     row.update(dice=d, iou=j, dice_original=do, iou_original=jo, gt_pixels=int(mask_orig.sum()))
@@ -230,7 +241,7 @@ def _score(segmenter, records, out: Path, data_root: Path, split: str, k: int, b
         "weights": str(segmenter.weights),
         "weights_sha256": _sha256(segmenter.weights),
         "model_name": segmenter.run_config["model_name"],
-        "threshold": THRESHOLD,
+        "threshold": threshold,
         "n_images": len(rows),
         "n_scored": model_scores.summary()["n_images"],
         "paper_metric": "mean_over_images (model resolution): mean of per-image Dice/IoU, as the official "

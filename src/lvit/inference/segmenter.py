@@ -168,6 +168,7 @@ class Segmenter:
         self._encode_text: TextFn | None = None
         self._checker = None
         self._writer = None
+        self._threshold: tuple[dict | None] | None = None
         self.last_descriptions: list[str] = []  # the self-described path's reports of the last batch
 
     # ------------------------------------------------------------------ what the model is (no load needed)
@@ -190,6 +191,25 @@ class Segmenter:
         return model_has_no_report_path(self.run_config)
 
     image_size = property(lambda self: model_image_size(self.run_config))
+
+    @property
+    def threshold_record(self) -> dict | None:
+        """The threshold chosen for these weights on validation data (:mod:`lvit.artifacts.threshold`), or None."""
+        if self._threshold is None:
+            from ..artifacts.runs import is_model_folder
+            from ..artifacts.threshold import read_threshold
+
+            self._threshold = (read_threshold(self.run_dir, self.run_config, self.weights,
+                                              is_model_folder(self.run_dir)),)
+        return self._threshold[0]
+
+    @property
+    def threshold(self) -> float:
+        """The probability at which this model's masks are cut: its chosen threshold, else 0.5."""
+        from ..artifacts.threshold import DEFAULT_THRESHOLD
+
+        record = self.threshold_record
+        return DEFAULT_THRESHOLD if record is None else float(record["threshold"])
     in_channels = property(lambda self: model_in_channels(self.run_config))
 
     def warn_about_weights(self) -> None:
