@@ -10,8 +10,11 @@ path). Both answers come from the same forward passes, so the two figures differ
 lvit's LViT training does not mirror images (a mirror swaps the patient's sides; ``AugmentConfig.hflip_prob`` is
 0), so a mirrored chest X-ray (heart on the other side) is new to every model measured here.
 
-Raw: bench/flip_average.json (a list: model, reports, n, dice_original_plain, dice_original_flip_average,
-minutes, machine, command).
+Masks are cut at the model's own threshold (``lvit calibrate``; 0.5 where it has none, and for every entry
+without a ``threshold`` key: those were measured before models had one).
+
+Raw: bench/flip_average.json (a list: model, reports, n, threshold, dice_original_plain,
+dice_original_flip_average, minutes, machine, command).
 """
 
 from __future__ import annotations
@@ -53,11 +56,11 @@ def score(model: str, data, reports: str, batch: int = 64) -> dict:
         for k, (image, truth) in enumerate(pairs):
             truth = truth > 0
             size = image.shape[:2]
-            plain.append(dice(to_original_size(logits[k:k + 1], size)[0, 0].numpy() >= 0.5, truth))
+            plain.append(dice(to_original_size(logits[k:k + 1], size)[0, 0].numpy() >= segmenter.threshold, truth))
             mean = (logits[k:k + 1] + logits_mirror[k:k + 1]) / 2
-            averaged.append(dice(to_original_size(mean, size)[0, 0].numpy() >= 0.5, truth))
+            averaged.append(dice(to_original_size(mean, size)[0, 0].numpy() >= segmenter.threshold, truth))
         print(f"{model}: {len(plain)}/{len(records)}", flush=True)
-    return {"model": str(model), "reports": reports, "n": len(plain),
+    return {"model": str(model), "reports": reports, "n": len(plain), "threshold": segmenter.threshold,
             "dice_original_plain": float(np.mean(plain)), "dice_original_flip_average": float(np.mean(averaged)),
             "minutes": round((time.perf_counter() - started) / 60, 1)}
 
