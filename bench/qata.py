@@ -235,7 +235,7 @@ def evaluate_runs(args) -> int:
             continue
         started = time.perf_counter()
         metrics = run_test(run_dir, args.data, "test", run_dir / "test-test", force=True, progress=False,
-                           batch_size=32)
+                           batch_size=32, threshold=0.5)  # the table's protocol, even for a calibrated run
         model_res, orig_res = metrics["model_resolution"], metrics["original_resolution"]
         config = TrainConfig.from_dict({k: v for k, v in saved.items()
                                         if k not in ("lvit_version", "text_encoder", "data_info")})

@@ -56,10 +56,12 @@ def figures(metrics: dict) -> dict:
             "pooled_dice_original": orig["dataset_level"]["dice"], "n_test": metrics["n_scored"]}
 
 
-def test(folder: Path, data: Path, out: Path, reports: str = "true") -> dict:
+def test(folder: Path, data: Path, out: Path, reports: str = "true", threshold: float | None = None) -> dict:
+    """``lvit test`` of ``folder`` (``threshold``: None = the folder's own)."""
     from lvit.evaluate.testing import run_test
 
-    return run_test(folder, data, "test", out, force=True, progress=False, batch_size=32, k=0, reports=reports)
+    return run_test(folder, data, "test", out, force=True, progress=False, batch_size=32, k=0, reports=reports,
+                    threshold=threshold)
 
 
 def text_probe_of(run_name: str, dice: float, results: Path = REPO / "bench" / "qata_results.json") -> dict | None:
@@ -216,20 +218,21 @@ def save_results(results: dict, work: Path) -> None:
     shutil.rmtree(work, ignore_errors=True)
 
 
-def score_written(folder: Path, data: Path, sample: Path | None, work: Path, results: dict) -> dict:
+def score_written(folder: Path, data: Path, sample: Path | None, work: Path, results: dict,
+                  threshold: float | None = None) -> dict:
     """Score ``folder`` on the test split (and the sample's) without the reports, through its report writer (the
     path `lvit predict` takes without `--text`); put the figures into ``results`` (key `generated`, and
     `sample_test.generated`) and return the test split's."""
     from lvit.inference.segmenter import MIXED_REPORTS
 
     started = time.perf_counter()
-    generated = {**figures(test(folder, data, work / "test-generated", reports="generated")),
+    generated = {**figures(test(folder, data, work / "test-generated", reports="generated", threshold=threshold)),
                  "mixed_reports": MIXED_REPORTS}
     print(f"generated reports: {json.dumps(generated)} ({time.perf_counter() - started:.0f} s)", flush=True)
     results["generated"] = generated
     if sample and "sample_test" in results:
         results["sample_test"]["generated"] = figures(test(folder, sample, work / "test-sample-generated",
-                                                           reports="generated"))
+                                                           reports="generated", threshold=threshold))
     return generated
 
 
@@ -255,18 +258,15 @@ def rescore_written(args) -> int:
     return 0
 
 
-def set_threshold(folder: Path, data: Path) -> dict:
-    """Choose ``folder``'s mask threshold on the validation split with the true reports (``lvit calibrate``'s
-    sweep) and write it into its config.json (the weights are not touched); returns the record."""
-    from lvit.core.io import atomic_write_text
+def choose_threshold(folder: Path, data: Path) -> dict:
+    """``folder``'s mask threshold chosen on the validation split with the true reports (``lvit calibrate``'s
+    sweep); nothing is written."""
     from lvit.evaluate.threshold import calibrate
     from lvit.inference import Segmenter
 
     started = time.perf_counter()
     record = calibrate(Segmenter(folder), data, "val", "true")
     record["data"] = "QaTa-COV19 val split"
-    config = json.loads((folder / "config.json").read_text())
-    atomic_write_text(folder / "config.json", json.dumps({**config, "threshold": record}, indent=2) + "\n")
     print(f"threshold {record['threshold']:g} chosen on {record['n_images']} val images (Dice "
           f"{record['dice_at_threshold']:.4f} against {record['dice_at_0_5']:.4f} at 0.5; "
           f"{time.perf_counter() - started:.0f} s)", flush=True)
@@ -274,12 +274,14 @@ def set_threshold(folder: Path, data: Path) -> dict:
 
 
 def measure_at_threshold(args) -> int:
-    """Give the shipped folder the threshold its validation images choose, and measure every figure of the JSON
-    again with it (test, no report, the writer's reports, the sample); the figures at 0.5 (the paper's protocol)
-    are kept under `at_threshold_0_5`."""
+    """Choose the shipped folder's threshold on its validation images and measure every figure of the JSON again
+    with it (test, no report, the writer's reports, the sample); the figures at 0.5 (the paper's protocol) are kept
+    under `at_threshold_0_5`. The folder's config.json, the JSON and the card are written together at the end (the
+    weights are not touched), so a run that fails leaves them as they were."""
     import torch
 
     from lvit.benchmark import machine_line
+    from lvit.core.io import atomic_write_text
 
     torch.set_num_threads(args.threads)
     results = json.loads(RESULTS_JSON.read_text())
@@ -290,32 +292,34 @@ def measure_at_threshold(args) -> int:
             **{k: results[k] for k in FIGURES},
             **{key: {k: results[key][k] for k in FIGURES} for key in ("no_report", "generated") if key in results},
             **({"sample_test": {k: results["sample_test"][k] for k in FIGURES}} if "sample_test" in results else {})}
-    record = set_threshold(PACKAGE_FOLDER, args.data)
+    record = choose_threshold(PACKAGE_FOLDER, args.data)
+    at = record["threshold"]
     work = Path(tempfile.mkdtemp(prefix="lvit-threshold-"))
-    results.update(figures(test(PACKAGE_FOLDER, args.data, work / "test")))
+    results.update(figures(test(PACKAGE_FOLDER, args.data, work / "test", threshold=at)))
     if "no_report" in results:
-        results["no_report"] = {k: v for k, v in figures(test(PACKAGE_FOLDER, args.data, work / "none",
-                                                              reports="none")).items() if k in FIGURES}
+        results["no_report"] = {k: v for k, v in figures(test(PACKAGE_FOLDER, args.data, work / "none", "none",
+                                                              at)).items() if k in FIGURES}
     if args.sample and "sample_test" in results:
         kept = {k: v for k, v in results["sample_test"].items() if k in ("data", "generated")}
-        results["sample_test"] = {**kept, **figures(test(PACKAGE_FOLDER, args.sample, work / "sample"))}
+        results["sample_test"] = {**kept, **figures(test(PACKAGE_FOLDER, args.sample, work / "sample", threshold=at))}
         if "no_report" in results:
             results["sample_test"]["no_report"] = figures(test(PACKAGE_FOLDER, args.sample, work / "sample-none",
-                                                               "none"))
+                                                               "none", at))
     if "generated" in results:
-        score_written(PACKAGE_FOLDER, args.data, args.sample, work, results)
-    seed = int(json.loads((PACKAGE_FOLDER / "config.json").read_text())["trainer"]["seed"])
+        score_written(PACKAGE_FOLDER, args.data, args.sample, work, results, threshold=at)
+    config = json.loads((PACKAGE_FOLDER / "config.json").read_text())
     for entry in results["seeds"]:
-        if entry["seed"] == seed and "source" not in entry:  # the shipped weights themselves
+        if entry["seed"] == int(config["trainer"]["seed"]) and "source" not in entry:  # the shipped weights
             entry["dice_original"] = results["dice_original"]
-            entry["threshold"] = record["threshold"]
+            entry["threshold"] = at
     results["threshold"] = {**{k: record[k] for k in ("threshold", "split", "n_images", "thresholds", "dice",
                                                      "dice_at_0_5", "dice_at_threshold")},
                             "command": "python bench/shipped_model.py threshold --data QATA --sample "
                                        "../shared/datasets/QaTa-COV19-sample", "commit": args.commit,
                             "machine": machine_line()}
+    atomic_write_text(PACKAGE_FOLDER / "config.json", json.dumps({**config, "threshold": record}, indent=2) + "\n")
     save_results(results, work)
-    print(f"{PACKAGE_FOLDER}: threshold {record['threshold']:g}; test Dice {results['dice_original']:.4f} at 224 px "
+    print(f"{PACKAGE_FOLDER}: threshold {at:g}; test Dice {results['dice_original']:.4f} at 224 px "
           f"(at 0.5: {results['at_threshold_0_5']['dice_original']:.4f}); wrote {RESULTS_JSON}", flush=True)
     return 0
 
@@ -509,7 +513,9 @@ def _at_0_5_text(r: dict) -> str:
 
 
 def card_text(r: dict) -> str:
-    seeds = ", ".join(f"seed {s['seed']}: {_f(s['dice_original'])}" for s in r["seeds"])
+    seeds = ", ".join(f"seed {s['seed']}: {_f(s['dice_original'])}"
+                      + (f" (threshold {s.get('threshold', 0.5):g})" if r.get("threshold") else "")
+                      for s in r["seeds"])
     px = f"{r['image_size']} px"
     rows = [("true report", r)]
     if "no_report" in r:

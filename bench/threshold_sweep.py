@@ -56,8 +56,8 @@ def main(argv=None) -> int:
     for model in args.models.split(","):
         started = time.perf_counter()
         segmenter = Segmenter(model)
-        val_dice, test_dice = (sweep(segmenter, load_split(args.data, split), args.reports, progress=_progress(split))
-                               for split in ("val", "test"))
+        val_dice, test_dice = (sweep(segmenter, [r for r in load_split(args.data, split) if r.mask_path is not None],
+                                     args.reports, progress=_progress(split)) for split in ("val", "test"))
         chosen = choose(val_dice)
         entry = {"model": _shown(model), "reports": args.reports, "thresholds": list(CANDIDATES),
                  "val_dice": val_dice, "test_dice": test_dice, "chosen": chosen,

@@ -160,3 +160,22 @@ def test_explain_cuts_at_the_models_threshold(tiny_run, tmp_path):
     assert main(["explain", str(run), "--image", str(image), "--text", "Unilateral pulmonary infection, one "
                  "infected area, middle left lung.", "--out", str(tmp_path / "explain")]) == 0
     assert json.loads((tmp_path / "explain" / "explain.json").read_text())["threshold"] == 0.4
+
+
+def test_calibrate_never_writes_into_a_model_folder_named_by_its_weights_and_a_bad_record_is_one_line(
+        tiny_run, tmp_path, capsys):
+    data, run = tiny_run
+    folder = tmp_path / "folder"
+    assert main(["export", str(run), "--hf", str(folder), "--dataset", "synthetic"]) == 0
+    before = sorted(p.name for p in folder.iterdir())
+    assert main(["calibrate", str(folder / "model.safetensors"), "--data", str(data), "--no-progress"]) == 2
+    assert "a model folder" in capsys.readouterr().err and sorted(p.name for p in folder.iterdir()) == before
+    copy = _copy(run, tmp_path)
+    assert main(["calibrate", str(copy / "checkpoints" / "last.safetensors"), "--data", str(data),
+                 "--no-progress"]) == 2
+    assert "not the weights lvit test and predict use" in capsys.readouterr().err
+    assert not (copy / "threshold.json").exists()
+    (copy / "threshold.json").write_text("{not json")
+    assert main(["test", str(copy), "--data", str(data), "--out", str(tmp_path / "t"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "threshold.json: unreadable threshold file" in err and "Traceback" not in err

@@ -244,3 +244,20 @@ def test_report_renders_in_headless_chromium(report_page, tmp_path):
         pixels = np.asarray(im.convert("RGB"), dtype=np.float32)
     assert pixels.shape[:2] == (2400, 1280)
     assert pixels.std() > 10  # not a blank page: header, text and pictures
+
+
+def test_case_panels_are_cut_at_the_threshold_their_test_scored_them_at(run_dir, tmp_path, monkeypatch):
+    import json
+
+    import lvit.evaluate.report as report
+
+    run = Path(shutil.copytree(run_dir, tmp_path / "run"))
+    test_dir = next(p for p in run.iterdir() if p.is_dir() and (p / "metrics.json").is_file())
+    metrics = json.loads((test_dir / "metrics.json").read_text())
+    (test_dir / "metrics.json").write_text(json.dumps({**metrics, "threshold": 0.35}))
+    seen = []
+    monkeypatch.setattr(report, "_explain_cases", lambda run_dir, cases, layers, threshold: seen.append(threshold)
+                        or "")
+    collect_report(run, test_dir=test_dir, n_cases=1)
+    collect_report(run, test_dir=test_dir, n_cases=1, threshold=0.6)
+    assert seen == [0.35, 0.6]

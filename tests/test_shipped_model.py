@@ -113,6 +113,9 @@ def _shipped():
 
 def test_the_shipped_folder_is_the_measured_one_and_small():
     folder, results = _shipped()
+    chosen = json.loads((folder / "config.json").read_text())["threshold"]
+    assert chosen["threshold"] == results["threshold"]["threshold"] and chosen["split"] == "val"
+    assert chosen["dice_at_threshold"] == max(chosen["dice"])
     weights = folder / "model.safetensors"
     assert hashlib.sha256(weights.read_bytes()).hexdigest() == results["weights_sha256"]
     assert sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) <= 16 * 1024 * 1024  # writer included
@@ -199,6 +202,13 @@ def test_the_shipped_model_scores_the_card_figure_on_the_shared_qata_sample(shar
     metrics = json.loads((tmp_path / "none" / "metrics.json").read_text())
     assert abs(metrics["original_resolution"]["mean_over_images"]["dice"]
                - stated["no_report"]["dice_original"]) <= 1e-4
+    # at the official threshold 0.5 instead of the model's own, the card's 0.5 figure
+    assert metrics["threshold"] == results["threshold"]["threshold"] != 0.5
+    assert main(["test", "qata-lvit", "--data", str(sample), "--no-progress", "--k", "0", "--threshold", "0.5",
+                 "--out", str(tmp_path / "at-0.5")]) == 0
+    metrics = json.loads((tmp_path / "at-0.5" / "metrics.json").read_text())
+    assert abs(metrics["original_resolution"]["mean_over_images"]["dice"]
+               - results["at_threshold_0_5"]["sample_test"]["dice_original"]) <= 1e-4
     # ... and the folder's writer writing them from the images (the card's "generated" figure)
     assert main(["test", "qata-lvit", "--data", str(sample), "--no-progress", "--k", "0", "--reports", "generated",
                  "--out", str(tmp_path / "generated")]) == 0

@@ -69,7 +69,7 @@ def write_threshold(run_dir: str | Path, record: dict) -> Path:
 def describe_threshold(record: dict | None) -> str:
     """One phrase for a command's output: where the threshold in use comes from."""
     if record is None:
-        return f"threshold {DEFAULT_THRESHOLD:g} (the default; no threshold chosen for this model)"
+        return f"threshold {DEFAULT_THRESHOLD:g} (the default: no threshold chosen for these weights)"
     return (f"threshold {float(record['threshold']):g} (the model's, chosen on {record.get('split', '?')}: "
             f"{record.get('n_images', '?')} images)")
 

@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from ..artifacts.runs import is_model_folder, shipped_model
+    from ..artifacts.runs import is_model_folder, resolve_run, shipped_model
     from ..artifacts.threshold import THRESHOLD_FILE, describe_threshold, write_threshold
     from ..core.errors import ConfigError, DataError
     from ..evaluate.threshold import calibrate
@@ -51,6 +51,13 @@ def run(args: argparse.Namespace) -> int:
     if not Path(args.data).is_dir():
         raise DataError(args.data, "dataset folder not found (--data)")
     segmenter = Segmenter(args.checkpoint, device=args.device, cache_dir=default_cache_dir(args.data))
+    if is_model_folder(segmenter.run_dir):  # also its weights file named directly
+        raise ConfigError(f"{segmenter.run_dir}: a model folder (its card states its threshold): calibrate the run "
+                          "it was exported from, then lvit export it again")
+    used = resolve_run(segmenter.run_dir)[1]
+    if Path(segmenter.weights).resolve() != Path(used).resolve():
+        raise ConfigError(f"{args.checkpoint}: not the weights lvit test and predict use for {segmenter.run_dir} "
+                          f"({used}); the run's threshold is chosen for those: lvit calibrate {segmenter.run_dir}")
     segmenter.warn_about_weights()
     bar = tqdm(desc=f"lvit calibrate ({args.split})", unit="img", disable=args.no_progress)
 

@@ -33,6 +33,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..artifacts.threshold import describe_threshold
     from ..core.errors import ConfigError, DataError, warn
     from ..inference import Segmenter
 
@@ -78,7 +79,9 @@ def run(args: argparse.Namespace) -> int:
         explanations = explain_image(model, image, [text, alt_text], encode, args.layers)
         summary = write_explanation(out, image, (text, alt_text), tuple(explanations), threshold,
                                     extra={"checkpoint": str(Path(args.checkpoint)), "image": str(Path(args.image))})
-    print(f"explained {len(summary['layers'])} layer(s) of {args.image}: {', '.join(summary['layers'])}")
+    print(f"explained {len(summary['layers'])} layer(s) of {args.image}: {', '.join(summary['layers'])}; masks cut "
+          "at " + (f"threshold {threshold:g} (--threshold)" if args.threshold is not None
+                   else describe_threshold(segmenter.threshold_record)))
     print(f"report changed to: {alt_text!r}; mean |probability change| "
           f"{summary['mean_abs_probability_change']:.4f}")
     print(f"wrote {out}/ (cam_*.png, prediction.png, alt/, text_attribution.png, explain.json)")

@@ -57,7 +57,7 @@ _PATHS = {"report": "from the report path", "no report": "from the no-report pat
 
 
 _THRESHOLD_SOURCES = {"model": " (the model's, chosen on validation data by lvit calibrate)",
-                      "default": " (the default: no threshold chosen for this model)", "given": " (--threshold)"}
+                      "default": " (the default: no threshold chosen for these weights)", "given": " (--threshold)"}
 
 
 def format_summary(m: dict) -> str:

@@ -169,8 +169,10 @@ def _explain_cases(run_dir: Path, cases: list[Case], layers: list[str] | None, t
 
 
 def collect_report(run_dir: str | Path, test_dir: str | Path | None = None, n_cases: int = 3,
-                   layers: list[str] | None = None, gradcam: bool = True, threshold: float = 0.5) -> ReportContent:
-    """Read a run folder (and its ``lvit test`` output) into :class:`ReportContent`."""
+                   layers: list[str] | None = None, gradcam: bool = True,
+                   threshold: float | None = None) -> ReportContent:
+    """Read a run folder (and its ``lvit test`` output) into :class:`ReportContent`. ``threshold``: where the
+    cases' masks are cut (default: the one their ``lvit test`` scored them at, from its metrics.json; else 0.5)."""
     from .plots import training_curves
 
     run_dir = Path(run_dir)
@@ -227,6 +229,8 @@ def collect_report(run_dir: str | Path, test_dir: str | Path | None = None, n_ca
     content.cases = [Case(rank, name, dice, iou, text=str(row.get("text", "") or ""))
                      for rank, name, dice, iou, row in rank_cases(per_image, n_cases)]
     note = "Grad-CAM disabled (--no-gradcam)" if not gradcam else ""
+    if threshold is None:  # the panels show the masks the listed Dice was scored on
+        threshold = float(dict(content.metrics).get("threshold", 0.5))
     if gradcam and content.cases:
         try:
             note = _explain_cases(run_dir, content.cases, layers, threshold)
