@@ -1,6 +1,7 @@
 """Does another mask threshold than 0.5 pay? Chosen on the validation split, scored once on the test split.
 
     python bench/threshold_sweep.py --data QATA [--models qata-lvit,W/runs/NAME] [--reports true|none] [--threads 1]
+    python bench/threshold_sweep.py --data QATA --render      # only the RESULTS.md section, from the raw file
 
 For each model (a shipped name, run or model folder): per-image Dice at the masks' original size on the val and
 the test split at every candidate threshold of :mod:`lvit.evaluate.threshold` (``lvit calibrate``'s sweep: one
@@ -19,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchkit import REPO, add_data_args, read_raw, write_raw
+from benchkit import REPO, add_data_args, read_raw, render_section, write_raw
 
 RESULTS_JSON = REPO / "bench" / "threshold_sweep.json"
 
@@ -37,13 +38,37 @@ def _progress(split: str):
     return report
 
 
+def render(results: list[dict]) -> str:
+    """The RESULTS.md section ``threshold-sweep`` from the raw entries."""
+    lines = ["## The mask threshold chosen on validation images (`lvit calibrate`)", "",
+             "Per-image Dice at the masks' original size; the threshold with the best validation Dice among "
+             "0.30-0.70 is chosen, then the test split is scored once at it and at 0.5 (the official test code's). "
+             "Raw: `bench/threshold_sweep.json` (`bench/threshold_sweep.py`).", "",
+             "| model | reports | chosen | val Dice at 0.5 -> chosen | test Dice at 0.5 -> chosen | test gain |",
+             "|---|---|---|---|---|---|"]
+    for e in results:
+        at = e["thresholds"].index(0.5)
+        lines.append(f"| {e['model']} | {e['reports']} | {e['chosen']:g} | {e['val_dice'][at]:.4f} -> "
+                     f"{max(e['val_dice']):.4f} | {e['test_dice_at_0_5']:.4f} -> {e['test_dice_at_chosen']:.4f} | "
+                     f"{e['test_dice_at_chosen'] - e['test_dice_at_0_5']:+.4f} |")
+    lines += ["", "Commands and machines: " + "; ".join(f"`{e['command']}` ({e['machine']}, {e['minutes']} min)"
+                                                       for e in results) + "."]
+    body = "\n".join(lines)
+    render_section("threshold-sweep", body)
+    return body
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_data_args(p, work=False)
     p.add_argument("--models", default="qata-lvit", help="comma-separated shipped names or run/model folders")
     p.add_argument("--reports", choices=("true", "none"), default="true")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--render", action="store_true", help="only render the RESULTS.md section from the raw file")
     args = p.parse_args(argv)
+    if args.render:
+        render(read_raw(RESULTS_JSON, []))
+        return 0
     import torch
 
     from lvit.benchmark import machine_line
@@ -71,6 +96,7 @@ def main(argv=None) -> int:
         print(f"{model} ({args.reports} reports): threshold {chosen} chosen on val "
               f"({max(val_dice):.4f} vs {val_dice[CANDIDATES.index(0.5)]:.4f} at 0.5); test "
               f"{entry['test_dice_at_chosen']:.4f} vs {entry['test_dice_at_0_5']:.4f} at 0.5", flush=True)
+    render(results)
     return 0
 
 
