@@ -22,6 +22,14 @@ def add_data_args(p: argparse.ArgumentParser, work: bool = True, what: str = "Qa
                                                                 "repository)")
 
 
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """--models (shipped names or run/model folders), --reports (true or none) and --threads: the arguments of the
+    scripts that score trained models on QaTa-COV19's splits."""
+    p.add_argument("--models", default="qata-lvit", help="comma-separated shipped names or run/model folders")
+    p.add_argument("--reports", choices=("true", "none"), default="true")
+    p.add_argument("--threads", type=int, default=1)
+
+
 def add_results_args(p: argparse.ArgumentParser, results: Path) -> None:
     """--results (the raw JSON file) and --results-md (the Markdown file its section is rendered into)."""
     p.add_argument("--results", type=Path, default=results, help=f"raw results (default {results.relative_to(REPO)})")

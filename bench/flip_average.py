@@ -23,7 +23,7 @@ import argparse
 import sys
 import time
 
-from benchkit import REPO, add_data_args, read_raw, write_raw
+from benchkit import REPO, add_data_args, add_model_args, read_raw, write_raw
 
 RESULTS_JSON = REPO / "bench" / "flip_average.json"
 
@@ -68,9 +68,7 @@ def score(model: str, data, reports: str, batch: int = 64) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_data_args(p, work=False)
-    p.add_argument("--models", default="qata-lvit", help="comma-separated shipped names or run/model folders")
-    p.add_argument("--reports", choices=("true", "none"), default="true")
-    p.add_argument("--threads", type=int, default=1)
+    add_model_args(p)
     args = p.parse_args(argv)
     import torch
 

@@ -493,20 +493,15 @@ def _without_threads(machine: str) -> str:
     return head if sep and last.endswith("thread(s)") else machine
 
 
-def _threshold_text(r: dict) -> str:
-    t = r.get("threshold")
-    if not t:
-        return "threshold 0.5"
+def _threshold_texts(r: dict) -> tuple[str, str]:
+    """(how the card's masks are cut, the line with the figures at 0.5 when they differ)."""
+    t, at = r.get("threshold"), r.get("at_threshold_0_5")
+    if not t or not at:
+        return "threshold 0.5", ""
     return (f"masks cut at probability {t['threshold']:g}, the threshold the {t['n_images']:,} validation images "
             f"chose (`lvit calibrate`'s sweep of 0.30-0.70: per-image Dice {_f(t['dice_at_threshold'])} there, "
-            f"{_f(t['dice_at_0_5'])} at 0.5; the test split took no part)")
-
-
-def _at_0_5_text(r: dict) -> str:
-    at = r.get("at_threshold_0_5")
-    if not at:
-        return ""
-    return (f"\nAt the official test code's threshold 0.5 (`--threshold 0.5`): per-image Dice "
+            f"{_f(t['dice_at_0_5'])} at 0.5; the test split took no part)",
+            f"\nAt the official test code's threshold 0.5 (`--threshold 0.5`): per-image Dice "
             f"{_f(at['dice_original'])} at 224 px with the report (IoU {_f(at['iou_original'])}, pooled Dice "
             f"{_f(at['pooled_dice_original'])}; {_f(at['dice'])} at {r['image_size']} px)"
             + (f", {_f(at['no_report']['dice_original'])} without one" if "no_report" in at else "") + ".\n")
@@ -603,14 +598,14 @@ clinical decision.** Its masks can be wrong, confidently.
 
 ## Test figures
 
-QaTa-COV19 test split, {r['n_test']:,} images, {_threshold_text(r)}, these weights (sha256 above). Per-image:
+QaTa-COV19 test split, {r['n_test']:,} images, {_threshold_texts(r)[0]}, these weights (sha256 above). Per-image:
 Dice or IoU of each image, then the mean (the paper's figure); pooled: over all test pixels at once (GuideDecoder's
 and SGSeg's figure, not comparable with per-image ones).
 
 | report | Dice 224 px | IoU 224 px | pooled Dice 224 px | Dice {px} | IoU {px} | pooled Dice {px} |
 |---|---|---|---|---|---|---|
 {table}
-{_at_0_5_text(r)}
+{_threshold_texts(r)[1]}
 The same recipe, per-image Dice at 224 px by trainer seed: {seeds}. The paper (224 px, width 64, GPU): 83.66.
 {sample_line}
 Reproduce: `lvit test {r['name']} --data QATA --out OUT` (QATA: the QaTa-COV19 copy in either layout lvit reads).

@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchkit import REPO, add_data_args, read_raw, render_section, write_raw
+from benchkit import REPO, add_data_args, add_model_args, read_raw, render_section, write_raw
 
 RESULTS_JSON = REPO / "bench" / "threshold_sweep.json"
 
@@ -61,9 +61,7 @@ def render(results: list[dict]) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_data_args(p, work=False)
-    p.add_argument("--models", default="qata-lvit", help="comma-separated shipped names or run/model folders")
-    p.add_argument("--reports", choices=("true", "none"), default="true")
-    p.add_argument("--threads", type=int, default=1)
+    add_model_args(p)
     p.add_argument("--render", action="store_true", help="only render the RESULTS.md section from the raw file")
     args = p.parse_args(argv)
     if args.render:

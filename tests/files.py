@@ -59,3 +59,19 @@ def semi_flag_overrides(out, *flags: str) -> list[str]:
     parser = argparse.ArgumentParser()
     train_cmd.register(parser.add_subparsers())
     return semi_overrides(parser.parse_args(["train", "--out", str(out), *flags]))
+
+
+def train_tiny_lvit(base: Path, *, seed: int, n_val: int = 2, n_test: int = 3) -> tuple[Path, Path]:
+    """(dataset root with 64 px images, run folder of a 1-epoch LViT working at 32 px), both under ``base``."""
+    from lvit.data.synthetic import generate_synthetic
+    from lvit.presets import preset_path
+    from lvit.train import load_config
+    from lvit.train.runner import train
+
+    data = generate_synthetic(base / "data", n_train=6, n_val=n_val, n_test=n_test, size=64, seed=seed,
+                              progress=False)
+    config = load_config(preset_path("synth"), [
+        "model.image_size=32", "model.base_channels=8", "model.vit_heads=4", "data.batch_size=3",
+        "trainer.max_epochs=1", "trainer.progress=false", "data.num_workers=0"])
+    train(config, data, base / "run")
+    return data, base / "run"

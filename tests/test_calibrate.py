@@ -8,13 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from files import train_tiny_lvit
 from PIL import Image
 
 from lvit.commands.cli import main
 from lvit.evaluate.threshold import CANDIDATES, choose, dice_per_threshold
-from lvit.presets import preset_path
-from lvit.train import load_config
-from lvit.train.runner import train
 
 
 def test_dice_at_each_threshold_by_hand():
@@ -33,16 +31,8 @@ def test_choice_is_the_best_threshold_and_ties_go_to_the_one_nearest_0_5():
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> tuple[Path, Path]:
-    """(dataset root with 64 px images, run folder of a 1-epoch LViT working at 32 px)."""
-    from lvit.data.synthetic import generate_synthetic
-
-    base = tmp_path_factory.mktemp("calibrate")
-    data = generate_synthetic(base / "data", n_train=6, n_val=3, n_test=2, size=64, seed=2, progress=False)
-    config = load_config(preset_path("synth"), [
-        "model.image_size=32", "model.base_channels=8", "model.vit_heads=4", "data.batch_size=3",
-        "trainer.max_epochs=1", "trainer.progress=false", "data.num_workers=0"])
-    train(config, data, base / "run")
-    return data, base / "run"
+    """(dataset root with 64 px images, run folder of a 1-epoch LViT working at 32 px; 3 val images)."""
+    return train_tiny_lvit(tmp_path_factory.mktemp("calibrate"), seed=2, n_val=3, n_test=2)
 
 
 def _copy(run: Path, tmp_path: Path) -> Path:

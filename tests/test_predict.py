@@ -8,12 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from files import train_tiny_lvit
 from PIL import Image
 
 from lvit.commands.cli import main
-from lvit.presets import preset_path
-from lvit.train import load_config
-from lvit.train.runner import train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -21,15 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> tuple[Path, Path]:
     """(dataset root with 64 px images, run folder of a 1-epoch LViT working at 32 px)."""
-    from lvit.data.synthetic import generate_synthetic
-
-    base = tmp_path_factory.mktemp("predict")
-    data = generate_synthetic(base / "data", n_train=6, n_val=2, n_test=3, size=64, seed=1, progress=False)
-    config = load_config(preset_path("synth"), [
-        "model.image_size=32", "model.base_channels=8", "model.vit_heads=4", "data.batch_size=3",
-        "trainer.max_epochs=1", "trainer.progress=false", "data.num_workers=0"])
-    train(config, data, base / "run")
-    return data, base / "run"
+    return train_tiny_lvit(tmp_path_factory.mktemp("predict"), seed=1)
 
 
 def test_lvit_test_writes_metrics_masks_and_overlays(tiny_run, tmp_path, capsys):

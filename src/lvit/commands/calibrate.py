@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import argparse
 
+DESCRIPTION = ("Score the run's best weights on the validation split at probability thresholds 0.30-0.70 (per-image "
+               "Dice at the masks' size) and keep the best in RUN/threshold.json, with the sha256 of the weights it "
+               "was chosen for. lvit predict, test, explain and app then cut masks there unless given --threshold; "
+               "lvit export copies it into the model folder. Weights trained further no longer match and fall back "
+               "to 0.5 with a warning.")
+
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "calibrate", help="choose a run's mask threshold on validation images (used by predict, test, app)",
-        description="Score the run's best weights on the validation split at probability thresholds 0.30-0.70 "
-                    "(per-image Dice at the masks' size) and keep the best in RUN/threshold.json, with the sha256 "
-                    "of the weights it was chosen for. lvit predict, test, explain and app then cut masks there "
-                    "unless given --threshold; lvit export copies it into the model folder. Weights trained "
-                    "further no longer match and fall back to 0.5 with a warning.")
+    p = subparsers.add_parser("calibrate", description=DESCRIPTION,
+                              help="choose a run's mask threshold on validation images (used by predict, test, app)")
     p.add_argument("checkpoint", metavar="RUN_DIR", help="a run folder (lvit train --out); to calibrate a model "
                                                          "folder, calibrate the run it was exported from")
     p.add_argument("--data", required=True, help="dataset root (its val split is used)")
