@@ -73,6 +73,9 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     # A larger input for both paths: 160 px instead of 128 (1.56x the pixels; each of the four ViT levels sees
     # 10x10 patches instead of 8x8), the report-dropout recipe and 10 epochs, against lvit-rd25 at 128 px
     "lvit-rd25-160": ("lvit", ["model.report_dropout=0.25", "model.image_size=160"]),
+    # ... and the shippable candidate if 160 px wins at 10 epochs: one 30-epoch cosine cycle, as lvit-rd25-e30
+    "lvit-rd25-160-e30": ("lvit", ["model.report_dropout=0.25", "model.image_size=160", "trainer.max_epochs=30",
+                                   "optim.t0=30"]),
     # A quarter of the masks (the subset drawn with the trainer seed), docs/SEMI_SUPERVISED.md:
     "lvit-25": ("lvit", ["semi.mode=none", "semi.labeled_fraction=0.25"]),  # a quarter of the steps
     # labelled batches only, as many steps as the semi runs (a warm-up as long as the run: no pseudo labels)
@@ -278,6 +281,7 @@ ROW_LABELS = {"lvit": "LViT (24 tokens: whole report)", "lvit-10tok": "LViT (off
               "lvit-rd25-e30": "LViT, report dropout 0.25, 30 epochs (true reports)",
               "lvit-hflip": "LViT, mirrored training images with swapped reports (hflip 0.5)",
               "lvit-rd25-160": "LViT, report dropout 0.25, 160 px input (true reports)",
+              "lvit-rd25-160-e30": "LViT, report dropout 0.25, 160 px input, 30 epochs (true reports)",
               "lvit-ft-rd25-e3": "LViT, 3 epochs from qata-lvit with report dropout 0.25 (true reports)",
               "lvit-ft-rdkd-e3": "LViT, 3 epochs from qata-lvit with report dropout 0.25 + distillation from a frozen "
                                  "qata-lvit (true reports)",
