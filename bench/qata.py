@@ -366,10 +366,13 @@ def render_results(results_path: Path, md_path: Path) -> str:
         "",
         "Tested on (training: the same machine; CPU training differs across machines): " + "; ".join(
             f"{machine}: {', '.join(names)}" for machine, names in sorted(machines.items())) + ". Raw results: "
-        "`bench/qata_results.json`. Commands (QATA = the `data/QaTa` folder of ShuchangYe-bib/SGSeg): "
-        "`python bench/qata.py train --data QATA --work W --runs lvit-s0,lvit-t-s0,lvit-10tok-s0` and "
-        "`... --runs lvit-s1,lvit-t-s1,unet-s0` side by side, then "
-        "`python bench/qata.py evaluate --data QATA --work W`.",
+        "`bench/qata_results.json`. Commands (QATA = the `data/QaTa` folder of ShuchangYe-bib/SGSeg): each run "
+        "`python bench/qata.py train --data QATA --work W --runs ROW-sSEED --threads T` (ROW as in bench/qata.py; "
+        "the first table was trained as `... --runs lvit-s0,lvit-t-s0,lvit-10tok-s0` and "
+        "`... --runs lvit-s1,lvit-t-s1,unet-s0` side by side), then "
+        "`python bench/qata.py evaluate --data QATA --work W --runs ROW-sSEED`. Train minutes: the logged wall time "
+        "of the run's epochs, including time the CPU was shared with other jobs and, for a run resumed across "
+        "sessions, any stop inside an epoch (docs/QATA.md gives each long run's own account).",
     ]
     section = "\n".join(lines)
     render_section("qata", section, md_path)
@@ -534,10 +537,13 @@ def render_semi(by_row: dict[str, list[dict]], curves_png: Path | None = None) -
                   "branched run equals the run from scratch bit for bit); their train minutes include those shared "
                   "epochs."]
         lines += _rerun_branch_notes(by_row)
+    diagnostic = sorted(f"{row}-s{e['seed']}" for row, es in by_row.items() for e in es
+                        if row in QUARTER_ROWS and row not in ("lvit-25", SHARED_ROW, "lvit-25-epi", "lvit-25-epi+lv"))
     lines += ["", f"Commands: `python bench/qata.py train --data QATA --work W --runs {SHARED_ROW}-s0,{SHARED_ROW}-s1` "
               f"(each keeps its state after epochs {' and '.join(map(str, KEEP_AFTER))}), then "
-              "`... --runs lvit-25-epi-s0,lvit-25-epi+lv-s0` and the same with `-s1`, and the diagnostic rows "
-              "`... --runs lvit-25-epi+lv-beta0.5-s0,lvit-25-epi+lv-warmup7-s0` (branched from it), then "
+              "`... --runs lvit-25-epi-s0,lvit-25-epi+lv-s0` and the same with `-s1`"
+              + (f", and the other rows above `... --runs {','.join(diagnostic)}` (branched from it)" if diagnostic
+                 else "") + ", then "
               "`python bench/qata.py evaluate --data QATA --work W` (raw results: `bench/qata_results.json`)."]
     return "\n".join(lines)
 

@@ -125,6 +125,14 @@ def machines(earlier: Path | None) -> dict[str, list[str]]:
     return by
 
 
+def gap_shares(runs: list[dict], baselines: list[dict], full: float) -> list[float]:
+    """For each run with a baseline of its own seed (the same labelled images; a semi run branches from it, so the
+    same machine too): the share of the gap between that baseline and full supervision the run closes."""
+    base_of = {b["seed"]: b["dice_original"] for b in baselines}
+    return [(r["dice_original"] - base_of[r["seed"]]) / (full - base_of[r["seed"]])
+            for r in runs if r["seed"] in base_of and full > base_of[r["seed"]]]
+
+
 def render(entries: list[dict], tested_on: dict[str, list[str]] | None = None) -> str:
     def spread(values):
         return f"{values[0]:.4f}" if len(values) == 1 else \
@@ -140,7 +148,8 @@ def render(entries: list[dict], tested_on: dict[str, list[str]] | None = None) -
         "Preset `qata-cpu` (128 px, base width 16, 10 epochs of as many batches as the whole training split), LViT; "
         "per-image test Dice at the masks' original resolution on all test images, best-validation weights (a mean "
         "teacher's are its teacher's). Baseline: the labelled images only, with the semi runs' step count. Gap "
-        f"closed: (recipe - baseline) / (every mask - baseline), mean over seeds; the goal is {GOAL:.0%}. Pseudo "
+        "closed: (recipe - the baseline of the same seed, i.e. the same labelled images, trained on the same machine) "
+        f"/ (every mask - that baseline), mean over the seeds that have one; the goal is {GOAL:.0%}. Pseudo "
         "labels: their Dice against the withheld masks of the unlabelled training images, first and last epoch "
         "that had them. Raw: `bench/semi_recipes.json` (`bench/semi_recipes.py`).",
         "",
@@ -151,10 +160,10 @@ def render(entries: list[dict], tested_on: dict[str, list[str]] | None = None) -
     for (fraction, method), group in sorted(groups.items(), key=lambda kv: (-kv[0][0], kv[0][1] != BASELINE,
                                                                           kv[0][1])):
         dice = [e["dice_original"] for e in group]
-        base = [e["dice_original"] for e in groups.get((fraction, BASELINE), [])]
         closed = "-"
-        if method not in (BASELINE, FULL) and base and full and _mean(full) > _mean(base):
-            closed = f"{(_mean(dice) - _mean(base)) / (_mean(full) - _mean(base)):.0%}"
+        if method not in (BASELINE, FULL) and full:
+            shares = gap_shares(group, groups.get((fraction, BASELINE), []), _mean(full))
+            closed = f"{_mean(shares):.0%}" if shares else "-"
         pseudo = [[v for v in e["pseudo_label_dice_per_epoch"] if v is not None] for e in group]
         pseudo = "; ".join(f"{p[0]:.3f} -> {p[-1]:.3f}" for p in pseudo if p) or "-"
         label = LABELS.get(method, method)

@@ -25,6 +25,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -75,7 +76,12 @@ def text_probe_of(run_name: str, dice: float, results: Path = REPO / "bench" / "
     if not changed or abs(float(entry.get("dice", -1.0)) - dice) > 1e-4:
         return None
     return {"n_changed": changed["n"], "true": changed["true_dice"], "swapped": changed["dice"],
-            "source": f"{results.name}: {run_name}"}
+            "threshold": entry["probe"]["threshold"], "source": f"{results.name}: {run_name}"}
+
+
+def _threads_of(machine: str) -> int:
+    """The thread count of a ``machine_line()`` ("..., 1 thread(s)")."""
+    return int(re.search(r"(\d+) thread", machine).group(1))
 
 
 def ship(args) -> int:
@@ -551,11 +557,13 @@ def card_text(r: dict) -> str:
                  f"{len(r['predict_seconds'])} runs); a folder of the {r['folder_images']:,} test images with their "
                  f"reports runs at {r['folder_images_per_second']:.1f} images/s, {share:.0%} of the network's own "
                  f"batched rate ({r['forward_images_per_second']:.1f} images/s; medians of "
-                 f"{len(r['folder_images_per_second_runs'])} runs each; `python bench/shipped_model.py timing`). "
+                 f"{len(r['folder_images_per_second_runs'])} runs each; `python bench/shipped_model.py timing "
+                 f"--data QATA --threads {_threads_of(r['timing_machine'])}`). "
                  "Other machines differ.\n")
     swap = r.get("text_probe_swap")
     swap_line = (f"swapping left and right in the report costs {swap['true'] - swap['swapped']:.2f} per-image Dice "
-                 f"at {swap['image_size']} px on the {swap['n_changed']:,} test images where that changes the report, "
+                 f"at {swap['image_size']} px, masks cut at {swap['threshold']:g}, on the {swap['n_changed']:,} test "
+                 "images where that changes the report, "
                  f"{swap['true']:.3f} -> {swap['swapped']:.3f}" if swap else
                  "swapping left and right in the report moves the mask")
     return f"""---

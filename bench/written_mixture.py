@@ -132,13 +132,21 @@ def render(results_md: Path = RESULTS_MD) -> Path:
                   f"`{scoring.get('command')}`."]
     elif "generated" in shipped:
         after, own = shipped["generated"], shipped.get("no_report")
+        at_half = shipped.get("at_threshold_0_5") or {}
+        cut = (shipped.get("threshold") or {}).get("threshold", 0.5)
+
+        def both(now: dict, key: str | None) -> str:  # the figure at the model's threshold, and at 0.5 if it differs
+            half = at_half.get(key) if key else at_half
+            return f"{now['dice_original']:.4f}" + (f" ({half['dice_original']:.4f} at 0.5)" if half else "")
+
         lines += [f"Test split, {after['n_test']:,} images, the shipped weights (sha256 "
-                  f"{shipped['weights_sha256'][:8]}, `bench/shipped_model.json`, key `generated`): the mean over the "
-                  f"writer's {after['mixed_reports']} most likely reports {after['dice_original']:.4f}; with the true "
-                  f"report {shipped['dice_original']:.4f}"
+                  f"{shipped['weights_sha256'][:8]}, `bench/shipped_model.json`, key `generated`), masks cut at the "
+                  f"model's threshold {cut:g}: the mean over the writer's {after['mixed_reports']} most likely "
+                  f"reports {both(after, 'generated')}; with the true report {both(shipped, None)}"
                   + (f"; through the model's own no-report path (report dropout, the default without a report) "
-                     f"{own['dice_original']:.4f}" if own else "") + ". Machine: "
-                  f"{(shipped.get('reporter') or {}).get('machine')}; `python bench/shipped_model.py add-reporter`."]
+                     f"{both(own, 'no_report')}" if own else "") + ". Machine: "
+                  f"{(shipped.get('reporter') or {}).get('machine')}; `python bench/shipped_model.py add-reporter "
+                  "--reporter R --data QATA --sample ... --command ... --commit SHA`, then `... threshold`."]
     return render_section(SECTION, "\n".join(lines).rstrip() + "\n", results_md)
 
 

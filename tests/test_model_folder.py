@@ -189,7 +189,8 @@ def test_export_hf_writes_a_card_with_the_runs_metrics_and_commands_take_the_fol
     # The card: metrics of RUN/test-test/metrics.json, the text encoder and its tokens, preset, data, licence, use.
     dice, iou = metrics["dice"], metrics["iou"]
     assert f"| test | 4 | 0.5 | {dice:.4f} | {iou:.4f} |" in card  # split, images, threshold, Dice, IoU
-    assert f"value: {dice}" in card  # model-index metadata for the Hub
+    assert f"value: {dice}" in card  # model-index metadata for the Hub, naming the threshold it was measured at
+    assert "name: Dice (mean over images, threshold 0.5)" in card
     assert "`minilm`" in card and "**24 tokens**" in card and "384-d" in card
     assert "preset: synth, with" in card and "`model.image_size=32`" in card
     assert "no licence restrictions" in card and "not for diagnosis" in card.lower()

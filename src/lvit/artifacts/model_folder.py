@@ -165,8 +165,10 @@ def model_card(config: dict, reads_text: bool) -> str:
             "task": {"type": "image-segmentation", "name": "lesion segmentation"},
             "dataset": {"name": dataset.get("name") or "unknown", "type": dataset.get("key") or "unknown",
                         "split": t["split"]},
-            "metrics": [{"type": "dice", "name": "Dice (mean over images)", "value": t["dice"]},
-                        {"type": "iou", "name": "IoU (mean over images)", "value": t["iou"]}],
+            "metrics": [{"type": "dice", "name": f"Dice (mean over images, threshold {t.get('threshold', 0.5):g})",
+                         "value": t["dice"]},
+                        {"type": "iou", "name": f"IoU (mean over images, threshold {t.get('threshold', 0.5):g})",
+                         "value": t["iou"]}],
         } for t in tests if t.get("dice") is not None]}]
     preset = config.get("preset") or {}
     title = {"lvit": "LViT", "lvit-t": "LViT-T (LViT without text)", "unet": "U-Net"}.get(name, name)
