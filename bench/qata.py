@@ -179,13 +179,15 @@ def train_runs(args) -> int:
 
 def run_facts(run_dir: Path) -> dict:
     """Training facts of a run folder (metrics.csv, checkpoints/last.ckpt): epochs, optimizer steps, best epoch
-    and val Dice, minutes of epochs, the validation curve, and for semi-supervised runs the pseudo labels' Dice
+    and val Dice, minutes of epochs (and each epoch's seconds: a stop or a shared CPU shows there), the validation
+    curve, and for semi-supervised runs the pseudo labels' Dice
     against the withheld masks per epoch."""
     with (run_dir / "metrics.csv").open() as f:
         rows = list(csv.DictReader(f))
     best = max(rows, key=lambda r: float(r["val_dice"]))
     facts = {"epochs": len(rows), "best_epoch": int(best["epoch"]), "best_val_dice": round(float(best["val_dice"]), 4),
              "train_minutes": round(sum(float(r["seconds"]) for r in rows) / 60, 1),
+             "epoch_seconds": [round(float(r["seconds"]), 1) for r in rows],
              "val_dice_per_epoch": [round(float(r["val_dice"]), 4) for r in rows]}
     for column in ("pseudo_dice", "unlabelled_pred_dice"):
         if column in rows[0]:

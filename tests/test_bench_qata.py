@@ -92,7 +92,7 @@ def test_evaluate_refreshes_training_facts_of_evaluated_runs_without_testing_aga
     assert rc == 0
     entry = json.loads(raw.read_text())["lvit-s0"]
     assert entry["val_dice_per_epoch"] == [0.5, 0.7] and entry["best_epoch"] == 2 and entry["train_minutes"] == 2.0
-    assert entry["steps"] == 1430
+    assert entry["steps"] == 1430 and entry["epoch_seconds"] == [60.0, 60.0]
     assert entry["dice"] == 0.82  # not tested again
 
 
