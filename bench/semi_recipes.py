@@ -37,7 +37,8 @@ LABELS = {FULL: "supervised, every mask", BASELINE: "supervised, the semi runs' 
           "epi+lv-beta0.5": "EPI + LV loss, pseudo labels with beta 0.5",
           "epi+lv-warmup7": "EPI + LV loss, 7 warm-up epochs",
           "mean-teacher-w2": "mean teacher (lvit), 2 warm-up epochs",
-          "mean-teacher-cw0": "mean teacher's EMA weights, no consistency term (diagnostic)"}
+          "mean-teacher-cw0": "mean teacher's EMA weights, no consistency term (diagnostic)",
+          BASELINE + "-ema": "supervised, the semi runs' step count, weight average (optim.ema_decay 0.99)"}
 
 
 def _qata():
@@ -52,8 +53,8 @@ def method_of(row: str) -> str:
     rest = row.split("-", 2)[2] if row.count("-") >= 2 else ""
     if not rest:
         return "supervised-subset"
-    if rest == "steps":
-        return BASELINE
+    if rest in ("steps", "steps-ema"):
+        return BASELINE + rest[len("steps"):]
     return "mean-teacher" + rest[2:] if rest.startswith("mt") else rest
 
 

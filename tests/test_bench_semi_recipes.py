@@ -90,6 +90,8 @@ def test_method_names_from_the_rows():
     names = {row: bench.method_of(row) for row in (*qata.SEMI_ROWS, "lvit")}
     assert names["lvit"] == "supervised-100%" and names["lvit-25"] == "supervised-subset"
     assert names["lvit-25-steps"] == names["lvit-10-steps"] == "supervised-steps"
+    assert names["lvit-25-steps-ema"] == names["lvit-10-steps-ema"] == "supervised-steps-ema"
+    assert "lvit-10-steps-ema" not in qata.SHARED_OF  # the average acts from the first step: never branched
     assert names["lvit-25-mt"] == names["lvit-10-mt"] == "mean-teacher" and names["lvit-25-mt-w2"] == "mean-teacher-w2"
     assert names["lvit-25-epi+lv-beta0.5"] == "epi+lv-beta0.5" and names["lvit-25-mt-cw0"] == "mean-teacher-cw0"
     assert set(names.values()) - {"supervised-subset"} <= set(bench.LABELS)  # every method has its table label

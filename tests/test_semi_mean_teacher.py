@@ -85,7 +85,7 @@ class _Net(nn.Module):
 
 
 def test_ema_update_one_step_by_hand():
-    from lvit.train.semi.mean_teacher import ema_update
+    from lvit.train.ema import ema_update
 
     student, teacher = _Net(), _Net()
     with torch.no_grad():

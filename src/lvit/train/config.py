@@ -73,6 +73,9 @@ class OptimConfig:
     # to lr / 10 so the schedule still anneals instead of rising.
     eta_min: float = 1e-4
     grad_clip: float | None = None  # clip the global gradient norm to this value (None: off)
+    # Validate and save an exponential moving average of the weights with this decay per optimizer step
+    # (lvit.train.ema; 0: off, the network as trained). Not with semi.mode mean-teacher, whose teacher is one.
+    ema_decay: float = 0.0
 
 
 @dataclass
@@ -292,6 +295,12 @@ class TrainConfig:
             raise ConfigError(f"{source}: optim.lr must be > 0 (got {o.lr})")
         if o.t0 < 1 or o.t_mult < 1:
             raise ConfigError(f"{source}: optim.t0 and optim.t_mult must be >= 1")
+        ema = o.ema_decay
+        if isinstance(ema, bool) or not isinstance(ema, int | float) or not 0.0 <= ema < 1.0:
+            raise ConfigError(f"{source}: optim.ema_decay must be a number in [0, 1) (got {ema!r}; 0: off)")
+        if ema and self.semi.mode == "mean-teacher":
+            raise ConfigError(f"{source}: optim.ema_decay does not combine with semi.mode mean-teacher (its teacher "
+                              "is already a weight average: semi.ema_decay)")
         if o.grad_clip is not None and (not isinstance(o.grad_clip, (int, float)) or not o.grad_clip > 0):
             raise ConfigError(f"{source}: optim.grad_clip must be > 0 or null (got {o.grad_clip})")
         flip = self.data.hflip_prob

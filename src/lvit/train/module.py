@@ -8,16 +8,19 @@ dataset index of each sample (for per-image state such as the EPI pseudo-label b
 
 from __future__ import annotations
 
+import copy
 import math
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from torch import nn
 from torchmetrics import MeanMetric
 
-from ..core.errors import TrainingDiverged
+from ..core.errors import CheckpointError, TrainingDiverged
 from ..core.metrics import batch_dice_iou
 from .config import TrainConfig
+from .ema import ema_decay_at, ema_update, swap_weights
 from .losses import DiceBCELoss, distillation_loss
 
 
@@ -44,6 +47,15 @@ class SegmentationModule(pl.LightningModule):
         self.val_results: dict[str, float] = {}
         self._epoch_lr = math.nan
         self.distill_teacher: nn.Module | None = None
+        # optim.ema_decay: an average of the network (and the learned text embedding), validated and saved in its
+        # place (lvit.train.ema). A child module, so last.ckpt carries it and a resumed run continues it exactly.
+        self.ema: nn.ModuleDict | None = None
+        self._ema_step = -1
+        if config.optim.ema_decay:
+            average = {"model": copy.deepcopy(model)}
+            if text_embedding is not None:
+                average["text_embedding"] = copy.deepcopy(text_embedding)
+            self.ema = nn.ModuleDict(average).requires_grad_(False)
 
     def set_distill_teacher(self, teacher: nn.Module) -> None:
         """Distil from ``teacher`` (a frozen network reading the same inputs) instead of from this network. Kept out
@@ -107,7 +119,45 @@ class SegmentationModule(pl.LightningModule):
 
     def weights_to_save(self) -> tuple[nn.Module, nn.Module | None]:
         """(network, learned text embedding or None) written as the run's last/best weights: the ones validated."""
+        if self.ema is not None:
+            return self.ema["model"], self.ema["text_embedding"] if self.text_embedding is not None else None
         return self.model, self.text_embedding
+
+    # ------------------------------------------------------------------ weight average (optim.ema_decay)
+    def _swap_average(self) -> None:
+        swap_weights(self.model, self.ema["model"])
+        if self.text_embedding is not None:
+            swap_weights(self.text_embedding, self.ema["text_embedding"])
+
+    def on_train_start(self) -> None:
+        self._ema_step = self.global_step  # the average follows the optimizer steps taken from here on
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.ema is None or self.global_step == self._ema_step:
+            return  # no average, or a batch without an optimizer step (nothing to learn from)
+        self._ema_step = self.global_step
+        decay = ema_decay_at(self.global_step, self.config.optim.ema_decay)
+        ema_update(self.ema["model"], self.model, decay)
+        if self.text_embedding is not None:
+            ema_update(self.ema["text_embedding"], self.text_embedding, decay)
+
+    def on_validation_start(self) -> None:
+        # Validation scores the average: its values are swapped into the network for the pass (every validation
+        # step of every subclass then uses them) and swapped back at the end, before the optimizer sees them.
+        if self.ema is not None:
+            self._swap_average()
+
+    def on_validation_end(self) -> None:
+        if self.ema is not None:
+            self._swap_average()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self.ema is None:
+            return
+        missing = [k for k in self.state_dict() if k.startswith("ema.") and k not in checkpoint.get("state_dict", {})]
+        if missing:
+            raise CheckpointError("the checkpoint holds no weight average: it was written without optim.ema_decay, "
+                                  "so a run with it cannot continue from it")
 
     # ------------------------------------------------------------------ losses
     def supervised_loss(self, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -36,6 +36,7 @@ from torchmetrics import MeanMetric
 
 from ...core.errors import CheckpointError
 from ...core.metrics import batch_dice_iou
+from ..ema import ema_update
 from ..losses import OFFICIAL_DICE_SMOOTH
 from ..module import SegmentationModule
 from .sampler import PairedSampler
@@ -51,29 +52,6 @@ def sigmoid_rampup(progress: float, length: float) -> float:
         return 1.0
     t = min(max(progress / length, 0.0), 1.0)
     return math.exp(-5.0 * (1.0 - t) ** 2)
-
-
-@torch.no_grad()
-def ema_update(teacher: nn.Module, student: nn.Module, decay: float) -> None:
-    """``teacher = decay * teacher + (1 - decay) * student`` for every parameter and floating-point buffer;
-    integer buffers (BatchNorm's ``num_batches_tracked``) are copied.
-
-    BatchNorm's running mean and variance are averaged with the same decay rather than copied: the teacher runs
-    in eval mode, so it normalises with them, and statistics averaged like the weights describe the averaged
-    weights' activations better than the student's latest ones do.
-    """
-    t_params, s_params = dict(teacher.named_parameters()), dict(student.named_parameters())
-    t_buffers, s_buffers = dict(teacher.named_buffers()), dict(student.named_buffers())
-    if t_params.keys() != s_params.keys() or t_buffers.keys() != s_buffers.keys():
-        raise ValueError("teacher and student must be the same network")
-    for name, t in t_params.items():
-        t.mul_(decay).add_(s_params[name].detach(), alpha=1.0 - decay)
-    for name, t in t_buffers.items():
-        s = s_buffers[name]
-        if t.dtype.is_floating_point:
-            t.mul_(decay).add_(s.to(t.dtype), alpha=1.0 - decay)
-        else:
-            t.copy_(s)
 
 
 def consistency_loss(logits: torch.Tensor, teacher_probs: torch.Tensor, confidence: float,

@@ -192,6 +192,7 @@ class SemiSupervisedModule(SegmentationModule):
             self.unlabelled_pred_dice.update(dice.float())
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_end(outputs, batch, batch_idx)  # the weight average (optim.ema_decay)
         if not self.pseudo_labels_active():
             self._pending.clear()
             return
@@ -223,6 +224,7 @@ class SemiSupervisedModule(SegmentationModule):
                                       "config": json.dumps(dataclasses.asdict(self.semi))}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
         state = checkpoint.get(CHECKPOINT_KEY)
         if state is None:
             raise CheckpointError("the checkpoint holds no pseudo-label bank (it is not from a semi-supervised run)")
