@@ -69,6 +69,9 @@ def recipe_of(config: dict) -> str:
         parts.append(f"distillation into the no-report path (weight {distill:g}"
                      + (f", from epoch {start + 1}" if start else "")
                      + (f", frozen teacher {teacher})" if teacher else ")"))
+    ema = float((config.get("optim") or {}).get("ema_decay") or 0.0)
+    if ema:
+        parts.append(f"weight average (EMA {ema:g})")
     start_from = (config.get("trainer") or {}).get("init_from")
     if start_from:
         parts[0] = f"from {start_from}: " + parts[0]
