@@ -290,7 +290,7 @@ ROW_LABELS = {"lvit": "LViT (24 tokens: whole report)", "lvit-10tok": "LViT (off
               "lvit-rdkd-w1-e3": "LViT, report dropout 0.25 + distillation from epoch 2, 3-epoch pilot (true reports)",
               "lvit-rdkd-w3": "LViT, report dropout 0.25 + distillation from epoch 4 (true reports)",
               "lvit-rd25-e30": "LViT, report dropout 0.25, 30 epochs (true reports)",
-              "lvit-rd25-ema": "LViT, report dropout 0.25, weight average of the weights, EMA 0.99 (true reports)",
+              "lvit-rd25-ema": "LViT, report dropout 0.25, EMA of the weights 0.99 (true reports)",
               "lvit-hflip": "LViT, mirrored training images with swapped reports (hflip 0.5)",
               "lvit-rd25-160": "LViT, report dropout 0.25, 160 px input (true reports)",
               "lvit-rd25-160-e30": "LViT, report dropout 0.25, 160 px input, 30 epochs (true reports)",
