@@ -17,14 +17,16 @@ OVERRIDES = ["model_name=lvit", "text.encoder=learned", "model.image_size=32", "
 
 
 class _Net(nn.Module):
-    """A 3x3 convolution and a BatchNorm: parameters, float buffers and an integer buffer."""
+    """A 3x3 convolution and a BatchNorm (parameters, float buffers and an integer buffer), plus the mean of the
+    report's token vectors as a bias, so that a learned text embedding trains too."""
 
     def __init__(self):
         super().__init__()
         self.conv, self.norm = nn.Conv2d(1, 1, 3, padding=1), nn.BatchNorm2d(1)
 
     def forward(self, image, text=None, text_mask=None):
-        return self.norm(self.conv(image[:, :1]))
+        out = self.norm(self.conv(image[:, :1]))
+        return out if text is None else out + text.mean(dim=(1, 2)).view(-1, 1, 1, 1)
 
 
 def test_decay_ramp_by_hand():
@@ -59,7 +61,23 @@ def _batch(seed: int) -> dict:
     g = torch.Generator().manual_seed(seed)
     return {"image": torch.rand((2, 1, 6, 6), generator=g),
             "mask": (torch.rand((2, 1, 6, 6), generator=g) > 0.5).float(),
+            "text_ids": torch.randint(1, 6, (2, 3), generator=g),
             "has_mask": torch.ones(2, dtype=torch.bool), "index": torch.arange(2)}
+
+
+def _module(*overrides):
+    from lvit.train.config import load_config
+    from lvit.train.module import SegmentationModule
+
+    torch.manual_seed(0)
+    return SegmentationModule(_Net(), load_config(None, ["optim.ema_decay=0.9", "optim.lr=0.1", *overrides]),
+                              text_embedding=nn.Embedding(6, 3, padding_idx=0))
+
+
+def _network(m) -> dict:
+    """The trained network and text embedding, keyed as in the average (``m.ema``)."""
+    return {**{f"model.{k}": v for k, v in m.model.state_dict().items()},
+            **{f"text_embedding.{k}": v for k, v in m.text_embedding.state_dict().items()}}
 
 
 @pytest.mark.filterwarnings("ignore:.*self.log.*")
@@ -70,26 +88,23 @@ def test_average_follows_every_step_and_is_what_validation_scores():
     import lightning.pytorch as pl
     from torch.utils.data import DataLoader
 
-    from lvit.train.config import load_config
     from lvit.train.ema import ema_decay_at
-    from lvit.train.module import SegmentationModule
 
-    torch.manual_seed(0)
-    module = SegmentationModule(_Net(), load_config(None, ["optim.ema_decay=0.9", "optim.lr=0.1"]))
+    module = _module()
     assert not any(p.requires_grad for p in module.ema.parameters())  # the optimizer never sees the average
     items = [{k: v[i] for k, v in _batch(seed).items()} for seed in range(3) for i in range(2)]
     seen = []  # (average, network) before each step and after the last
     in_validation = []
 
     def record(m):
-        seen.append((copy.deepcopy(m.ema["model"].state_dict()), copy.deepcopy(m.model.state_dict())))
+        seen.append((copy.deepcopy(m.ema.state_dict()), copy.deepcopy(_network(m))))
 
     class Watch(pl.Callback):
         def on_train_batch_start(self, trainer, m, batch, batch_idx):
             record(m)
 
         def on_validation_batch_start(self, trainer, m, batch, batch_idx, dataloader_idx=0):
-            in_validation.append(copy.deepcopy(m.model.state_dict()))
+            in_validation.append(copy.deepcopy(_network(m)))
 
         def on_train_epoch_end(self, trainer, m):  # after validation
             record(m)
@@ -99,7 +114,8 @@ def test_average_follows_every_step_and_is_what_validation_scores():
                          callbacks=[Watch()])
     trainer.fit(module, DataLoader(items, batch_size=2), DataLoader(items[:2], batch_size=2))
     assert trainer.global_step == 3 and len(seen) == 4
-    # The average starts as the initial network.
+    # The average starts as the initial network (and text embedding).
+    assert seen[0][0].keys() == seen[0][1].keys() and "text_embedding.weight" in seen[0][0]
     assert all(torch.equal(seen[0][0][k], seen[0][1][k]) for k in seen[0][0])
     for step, ((before, _), (after, network)) in enumerate(zip(seen, seen[1:]), start=1):
         d = ema_decay_at(step, 0.9)  # 2/11, 3/12, 4/13: the ramp, not yet 0.9
@@ -108,12 +124,34 @@ def test_average_follows_every_step_and_is_what_validation_scores():
                 assert torch.allclose(after[key], d * value + (1 - d) * network[key], atol=1e-6), (step, key)
             else:
                 assert torch.equal(after[key], network[key]), key
+        for key in ("model.conv.weight", "text_embedding.weight"):  # both trained, so both averages moved
+            assert not torch.equal(after[key], before[key]), (step, key)
     # Validation ran on the average's values; the network got its own back (and the weights saved are the average).
     average, network = seen[-1]
     assert all(torch.equal(in_validation[0][k], average[k]) for k in average)
-    assert not torch.equal(average["conv.weight"], network["conv.weight"])
-    assert torch.equal(module.model.conv.weight, network["conv.weight"])
-    assert module.weights_to_save()[0] is module.ema["model"]
+    for key in ("model.conv.weight", "text_embedding.weight"):
+        assert not torch.equal(average[key], network[key])
+    assert torch.equal(module.model.conv.weight, network["model.conv.weight"])
+    assert torch.equal(module.text_embedding.weight, network["text_embedding.weight"])
+    saved_model, saved_embedding = module.weights_to_save()
+    assert saved_model is module.ema["model"] and saved_embedding is module.ema["text_embedding"]
+
+
+def test_a_checkpoint_taken_during_validation_keeps_the_network_and_the_average_apart():
+    module = _module()
+    with torch.no_grad():
+        for p in module.ema.parameters():
+            p.add_(1.0)  # an average that differs from the network
+    network, average = copy.deepcopy(_network(module)), copy.deepcopy(module.ema.state_dict())
+    module.on_validation_start()  # the average swapped in, as while validating
+    assert torch.equal(module.model.conv.weight, average["model.conv.weight"])
+    checkpoint = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(checkpoint)
+    state = checkpoint["state_dict"]
+    for key in network:
+        assert torch.equal(state[key], network[key]) and torch.equal(state["ema." + key], average[key]), key
+    module.on_validation_end()
+    assert all(torch.equal(v, network[k]) for k, v in _network(module).items())
 
 
 def _config(*extra):
@@ -174,6 +212,28 @@ def test_run_with_average_saves_it_resumes_exactly_and_refuses_a_state_without_o
     again = load_state_file(resumed / "checkpoints" / "last.ckpt")["state_dict"]
     assert again.keys() == weights.keys() and all(torch.equal(again[k], weights[k]) for k in weights)
 
+    # The EPI module (the steps-matched rows of bench/qata.py) keeps and saves the average too, pseudo labels on:
+    # it moves in every epoch, warm-up and pseudo-label epochs alike.
+    import lightning.pytorch as pl
+
+    averages = []
+
+    class Record(pl.Callback):
+        def on_train_epoch_end(self, trainer, m):
+            averages.append({k: v.clone() for k, v in m.ema.state_dict().items() if v.is_floating_point()})
+
+    epi = tmp_path / "epi"
+    train(_config("semi.mode=epi", "semi.labeled_fraction=0.5", "semi.warmup_epochs=1", "optim.ema_decay=0.5"),
+          tiny_data, epi, plugins=[Callbacks(Record())])
+    assert len(averages) == 3
+    for before, after in zip(averages, averages[1:]):
+        for part in ("model.", "text_embedding."):
+            assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith(part)), part
+    state = load_state_file(epi / "checkpoints" / "last.ckpt")["state_dict"]
+    saved = load_weights(epi / "checkpoints" / "last.safetensors")
+    for key, value in saved.items():
+        assert torch.equal(value, state["ema." + (key if key.startswith("text_embedding.") else "model." + key)]), key
+
     # A state written without the average is not continued by a run with one: a branch from a steps run's kept
     # warm-up is refused (the average acts from the first step, so the branch would not equal a run from scratch),
     # and so is a run whose saved config was edited to add it.
@@ -198,5 +258,7 @@ def test_refusals():
             load_config(None, [f"optim.ema_decay={bad}"])
     with pytest.raises(ConfigError, match="optim.ema_decay: expected a number"):
         load_config(None, ["optim.ema_decay=true"])
+    with pytest.raises(ConfigError, match="does not combine with trainer.precision bf16-true"):
+        load_config(None, ["optim.ema_decay=0.9", "trainer.precision=bf16-true"])
     with pytest.raises(ConfigError, match="does not combine with semi.mode mean-teacher"):
         load_config(None, ["optim.ema_decay=0.9", "semi.mode=mean-teacher", "semi.labeled_fraction=0.25"])

@@ -557,7 +557,7 @@ def test_the_bench_names_each_recipe_from_its_run_config():
                                       "3-epoch pilot")
     assert recipe("lvit-rd25-e3") == "report dropout 0.25; 3-epoch pilot"
     assert recipe("lvit-rd25-e30") == "report dropout 0.25; 30 epochs"
-    assert recipe("lvit-rd25-ema") == "report dropout 0.25 + weight average (EMA 0.99)"
+    assert recipe("lvit-rd25-ema") == "report dropout 0.25 + weight average (EMA 0.999)"
     assert recipe("lvit-rd25-160") == "report dropout 0.25; 160 px"
     assert recipe("lvit-rd25-160-e30") == "report dropout 0.25; 160 px; 30 epochs"
     assert recipe("lvit-rdkd-w1-e3") == ("report dropout 0.25 + distillation into the no-report path (weight 1, "

@@ -298,6 +298,9 @@ class TrainConfig:
         ema = o.ema_decay
         if isinstance(ema, bool) or not isinstance(ema, int | float) or not 0.0 <= ema < 1.0:
             raise ConfigError(f"{source}: optim.ema_decay must be a number in [0, 1) (got {ema!r}; 0: off)")
+        if ema and str(self.trainer.precision) == "bf16-true":
+            raise ConfigError(f"{source}: optim.ema_decay does not combine with trainer.precision bf16-true: in "
+                              "bfloat16 most of each small update to the average is rounded away")
         if ema and self.semi.mode == "mean-teacher":
             raise ConfigError(f"{source}: optim.ema_decay does not combine with semi.mode mean-teacher (its teacher "
                               "is already a weight average: semi.ema_decay)")

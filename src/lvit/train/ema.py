@@ -44,15 +44,20 @@ def ema_update(teacher: nn.Module, student: nn.Module, decay: float) -> None:
             t.copy_(s)
 
 
+def _tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer by name, each once (the lists :func:`ema_update` averages)."""
+    return {**dict(module.named_parameters()), **dict(module.named_buffers())}
+
+
 @torch.no_grad()
 def swap_weights(a: nn.Module, b: nn.Module) -> None:
     """Exchange the values of every parameter and buffer of two copies of one network, in place (the tensors
     themselves stay where they are, so an optimizer holding ``a``'s parameters keeps training ``a``)."""
-    a_state, b_state = a.state_dict(keep_vars=True), b.state_dict(keep_vars=True)
-    if a_state.keys() != b_state.keys():
+    a_tensors, b_tensors = _tensors(a), _tensors(b)
+    if a_tensors.keys() != b_tensors.keys():
         raise ValueError("both modules must be the same network")
-    for name, x in a_state.items():
-        y = b_state[name]
+    for name, x in a_tensors.items():
+        y = b_tensors[name]
         held = x.detach().clone()
         x.detach().copy_(y.detach())
         y.detach().copy_(held)

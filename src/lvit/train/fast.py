@@ -116,6 +116,8 @@ class FastSegmentationModule(SegmentationModule):
         self._prepared = True
         if self.fast.channels_last:
             to_channels_last(self.model)
+            if self.ema is not None:  # the average's updates then read and write one memory layout
+                to_channels_last(self.ema["model"])
         compile_module(self.model, self.fast.compile, self.fast.compile_backend)
 
     def make_optimizer(self, params) -> torch.optim.Optimizer:

@@ -51,6 +51,7 @@ class SegmentationModule(pl.LightningModule):
         # place (lvit.train.ema). A child module, so last.ckpt carries it and a resumed run continues it exactly.
         self.ema: nn.ModuleDict | None = None
         self._ema_step = -1
+        self._average_swapped_in = False
         if config.optim.ema_decay:
             average = {"model": copy.deepcopy(model)}
             if text_embedding is not None:
@@ -128,6 +129,7 @@ class SegmentationModule(pl.LightningModule):
         swap_weights(self.model, self.ema["model"])
         if self.text_embedding is not None:
             swap_weights(self.text_embedding, self.ema["text_embedding"])
+        self._average_swapped_in = not self._average_swapped_in
 
     def on_train_start(self) -> None:
         self._ema_step = self.global_step  # the average follows the optimizer steps taken from here on
@@ -150,6 +152,15 @@ class SegmentationModule(pl.LightningModule):
     def on_validation_end(self) -> None:
         if self.ema is not None:
             self._swap_average()
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # A checkpoint taken during validation (another callback's validation hook, a cluster's pre-emption signal)
+        # would hold the average as the network and the network as the average: written back the right way round.
+        if self._average_swapped_in:
+            state = checkpoint["state_dict"]
+            for key in [k for k in state if k.startswith("ema.")]:
+                own = key[len("ema."):]
+                state[key], state[own] = state[own], state[key]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if self.ema is None:

@@ -220,6 +220,7 @@ class SemiSupervisedModule(SegmentationModule):
 
     # ------------------------------------------------------------------ checkpoint (exact resume)
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
         checkpoint[CHECKPOINT_KEY] = {"bank": self.bank.state_dict(),
                                       "config": json.dumps(dataclasses.asdict(self.semi))}
 
