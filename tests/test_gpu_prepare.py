@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from files import load_gpu_prepare
 
@@ -73,3 +74,49 @@ def test_packed_copy_round_trips_and_is_checked(tmp_path):
     path.write_bytes(lzma.compress(json.dumps(data).encode()))
     problems = prep.unpack_qata(tmp_path / "lossy", tmp_path / "out3", workers=1)["problems"]
     assert len(problems) == 1 and "mask differs" in problems[0]
+
+
+def test_a_pack_of_some_splits_unpacks_those_alone(tmp_path):
+    """--qata-splits train,val (the test split scored where its original images are): only those records are
+    packed, and the unpacked layout holds them and no test entries."""
+    from lvit.data import generate_synthetic, load_split
+
+    prep = load_gpu_prepare()
+    src = Path(generate_synthetic(tmp_path / "src", n_train=3, n_val=2, n_test=2, size=48, seed=1, force=True,
+                                  progress=False))
+    manifest = prep.pack_qata(src, tmp_path / "pack" / "data", quality=0, workers=1, splits=("train", "val"))
+    assert set(manifest["splits"]) == {"train", "val"}
+    assert prep.unpack_qata(tmp_path / "pack", tmp_path / "out", workers=1) == {"n": 5, "problems": []}
+    assert [r.name for r in load_split(tmp_path / "out", "val")] == [r.name for r in load_split(src, "val")]
+    annotation = (tmp_path / "out" / "prompts" / "annotation.json").read_text()
+    assert '"train"' in annotation and '"test"' not in annotation
+
+
+def test_shipped_width_runs_come_back_whole_from_their_parts(tmp_path):
+    """bench/gpu/qata_ship.sh cuts each run's tar into parts (the device returns files of at most 16 MiB);
+    bench/gpu/qata_ship.py joins them in order and unpacks the run byte for byte."""
+    import io
+    import tarfile
+
+    from files import load_bench
+
+    ship = load_bench("bench/gpu/qata_ship.py", "bench_gpu_qata_ship")
+    run = tmp_path / "made" / "w8-s0"
+    (run / "checkpoints").mkdir(parents=True)
+    weights = bytes(range(256)) * 400
+    (run / "checkpoints" / "best.safetensors").write_bytes(weights)
+    (run / "config.yaml").write_text("model_name: lvit\n")
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        tar.add(run, arcname="w8-s0")
+    blob = buf.getvalue()
+    returned = tmp_path / "returned"
+    returned.mkdir()
+    for i, start in enumerate(range(0, len(blob), 40000)):  # part-aa, part-ab, ... as split(1) names them
+        (returned / f"w8-s0.tar.part-a{'abcdefgh'[i]}").write_bytes(blob[start:start + 40000])
+    assert len(list(returned.iterdir())) > 2
+    assert ship.unpack(returned, tmp_path / "work") == ["w8-s0"]
+    assert (tmp_path / "work" / "w8-s0" / "checkpoints" / "best.safetensors").read_bytes() == weights
+    (returned / "w8-s0.tar.part-ab").unlink()  # a missing middle part: the tar cannot be read whole
+    with pytest.raises(tarfile.TarError):
+        ship.unpack(returned, tmp_path / "work2")

@@ -88,6 +88,24 @@ def test_in_train_mode_a_given_no_report_chooses_the_dropped_rows_without_a_draw
 # --- distillation of the report's answer into the no-report path ------------------------------------------------
 
 
+def test_the_dropped_rows_are_chosen_without_reading_them_back_to_the_host():
+    """A branch on the draw (``if drop.any()``) waits for the device at every training step and breaks
+    torch.compile's graph and CUDA graphs: the choice must trace as one graph, in train mode and with a given
+    ``no_report``, and still leave the kept rows exactly as they were."""
+    model = build_model("lvit", LViTConfig(**SMALL, report_dropout=0.5)).train()
+    _, text, mask = _inputs(4)
+    stand_in = model.no_report_text.detach().unsqueeze(0)  # [1, L, D], as forward passes it
+    traced = torch.compile(model.with_no_report, backend="eager", fullgraph=True)
+    torch.manual_seed(3)
+    used, used_mask = traced(stand_in, text, mask, None)
+    torch.manual_seed(3)
+    expected, expected_mask = model.with_no_report(stand_in, text, mask, None)
+    assert torch.equal(used, expected) and torch.equal(used_mask, expected_mask)
+    given = torch.tensor([False, False, False, False])
+    kept, kept_mask = traced(stand_in, text, mask, given)
+    assert torch.equal(kept, text) and torch.equal(kept_mask, mask)
+
+
 def test_distillation_loss_by_hand():
     from lvit.train.losses import distillation_loss
 

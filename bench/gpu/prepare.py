@@ -180,9 +180,11 @@ def _pool(workers: int):
     return multiprocessing.get_context("fork").Pool(workers) if workers > 1 else _Serial()
 
 
-def pack_qata(src: Path, dst: Path, quality: int = 90, workers: int = 2, limit: int | None = None) -> dict:
-    """Pack every record of ``src`` (any layout lvit reads; train/val/test) into ``dst`` (see the module doc).
-    ``quality`` 1-100: lossy WebP; 0: lossless WebP. ``limit``: the first N records of each split (tests)."""
+def pack_qata(src: Path, dst: Path, quality: int = 90, workers: int = 2, limit: int | None = None,
+              splits: tuple[str, ...] = ("train", "val", "test")) -> dict:
+    """Pack every record of ``src`` (any layout lvit reads; ``splits`` of train/val/test) into ``dst`` (see the
+    module doc). ``quality`` 1-100: lossy WebP; 0: lossless WebP. ``limit``: the first N records of each split
+    (tests). Leaving the test split out makes room for the repository when the test runs where the data is."""
     from lvit.data import load_split
 
     dst.mkdir(parents=True, exist_ok=True)
@@ -191,6 +193,8 @@ def pack_qata(src: Path, dst: Path, quality: int = 90, workers: int = 2, limit: 
                       "masks": {"codec": "packbits-lzma"}, "splits": {}}
     jobs, owners = [], []
     for split, key in QATA_SPLITS:
+        if split not in splits:
+            continue
         records = load_split(src, split)[:limit]
         manifest["splits"][split] = {"key": key, "entries": []}
         for r in records:
@@ -257,6 +261,8 @@ def unpack_qata(pack: Path, out: Path, workers: int = 0, limit: int | None = Non
     bits = lzma.decompress((data / "masks.xz").read_bytes())
     annotation, jobs, pos = {}, [], 0
     for split, _ in QATA_SPLITS:
+        if split not in manifest["splits"]:  # packed without it (--qata-splits)
+            continue
         part = manifest["splits"][split]
         key = part["key"]
         for sub in ("images", "masks"):
@@ -335,9 +341,10 @@ def repository_mib() -> float:
     return sum((REPO / n).stat().st_size for n in out.decode().split("\0") if n and (REPO / n).is_file()) / 2**20
 
 
-def prepare_qata(src: Path, quality: int, tokens: list[int], workers: int) -> int:
+def prepare_qata(src: Path, quality: int, tokens: list[int], workers: int,
+                 splits: tuple[str, ...] = ("train", "val", "test")) -> int:
     out = OUT / "qata"
-    manifest = pack_qata(src, out / "data", quality=quality, workers=workers)
+    manifest = pack_qata(src, out / "data", quality=quality, workers=workers, splits=splits)
     n_texts = pack_qata_text(out, tokens)
     write_stub(out)
     fetch_wheels(out / "whl", ("monai==1.6.1",))
@@ -374,6 +381,8 @@ def main() -> int:
                    help="MoNuSeg root (default ../shared/datasets/MoNuSeg; with --qata: not packed unless given)")
     p.add_argument("--qata", type=Path, default=None, help="pack this QaTa-COV19 copy into .devrun/qata")
     p.add_argument("--qata-quality", type=int, default=90, help="WebP quality of the images (0: lossless)")
+    p.add_argument("--qata-splits", default="train,val,test",
+                   help="the splits to pack (train,val: test where the original images are)")
     p.add_argument("--qata-tokens", default="10", help="comma-separated token counts to cache the reports for")
     p.add_argument("--workers", type=int, default=2, help="processes coding images")
     p.add_argument("--unpack-qata", type=Path, default=None, metavar="PACK",
@@ -402,7 +411,10 @@ def main() -> int:
             p.error(f"--qata-tokens: expected comma-separated integers, got {args.qata_tokens!r}")
         if not 0 <= args.qata_quality <= 100:
             p.error("--qata-quality must be 0 (lossless) to 100")
-        rc = prepare_qata(args.qata, args.qata_quality, tokens, args.workers)
+        splits = tuple(x.strip() for x in args.qata_splits.split(",") if x.strip())
+        if not splits or set(splits) - {"train", "val", "test"}:
+            p.error(f"--qata-splits: a comma-separated subset of train,val,test, got {args.qata_splits!r}")
+        rc = prepare_qata(args.qata, args.qata_quality, tokens, args.workers, splits)
         if rc or args.monuseg is None:
             return rc
     args.monuseg = args.monuseg or REPO.parent / "shared" / "datasets" / "MoNuSeg"

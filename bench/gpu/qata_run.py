@@ -18,6 +18,7 @@ import argparse
 import csv
 import json
 import platform
+import shutil
 import statistics
 import sys
 import time
@@ -103,44 +104,79 @@ def read_curve(run_dir: Path) -> list[dict]:
 
 
 def train_and_test(model: str, data: Path, runs: Path, cache: Path, until: float, overrides: list[str],
-                   device: str) -> dict:
+                   device: str, preset: str = "qata-gpu", name: str | None = None, test: bool = True) -> dict:
     from lvit.evaluate.testing import run_test
     from lvit.presets import preset_path
     from lvit.train.config import load_config
     from lvit.train.plugins import Callbacks
     from lvit.train.runner import train
 
-    config = load_config(preset_path("qata-gpu"), [f"model_name={model}", f"text.cache_dir={cache}",
-                                                    "trainer.progress=false", *overrides])
+    run_dir = runs / (name or model)
+    config = load_config(preset_path(preset), [f"model_name={model}", f"text.cache_dir={cache}",
+                                               "trainer.progress=false", *overrides])
     deadline = Deadline(until)
     started = time.time()
-    result = train(config, data, runs / model, force=True, plugins=[Callbacks(deadline)])
+    result = train(config, data, run_dir, force=True, plugins=[Callbacks(deadline)])
     train_s = time.time() - started
     tested = time.time()
-    metrics = run_test(runs / model, data, "test", force=True, progress=False, cache_dir=cache, device=device,
-                       batch_size=64 if device == "cuda" else 8)
-    curve = read_curve(runs / model)
+    metrics = (run_test(run_dir, data, "test", force=True, progress=False, cache_dir=cache, device=device,
+                        batch_size=64 if device == "cuda" else 8) if test else None)
+    curve = read_curve(run_dir)
     steady = [r["seconds"] for r in curve[1:]] or [r["seconds"] for r in curve]
     per_epoch = statistics.median(steady)
     from lvit.artifacts.runs import read_run_config
 
-    n_train = int(read_run_config(runs / model)["data_info"]["n_train"])
+    n_train = int(read_run_config(run_dir)["data_info"]["n_train"])
     images = n_train // config.data.batch_size * config.data.batch_size  # training batches drop the last one
-    mr, orig = metrics["model_resolution"], metrics.get("original_resolution", {})
+    summary = None
+    if metrics is not None:
+        mr, orig = metrics["model_resolution"], metrics.get("original_resolution", {})
+        summary = {"n_images": metrics.get("n_images"), "dice": mr["mean_over_images"]["dice"],
+                   "iou": mr["mean_over_images"]["iou"], "pooled_dice": mr["dataset_level"]["dice"],
+                   "pooled_iou": mr["dataset_level"]["iou"],
+                   "original_resolution_dice": (orig.get("mean_over_images") or {}).get("dice"),
+                   "original_resolution_pooled_dice": (orig.get("dataset_level") or {}).get("dice")}
     return {
-        "model": model, "epochs": result.epochs, "best_epoch": result.best_epoch, "best_val_dice": result.best_dice,
+        "model": model, "name": name or model, "preset": preset, "overrides": overrides, "epochs": result.epochs,
+        "best_epoch": result.best_epoch, "best_val_dice": result.best_dice,
         "stopped_by_deadline": deadline.stopped, "stopped_early": result.stopped_early,
         "train_seconds": round(train_s, 1), "first_epoch_seconds": curve[0]["seconds"] if curve else None,
         "median_epoch_seconds": round(per_epoch, 2), "test_seconds": round(time.time() - tested, 1),
         "epoch_images_per_s": round(images / per_epoch, 1),
-        "test": {"n_images": metrics.get("n_images"), "dice": mr["mean_over_images"]["dice"],
-                 "iou": mr["mean_over_images"]["iou"], "pooled_dice": mr["dataset_level"]["dice"],
-                 "pooled_iou": mr["dataset_level"]["iou"],
-                 "original_resolution_dice": (orig.get("mean_over_images") or {}).get("dice"),
-                 "original_resolution_pooled_dice": (orig.get("dataset_level") or {}).get("dice")},
+        "test": summary,
         "curve": curve, "config": {k: v for k, v in config.to_dict()["fast"].items()},
         "precision": config.trainer.precision, "text_tokens": config.model.text_tokens
     }
+
+
+def half_copy(run_dir: Path, out: Path) -> Path:
+    """``out``: the run folder's files (config, curves, vocabulary; no training state) with its best weights rounded
+    to float16, the form a model folder ships in and the form that comes back from a lent machine."""
+    from safetensors.torch import load_file, save_file
+
+    from lvit.artifacts.runs import BEST_WEIGHTS, CKPT_DIR
+
+    (out / CKPT_DIR).mkdir(parents=True, exist_ok=True)
+    for f in run_dir.iterdir():
+        if f.is_file():
+            shutil.copy2(f, out / f.name)
+    tensors = load_file(str(run_dir / CKPT_DIR / BEST_WEIGHTS))
+    save_file({k: v.half() if v.is_floating_point() else v for k, v in tensors.items()},
+              str(out / CKPT_DIR / BEST_WEIGHTS))
+    return out
+
+
+def test_half(run_dir: Path, data: Path, cache: Path, device: str) -> dict:
+    """Test figures of the best weights rounded to float16 (the shipped form), beside the float32 ones."""
+    from lvit.evaluate.testing import run_test
+
+    folder = half_copy(run_dir, run_dir.parent / f"{run_dir.name}.float16")
+    metrics = run_test(folder, data, "test", force=True, progress=False, cache_dir=cache, device=device,
+                       batch_size=64 if device == "cuda" else 8)
+    mr, orig = metrics["model_resolution"], metrics.get("original_resolution", {})
+    return {"dice": mr["mean_over_images"]["dice"], "iou": mr["mean_over_images"]["iou"],
+            "original_resolution_dice": (orig.get("mean_over_images") or {}).get("dice"),
+            "folder": str(folder)}
 
 
 def plot(results: dict, out: Path) -> Path | None:
@@ -212,6 +248,15 @@ def main(argv=None) -> int:
     p.add_argument("--data-note", default="")
     p.add_argument("--command", default="bash bench/gpu/qata.sh")
     p.add_argument("--set", action="append", default=[], dest="overrides", help="extra config override")
+    p.add_argument("--preset", default="qata-gpu", help="the preset the overrides apply to (default qata-gpu)")
+    p.add_argument("--name", default=None,
+                   help="run folder and results key (one model only; default: the model's name), e.g. when "
+                        "several processes share RUNS")
+    p.add_argument("--results-json", type=Path, default=None, help="default: RUNS/qata_gpu_results.json")
+    p.add_argument("--no-test", action="store_true",
+                   help="train only (the test split is scored elsewhere, e.g. on its original images)")
+    p.add_argument("--test-float16", action="store_true",
+                   help="also test the best weights rounded to float16 (RUNS/<name>.float16, the shipped form)")
     p.add_argument("--dry-run", action="store_true")
     args = p.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() and not args.dry_run else "cpu"
@@ -221,29 +266,38 @@ def main(argv=None) -> int:
     overrides = [f"{k}={v}" for k, v in extra.items()] + (DRY if args.dry_run else []) + args.overrides
     print(f"compile: {why}; overrides {overrides}", flush=True)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
+    if args.name and len(models) != 1:
+        p.error("--name names one run: give one model")
     args.runs.mkdir(parents=True, exist_ok=True)
-    results_file = args.runs / "qata_gpu_results.json"
+    results_file = args.results_json or args.runs / "qata_gpu_results.json"
     results = {}
     for i, model in enumerate(models):
+        key = args.name or model
         left = args.until - time.time()
         until = time.time() + left / (len(models) - i)
         print(f"== {model}: training until {time.strftime('%H:%M:%S', time.localtime(until))} "
               f"({(until - time.time()) / 60:.1f} min)", flush=True)
         try:
-            results[model] = train_and_test(model, args.data, args.runs, args.text_cache, until, overrides, device)
+            results[key] = train_and_test(model, args.data, args.runs, args.text_cache, until, overrides, device,
+                                          preset=args.preset, name=args.name, test=not args.no_test)
+            if args.test_float16 and not args.no_test:
+                run_dir = args.runs / (args.name or model)
+                results[key]["test_float16"] = test_half(run_dir, args.data, args.text_cache, device)
         except Exception as exc:  # one model's failure must not lose the others' results
             print(f"{model}: failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
             continue
-        r = results[model]
-        results[model]["compile_choice"] = why
-        print(f"{model}: {r['epochs']} epochs (best {r['best_epoch']}, val Dice {r['best_val_dice']:.4f}) in "
+        r = results[key]
+        results[key]["compile_choice"] = why
+        print(f"{key}: {r['epochs']} epochs (best {r['best_epoch']}, val Dice {r['best_val_dice']:.4f}) in "
               f"{r['train_seconds'] / 60:.1f} min, {r['median_epoch_seconds']:.2f} s/epoch (first "
-              f"{r['first_epoch_seconds']:.0f} s); test Dice per image {r['test']['dice']:.4f} / pooled "
-              f"{r['test']['pooled_dice']:.4f}, IoU {r['test']['iou']:.4f}", flush=True)
+              f"{r['first_epoch_seconds']:.0f} s)"
+              + (f"; test Dice per image {r['test']['dice']:.4f} / pooled {r['test']['pooled_dice']:.4f}, IoU "
+                 f"{r['test']['iou']:.4f}" if r["test"] else "; not tested here")
+              + (f"; float16 weights {r['test_float16']['dice']:.4f}" if "test_float16" in r else ""), flush=True)
         results_file.write_text(json.dumps(results, indent=1))
     gpu = torch.cuda.get_device_name(0) if device == "cuda" else "none (dry run on the CPU)"
     machine = f"{gpu}; torch {torch.__version__}; Python {platform.python_version()}"
-    if args.results_md is not None and results:
+    if args.results_md is not None and results and not args.no_test:
         from lvit.core.io import write_marked_section
 
         png = plot(results, args.results_md.parent / "qata_gpu_curve.png")

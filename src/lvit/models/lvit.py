@@ -226,8 +226,10 @@ class LViT(PretrainedMixin, nn.Module):
             else no_report.to(device=device, dtype=torch.bool)
         if self.training and no_report is None:
             drop = torch.rand(batch, device=device) < float(self.config.report_dropout)
-        if not bool(drop.any()):
-            return text, text_mask
+        elif no_report is None:
+            return text, text_mask  # evaluation with every report given
+        # No branch on drop.any(): reading it back would stop at every training step for the host (and break
+        # torch.compile's graph and CUDA graphs); a row that keeps its report comes out of where() unchanged.
         text = torch.where(drop[:, None, None], stand_in, text.to(stand_in.dtype))
         if text_mask is not None:
             text_mask = text_mask | drop[:, None]

@@ -1,0 +1,181 @@
+"""The runs of ``bash bench/gpu/qata_ship.sh`` (the shippable width trained on a lent GPU), scored here on the
+original QaTa-COV19 test images, and their section of bench/RESULTS.md.
+
+    python bench/gpu/qata_ship.py evaluate --from DIR --data QATA --work W [--threads 2]
+    python bench/gpu/qata_ship.py render
+
+``evaluate``: DIR holds what the GPU call returned (``<run>.tar.part-*`` and ``qata_ship.tar.gz``); each run is
+unpacked into ``W/<run>`` and tested with ``lvit test``'s code on the 2,113 test images as they are on disk (not
+the WebP copy it was trained on), with the true reports and with none (its report-dropout path); a test already
+written for the same weights (``metrics.json``'s sha256) is read instead of run again. Writes
+``bench/gpu/results/qata_ship.json``. ``render``: the section ``qata-ship-gpu`` of bench/RESULTS.md from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import io
+import json
+import sys
+import tarfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+RESULTS_JSON = REPO / "bench" / "gpu" / "results" / "qata_ship.json"
+RESULTS_MD = REPO / "bench" / "RESULTS.md"
+SECTION = "qata-ship-gpu"
+REPORTS = {"true": "test-test", "none": "test-none"}
+
+
+def unpack(source: Path, work: Path) -> list[str]:
+    """Join each run's tar parts and extract it under ``work``; the summary tarball's files go to work/summary."""
+    names = sorted({p.name.split(".tar.part-")[0] for p in source.glob("*.tar.part-*")})
+    if not names:
+        raise SystemExit(f"{source}: no <run>.tar.part-* files (the files bench/gpu/qata_ship.sh returns)")
+    for name in names:
+        blob = b"".join(p.read_bytes() for p in sorted(source.glob(f"{name}.tar.part-*")))
+        with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
+            tar.extractall(work, filter="data")
+    summary = source / "qata_ship.tar.gz"
+    if summary.is_file():
+        with tarfile.open(summary) as tar:
+            tar.extractall(work / "summary", filter="data")
+    return names
+
+
+def scored(run: Path, data: Path, reports: str, threads: int) -> dict:
+    from lvit.evaluate.testing import run_test
+
+    out = run / REPORTS[reports]
+    weights = hashlib.sha256((run / "checkpoints" / "best.safetensors").read_bytes()).hexdigest()
+    done = out / "metrics.json"
+    if done.is_file():
+        metrics = json.loads(done.read_text())
+        if metrics.get("weights_sha256") == weights and metrics.get("threshold") == 0.5:
+            return metrics
+    import torch
+
+    torch.set_num_threads(threads)
+    return run_test(run, data, "test", out, force=True, progress=False, reports=reports, threshold=0.5)
+
+
+def figures(metrics: dict) -> dict:
+    model, orig = metrics["model_resolution"], metrics["original_resolution"]
+    return {"dice": model["mean_over_images"]["dice"], "iou": model["mean_over_images"]["iou"],
+            "pooled_dice": model["dataset_level"]["dice"], "dice_original": orig["mean_over_images"]["dice"],
+            "iou_original": orig["mean_over_images"]["iou"], "pooled_dice_original": orig["dataset_level"]["dice"],
+            "n_test": metrics["n_scored"]}
+
+
+def evaluate(args) -> int:
+    import yaml
+
+    from lvit.benchmark import machine_line
+
+    names = unpack(args.source, args.work)
+    entries = []
+    for name in names:
+        run = args.work / name
+        config = yaml.safe_load((run / "config.yaml").read_text())
+        gpu_side = {}
+        result = args.work / "summary" / f"result-{name}.json"
+        if result.is_file():
+            gpu_side = next(iter(json.loads(result.read_text()).values()))
+        with (run / "metrics.csv").open(newline="") as fh:
+            curve = [{"epoch": int(r["epoch"]), "val_dice": float(r["val_dice"]), "lr": float(r["lr"]),
+                      "seconds": float(r["seconds"])} for r in csv.DictReader(fh)]
+        entry = {
+            "run": name, "seed": int(config["trainer"]["seed"]),
+            "base_channels": int(config["model"]["base_channels"]), "image_size": int(config["model"]["image_size"]),
+            "text_tokens": int(config["model"]["text_tokens"]),
+            "report_dropout": float(config["model"].get("report_dropout") or 0.0),
+            "batch_size": int(config["data"]["batch_size"]), "lr": float(config["optim"]["lr"]),
+            "ema_decay": float(config["optim"].get("ema_decay") or 0.0),
+            "precision": config["trainer"]["precision"], "overrides": gpu_side.get("overrides"),
+            "epochs": len(curve), "best_epoch": max(curve, key=lambda c: c["val_dice"])["epoch"],
+            "best_val_dice": max(c["val_dice"] for c in curve), "val_dice_per_epoch": [c["val_dice"] for c in curve],
+            "median_epoch_seconds": gpu_side.get("median_epoch_seconds"),
+            "train_seconds": gpu_side.get("train_seconds"),
+            "weights_sha256": hashlib.sha256((run / "checkpoints" / "best.safetensors").read_bytes()).hexdigest(),
+        }
+        for reports in REPORTS:
+            metrics = scored(run, args.data, reports, args.threads)
+            entry[f"test_{reports}_reports"] = figures(metrics)
+            print(f"{name}: {reports} reports: per-image Dice {entry[f'test_{reports}_reports']['dice_original']:.4f}"
+                  f" at 224x224", flush=True)
+        entries.append(entry)
+    nvidia = (args.work / "summary" / "nvidia-smi.txt")
+    gpu = nvidia.read_text().splitlines()[-1].split(",")[0] if nvidia.is_file() else "GPU"
+    out = {"gpu": gpu, "gpu_command": "TOTAL_S=565 RESERVE_S=35 bash bench/gpu/qata_ship.sh",
+           "test_command": f"python bench/gpu/qata_ship.py evaluate --from DIR --data QATA --work W "
+                           f"--threads {args.threads}",
+           "test_machine": machine_line(), "threshold": 0.5, "runs": entries}
+    RESULTS_JSON.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS_JSON.write_text(json.dumps(out, indent=1) + "\n")
+    print(f"wrote {RESULTS_JSON}")
+    return render(args)
+
+
+def shipped_line() -> str:
+    """The shipped model's figures at the same threshold, from its raw file (bench/shipped_model.json)."""
+    path = REPO / "bench" / "shipped_model.json"
+    if not path.is_file():
+        return ""
+    at = json.loads(path.read_text()).get("at_threshold_0_5") or {}
+    if "dice_original" not in at:
+        return ""
+    none = (at.get("no_report") or {}).get("dice_original")
+    return (f" The shipped `qata-lvit` (base width 16, 128 px, 30 epochs) at 0.5: {at['dice_original']:.4f} with the "
+            "true reports" + (f", {none:.4f} with none" if none is not None else "") + " (bench/shipped_model.json).")
+
+
+def render(args=None) -> int:
+    from lvit.core.io import write_marked_section
+
+    r = json.loads(RESULTS_JSON.read_text())
+    runs = r["runs"]
+    first = runs[0]
+    rows = ["| run | seed | epochs (best) | s / epoch | best val Dice | test Dice / IoU, true reports "
+            "| pooled Dice | test Dice, no report |", "|---|---|---|---|---|---|---|---|"]
+    for e in runs:
+        t, n = e["test_true_reports"], e["test_none_reports"]
+        rows.append(f"| {e['run']} | {e['seed']} | {e['epochs']} ({e['best_epoch']}) | {e['median_epoch_seconds']} "
+                    f"| {e['best_val_dice']:.4f} | {t['dice_original']:.4f} / {t['iou_original']:.4f} "
+                    f"| {t['pooled_dice_original']:.4f} | {n['dice_original']:.4f} |")
+    curves = [f"- {e['run']}, validation Dice by epoch: "
+              + ", ".join(f"{i + 1}: {v:.3f}" for i, v in enumerate(e["val_dice_per_epoch"])) for e in runs]
+    text = "\n".join([
+        "## The shippable width at 224 px on one lent GPU (`bench/gpu/qata_ship.sh`)", "",
+        (f"Trained on one {r['gpu']} (`{r['gpu_command']}`): LViT, base width {first['base_channels']}, "
+         f"{first['image_size']} px, {first['text_tokens']} tokens, report dropout {first['report_dropout']}, batch "
+         f"{first['batch_size']}, Adam {first['lr']:g}, cosine warm restarts T_0 = 10, weight average "
+         f"{first['ema_decay']}, {first['precision']}, the fast GPU path without torch.compile; the seeds side by "
+         "side on the one GPU until a wall-clock deadline, on the WebP copy of the train and val splits "
+         "(bench/gpu/prepare.py). Tested here on the 2,113 original test images at 224x224, threshold "
+         f"{r['threshold']}, per-image mean (the paper's figure) and pooled (`{r['test_command']}`; "
+         f"{r['test_machine']})."), "",
+        *rows, "", *curves, "",
+        "Published (per-image, test): LViT 83.66 / 75.11." + shipped_line(),
+    ])
+    write_marked_section(RESULTS_MD, SECTION, text)
+    print(f"wrote the section {SECTION} of {RESULTS_MD}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command_name", required=True)
+    e = sub.add_parser("evaluate", help="unpack the GPU call's files, test each run here, write the JSON")
+    e.add_argument("--from", dest="source", type=Path, required=True, help="the GPU call's returned files")
+    e.add_argument("--data", type=Path, required=True, help="QaTa-COV19 root with the original test images")
+    e.add_argument("--work", type=Path, required=True, help="where the runs are unpacked and tested")
+    e.add_argument("--threads", type=int, default=2)
+    sub.add_parser("render", help="the RESULTS.md section from bench/gpu/results/qata_ship.json")
+    args = p.parse_args(argv)
+    return evaluate(args) if args.command_name == "evaluate" else render(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
