@@ -120,3 +120,34 @@ def test_shipped_width_runs_come_back_whole_from_their_parts(tmp_path):
     (returned / "w8-s0.tar.part-ab").unlink()  # a missing middle part: the tar cannot be read whole
     with pytest.raises(tarfile.TarError):
         ship.unpack(returned, tmp_path / "work2")
+
+
+def test_the_deadline_predicts_from_steady_epochs_and_waits_for_min_epochs(monkeypatch):
+    """bench/gpu/qata_run.py's Deadline: it stops after the epoch whose successor (the median of the steady epochs,
+    the first left out once others exist) would end past the deadline, never before ``min_epochs``."""
+    from types import SimpleNamespace
+
+    from files import load_bench
+
+    run = load_bench("bench/gpu/qata_run.py", "bench_gpu_qata_run")
+    clock = {"now": 0.0}
+    monkeypatch.setattr(run.time, "time", lambda: clock["now"])
+
+    def epochs(deadline, seconds):
+        trainer = SimpleNamespace(should_stop=False)
+        deadline.on_train_start(trainer, None)
+        stopped_after = None
+        for i, s in enumerate(seconds, start=1):
+            clock["now"] += s
+            deadline.on_train_epoch_end(trainer, None)
+            if trainer.should_stop:
+                stopped_after = i
+                break
+        return stopped_after
+
+    clock["now"] = 0.0  # a 40 s first epoch, then 10 s ones, 75 s allowed: epochs end at 40, 50, 60, 70
+    assert epochs(run.Deadline(75.0), [40, 10, 10, 10, 10]) == 1  # after one epoch only the first predicts
+    clock["now"] = 0.0
+    assert epochs(run.Deadline(75.0, min_epochs=3), [40, 10, 10, 10, 10]) == 4  # 70 + 10 > 75
+    clock["now"] = 0.0
+    assert epochs(run.Deadline(1000.0, min_epochs=3), [40, 10, 10]) is None

@@ -45,10 +45,12 @@ DRY = ["model.image_size=64", "model.base_channels=8", "model.vit_heads=4", "dat
 
 class Deadline(pl.Callback):
     """Stop after the epoch whose successor (as long as the median of the last three) would end past ``until``
-    (``time.time()``). The first epoch, which compiles, is not used for the prediction once others exist."""
+    (``time.time()``). The first epoch, which compiles, is not used for the prediction once others exist; so that
+    there are others, no stop comes before ``min_epochs`` (a speed measurement needs a steady epoch; the caller's
+    hard time limit still holds)."""
 
-    def __init__(self, until: float):
-        self.until, self.durations, self.stopped = until, [], False
+    def __init__(self, until: float, min_epochs: int = 1):
+        self.until, self.min_epochs, self.durations, self.stopped = until, min_epochs, [], False
         self._last = time.time()
 
     def on_train_start(self, trainer, pl_module) -> None:
@@ -59,7 +61,7 @@ class Deadline(pl.Callback):
         self.durations.append(now - self._last)
         self._last = now
         recent = self.durations[1:][-3:] or self.durations
-        if now + statistics.median(recent) > self.until:
+        if len(self.durations) >= self.min_epochs and now + statistics.median(recent) > self.until:
             trainer.should_stop = True
             self.stopped = True
 
@@ -104,7 +106,8 @@ def read_curve(run_dir: Path) -> list[dict]:
 
 
 def train_and_test(model: str, data: Path, runs: Path, cache: Path, until: float, overrides: list[str],
-                   device: str, preset: str = "qata-gpu", name: str | None = None, test: bool = True) -> dict:
+                   device: str, preset: str = "qata-gpu", name: str | None = None, test: bool = True,
+                   min_epochs: int = 1) -> dict:
     from lvit.evaluate.testing import run_test
     from lvit.presets import preset_path
     from lvit.train.config import load_config
@@ -114,7 +117,7 @@ def train_and_test(model: str, data: Path, runs: Path, cache: Path, until: float
     run_dir = runs / (name or model)
     config = load_config(preset_path(preset), [f"model_name={model}", f"text.cache_dir={cache}",
                                                "trainer.progress=false", *overrides])
-    deadline = Deadline(until)
+    deadline = Deadline(until, min_epochs)
     started = time.time()
     result = train(config, data, run_dir, force=True, plugins=[Callbacks(deadline)])
     train_s = time.time() - started
@@ -151,7 +154,7 @@ def train_and_test(model: str, data: Path, runs: Path, cache: Path, until: float
 
 def half_copy(run_dir: Path, out: Path) -> Path:
     """``out``: the run folder's files (config, curves, vocabulary; no training state) with its best weights rounded
-    to float16, the form a model folder ships in and the form that comes back from a lent machine."""
+    to float16, the form a model folder ships in."""
     from safetensors.torch import load_file, save_file
 
     from lvit.artifacts.runs import BEST_WEIGHTS, CKPT_DIR
@@ -190,8 +193,8 @@ def plot(results: dict, out: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
     for model, r in results.items():
         ax.plot([c["epoch"] for c in r["curve"]], [100 * c["val_dice"] for c in r["curve"]], marker=".",
-                label=LABELS.get(model, model))
-        pub = PUBLISHED.get(model)
+                label=LABELS.get(r.get("model", model), model))
+        pub = PUBLISHED.get(r.get("model", model))
         if pub:
             ax.axhline(pub[0], ls="--", lw=0.8, color="gray")
     ax.set_xlabel("epoch")
@@ -211,9 +214,10 @@ def render(results: dict, why: str, machine: str, data_note: str, command: str) 
             "| test Dice / IoU (per image) | test Dice / IoU (pooled) | published Dice / IoU |",
             "|---|---|---|---|---|---|---|---|---|"]
     for model, r in results.items():
-        t, pub = r["test"], PUBLISHED.get(model)
+        t, pub = r["test"], PUBLISHED.get(r.get("model", model))
         rows.append(
-            f"| {LABELS.get(model, model)} | {r['epochs']} ({r['best_epoch']}) | {r['train_seconds'] / 60:.1f} min "
+            f"| {LABELS.get(r.get('model', model), model)} | {r['epochs']} ({r['best_epoch']}) "
+            f"| {r['train_seconds'] / 60:.1f} min "
             f"| {r['median_epoch_seconds']:.2f} ({r['first_epoch_seconds']:.0f}) | {r['epoch_images_per_s'] or '-'} "
             f"| {100 * r['best_val_dice']:.2f} | {100 * t['dice']:.2f} / {100 * t['iou']:.2f} "
             f"| {100 * t['pooled_dice']:.2f} / {100 * t['pooled_iou']:.2f} | "
@@ -223,7 +227,7 @@ def render(results: dict, why: str, machine: str, data_note: str, command: str) 
     curves = []
     for model, r in results.items():
         points = ", ".join(f"{c['epoch']}: {100 * c['val_dice']:.1f}" for c in r["curve"])
-        curves.append(f"- {LABELS.get(model, model)}, validation Dice by epoch: {points}")
+        curves.append(f"- {LABELS.get(r.get('model', model), model)}, validation Dice by epoch: {points}")
     return "\n".join([
         "## QaTa-COV19 at the paper's settings on one GPU (`bench/gpu/qata.sh`)", "",
         (f"Machine: {machine}. Preset `qata-gpu` = `qata` (224 px, base width 64, batch 24, Adam 3e-4, cosine warm "
@@ -253,6 +257,8 @@ def main(argv=None) -> int:
                    help="run folder and results key (one model only; default: the model's name), e.g. when "
                         "several processes share RUNS")
     p.add_argument("--results-json", type=Path, default=None, help="default: RUNS/qata_gpu_results.json")
+    p.add_argument("--min-epochs", type=int, default=1,
+                   help="epochs trained before the deadline may stop a run (speed runs: 3, for steady epochs)")
     p.add_argument("--no-test", action="store_true",
                    help="train only (the test split is scored elsewhere, e.g. on its original images)")
     p.add_argument("--test-float16", action="store_true",
@@ -264,6 +270,9 @@ def main(argv=None) -> int:
     if args.dry_run:
         why += "; overridden by --dry-run: compile default, fused Adam (qata_run.DRY)"
     overrides = [f"{k}={v}" for k, v in extra.items()] + (DRY if args.dry_run else []) + args.overrides
+    named = [o.split("=", 1)[1] for o in args.overrides if o.startswith("fast.compile=")]
+    if named:  # the last --set wins in the config, and so in the record
+        why = f"fast.compile={named[-1]}, set on the command line"
     print(f"compile: {why}; overrides {overrides}", flush=True)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     if args.name and len(models) != 1:
@@ -279,13 +288,16 @@ def main(argv=None) -> int:
               f"({(until - time.time()) / 60:.1f} min)", flush=True)
         try:
             results[key] = train_and_test(model, args.data, args.runs, args.text_cache, until, overrides, device,
-                                          preset=args.preset, name=args.name, test=not args.no_test)
-            if args.test_float16 and not args.no_test:
-                run_dir = args.runs / (args.name or model)
-                results[key]["test_float16"] = test_half(run_dir, args.data, args.text_cache, device)
+                                          preset=args.preset, name=args.name, test=not args.no_test,
+                                          min_epochs=args.min_epochs)
         except Exception as exc:  # one model's failure must not lose the others' results
             print(f"{model}: failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
             continue
+        if args.test_float16 and not args.no_test:
+            try:  # a failure here must not lose the float32 result above
+                results[key]["test_float16"] = test_half(args.runs / key, args.data, args.text_cache, device)
+            except Exception as exc:
+                results[key]["test_float16"] = {"error": f"{type(exc).__name__}: {exc}"}
         r = results[key]
         results[key]["compile_choice"] = why
         print(f"{key}: {r['epochs']} epochs (best {r['best_epoch']}, val Dice {r['best_val_dice']:.4f}) in "
@@ -293,7 +305,8 @@ def main(argv=None) -> int:
               f"{r['first_epoch_seconds']:.0f} s)"
               + (f"; test Dice per image {r['test']['dice']:.4f} / pooled {r['test']['pooled_dice']:.4f}, IoU "
                  f"{r['test']['iou']:.4f}" if r["test"] else "; not tested here")
-              + (f"; float16 weights {r['test_float16']['dice']:.4f}" if "test_float16" in r else ""), flush=True)
+              + (f"; float16 weights {r['test_float16']['dice']:.4f}" if "dice" in r.get("test_float16", {})
+                 else ""), flush=True)
         results_file.write_text(json.dumps(results, indent=1))
     gpu = torch.cuda.get_device_name(0) if device == "cuda" else "none (dry run on the CPU)"
     machine = f"{gpu}; torch {torch.__version__}; Python {platform.python_version()}"

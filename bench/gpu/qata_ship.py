@@ -27,6 +27,8 @@ RESULTS_JSON = REPO / "bench" / "gpu" / "results" / "qata_ship.json"
 RESULTS_MD = REPO / "bench" / "RESULTS.md"
 SECTION = "qata-ship-gpu"
 REPORTS = {"true": "test-test", "none": "test-none"}
+# Python 3.11.4+ refuses members that would land outside the target; older 3.11 extracts as before.
+SAFE = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
 
 
 def unpack(source: Path, work: Path) -> list[str]:
@@ -37,11 +39,11 @@ def unpack(source: Path, work: Path) -> list[str]:
     for name in names:
         blob = b"".join(p.read_bytes() for p in sorted(source.glob(f"{name}.tar.part-*")))
         with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
-            tar.extractall(work, filter="data")
+            tar.extractall(work, **SAFE)
     summary = source / "qata_ship.tar.gz"
     if summary.is_file():
         with tarfile.open(summary) as tar:
-            tar.extractall(work / "summary", filter="data")
+            tar.extractall(work / "summary", **SAFE)
     return names
 
 
@@ -92,7 +94,9 @@ def evaluate(args) -> int:
             "text_tokens": int(config["model"]["text_tokens"]),
             "report_dropout": float(config["model"].get("report_dropout") or 0.0),
             "batch_size": int(config["data"]["batch_size"]), "lr": float(config["optim"]["lr"]),
-            "ema_decay": float(config["optim"].get("ema_decay") or 0.0),
+            "ema_decay": float(config["optim"].get("ema_decay") or 0.0), "t0": int(config["optim"]["t0"]),
+            "eta_min": float(config["optim"]["eta_min"]),
+            "compile": config["fast"]["compile"] if config["fast"]["enabled"] else "off (no fast path)",
             "precision": config["trainer"]["precision"], "overrides": gpu_side.get("overrides"),
             "epochs": len(curve), "best_epoch": max(curve, key=lambda c: c["val_dice"])["epoch"],
             "best_val_dice": max(c["val_dice"] for c in curve), "val_dice_per_epoch": [c["val_dice"] for c in curve],
@@ -108,7 +112,11 @@ def evaluate(args) -> int:
         entries.append(entry)
     nvidia = (args.work / "summary" / "nvidia-smi.txt")
     gpu = nvidia.read_text().splitlines()[-1].split(",")[0] if nvidia.is_file() else "GPU"
-    out = {"gpu": gpu, "gpu_command": "TOTAL_S=565 RESERVE_S=35 bash bench/gpu/qata_ship.sh",
+    settings = args.work / "summary" / "settings.json"  # written by the call itself (bench/gpu/qata_ship.sh)
+    command = json.loads(settings.read_text())["command"] if settings.is_file() else args.gpu_command
+    if not command:
+        raise SystemExit(f"{args.source}: no settings.json from the GPU call: give --gpu-command (how it was run)")
+    out = {"gpu": gpu, "gpu_command": command,
            "test_command": f"python bench/gpu/qata_ship.py evaluate --from DIR --data QATA --work W "
                            f"--threads {args.threads}",
            "test_machine": machine_line(), "threshold": 0.5, "runs": entries}
@@ -150,10 +158,11 @@ def render(args=None) -> int:
         "## The shippable width at 224 px on one lent GPU (`bench/gpu/qata_ship.sh`)", "",
         (f"Trained on one {r['gpu']} (`{r['gpu_command']}`): LViT, base width {first['base_channels']}, "
          f"{first['image_size']} px, {first['text_tokens']} tokens, report dropout {first['report_dropout']}, batch "
-         f"{first['batch_size']}, Adam {first['lr']:g}, cosine warm restarts T_0 = 10, weight average "
-         f"{first['ema_decay']}, {first['precision']}, the fast GPU path without torch.compile; the seeds side by "
-         "side on the one GPU until a wall-clock deadline, on the WebP copy of the train and val splits "
-         "(bench/gpu/prepare.py). Tested here on the 2,113 original test images at 224x224, threshold "
+         f"{first['batch_size']}, Adam {first['lr']:g}, cosine warm restarts T_0 = {first['t0']} down to "
+         f"{first['eta_min']:g}, weight average {first['ema_decay']}, {first['precision']}, fast-path compile "
+         f"{first['compile']}; the seeds side by side on the one GPU until a wall-clock deadline, on the WebP copy "
+         "of the train and val splits (bench/gpu/prepare.py). Tested here on the "
+         f"{first['test_true_reports']['n_test']:,} original test images at their own size, threshold "
          f"{r['threshold']}, per-image mean (the paper's figure) and pooled (`{r['test_command']}`; "
          f"{r['test_machine']})."), "",
         *rows, "", *curves, "",
@@ -172,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--data", type=Path, required=True, help="QaTa-COV19 root with the original test images")
     e.add_argument("--work", type=Path, required=True, help="where the runs are unpacked and tested")
     e.add_argument("--threads", type=int, default=2)
+    e.add_argument("--gpu-command", default=None,
+                   help="how the GPU call was run, where its files carry no settings.json (calls before it did)")
     sub.add_parser("render", help="the RESULTS.md section from bench/gpu/results/qata_ship.json")
     args = p.parse_args(argv)
     return evaluate(args) if args.command_name == "evaluate" else render(args)

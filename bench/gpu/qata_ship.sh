@@ -42,11 +42,22 @@ if [ ! -f "$DEVRUN/data/manifest.json.xz" ]; then
   exit 2
 fi
 . bench/gpu/env.sh
+left() { local t=$(( $1 - $(date +%s) )); [ "$t" -lt 1 ] && t=1; echo "$t"; }  # timeout 0 would mean none
 
 echo "== 0. data ($(date +%T))"
 $PY bench/gpu/prepare.py --unpack-qata "$DEVRUN" --out "$WORK/QaTa" ${LIMIT:+--limit "$LIMIT"} 2>&1 \
     | grep -v "warn" | tail -n 3
+if [ "${PIPESTATUS[0]}" -ne 0 ]; then echo "unpacking $DEVRUN failed: not training on damaged data" >&2
+  rm -rf "$WORK"; exit 2; fi
 cp -r "$DEVRUN/text_cache" "$WORK/text_cache"
+# What this call ran with, for the results (bench/gpu/qata_ship.py evaluate reads it back).
+TOTAL_S=$TOTAL_S RESERVE_S=$RESERVE_S SEEDS=$SEEDS WIDTH=$WIDTH TRAIN_SET=$TRAIN_SET RECIPE=$RECIPE $PY -c "
+import json, os
+keys = ('TOTAL_S', 'RESERVE_S', 'SEEDS', 'WIDTH', 'TRAIN_SET')
+env = {k: os.environ[k] for k in keys}
+command = ' '.join(f'{k}={env[k]!r}' if ' ' in env[k] or not env[k] else f'{k}={env[k]}' for k in keys)
+print(json.dumps({**env, 'recipe': os.environ['RECIPE'].split(), 'command': command + ' bash bench/gpu/qata_ship.sh'}))
+" > "$WORK/pack/settings.json"
 
 UNTIL=$((START + TOTAL_S - RESERVE_S))
 echo "== 1. seeds ${SEEDS} side by side until $(date -d "@$UNTIL" +%T) ($(( (UNTIL - $(date +%s)) / 60 )) min)"
@@ -55,13 +66,13 @@ echo "== 1. seeds ${SEEDS} side by side until $(date -d "@$UNTIL" +%T) ($(( (UNT
 train_seed() {  # name seed
   local name=$1 s=$2 sets=() kv
   for kv in $RECIPE trainer.seed=$s $TRAIN_SET; do sets+=(--set "$kv"); done
-  timeout $((UNTIL + 15 - $(date +%s))) $PY bench/gpu/qata_run.py --data "$WORK/QaTa" --runs "$WORK/runs" \
+  timeout "$(left $((UNTIL + 15)))" $PY bench/gpu/qata_run.py --data "$WORK/QaTa" --runs "$WORK/runs" \
       --text-cache "$WORK/text_cache" --models lvit --name "$name" --until "$UNTIL" --no-test \
       --results-json "$WORK/runs/result-$name.json" --command "bash bench/gpu/qata_ship.sh" $DRY_FLAG \
       "${sets[@]}" > "$WORK/logs/$name.log" 2>&1 && return 0
   if [ $((UNTIL - $(date +%s))) -lt 150 ]; then return 1; fi
   echo "$name: the fast path failed; again without it" | tee -a "$WORK/logs/$name.log"
-  timeout $((UNTIL + 15 - $(date +%s))) $PY bench/gpu/qata_run.py --data "$WORK/QaTa" --runs "$WORK/runs" \
+  timeout "$(left $((UNTIL + 15)))" $PY bench/gpu/qata_run.py --data "$WORK/QaTa" --runs "$WORK/runs" \
       --text-cache "$WORK/text_cache" --models lvit --name "$name" --until "$UNTIL" --no-test \
       --results-json "$WORK/runs/result-$name.json" --command "bash bench/gpu/qata_ship.sh" $DRY_FLAG \
       "${sets[@]}" --set fast.enabled=false --set data.num_workers=5 > "$WORK/logs/$name-plain.log" 2>&1
