@@ -18,11 +18,7 @@
 # to end without a GPU. The exit status is qata_run.py's: non-zero when a model failed to train or test.
 set -u
 cd "$(dirname "$0")/../.."
-START=$(date +%s)
-DRY=${LVIT_DRY_RUN:-}
-OUT=${OUT:-/tmp/lvit-gpu-out}
-PY=${PY:-python3}
-export DEVRUN=${DEVRUN:-.devrun/qata}
+. bench/gpu/preamble.sh  # START, DRY, OUT, PY, DEVRUN
 MODELS=${MODELS:-lvit}
 TRAIN_SET=${TRAIN_SET:-}
 if [ -n "$DRY" ]; then

@@ -17,11 +17,7 @@
 # LVIT_DRY_RUN=1: the same steps on this machine's CPU at toy scale (16 records a split, 64 px, base width 8).
 set -u
 cd "$(dirname "$0")/../.."
-START=$(date +%s)
-DRY=${LVIT_DRY_RUN:-}
-OUT=${OUT:-/tmp/lvit-gpu-out}
-PY=${PY:-python3}
-export DEVRUN=${DEVRUN:-.devrun/qata}
+. bench/gpu/preamble.sh  # START, DRY, OUT, PY, DEVRUN
 SEEDS=${SEEDS:-"0 1"}
 WIDTH=${WIDTH:-32}
 TRAIN_SET=${TRAIN_SET:-}

@@ -9,17 +9,14 @@
 # both phases (CUDA graphs need a GPU; this proves the wiring only).
 set -u
 cd "$(dirname "$0")/../.."
-START=$(date +%s)
-OUT=${OUT:-/tmp/lvit-gpu-out}
-PY=${PY:-python3}
-export DEVRUN=${DEVRUN:-.devrun/qata}
+. bench/gpu/preamble.sh  # START, DRY, OUT, PY, DEVRUN
 EAGER_S=${EAGER_S:-70}
 TOTAL_S=${TOTAL_S:-235}
 WIDTH=${WIDTH:-32}
 GRAPHS=reduce-overhead
 DRY_FLAG=
 LIMIT=
-if [ -n "${LVIT_DRY_RUN:-}" ]; then WIDTH=8; GRAPHS=none; DRY_FLAG=--dry-run; LIMIT=16; fi
+if [ -n "$DRY" ]; then WIDTH=8; GRAPHS=none; DRY_FLAG=--dry-run; LIMIT=16; fi
 mkdir -p "$OUT"
 WORK=$(mktemp -d /dev/shm/lvit-speed.XXXX 2>/dev/null || mktemp -d)
 . bench/gpu/env.sh
