@@ -40,6 +40,8 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     # estimated from the image)
     "lvit-rdw": ("lvit", ["model.report_dropout=0.25", "text.wording_variants=3"]),
     "lvit-rdpw": ("lvit", ["model.report_dropout=0.25", "model.report_prior=true", "text.wording_variants=3"]),
+    # ... and the report prior alone (no reworded copies): the two levers of lvit-rdpw measured apart
+    "lvit-rdp": ("lvit", ["model.report_dropout=0.25", "model.report_prior=true"]),
     # report dropout + distillation of the answer with the report into the no-report answer (loss.distill_weight);
     # -e3: three-epoch pilots (the schedule annealed over 3 epochs) of it and of its report-dropout baseline
     "lvit-rdkd": ("lvit", ["model.report_dropout=0.25", "loss.distill_weight=1.0"]),
@@ -285,6 +287,7 @@ ROW_LABELS = {"lvit": "LViT (24 tokens: whole report)", "lvit-10tok": "LViT (off
               "lvit-rd25": "LViT, report dropout 0.25 (true reports)",
               "lvit-rdw": "LViT, report dropout 0.25 + reworded training reports (true reports)",
               "lvit-rdpw": "LViT, report dropout 0.25 + report prior + reworded training reports (true reports)",
+              "lvit-rdp": "LViT, report dropout 0.25 + report prior (true reports)",
               "lvit-rdkd": "LViT, report dropout 0.25 + distillation into the no-report path (true reports)",
               "lvit-rd25-e3": "LViT, report dropout 0.25, 3-epoch pilot (true reports)",
               "lvit-rdkd-e3": "LViT, report dropout 0.25 + distillation, 3-epoch pilot (true reports)",

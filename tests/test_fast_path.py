@@ -41,6 +41,25 @@ def _dataset(root, size, augment=False):
     return SegmentationDataset(records, size, text, tmask, augment=augment)
 
 
+def test_decoding_threads_do_not_each_start_torchs_threads(tiny_synth, monkeypatch):
+    cpu = _dataset(tiny_synth, 40)
+    seen, load = [], cpu._load_resized
+
+    def counting(record):
+        seen.append(torch.get_num_threads())
+        return load(record)
+
+    monkeypatch.setattr(cpu, "_load_resized", counting)
+    before = max(2, torch.get_num_threads())
+    torch.set_num_threads(before)
+    try:
+        DeviceDataset.from_dataset(cpu, "cpu", workers=2)
+        assert seen and set(seen) == {1}  # the pool is the parallelism
+        assert torch.get_num_threads() == before  # and the caller's setting comes back
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("size", [64, 40])
 def test_device_dataset_gives_the_cpu_datasets_tensors(tiny_synth, size):
     cpu = _dataset(tiny_synth, size)

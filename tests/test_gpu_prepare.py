@@ -122,6 +122,37 @@ def test_shipped_width_runs_come_back_whole_from_their_parts(tmp_path):
         ship.unpack(returned, tmp_path / "work2")
 
 
+def test_each_gpu_call_keeps_its_own_entry_and_row(tmp_path, monkeypatch):
+    """bench/gpu/qata_ship.py: a second call's runs are named as the first's (by seed), so the JSON keeps one
+    entry per call label, evaluating a label again replaces that entry alone, and the table shows every call."""
+    from files import load_bench
+
+    ship = load_bench("bench/gpu/qata_ship.py", "bench_gpu_qata_ship")
+    monkeypatch.setattr(ship, "RESULTS_JSON", tmp_path / "qata_ship.json")
+    monkeypatch.setattr(ship, "RESULTS_MD", tmp_path / "RESULTS.md")
+    monkeypatch.setattr(ship, "shipped_line", lambda: "")
+
+    def call(label, dice):
+        test = {"dice_original": dice, "iou_original": dice - 0.1, "pooled_dice_original": dice + 0.05, "n_test": 3}
+        run = {"run": "w8-s0", "seed": 0, "epochs": 2, "best_epoch": 2, "median_epoch_seconds": 1.0,
+               "best_val_dice": 0.5, "val_dice_per_epoch": [0.4, 0.5], "base_channels": 8, "image_size": 64,
+               "text_tokens": 24, "report_dropout": 0.25, "batch_size": 4, "lr": 1e-3, "t0": 2, "eta_min": 1e-4,
+               "ema_decay": 0.999, "precision": "32-true", "compile": "none", "test_true_reports": test,
+               "test_none_reports": {**test, "dice_original": dice - 0.05}}
+        return {"call": label, "gpu": "G", "gpu_command": "bash x.sh", "test_command": "t", "test_machine": "m",
+                "threshold": 0.5, "runs": [run]}
+
+    ship.store_call(call("first", 0.81))
+    ship.store_call(call("second", 0.83))
+    ship.store_call(call("first", 0.82))  # the first call scored again
+    assert [(c["call"], c["runs"][0]["test_true_reports"]["dice_original"]) for c in ship.read_calls()] == [
+        ("first", 0.82), ("second", 0.83)]
+    ship.render()
+    table = [line for line in (tmp_path / "RESULTS.md").read_text().splitlines() if line.startswith("| ")]
+    assert [line.split(" | ")[0] for line in table[1:]] == ["| first", "| second"]
+    assert "0.8200 / 0.7200" in table[1] and "0.8300 / 0.7300" in table[2]
+
+
 def test_the_deadline_predicts_from_steady_epochs_and_waits_for_min_epochs(monkeypatch):
     """bench/gpu/qata_run.py's Deadline: it stops after the epoch whose successor (the median of the steady epochs,
     the first left out once others exist) would end past the deadline, never before ``min_epochs``."""

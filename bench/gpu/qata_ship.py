@@ -1,14 +1,16 @@
 """The runs of ``bash bench/gpu/qata_ship.sh`` (the shippable width trained on a lent GPU), scored here on the
 original QaTa-COV19 test images, and their section of bench/RESULTS.md.
 
-    python bench/gpu/qata_ship.py evaluate --from DIR --data QATA --work W [--threads 2]
+    python bench/gpu/qata_ship.py evaluate --from DIR --data QATA --work W --call LABEL [--threads 2]
     python bench/gpu/qata_ship.py render
 
 ``evaluate``: DIR holds what the GPU call returned (``<run>.tar.part-*`` and ``qata_ship.tar.gz``); each run is
 unpacked into ``W/<run>`` and tested with ``lvit test``'s code on the 2,113 test images as they are on disk (not
 the WebP copy it was trained on), with the true reports and with none (its report-dropout path); a test already
-written for the same weights (``metrics.json``'s sha256) is read instead of run again. Writes
-``bench/gpu/results/qata_ship.json``. ``render``: the section ``qata-ship-gpu`` of bench/RESULTS.md from it.
+written for the same weights (``metrics.json``'s sha256) is read instead of run again. Writes the call, under
+``LABEL``, into ``bench/gpu/results/qata_ship.json`` (``{"calls": [...]}``, one entry per GPU call; a call's
+runs are named by seed, so each call is unpacked into its own ``W``). ``render``: the section ``qata-ship-gpu``
+of bench/RESULTS.md from it.
 """
 
 from __future__ import annotations
@@ -116,14 +118,26 @@ def evaluate(args) -> int:
     command = json.loads(settings.read_text())["command"] if settings.is_file() else args.gpu_command
     if not command:
         raise SystemExit(f"{args.source}: no settings.json from the GPU call: give --gpu-command (how it was run)")
-    out = {"gpu": gpu, "gpu_command": command,
+    out = {"call": args.call, "gpu": gpu, "gpu_command": command,
            "test_command": f"python bench/gpu/qata_ship.py evaluate --from DIR --data QATA --work W "
-                           f"--threads {args.threads}",
+                           f"--call {args.call} --threads {args.threads}",
            "test_machine": machine_line(), "threshold": 0.5, "runs": entries}
-    RESULTS_JSON.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS_JSON.write_text(json.dumps(out, indent=1) + "\n")
+    store_call(out)
     print(f"wrote {RESULTS_JSON}")
     return render(args)
+
+
+def read_calls() -> list[dict]:
+    return json.loads(RESULTS_JSON.read_text())["calls"] if RESULTS_JSON.is_file() else []
+
+
+def store_call(call: dict) -> None:
+    """Add a call's entry to the JSON, or replace the entry of the same label where it stands."""
+    calls = read_calls()
+    at = next((i for i, c in enumerate(calls) if c["call"] == call["call"]), len(calls))
+    calls[at:at + 1] = [call]
+    RESULTS_JSON.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS_JSON.write_text(json.dumps({"calls": calls}, indent=1) + "\n")
 
 
 def shipped_line() -> str:
@@ -140,35 +154,36 @@ def shipped_line() -> str:
 
 
 def render(args=None) -> int:
+    """One table over every call (a row per run) and, per call, its recipe and validation curves."""
     from lvit.core.io import write_marked_section
 
-    r = json.loads(RESULTS_JSON.read_text())
-    runs = r["runs"]
-    first = runs[0]
-    rows = ["| run | seed | epochs (best) | s / epoch | best val Dice | test Dice / IoU, true reports "
-            "| pooled Dice | test Dice, no report |", "|---|---|---|---|---|---|---|---|"]
-    for e in runs:
-        t, n = e["test_true_reports"], e["test_none_reports"]
-        rows.append(f"| {e['run']} | {e['seed']} | {e['epochs']} ({e['best_epoch']}) | {e['median_epoch_seconds']} "
-                    f"| {e['best_val_dice']:.4f} | {t['dice_original']:.4f} / {t['iou_original']:.4f} "
-                    f"| {t['pooled_dice_original']:.4f} | {n['dice_original']:.4f} |")
-    curves = [f"- {e['run']}, validation Dice by epoch: "
-              + ", ".join(f"{i + 1}: {v:.3f}" for i, v in enumerate(e["val_dice_per_epoch"])) for e in runs]
-    text = "\n".join([
-        "## The shippable width at 224 px on one lent GPU (`bench/gpu/qata_ship.sh`)", "",
-        (f"Trained on one {r['gpu']} (`{r['gpu_command']}`): LViT, base width {first['base_channels']}, "
-         f"{first['image_size']} px, {first['text_tokens']} tokens, report dropout {first['report_dropout']}, batch "
-         f"{first['batch_size']}, Adam {first['lr']:g}, cosine warm restarts T_0 = {first['t0']} down to "
-         f"{first['eta_min']:g}, weight average {first['ema_decay']}, {first['precision']}, fast-path compile "
-         f"{first['compile']}; the seeds side by side on the one GPU until a wall-clock deadline, on the WebP copy "
-         "of the train and val splits (bench/gpu/prepare.py). Tested here on the "
-         f"{first['test_true_reports']['n_test']:,} original test images at their own size, threshold "
-         f"{r['threshold']}, per-image mean (the paper's figure) and pooled (`{r['test_command']}`; "
-         f"{r['test_machine']})."), "",
-        *rows, "", *curves, "",
-        "Published (per-image, test): LViT 83.66 / 75.11." + shipped_line(),
-    ])
-    write_marked_section(RESULTS_MD, SECTION, text)
+    calls = read_calls()
+    rows = ["| call | run | seed | epochs (best) | s / epoch | best val Dice | test Dice / IoU, true reports "
+            "| pooled Dice | test Dice, no report |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in calls:
+        for e in r["runs"]:
+            t, n = e["test_true_reports"], e["test_none_reports"]
+            rows.append(f"| {r['call']} | {e['run']} | {e['seed']} | {e['epochs']} ({e['best_epoch']}) "
+                        f"| {e['median_epoch_seconds']} | {e['best_val_dice']:.4f} "
+                        f"| {t['dice_original']:.4f} / {t['iou_original']:.4f} | {t['pooled_dice_original']:.4f} "
+                        f"| {n['dice_original']:.4f} |")
+    text = ["## The shippable width at 224 px on one lent GPU (`bench/gpu/qata_ship.sh`)", "",
+            "Each call trains the seeds side by side on the one GPU until a wall-clock deadline, on the WebP copy of "
+            "the train and val splits (bench/gpu/prepare.py); the runs are tested here on the original test images "
+            "at their own size, per-image mean (the paper's figure) and pooled.", "", *rows, ""]
+    for r in calls:
+        first = r["runs"][0]
+        text += [(f"**{r['call']}**: one {r['gpu']} (`{r['gpu_command']}`): LViT, base width {first['base_channels']}, "
+                  f"{first['image_size']} px, {first['text_tokens']} tokens, report dropout {first['report_dropout']}, "
+                  f"batch {first['batch_size']}, Adam {first['lr']:g}, cosine warm restarts T_0 = {first['t0']} down "
+                  f"to {first['eta_min']:g}, weight average {first['ema_decay']}, {first['precision']}, fast-path "
+                  f"compile {first['compile']}. Tested on {first['test_true_reports']['n_test']:,} test images, "
+                  f"threshold {r['threshold']} (`{r['test_command']}`; {r['test_machine']})."), ""]
+        text += [f"- {e['run']}, validation Dice by epoch: "
+                 + ", ".join(f"{i + 1}: {v:.3f}" for i, v in enumerate(e["val_dice_per_epoch"])) for e in r["runs"]]
+        text += [""]
+    text += ["Published (per-image, test): LViT 83.66 / 75.11." + shipped_line()]
+    write_marked_section(RESULTS_MD, SECTION, "\n".join(text))
     print(f"wrote the section {SECTION} of {RESULTS_MD}")
     return 0
 
@@ -180,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--from", dest="source", type=Path, required=True, help="the GPU call's returned files")
     e.add_argument("--data", type=Path, required=True, help="QaTa-COV19 root with the original test images")
     e.add_argument("--work", type=Path, required=True, help="where the runs are unpacked and tested")
+    e.add_argument("--call", required=True,
+                   help="a label for this GPU call (its entry in the JSON; evaluating it again replaces it)")
     e.add_argument("--threads", type=int, default=2)
     e.add_argument("--gpu-command", default=None,
                    help="how the GPU call was run, where its files carry no settings.json (calls before it did)")

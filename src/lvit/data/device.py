@@ -90,8 +90,15 @@ class DeviceDataset:
             return u8, (mask if mask is not None else None)
 
         if workers > 1 and n > 1:
-            with ThreadPoolExecutor(max_workers=workers) as pool:
-                items = list(pool.map(load, range(n)))
+            # The pool is the parallelism: torch's own threads inside each worker's resize would multiply the
+            # threads by the core count and fight over the cores (two processes side by side on 16 cores: 256).
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                with ThreadPoolExecutor(max_workers=workers) as pool:
+                    items = list(pool.map(load, range(n)))
+            finally:
+                torch.set_num_threads(threads)
         else:
             items = [load(i) for i in range(n)]
         # A grey image repeated into 3 channels is kept once (the augmentation's noise is drawn per channel later).
