@@ -79,6 +79,29 @@ def text_probe_of(run_name: str, dice: float, results: Path = REPO / "bench" / "
             "threshold": entry["probe"]["threshold"], "source": f"{results.name}: {run_name}"}
 
 
+def earlier_seeds(spec: str, known: set[int]) -> list[dict]:
+    """Seeds of the same recipe measured earlier (``JSON:ROW``), other than ``known``: bench/qata.py's raw
+    results by row, or a call of bench/gpu/qata_ship.py's (``{"calls": [...]}``) by its label; each with the
+    per-image test Dice at 224x224 that file states and where it comes from."""
+    path, _, row = spec.partition(":")
+    earlier = json.loads(Path(path).read_text())
+    found = []
+    if "calls" in earlier:
+        call = next((c for c in earlier["calls"] if c["call"] == row), None)
+        if call is None:
+            raise SystemExit(f"error: {path}: no GPU call labelled {row!r}")
+        for run in call["runs"]:
+            if run["seed"] not in known:
+                found.append({"seed": int(run["seed"]), "dice_original": run["test_true_reports"]["dice_original"],
+                              "source": f"{Path(path).name}: {row}/{run['run']}"})
+        return found
+    for name, other in sorted(earlier.items()):
+        if other.get("row") == row and other["seed"] not in known:
+            found.append({"seed": int(other["seed"]), "dice_original": other["dice_original"],
+                          "source": f"{Path(path).name}: {name}"})
+    return found
+
+
 def _threads_of(machine: str) -> int:
     """The thread count of a ``machine_line()`` ("..., 1 thread(s)")."""
     return int(re.search(r"(\d+) thread", machine).group(1))
@@ -126,19 +149,14 @@ def ship(args) -> int:
         other_run = load_run(other)
         m = test(Path(other), args.data, work / f"test-{Path(other).name}")
         seeds.append({"seed": int(other_run.config["trainer"]["seed"]), "dice_original": figures(m)["dice_original"]})
-    if args.seeds_from:  # the same recipe measured earlier: bench/qata.py's raw results, by row
-        path, _, row = args.seeds_from.partition(":")
-        earlier = json.loads(Path(path).read_text())
-        for name, other in sorted(earlier.items()):
-            if other.get("row") == row and other["seed"] not in {s["seed"] for s in seeds}:
-                seeds.append({"seed": int(other["seed"]), "dice_original": other["dice_original"],
-                              "source": f"{Path(path).name}: {name}"})
+    if args.seeds_from:
+        seeds += earlier_seeds(args.seeds_from, {s["seed"] for s in seeds})
     entry.update({
         "seeds": sorted(seeds, key=lambda s: s["seed"]), "command": args.command, "commit": args.commit,
         "epochs": int(run.config["trainer"]["max_epochs"]), "image_size": run.image_size,
         "base_channels": int(run.config["model"]["base_channels"]),
         "report_dropout": float(run.config["model"].get("report_dropout") or 0.0),
-        **training_time(Path(args.run)), "machine": machine_line(),
+        **training_time(Path(args.run)), "machine": args.trained_on or machine_line(),
     })
     probe = text_probe_of(Path(args.run).name, measured["float32"]["dice"])
     if probe:
@@ -601,8 +619,8 @@ clinical decision.** Its masks can be wrong, confidently.
   terms allow research use only, so **these weights are for research use only**.
 - command: `{r['command']}`
 - code: lvit commit {r['commit']}
-- {r['train_minutes']} minutes of training (the sum of the run's epoch times in its metrics.csv), with the
-  command's threads, on a {_without_threads(r['machine'])}{_slow_epochs_text(r)}
+- {r['train_minutes']} minutes of training (the sum of the run's epoch times in its metrics.csv) on a
+  {_without_threads(r['machine'])}{_slow_epochs_text(r)}
 
 ## Test figures
 
@@ -653,9 +671,12 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--other-run", action="append", help="the same recipe trained with another seed (repeatable)")
     s.add_argument("--seeds-from", metavar="JSON:ROW", default=None,
                    help="other seeds of the same recipe from bench/qata.py's raw results (e.g. "
-                        "bench/qata_results.json:lvit)")
+                        "bench/qata_results.json:lvit) or a GPU call of bench/gpu/results/qata_ship.json "
+                        "(e.g. bench/gpu/results/qata_ship.json:cycle-22)")
     s.add_argument("--command", required=True, help="the command that trained the run (for the card)")
     s.add_argument("--commit", required=True, help="the lvit commit that trained it (for the card)")
+    s.add_argument("--trained-on", default=None,
+                   help="the machine that trained it, where that is not this one (e.g. a lent GPU; for the card)")
     s.add_argument("--threads", type=int, default=2)
     s.set_defaults(func=ship)
     t = sub.add_parser("timing", help="speed keys of the shipped model (run on a quiet machine)")

@@ -272,3 +272,23 @@ def test_the_written_mixture_section_gives_the_shipped_figures_at_its_threshold_
     assert f"true report {results['dice_original']:.4f} ({half['dice_original']:.4f} at 0.5)" in md
     assert (f"{results['no_report']['dice_original']:.4f} ({half['no_report']['dice_original']:.4f} at 0.5)"
             in md)
+
+
+def test_other_seeds_come_from_bench_qata_rows_or_from_a_gpu_call(tmp_path):
+    """``ship --seeds-from``: the shipped recipe's other seeds, from bench/qata.py's results by row or from one
+    call of bench/gpu/qata_ship.py's results by label; the shipped seed is never listed twice."""
+    bench = load_bench("bench/shipped_model.py", "shipped_model")
+    rows = tmp_path / "qata_results.json"
+    rows.write_text(json.dumps({"a-s0": {"row": "a", "seed": 0, "dice_original": 0.81},
+                                "a-s1": {"row": "a", "seed": 1, "dice_original": 0.82},
+                                "b-s1": {"row": "b", "seed": 1, "dice_original": 0.5}}))
+    assert bench.earlier_seeds(f"{rows}:a", {0}) == [
+        {"seed": 1, "dice_original": 0.82, "source": "qata_results.json: a-s1"}]
+    calls = tmp_path / "qata_ship.json"
+    run = lambda seed, dice: {"run": f"w32-s{seed}", "seed": seed, "test_true_reports": {"dice_original": dice}}
+    calls.write_text(json.dumps({"calls": [{"call": "one", "runs": [run(0, 0.80), run(1, 0.81)]},
+                                           {"call": "two", "runs": [run(0, 0.83), run(1, 0.84)]}]}))
+    assert bench.earlier_seeds(f"{calls}:two", {1}) == [
+        {"seed": 0, "dice_original": 0.83, "source": "qata_ship.json: two/w32-s0"}]
+    with pytest.raises(SystemExit, match="no GPU call labelled 'three'"):
+        bench.earlier_seeds(f"{calls}:three", set())

@@ -163,3 +163,23 @@ def test_cache_bytes_are_the_same_from_one_write_to_the_next_and_old_files_still
                                   "dim": str(minilm.dim), "hashes": json.dumps(hashes)})
     old_rows = read_cache_rows(old, minilm)
     assert sorted(old_rows) == hashes and all(torch.equal(old_rows[h][0], rows[h][0]) for h in hashes)
+
+
+def test_a_half_precision_cache_is_half_the_bytes_and_reads_back_as_float32(minilm, tmp_path):
+    """A float16 model folder ships its report embeddings in float16 too (the width-32 model's folder would not
+    fit 16 MiB otherwise); whoever reads them gets float32, the float16 rounding of the float32 rows."""
+    from safetensors import safe_open
+
+    from lvit.text.cache import cache_file_bytes, read_cache_rows
+
+    full, half = tmp_path / "full.safetensors", tmp_path / "half.safetensors"
+    full.write_bytes(cache_file_bytes(minilm, REPORTS))
+    half.write_bytes(cache_file_bytes(minilm, REPORTS, half=True))
+    with safe_open(str(half), framework="pt") as fh:
+        assert fh.get_tensor("emb").dtype == torch.float16
+    assert half.stat().st_size < 0.6 * full.stat().st_size
+    rows, half_rows = read_cache_rows(full, minilm), read_cache_rows(half, minilm)
+    assert sorted(rows) == sorted(half_rows)
+    for key, (emb, mask) in rows.items():
+        assert half_rows[key][0].dtype == torch.float32 and torch.equal(half_rows[key][1], mask)
+        assert torch.equal(half_rows[key][0], emb.half().float())

@@ -248,7 +248,8 @@ def export_model_folder(source: str | Path, out: str | Path, *, metrics_files: l
                         report_texts: list[str] | None = None,
                         preset: tuple[str | None, list[str]] | None = None) -> Path:
     """Write the model folder of a run (or re-export a model folder) into ``out``; returns ``out``. ``half``:
-    float16 weights; ``card``: a model card of the caller's instead of the one made from the run;
+    float16 weights (and float16 report embeddings in ``report_cache.safetensors``); ``card``: a model card of
+    the caller's instead of the one made from the run;
     ``report_texts``: reports to ship already encoded (``report_cache.safetensors``; the training reports, so
     that predicting with one of them never loads the text model; with them, every report the run's writer can
     write); ``preset``: (name, changed settings) of the
@@ -342,7 +343,7 @@ def export_model_folder(source: str | Path, out: str | Path, *, metrics_files: l
 
         encoder = get_text_encoder(spec, int(info.get("max_tokens", run.model.config.text_tokens)),
                                    min_words=int(info.get("min_words", 9)))
-        files[REPORT_CACHE] = cache_file_bytes(encoder, list(report_texts))
+        files[REPORT_CACHE] = cache_file_bytes(encoder, list(report_texts), half=half)
     elif is_model_folder(run.run_dir) and (Path(run.run_dir) / REPORT_CACHE).is_file():
         files[REPORT_CACHE] = (Path(run.run_dir) / REPORT_CACHE).read_bytes()
     if card is None:

@@ -1,9 +1,10 @@
 """On-disk cache of report embeddings, so a dataset is encoded once.
 
 One safetensors file per (encoder name, max_tokens) in the cache folder, holding one row per distinct
-report: ``emb [M, L, D]`` float32, ``mask [M, L]`` bool, and in its one metadata entry the sha256 of each row's
-prepared text. Encoding looks every report up by hash and runs the model only on the misses (a changed
-report re-encodes that report alone); the file is then rewritten atomically. The model is loaded lazily by
+report: ``emb [M, L, D]`` float32 (float16 in a half-precision model folder; read back as float32), ``mask
+[M, L]`` bool, and in its one metadata entry the sha256 of each row's prepared text. Encoding looks every
+report up by hash and runs the model only on the misses (a changed report re-encodes that report alone); the
+file is then rewritten atomically. The model is loaded lazily by
 the encoder, so a full cache hit never loads it. A damaged cache file is ignored and rebuilt (it is only a
 cache). Frozen encoders only: a trainable (``learned``) encoder passes straight through.
 """
@@ -50,7 +51,7 @@ def read_cache_rows(path: Path, encoder: TextEncoder) -> dict[str, tuple[torch.T
                 hashes = meta["hashes"]
             else:  # files written before the one-key format: the hashes under their own key
                 hashes = json.loads(meta.get("hashes", "[]"))
-            emb, mask = fh.get_tensor("emb"), fh.get_tensor("mask")
+            emb, mask = fh.get_tensor("emb").float(), fh.get_tensor("mask")
     except Exception as exc:  # noqa: BLE001 - any damage means "rebuild", never "crash training"
         warnings.warn(f"{path}: unreadable text cache ignored ({exc})", stacklevel=3)
         return {}
@@ -61,11 +62,12 @@ def read_cache_rows(path: Path, encoder: TextEncoder) -> dict[str, tuple[torch.T
     return {h: (emb[i], mask[i]) for i, h in enumerate(hashes)}
 
 
-def _save_rows(path: Path, encoder: TextEncoder, rows: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+def _save_rows(path: Path, encoder: TextEncoder, rows: dict[str, tuple[torch.Tensor, torch.Tensor]],
+               dtype: torch.dtype = torch.float32) -> None:
     from safetensors.torch import save_file
 
     hashes = sorted(rows)
-    emb = torch.stack([rows[h][0] for h in hashes]).contiguous()
+    emb = torch.stack([rows[h][0] for h in hashes]).to(dtype).contiguous()
     mask = torch.stack([rows[h][1] for h in hashes]).contiguous()
     # One metadata key: safetensors writes its metadata map in no fixed order, so several keys would give the
     # same rows different bytes (and a shipped cache a different sha256) from one write to the next.
@@ -74,11 +76,13 @@ def _save_rows(path: Path, encoder: TextEncoder, rows: dict[str, tuple[torch.Ten
         save_file({"emb": emb, "mask": mask}, str(tmp), metadata={META_KEY: json.dumps(meta, sort_keys=True)})
 
 
-def cache_file_bytes(encoder: TextEncoder, texts: list[str], base: str | Path | None = None) -> bytes:
+def cache_file_bytes(encoder: TextEncoder, texts: list[str], base: str | Path | None = None,
+                     half: bool = False) -> bytes:
     """A cache file (the format above) holding ``texts``' embeddings, as bytes: what a model folder ships so that
     its training reports never need the text model at prediction time. ``base``: a cache file whose rows are kept
     as they are (only the reports it lacks are encoded: the same text model on another CPU differs in the last
-    bits, and a shipped row's figures were measured with its own bits)."""
+    bits, and a shipped row's figures were measured with its own bits). ``half``: the embeddings stored as
+    float16, half the bytes (a model folder with float16 weights; its figures are measured with these bits)."""
     import tempfile
 
     rows = read_cache_rows(Path(base), encoder) if base is not None else {}
@@ -89,7 +93,7 @@ def cache_file_bytes(encoder: TextEncoder, texts: list[str], base: str | Path | 
         rows.update({text_sha256(t): (emb[i], mask[i]) for i, t in enumerate(encoder.prepare(missing))})
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "cache.safetensors"
-        _save_rows(path, encoder, rows)
+        _save_rows(path, encoder, rows, torch.float16 if half else torch.float32)
         return path.read_bytes()
 
 
