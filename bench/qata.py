@@ -57,7 +57,9 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     # fine-tuning rate with report dropout, without (-ft-rd25-e3) and with distillation from a frozen copy of it
     # (loss.distill_teacher): the target is a trained reader's answer from the first step, and the student's
     # updates cannot move it. Measured from the first shipped qata-lvit (10 epochs, weights sha256 39b3b59e...,
-    # lvit 1e48ab6 and before); from a later checkout these rows start from the qata-lvit it ships.
+    # lvit 1e48ab6 and before); from a later checkout these rows start from the qata-lvit it ships, and the
+    # width-32 224 px one does not fit this preset (init_from stops with one line): add --set
+    # trainer.init_from=FOLDER --set loss.distill_teacher=FOLDER with a copy of a width-16 128 px folder.
     "lvit-ft-rd25-e3": ("lvit", ["trainer.init_from=qata-lvit", "optim.lr=3e-4", "model.report_dropout=0.25",
                                  "trainer.max_epochs=3", "optim.t0=3"]),
     "lvit-ft-rdkd-e3": ("lvit", ["trainer.init_from=qata-lvit", "optim.lr=3e-4", "model.report_dropout=0.25",

@@ -40,6 +40,7 @@ RESULTS_JSON = REPO / "bench" / "shipped_model.json"
 NAME = "qata-lvit"
 PACKAGE_FOLDER = REPO / "src" / "lvit" / "resources" / "models" / NAME
 FP16_TOLERANCE = 0.001  # largest change of any test figure that float16 weights may cause
+FOLDER_LIMIT = 16 * 2**20  # bytes: the shipped folder keeps the repository and the wheel light
 # The writer's validation scores kept in the JSON: exact report, sides, count, mean F1 of the six zones.
 WRITER_VAL_KEYS = ("n", "exact", "sides_accuracy", "count_accuracy", "macro_f1")
 FIGURES = ("dice", "iou", "pooled_dice", "dice_original", "iou_original", "pooled_dice_original")
@@ -132,6 +133,10 @@ def ship(args) -> int:
     dtype = "float16" if shift <= FP16_TOLERANCE else "float32"
     print(f"float16 moves the test figures by at most {shift:.2e}: shipping {dtype} weights", flush=True)
     folder = folders[dtype]
+    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    if size > FOLDER_LIMIT:
+        raise SystemExit(f"error: {args.run}: its {dtype} folder is {size / 2**20:.1f} MiB, over the package's "
+                         f"{FOLDER_LIMIT / 2**20:.0f} MiB: not shipped")
     entry = {**measured[dtype], "weights_dtype": dtype, "float16_max_shift": shift,
              "float32_figures": measured["float32"], "weights_sha256": sha256(folder / "model.safetensors"),
              "weights_bytes": (folder / "model.safetensors").stat().st_size, "name": NAME}
@@ -153,7 +158,7 @@ def ship(args) -> int:
         seeds += earlier_seeds(args.seeds_from, {s["seed"] for s in seeds})
     entry.update({
         "seeds": sorted(seeds, key=lambda s: s["seed"]), "command": args.command, "commit": args.commit,
-        "epochs": int(run.config["trainer"]["max_epochs"]), "image_size": run.image_size,
+        "image_size": run.image_size,
         "base_channels": int(run.config["model"]["base_channels"]),
         "report_dropout": float(run.config["model"].get("report_dropout") or 0.0),
         **training_time(Path(args.run)), "machine": args.trained_on or machine_line(),
@@ -352,9 +357,10 @@ SLOW_EPOCH = 2.0  # an epoch this many times the median one was paused or shared
 
 
 def training_time(run_dir: Path) -> dict:
-    """``train_minutes`` (the sum of the epoch times in metrics.csv), the median epoch in seconds, and the epochs
-    that took more than :data:`SLOW_EPOCH` times the median (a stopped process or a shared CPU), whose wall time
-    is not training speed."""
+    """``epochs`` (those metrics.csv records: a run stopped by a deadline trains fewer than its config's
+    ``max_epochs``), ``train_minutes`` (the sum of their times), the median epoch in seconds, and the epochs that
+    took more than :data:`SLOW_EPOCH` times the median (a stopped process or a shared CPU), whose wall time is not
+    training speed."""
     import csv
 
     with (Path(run_dir) / "metrics.csv").open() as f:
@@ -362,7 +368,8 @@ def training_time(run_dir: Path) -> dict:
     if not seconds or not all(math.isfinite(t) and t >= 0 for t in seconds.values()):
         raise SystemExit(f"error: {run_dir}/metrics.csv: no epoch times, or one that is not a number of seconds")
     median = statistics.median(seconds.values())
-    return {"train_minutes": round(sum(seconds.values()) / 60, 1), "epoch_seconds_median": round(median, 1),
+    return {"epochs": len(seconds), "train_minutes": round(sum(seconds.values()) / 60, 1),
+            "epoch_seconds_median": round(median, 1),
             "slow_epochs": {str(e): round(t, 1) for e, t in sorted(seconds.items()) if t > SLOW_EPOCH * median}}
 
 
@@ -391,7 +398,7 @@ def training_facts(args) -> int:
     results.update(training_time(Path(args.run)))
     RESULTS_JSON.write_text(json.dumps(results, indent=2) + "\n")
     write_card()
-    print(json.dumps({k: results[k] for k in ("train_minutes", "epoch_seconds_median", "slow_epochs")}))
+    print(json.dumps({k: results[k] for k in ("epochs", "train_minutes", "epoch_seconds_median", "slow_epochs")}))
     return 0
 
 
@@ -507,8 +514,9 @@ def _slow_epochs_text(r: dict) -> str:
     # the slow epochs counted at the median epoch's time
     typical = r["train_minutes"] + (len(slow) * r["epoch_seconds_median"] - sum(slow.values())) / 60
     return (f"; epoch{'s' if len(slow) > 1 else ''} {listed} took more than {SLOW_EPOCH:g} times the median epoch "
-            f"({r['epoch_seconds_median']:.0f} s): the process was stopped or shared the CPU then, so the "
-            f"training itself took about {typical:.0f} minutes (those epochs counted at the median)")
+            f"({r['epoch_seconds_median']:.0f} s): the process was stopped, shared its machine or warmed up then "
+            f"(a GPU's first epoch searches its kernels), so the training itself took about {typical:.0f} minutes "
+            "(those epochs counted at the median)")
 
 
 def _without_threads(machine: str) -> str:
@@ -527,7 +535,8 @@ def _threshold_texts(r: dict) -> tuple[str, str]:
             f"{_f(t['dice_at_0_5'])} at 0.5; the test split took no part)",
             f"\nAt the official test code's threshold 0.5 (`--threshold 0.5`): per-image Dice "
             f"{_f(at['dice_original'])} at 224 px with the report (IoU {_f(at['iou_original'])}, pooled Dice "
-            f"{_f(at['pooled_dice_original'])}; {_f(at['dice'])} at {r['image_size']} px)"
+            f"{_f(at['pooled_dice_original'])}"
+            + (f"; {_f(at['dice'])} at {r['image_size']} px" if r["image_size"] != 224 else "") + ")"
             + (f", {_f(at['no_report']['dice_original'])} without one" if "no_report" in at else "") + ".\n")
 
 
@@ -543,15 +552,21 @@ def card_text(r: dict) -> str:
         k = r["generated"].get("mixed_reports")
         rows.append((f"no report: the mean over the report writer's {k} most likely reports" if k else
                      "no report: written from the image by the folder's report writer", r["generated"]))
+    # At 224 px the model's resolution is the masks' own: one set of columns.
+    own = r["image_size"] != 224
+    header = ("| report | Dice 224 px | IoU 224 px | pooled Dice 224 px |"
+              + (f" Dice {px} | IoU {px} | pooled Dice {px} |" if own else "")
+              + "\n|---|---|---|---|" + ("---|---|---|" if own else ""))
     table = "\n".join(
-        f"| {label} | {_f(m['dice_original'])} | {_f(m['iou_original'])} | {_f(m['pooled_dice_original'])} | "
-        f"{_f(m['dice'])} | {_f(m['iou'])} | {_f(m['pooled_dice'])} |" for label, m in rows)
+        f"| {label} | {_f(m['dice_original'])} | {_f(m['iou_original'])} | {_f(m['pooled_dice_original'])} |"
+        + (f" {_f(m['dice'])} | {_f(m['iou'])} | {_f(m['pooled_dice'])} |" if own else "") for label, m in rows)
     sample = r.get("sample_test")
     sample_line = ""
     if sample:
         sample_line = (f"\nOn the {sample['n_test']} test cases of the 64-case QaTa-COV19 sample that lvit's tests use "
                        f"(`../shared/datasets/QaTa-COV19-sample`), with their true reports: per-image Dice "
-                       f"{_f(sample['dice_original'])} at 224 px, {_f(sample['dice'])} at {r['image_size']} px"
+                       f"{_f(sample['dice_original'])} at 224 px"
+                       + (f", {_f(sample['dice'])} at {r['image_size']} px" if own else "")
                        + (f"; without a report {_f(sample['no_report']['dice_original'])} at 224 px"
                           if "no_report" in sample else "")
                        + (f"; without a report, through its writer, {_f(sample['generated']['dice_original'])} at "
@@ -619,7 +634,7 @@ clinical decision.** Its masks can be wrong, confidently.
   terms allow research use only, so **these weights are for research use only**.
 - command: `{r['command']}`
 - code: lvit commit {r['commit']}
-- {r['train_minutes']} minutes of training (the sum of the run's epoch times in its metrics.csv) on a
+- {r['train_minutes']} minutes of training (the sum of the run's epoch times in its metrics.csv) on
   {_without_threads(r['machine'])}{_slow_epochs_text(r)}
 
 ## Test figures
@@ -628,8 +643,7 @@ QaTa-COV19 test split, {r['n_test']:,} images, {_threshold_texts(r)[0]}, these w
 Dice or IoU of each image, then the mean (the paper's figure); pooled: over all test pixels at once (GuideDecoder's
 and SGSeg's figure, not comparable with per-image ones).
 
-| report | Dice 224 px | IoU 224 px | pooled Dice 224 px | Dice {px} | IoU {px} | pooled Dice {px} |
-|---|---|---|---|---|---|---|
+{header}
 {table}
 {_threshold_texts(r)[1]}
 The same recipe, per-image Dice at 224 px by trainer seed: {seeds}. The paper (224 px, width 64, GPU): 83.66.
@@ -645,7 +659,8 @@ What a clinician must know:
   the mask shows): a report written from the image by a radiologist, or a wrong one, can move the mask ({swap_line});
 - one dataset: adult COVID-19 chest X-rays of QaTa-COV19; other diseases, children, other hospitals' images or
   report styles are untested;
-- {r['image_size']} px input: small lesions and fine borders are lost.
+- {r['image_size']} px input{": small lesions and fine borders are lost" if own else
+  " (the masks' own size; the images are resized to it): lesions of a few pixels are easily missed"}.
 """
 
 

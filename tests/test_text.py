@@ -155,7 +155,7 @@ def test_cache_bytes_are_the_same_from_one_write_to_the_next_and_old_files_still
     path.write_bytes(first)
     rows = read_cache_rows(path, minilm)
     assert len(rows) == len(REPORTS)
-    # A file written before the one-key format (the shipped qata-lvit's report cache is one) keeps its rows.
+    # A file written before the one-key format (the first shipped folders' report caches) keeps its rows.
     hashes = sorted(rows)
     old = tmp_path / "old.safetensors"
     save_file({"emb": torch.stack([rows[h][0] for h in hashes]), "mask": torch.stack([rows[h][1] for h in hashes])},
@@ -183,3 +183,11 @@ def test_a_half_precision_cache_is_half_the_bytes_and_reads_back_as_float32(mini
     for key, (emb, mask) in rows.items():
         assert half_rows[key][0].dtype == torch.float32 and torch.equal(half_rows[key][1], mask)
         assert torch.equal(half_rows[key][0], emb.half().float())
+    # rows added to a float16 file keep it float16 (and its rows as they are) unless told otherwise
+    grown = tmp_path / "grown.safetensors"
+    extra = "left pulmonary infection, one infected area, upper left lung."
+    grown.write_bytes(cache_file_bytes(minilm, [*REPORTS, extra], base=half))
+    with safe_open(str(grown), framework="pt") as fh:
+        assert fh.get_tensor("emb").dtype == torch.float16
+    grown_rows = read_cache_rows(grown, minilm)
+    assert len(grown_rows) == len(rows) + 1 and all(torch.equal(grown_rows[k][0], half_rows[k][0]) for k in rows)

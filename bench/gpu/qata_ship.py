@@ -128,7 +128,12 @@ def evaluate(args) -> int:
 
 
 def read_calls() -> list[dict]:
-    return json.loads(RESULTS_JSON.read_text())["calls"] if RESULTS_JSON.is_file() else []
+    if not RESULTS_JSON.is_file():
+        return []
+    calls = json.loads(RESULTS_JSON.read_text()).get("calls")
+    if calls is None:
+        raise SystemExit(f"error: {RESULTS_JSON}: not a list of GPU calls ({{\"calls\": [...]}})")
+    return calls
 
 
 def store_call(call: dict) -> None:
@@ -145,12 +150,15 @@ def shipped_line() -> str:
     path = REPO / "bench" / "shipped_model.json"
     if not path.is_file():
         return ""
-    at = json.loads(path.read_text()).get("at_threshold_0_5") or {}
+    shipped = json.loads(path.read_text())
+    at = shipped.get("at_threshold_0_5") or {}
     if "dice_original" not in at:
         return ""
     none = (at.get("no_report") or {}).get("dice_original")
-    return (f" The shipped `qata-lvit` (base width 16, 128 px, 30 epochs) at 0.5: {at['dice_original']:.4f} with the "
-            "true reports" + (f", {none:.4f} with none" if none is not None else "") + " (bench/shipped_model.json).")
+    return (f" The shipped `qata-lvit` (base width {shipped['base_channels']}, {shipped['image_size']} px, "
+            f"{shipped['epochs']} epochs, sha256 {shipped['weights_sha256'][:8]}) at 0.5: {at['dice_original']:.4f} "
+            "with the true reports" + (f", {none:.4f} with none" if none is not None else "")
+            + " (bench/shipped_model.json).")
 
 
 def render(args=None) -> int:

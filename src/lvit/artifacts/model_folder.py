@@ -248,7 +248,8 @@ def export_model_folder(source: str | Path, out: str | Path, *, metrics_files: l
                         report_texts: list[str] | None = None,
                         preset: tuple[str | None, list[str]] | None = None) -> Path:
     """Write the model folder of a run (or re-export a model folder) into ``out``; returns ``out``. ``half``:
-    float16 weights (and float16 report embeddings in ``report_cache.safetensors``); ``card``: a model card of
+    float16 weights (and float16 report embeddings where ``report_texts`` are encoded here; a model folder's own
+    ``report_cache.safetensors`` is copied as it is); ``card``: a model card of
     the caller's instead of the one made from the run;
     ``report_texts``: reports to ship already encoded (``report_cache.safetensors``; the training reports, so
     that predicting with one of them never loads the text model; with them, every report the run's writer can

@@ -76,16 +76,31 @@ def _save_rows(path: Path, encoder: TextEncoder, rows: dict[str, tuple[torch.Ten
         save_file({"emb": emb, "mask": mask}, str(tmp), metadata={META_KEY: json.dumps(meta, sort_keys=True)})
 
 
+def _stored_half(path: Path) -> bool:
+    """Whether the cache file ``path`` stores its embeddings in float16 (False when missing or damaged: such a
+    base is rebuilt in float32)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return fh.get_slice("emb").get_dtype() == "F16"
+    except Exception:  # noqa: BLE001
+        return False
+
+
 def cache_file_bytes(encoder: TextEncoder, texts: list[str], base: str | Path | None = None,
-                     half: bool = False) -> bytes:
+                     half: bool | None = None) -> bytes:
     """A cache file (the format above) holding ``texts``' embeddings, as bytes: what a model folder ships so that
     its training reports never need the text model at prediction time. ``base``: a cache file whose rows are kept
     as they are (only the reports it lacks are encoded: the same text model on another CPU differs in the last
     bits, and a shipped row's figures were measured with its own bits). ``half``: the embeddings stored as
-    float16, half the bytes (a model folder with float16 weights; its figures are measured with these bits)."""
+    float16, half the bytes (a model folder with float16 weights; its figures are measured with these bits);
+    None: as ``base`` stores them (float32 without one), so adding rows never changes the kept ones."""
     import tempfile
 
     rows = read_cache_rows(Path(base), encoder) if base is not None else {}
+    if half is None:
+        half = base is not None and _stored_half(Path(base))
     unique = list(dict.fromkeys(texts))
     missing = [t for t, key in zip(unique, map(text_sha256, encoder.prepare(unique))) if key not in rows]
     if missing:
