@@ -216,7 +216,8 @@ def render(args) -> int:
         "",
         "Preset `qata-cpu` (128 px, base width 16, 10 epochs, whole training split), best-validation weights, the "
         f"{max(e['n_test'] for e in results):,} test images; per-image Dice at the masks' original 224x224, masks "
-        "cut at 0.5 (also for the shipped model, which cuts at 0.6: its figures there are in bench/shipped_model.json) "
+        "cut at 0.5 (also for the 30-epoch model `lvit-rd25-e30-s0`, the `qata-lvit` shipped before the width-32 "
+        "one, which cut at 0.6) "
         "(`bench/report_optional.py`; raw `bench/report_optional.json`). Columns: the true reports; no report "
         "(the model's learned no-report path); self-described: the no-report mask described by `lvit describe`'s "
         "rules and read back as the report (two passes); "

@@ -92,6 +92,7 @@ class DeviceDataset:
         if workers > 1 and n > 1:
             # The pool is the parallelism: torch's own threads inside each worker's resize would multiply the
             # threads by the core count and fight over the cores (two processes side by side on 16 cores: 256).
+            # The setting is process-wide: the fast path decodes its splits one after the other, nothing else runs.
             threads = torch.get_num_threads()
             torch.set_num_threads(1)
             try:
