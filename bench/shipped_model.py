@@ -7,7 +7,8 @@ measured, and described by a card rendered from the measurements.
     python bench/shipped_model.py rescore-written --data QATA --sample ... --command "..." --commit SHA
     python bench/shipped_model.py timing --data QATA     # whole-process predict, folder and forward rates
     python bench/shipped_model.py threshold --data QATA --sample ... --commit SHA   # chosen on val, measured again
-    python bench/shipped_model.py training-facts --run W/runs/lvit-s0   # training-time keys from the run
+    python bench/shipped_model.py training-facts --run W/runs/lvit-s0 [--pack .devrun/qata]  # from the run
+    python bench/shipped_model.py seed-threshold --model W/runs/w32-s0  # another seed at its val-chosen threshold
     python bench/shipped_model.py card                   # README.md of the shipped folder from the JSON
 
 ``ship`` exports the run's best-validation weights twice (float32 and float16), tests both on QaTa-COV19's
@@ -101,6 +102,44 @@ def earlier_seeds(spec: str, known: set[int]) -> list[dict]:
             found.append({"seed": int(other["seed"]), "dice_original": other["dice_original"],
                           "source": f"{Path(path).name}: {name}"})
     return found
+
+
+def seed_at_threshold(results: dict, sweep: dict) -> dict:
+    """The other seed's figure at the threshold its own validation images chose (an entry of
+    bench/threshold_sweep.py's raw file, true reports), so that every seed of the card is cut as ``lvit calibrate``
+    would cut it. The entry must be the seed's run (by name) and its weights (its test Dice at 0.5 is the seed's
+    figure at 0.5 to 1e-4); the figure at 0.5 is kept beside."""
+    run = Path(sweep["model"]).name
+    if sweep["reports"] != "true":
+        raise SystemExit(f"error: the threshold sweep of {sweep['model']} is with {sweep['reports']} reports, "
+                         "not the true ones")
+    entry = next((e for e in results["seeds"] if e.get("source", "").endswith(f"/{run}")), None)
+    if entry is None:
+        raise SystemExit(f"error: no seed of the shipped recipe comes from a run named {run}")
+    at_0_5 = entry.get("dice_original_at_0_5", entry["dice_original"])
+    if abs(sweep["test_dice_at_0_5"] - at_0_5) > 1e-4:
+        raise SystemExit(f"error: {sweep['model']}: its test Dice at 0.5 ({sweep['test_dice_at_0_5']:.4f}) is not "
+                         f"seed {entry['seed']}'s ({at_0_5:.4f}): other weights")
+    entry.update({"dice_original": sweep["test_dice_at_chosen"], "threshold": sweep["chosen"],
+                  "dice_original_at_0_5": at_0_5, "threshold_source": f"threshold_sweep.json: {sweep['model']}"})
+    return entry
+
+
+def seed_threshold(args) -> int:
+    results = json.loads(RESULTS_JSON.read_text())
+    sweeps = json.loads(args.sweep.read_text())
+    sweep = next((e for e in sweeps if e["model"] == args.model and e["reports"] == "true"), None)
+    if sweep is None:
+        raise SystemExit(f"error: {args.sweep}: no entry for {args.model} with the true reports")
+    entry = seed_at_threshold(results, sweep)
+    shipped = next(e for e in results["seeds"] if "source" not in e)
+    shipped.setdefault("dice_original_at_0_5", results["at_threshold_0_5"]["dice_original"])
+    RESULTS_JSON.write_text(json.dumps(results, indent=2) + "\n")
+    write_card()
+    print(f"seed {entry['seed']}: {entry['dice_original']:.4f} at its threshold {entry['threshold']:g} "
+          f"({entry['dice_original_at_0_5']:.4f} at 0.5); mean over seeds "
+          f"{statistics.mean(e['dice_original'] for e in results['seeds']):.4f}", flush=True)
+    return 0
 
 
 def _threads_of(machine: str) -> int:
@@ -396,10 +435,33 @@ def training_facts(args) -> int:
     if not same:
         raise SystemExit(f"error: {args.run}: its best weights are not the shipped ones ({PACKAGE_FOLDER})")
     results.update(training_time(Path(args.run)))
+    if args.pack:
+        results["training_images"] = training_images(args.pack)
     RESULTS_JSON.write_text(json.dumps(results, indent=2) + "\n")
     write_card()
-    print(json.dumps({k: results[k] for k in ("epochs", "train_minutes", "epoch_seconds_median", "slow_epochs")}))
+    print(json.dumps({k: results[k] for k in ("epochs", "train_minutes", "epoch_seconds_median", "slow_epochs",
+                                              "training_images") if k in results}))
     return 0
+
+
+def training_images(pack: Path) -> dict:
+    """How the training images were coded when the run trained on bench/gpu/prepare.py's copy (a lent GPU takes
+    64 MiB, so its images travel as lossy WebP): the codec and the coding error its manifest measured. The test
+    figures are always on the original images."""
+    import lzma
+
+    manifest_path = Path(pack) / "data" / "manifest.json.xz"
+    try:
+        manifest = json.loads(lzma.open(manifest_path).read())
+        images, error = manifest["images"], manifest["coding_error"]
+        splits = sorted(manifest["splits"])
+    except (OSError, lzma.LZMAError, ValueError, KeyError) as e:
+        raise SystemExit(f"error: {manifest_path}: not a bench/gpu/prepare.py pack manifest ({e})") from None
+    return {"codec": images["codec"], "quality": images["quality"], "lossless": images["lossless"],
+            "splits": splits, "images_exact": error["images_exact"], "psnr_db": error["psnr_db"],
+            "max_abs_grey_levels": error["max_abs_grey_levels"],
+            "made_by": "python bench/gpu/prepare.py --qata ROOT --qata-tokens 24 --qata-splits "
+                       + ",".join(splits)}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -540,10 +602,28 @@ def _threshold_texts(r: dict) -> tuple[str, str]:
             + (f", {_f(at['no_report']['dice_original'])} without one" if "no_report" in at else "") + ".\n")
 
 
+def _training_images_text(r: dict) -> str:
+    coded = r.get("training_images")
+    if not coded:
+        return ""
+    how = "lossless" if coded["lossless"] else f"lossy, quality {coded['quality']}"
+    psnr, codec = coded["psnr_db"], {"webp": "WebP"}.get(coded["codec"], coded["codec"])
+    return (f"\n- the {' and '.join(coded['splits'])} images were read from the copy that travels to a lent GPU "
+            f"(`{coded['made_by']}`): {codec}, {how} (PSNR against the originals min "
+            f"{psnr['min']:.1f} / median {psnr['median']:.1f} dB, at most {coded['max_abs_grey_levels']} grey levels "
+            "of 255 off), the masks lossless; the test figures below are on the original images")
+
+
 def card_text(r: dict) -> str:
     seeds = ", ".join(f"seed {s['seed']}: {_f(s['dice_original'])}"
-                      + (f" (threshold {s.get('threshold', 0.5):g})" if r.get("threshold") else "")
+                      + (f" (threshold {s.get('threshold', 0.5):g}" + (f"; {_f(s['dice_original_at_0_5'])} at 0.5"
+                                                                      if "dice_original_at_0_5" in s else "") + ")"
+                         if r.get("threshold") else "")
                       for s in r["seeds"])
+    if len(r["seeds"]) > 1 and all("dice_original_at_0_5" in s for s in r["seeds"]):
+        seeds += (f"; mean {_f(statistics.mean(s['dice_original'] for s in r['seeds']))} with each seed cut at the "
+                  "threshold its own validation images chose, "
+                  f"{_f(statistics.mean(s['dice_original_at_0_5'] for s in r['seeds']))} at 0.5")
     px = f"{r['image_size']} px"
     rows = [("true report", r)]
     if "no_report" in r:
@@ -631,7 +711,7 @@ clinical decision.** Its masks can be wrong, confidently.
 
 - data: QaTa-COV19 (Degerli et al., Qatar University and Tampere University, as published by its authors on
   Kaggle) with the LViT authors' reports; the 5,716 training images and their masks, validation on 1,429. Their
-  terms allow research use only, so **these weights are for research use only**.
+  terms allow research use only, so **these weights are for research use only**.{_training_images_text(r)}
 - command: `{r['command']}`
 - code: lvit commit {r['commit']}
 - {r['train_minutes']} minutes of training (the sum of the run's epoch times in its metrics.csv) on
@@ -713,6 +793,9 @@ def main(argv: list[str] | None = None) -> int:
         q.add_argument("--threads", type=int, default=2)
     f = sub.add_parser("training-facts", help="training-time keys of the shipped JSON from the run it was made of")
     f.add_argument("--run", type=Path, required=True)
+    f.add_argument("--pack", type=Path, default=None,
+                   help="the bench/gpu/prepare.py copy (.devrun/qata) the run trained on, if it did: the card "
+                        "then says how its images were coded")
     f.set_defaults(func=training_facts)
     h = sub.add_parser("threshold", help="choose the shipped folder's threshold on val and measure again with it")
     h.add_argument("--data", type=Path, required=True, help="QaTa-COV19 root (either layout)")
@@ -720,6 +803,11 @@ def main(argv: list[str] | None = None) -> int:
     h.add_argument("--commit", required=True, help="the lvit commit whose code chose and measured it")
     h.add_argument("--threads", type=int, default=2)
     h.set_defaults(func=measure_at_threshold)
+    e = sub.add_parser("seed-threshold", help="another seed's figure at the threshold its validation images chose")
+    e.add_argument("--sweep", type=Path, default=REPO / "bench" / "threshold_sweep.json",
+                   help="bench/threshold_sweep.py's raw file")
+    e.add_argument("--model", required=True, help="the seed's run as the sweep names it (e.g. W/runs/w32-s0)")
+    e.set_defaults(func=seed_threshold)
     c = sub.add_parser("card", help="the shipped folder's README.md from the JSON")
     c.set_defaults(func=card)
     args = parser.parse_args(argv)

@@ -10,12 +10,14 @@ threshold with the best validation Dice is what ``lvit calibrate`` keeps; its te
 test split never picks it). The official test code cuts at 0.5.
 
 Raw: bench/threshold_sweep.json (a list: model, reports, thresholds, val_dice, test_dice (per-image Dice at each
-threshold), chosen (best on val), test_dice_at_0_5, test_dice_at_chosen, minutes, machine, command).
+threshold), chosen (best on val), test_dice_at_0_5, test_dice_at_chosen, weights_sha256 (a shipped name stands for
+different weights over time), minutes, machine, command).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import sys
 import time
 from pathlib import Path
@@ -44,11 +46,13 @@ def render(results: list[dict]) -> str:
              "Per-image Dice at the masks' original size; the threshold with the best validation Dice among "
              "0.30-0.70 is chosen, then the test split is scored once at it and at 0.5 (the official test code's). "
              "Raw: `bench/threshold_sweep.json` (`bench/threshold_sweep.py`).", "",
-             "| model | reports | chosen | val Dice at 0.5 -> chosen | test Dice at 0.5 -> chosen | test gain |",
-             "|---|---|---|---|---|---|"]
+             "| model | weights (sha256) | reports | chosen | val Dice at 0.5 -> chosen | test Dice at 0.5 -> chosen "
+             "| test gain |",
+             "|---|---|---|---|---|---|---|"]
     for e in results:
         at = e["thresholds"].index(0.5)
-        lines.append(f"| {e['model']} | {e['reports']} | {e['chosen']:g} | {e['val_dice'][at]:.4f} -> "
+        weights = e["weights_sha256"][:8] if "weights_sha256" in e else "not recorded"
+        lines.append(f"| {e['model']} | {weights} | {e['reports']} | {e['chosen']:g} | {e['val_dice'][at]:.4f} -> "
                      f"{max(e['val_dice']):.4f} | {e['test_dice_at_0_5']:.4f} -> {e['test_dice_at_chosen']:.4f} | "
                      f"{e['test_dice_at_chosen'] - e['test_dice_at_0_5']:+.4f} |")
     lines += ["", "Commands and machines: " + "; ".join(f"`{e['command']}` ({e['machine']}, {e['minutes']} min)"
@@ -86,6 +90,7 @@ def main(argv=None) -> int:
                  "val_dice": val_dice, "test_dice": test_dice, "chosen": chosen,
                  "test_dice_at_0_5": test_dice[CANDIDATES.index(0.5)],
                  "test_dice_at_chosen": test_dice[CANDIDATES.index(chosen)],
+                 "weights_sha256": hashlib.sha256(Path(segmenter.weights).read_bytes()).hexdigest(),
                  "minutes": round((time.perf_counter() - started) / 60, 1), "machine": machine_line(),
                  "command": (f"python bench/threshold_sweep.py --data QATA --models {_shown(model)} --reports "
                              f"{args.reports} --threads {args.threads}")}

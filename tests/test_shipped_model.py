@@ -275,3 +275,50 @@ def test_other_seeds_come_from_bench_qata_rows_or_from_a_gpu_call(tmp_path):
         {"seed": 0, "dice_original": 0.83, "source": "qata_ship.json: two/w32-s0"}]
     with pytest.raises(SystemExit, match="no GPU call labelled 'three'"):
         bench.earlier_seeds(f"{calls}:three", set())
+
+
+def test_another_seed_is_cut_at_the_threshold_its_own_validation_images_chose():
+    """``seed-threshold``: a sweep of the seed's own run replaces its figure at 0.5 by the one at its chosen
+    threshold (0.5 kept beside) and the card gives both means; a sweep of other weights or another run is refused."""
+    bench = load_bench("bench/shipped_model.py", "shipped_model")
+    results = {**json.loads(RESULTS.read_text()),
+               "seeds": [{"seed": 0, "dice_original": 0.80, "source": "qata_ship.json: c/w32-s0"},
+                         {"seed": 1, "dice_original": 0.84, "threshold": 0.6, "dice_original_at_0_5": 0.83}]}
+    sweep = {"model": "W/runs/w32-s0", "reports": "true", "chosen": 0.55, "test_dice_at_0_5": 0.80004,
+             "test_dice_at_chosen": 0.81}
+    with pytest.raises(SystemExit, match="not seed 0's"):
+        bench.seed_at_threshold(results, {**sweep, "test_dice_at_0_5": 0.79})
+    with pytest.raises(SystemExit, match="no seed of the shipped recipe comes from a run named w32-s2"):
+        bench.seed_at_threshold(results, {**sweep, "model": "W/runs/w32-s2"})
+    with pytest.raises(SystemExit, match="with none reports"):
+        bench.seed_at_threshold(results, {**sweep, "reports": "none"})
+    entry = bench.seed_at_threshold(results, sweep)
+    assert entry == {"seed": 0, "dice_original": 0.81, "threshold": 0.55, "dice_original_at_0_5": 0.80,
+                     "source": "qata_ship.json: c/w32-s0", "threshold_source": "threshold_sweep.json: W/runs/w32-s0"}
+    card = bench.card_text(results)
+    assert ("seed 0: 0.8100 (threshold 0.55; 0.8000 at 0.5), seed 1: 0.8400 (threshold 0.6; 0.8300 at 0.5); "
+            "mean 0.8250 with each seed cut at the threshold its own validation images chose, 0.8150 at 0.5") in card
+
+
+def test_the_card_says_when_the_training_images_were_the_lossy_gpu_copy(tmp_path):
+    """``training-facts --pack``: the codec and coding error of bench/gpu/prepare.py's manifest reach the card;
+    a file that is not such a manifest is one line naming it."""
+    import lzma
+
+    bench = load_bench("bench/shipped_model.py", "shipped_model")
+    (tmp_path / "data").mkdir()
+    manifest = {"images": {"codec": "webp", "quality": 90, "lossless": False}, "splits": {"val": {}, "train": {}},
+                "coding_error": {"images_exact": 0, "psnr_db": {"min": 40.94, "median": 43.63, "mean": 43.7},
+                                 "max_abs_grey_levels": 16}}
+    (tmp_path / "data" / "manifest.json.xz").write_bytes(lzma.compress(json.dumps(manifest).encode()))
+    coded = bench.training_images(tmp_path)
+    assert coded["splits"] == ["train", "val"] and coded["quality"] == 90
+    card = bench.card_text({**json.loads(RESULTS.read_text()), "training_images": coded})
+    assert ("the train and val images were read from the copy that travels to a lent GPU (`python "
+            "bench/gpu/prepare.py --qata ROOT --qata-tokens 24 --qata-splits train,val`): WebP, lossy, quality 90 "
+            "(PSNR against the originals min 40.9 / median 43.6 dB, at most 16 grey levels of 255 off)") in card
+    assert "read from the copy" not in bench.card_text({k: v for k, v in json.loads(RESULTS.read_text()).items()
+                                                          if k != "training_images"})
+    (tmp_path / "data" / "manifest.json.xz").write_bytes(b"not xz")
+    with pytest.raises(SystemExit, match="manifest.json.xz: not a bench/gpu/prepare.py pack manifest"):
+        bench.training_images(tmp_path)
