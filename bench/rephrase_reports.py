@@ -47,16 +47,23 @@ def _side_phrase(levels: list[str], side: str, rules: set[str], rng: np.random.G
     return f"{' '.join(levels)} {side} lung"
 
 
-def rephrase(text: str, rng: np.random.Generator) -> tuple[str, list[str]]:
+def rephrase(text: str, rng: np.random.Generator, only: str | None = None) -> tuple[str, list[str]]:
     """A report in LViT's template -> (the same facts reworded, the rules used). Reports saying no infection
-    become "No pulmonary opacity." or stay as they are."""
+    become "No pulmonary opacity." or stay as they are. ``only``: that one rule and no other (a report it does
+    not apply to, such as side-order on one lung, comes back as it was)."""
+    if only is not None and only not in RULES:
+        raise ValueError(f"unknown rewording rule {only!r} (rules: {', '.join(RULES)})")
     findings = parse_findings(text)
     if findings.count == 0 and not findings.zones:
+        if only not in (None, "synonyms"):
+            return text, []
         return ("No pulmonary opacity.", ["synonyms"]) if rng.random() < 0.5 else (text, [])
-    while True:
+    while only is None:
         rules = {r for r in RULES if rng.random() < 0.5}
         if len(rules) >= 2:
             break
+    if only is not None:
+        rules = {only}
     per_side = [(side, [lv for lv in LEVELS if (lv, side) in findings.zones]) for side in SIDES]
     per_side = [(side, levels) for side, levels in per_side if levels]
     if "side-order" in rules:
@@ -85,6 +92,8 @@ def rephrase(text: str, rng: np.random.Generator) -> tuple[str, list[str]]:
         out = f"{zones}: {head}, {count} {areas}."
     else:
         out = f"{head}, {count} {areas}, {zones}."
+    if only is not None and not rules:
+        return text, []
     return out[0].upper() + out[1:], sorted(rules)
 
 
@@ -139,12 +148,12 @@ def same_facts(original: str, reworded: str) -> bool:
         return False
 
 
-def rephrase_all(texts: list[str], seed: int = 0) -> tuple[list[str], Counter]:
-    """Every report reworded (a generator seeded with ``seed`` per report position) -> (texts, rule counts).
-    ValueError naming the first report whose reworded text loses a fact."""
+def rephrase_all(texts: list[str], seed: int = 0, only: str | None = None) -> tuple[list[str], Counter]:
+    """Every report reworded (a generator seeded with ``seed`` per report position; ``only``: by that one rule)
+    -> (texts, rule counts). ValueError naming the first report whose reworded text loses a fact."""
     out, used = [], Counter()
     for i, text in enumerate(texts):
-        new, rules = rephrase(text, np.random.default_rng([seed, i]))
+        new, rules = rephrase(text, np.random.default_rng([seed, i]), only)
         if not same_facts(text, new):
             raise ValueError(f"report {i}: rewording lost a fact: {text!r} -> {new!r}")
         out.append(new)

@@ -16,7 +16,9 @@ masks' original 224x224 (``dice_original``) with:
   that report (``Segmenter(..., no_report_path="self-described")``; null for a model without a no-report path);
 * ``rephrased``: the reports reworded by bench/rephrase_reports.py (same facts, other words; seed 0);
 * ``swapped_changed`` / ``true_changed``: left and right swapped, and the true reports, on the test reports a swap
-  changes (lvit.evaluate.text_probe's rule).
+  changes (lvit.evaluate.text_probe's rule);
+* with ``--by-rule``, ``rephrased_by_rule``: for each rewording rule alone, the images whose report it changes,
+  and their Dice with the true and with the reworded reports (which kind of rewording the reading fails on).
 
 Raw: bench/report_optional.json (a list, one entry per model); table: bench/RESULTS.md, section
 ``report-optional``, with LViT-T's figures from bench/qata_results.json beside it.
@@ -96,8 +98,10 @@ def mean(values) -> float:
     return sum(values) / len(values)
 
 
-def evaluate_run(run_dir: Path, data: Path, work: Path, reporter: Path | None, pilot: bool = False) -> dict:
-    """The entry of one run; ``pilot``: the true and no-report columns only (what a pilot decides on)."""
+def evaluate_run(run_dir: Path, data: Path, work: Path, reporter: Path | None, pilot: bool = False,
+                 by_rule: bool = False) -> dict:
+    """The entry of one run; ``pilot``: the true and no-report columns only (what a pilot decides on);
+    ``by_rule``: also ``rephrased_by_rule``, the reports reworded by one rule at a time (:func:`rule_costs`)."""
     import yaml
 
     from lvit.benchmark import machine_line
@@ -151,10 +155,30 @@ def evaluate_run(run_dir: Path, data: Path, work: Path, reporter: Path | None, p
         from lvit.inference.segmenter import MIXED_REPORTS
 
         entry["generated_mixed_reports"] = MIXED_REPORTS
+    if by_rule:
+        entry["rephrased_by_rule"] = rule_costs(texts, scores["true"], names, rephrase,
+                                                lambda rule, reworded: score(f"rule-{rule}", texts=reworded))
     entry.update(training_facts(run_dir))
     entry["machine"] = machine_line()
     entry["evaluate_minutes"] = round((time.perf_counter() - started) / 60, 1)
     return entry
+
+
+def rule_costs(texts: list[str], true: dict[str, float], names: list[str], rephrase, score) -> dict:
+    """Per rewording rule of bench/rephrase_reports.py: every test report reworded by that rule alone (seed 0),
+    scored by ``score(rule, texts)`` (image name -> Dice); over the images whose report the rule changes (a rule
+    that does not apply, such as side-order on one lung, leaves a report as it was): their number, the Dice with
+    the true and with the reworded reports."""
+    costs = {}
+    for rule in rephrase.RULES:
+        reworded, _ = rephrase.rephrase_all(texts, seed=0, only=rule)
+        changed = [n for n, a, b in zip(names, texts, reworded) if a != b]
+        if not changed:
+            continue
+        scored = score(rule, reworded)
+        costs[rule] = {"n_changed": len(changed), "true": mean(true[n] for n in changed),
+                       "rephrased": mean(scored[n] for n in changed)}
+    return costs
 
 
 def training_facts(run_dir: Path) -> dict:
@@ -193,7 +217,7 @@ def evaluate(args) -> int:
         if not (run_dir / "checkpoints" / "best.safetensors").is_file():
             print(f"{name}: no best weights yet, skipped", flush=True)
             continue
-        entry = evaluate_run(run_dir, args.data, work, args.reporter, pilot=args.pilot)
+        entry = evaluate_run(run_dir, args.data, work, args.reporter, pilot=args.pilot, by_rule=args.by_rule)
         results = [e for e in results if e["model"] != name] + [entry]
         write_raw(args.results, sorted(results, key=lambda e: e["model"]))
         print(f"{name}: " + ", ".join(f"{c} {entry[c]:.4f}" for c in COLUMNS if entry.get(c) is not None), flush=True)
@@ -251,9 +275,28 @@ def render(args) -> int:
                           f"{', '.join(str(qata[k]['seed']) for k in sorted(qata) if qata[k].get('row') == 'lvit-t')})"
                           "; the goals: at least 0.825 with the true report, 0.79 without one, a swap costing at "
                           "least 0.15 on the changed reports, rewording at most 0.01."]
+    lines += rule_table(results)
     lines += ["", f"Machine: {'; '.join(machine)}."]
     render_section(SECTION, "\n".join(lines), args.results_md)
     return 0
+
+
+def rule_table(results: list[dict]) -> list[str]:
+    """What each rewording rule alone costs, for the entries scored with ``--by-rule``."""
+    scored = [e for e in results if e.get("rephrased_by_rule")]
+    if not scored:
+        return []
+    rules = list(dict.fromkeys(r for e in scored for r in e["rephrased_by_rule"]))
+    lines = ["", "What each rewording rule costs alone (`evaluate --by-rule`): every test report reworded by that "
+                 "one rule (seed 0), per-image Dice at 224x224 with the true minus with the reworded reports, over "
+                 "the images whose report the rule changes (their number in brackets).", "",
+             "| model | " + " | ".join(rules) + " |", "|---|" + "---|" * len(rules)]
+    for e in scored:
+        by = e["rephrased_by_rule"]
+        lines.append(f"| {e['model']} | " + " | ".join(
+            f"{by[r]['true'] - by[r]['rephrased']:.3f} ({by[r]['n_changed']:,})" if r in by else "n/a"
+            for r in rules) + " |")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -266,6 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--threads", type=int, default=2)
     e.add_argument("--pilot", action="store_true",
                    help="score the true and no-report columns only (the others are left n/a)")
+    e.add_argument("--by-rule", action="store_true",
+                   help="also score the reports reworded by one rule at a time (key rephrased_by_rule)")
     e.set_defaults(func=evaluate)
     f = sub.add_parser("facts", help="add the training facts (metrics.csv) of the runs in WORK to their entries")
     f.add_argument("--work", type=Path, required=True, help="the work folder of bench/qata.py (WORK/runs)")

@@ -616,3 +616,48 @@ def test_the_bench_reads_each_runs_curves_from_its_metrics(tmp_path):
     assert bench.training_facts(tmp_path) == {"val_dice_per_epoch": [0.5952, 0.6889],
                                               "val_loss_per_epoch": [0.2766, 0.2145],
                                               "train_loss_per_epoch": [0.3123, 0.2]}
+
+
+def test_one_rule_at_a_time_rewords_only_where_it_applies_and_keeps_the_facts(rephrase):
+    """``only=RULE``: that rule and no other; a report it cannot change comes back as it was; the default draw
+    is untouched by the option (the seeded rewording of the "reworded" column stays the same)."""
+    from lvit.data.describe import parse_findings
+
+    one_lung = "unilateral pulmonary infection, one infected area, lower right lung."
+    texts = [BILATERAL, one_lung] * 3
+    for rule in rephrase.RULES:
+        reworded, used = rephrase.rephrase_all(texts, seed=1, only=rule)
+        assert set(used) <= {rule} and all(rephrase.facts(b) == parse_findings(a) for a, b in zip(texts, reworded))
+    assert rephrase.rephrase_all([one_lung], only="side-order")[0] == [one_lung]
+    assert rephrase.rephrase_all([one_lung], only="whole-lung")[0] == [one_lung]
+    assert rephrase.rephrase_all([BILATERAL], only="side-order")[0] == [
+        "Bilateral pulmonary infection, four infected areas, lower right lung and upper middle lower left lung."]
+    assert rephrase.rephrase_all([BILATERAL], only="digits")[0] == [
+        "Bilateral pulmonary infection, 4 infected areas, upper middle lower left lung and lower right lung."]
+    with pytest.raises(ValueError, match="unknown rewording rule 'typos'"):
+        rephrase.rephrase(BILATERAL, np.random.default_rng(0), only="typos")
+    assert rephrase.rephrase_all(texts, seed=5)[0] == [rephrase.rephrase(t, np.random.default_rng([5, i]))[0]
+                                                       for i, t in enumerate(texts)]
+
+
+def test_rule_costs_are_taken_over_the_images_each_rule_changes(rephrase, tmp_path):
+    import argparse
+
+    bench = load_bench("bench/report_optional.py", "report_optional")
+    one_lung = "unilateral pulmonary infection, one infected area, lower right lung."
+    texts, names = [BILATERAL, one_lung], ["a", "b"]
+    true = {"a": 0.8, "b": 0.6}
+    # a stand-in model: 0.1 less on a reworded report, the true figure on an unchanged one
+    score = lambda rule, reworded: {n: true[n] - 0.1 * (r != t) for n, r, t in zip(names, reworded, texts)}
+    costs = bench.rule_costs(texts, true, names, rephrase, score)
+    assert costs["side-order"] == {"n_changed": 1, "true": 0.8, "rephrased": pytest.approx(0.7)}
+    assert costs["digits"] == {"n_changed": 2, "true": pytest.approx(0.7), "rephrased": pytest.approx(0.6)}
+    entry = {"model": "lvit-x-s0", "row": "lvit-x", "seed": 0, "recipe": "r", "n_test": 2, "true": 0.7,
+             "none": None, "self_described": None, "generated": None, "rephrased": 0.6, "swapped_changed": None,
+             "true_changed": 0.7, "n_changed": 1, "machine": "m", "rephrased_by_rule": costs}
+    raw, md = tmp_path / "raw.json", tmp_path / "RESULTS.md"
+    raw.write_text(json.dumps([entry]))
+    md.write_text("# Results\n")
+    bench.render(argparse.Namespace(results=raw, results_md=md))
+    row = next(line for line in md.read_text().splitlines() if line.startswith("| lvit-x-s0 | 0.100 ("))
+    assert "| 0.100 (1) |" in row and "| 0.100 (2) |" in row
