@@ -18,7 +18,8 @@ masks' original 224x224 (``dice_original``) with:
 * ``swapped_changed`` / ``true_changed``: left and right swapped, and the true reports, on the test reports a swap
   changes (lvit.evaluate.text_probe's rule);
 * with ``--by-rule``, ``rephrased_by_rule``: for each rewording rule alone, the images whose report it changes,
-  and their Dice with the true and with the reworded reports (which kind of rewording the reading fails on).
+  their Dice with the true and with the reworded reports, and how many of those reports run past the model's
+  ``text_tokens`` word pieces (which kind of rewording costs the most, and whether cut words explain it).
 
 Raw: bench/report_optional.json (a list, one entry per model); table: bench/RESULTS.md, section
 ``report-optional``, with LViT-T's figures from bench/qata_results.json beside it.
@@ -156,28 +157,36 @@ def evaluate_run(run_dir: Path, data: Path, work: Path, reporter: Path | None, p
 
         entry["generated_mixed_reports"] = MIXED_REPORTS
     if by_rule:
+        from lvit.text.vocabulary import ReportChecker
+
+        checker = ReportChecker(config, run_dir)
+        entry["text_tokens"] = checker.max_tokens
         entry["rephrased_by_rule"] = rule_costs(texts, scores["true"], names, rephrase,
-                                                lambda rule, reworded: score(f"rule-{rule}", texts=reworded))
+                                                lambda rule, reworded: score(f"rule-{rule}", texts=reworded),
+                                                truncated=lambda text: checker.check(text).truncated)
     entry.update(training_facts(run_dir))
     entry["machine"] = machine_line()
     entry["evaluate_minutes"] = round((time.perf_counter() - started) / 60, 1)
     return entry
 
 
-def rule_costs(texts: list[str], true: dict[str, float], names: list[str], rephrase, score) -> dict:
+def rule_costs(texts: list[str], true: dict[str, float], names: list[str], rephrase, score,
+               truncated=lambda text: False) -> dict:
     """Per rewording rule of bench/rephrase_reports.py: every test report reworded by that rule alone (seed 0),
     scored by ``score(rule, texts)`` (image name -> Dice); over the images whose report the rule changes (a rule
     that does not apply, such as side-order on one lung, leaves a report as it was): their number, the Dice with
-    the true and with the reworded reports."""
+    the true and with the reworded reports, and how many of those reworded reports run past the model's word
+    pieces (``truncated(text)``: their cost is partly words the model never sees, not its reading)."""
     costs = {}
     for rule in rephrase.RULES:
         reworded, _ = rephrase.rephrase_all(texts, seed=0, only=rule)
-        changed = [n for n, a, b in zip(names, texts, reworded) if a != b]
+        changed = [(n, b) for n, a, b in zip(names, texts, reworded) if a != b]
         if not changed:
             continue
         scored = score(rule, reworded)
-        costs[rule] = {"n_changed": len(changed), "true": mean(true[n] for n in changed),
-                       "rephrased": mean(scored[n] for n in changed)}
+        costs[rule] = {"n_changed": len(changed), "true": mean(true[n] for n, _ in changed),
+                       "rephrased": mean(scored[n] for n, _ in changed),
+                       "n_truncated": sum(bool(truncated(b)) for _, b in changed)}
     return costs
 
 
@@ -209,6 +218,8 @@ def evaluate(args) -> int:
 
     import torch
 
+    if args.pilot and args.by_rule:
+        raise SystemExit("error: --by-rule scores the reworded reports, which a --pilot leaves out: give one of them")
     torch.set_num_threads(args.threads)
     results = read_raw(args.results, [])
     work = Path(tempfile.mkdtemp(prefix="lvit-optional-"))
@@ -289,12 +300,14 @@ def rule_table(results: list[dict]) -> list[str]:
     rules = list(dict.fromkeys(r for e in scored for r in e["rephrased_by_rule"]))
     lines = ["", "What each rewording rule costs alone (`evaluate --by-rule`): every test report reworded by that "
                  "one rule (seed 0), per-image Dice at 224x224 with the true minus with the reworded reports, over "
-                 "the images whose report the rule changes (their number in brackets).", "",
+                 "the images whose report the rule changes (their number in brackets; \"cut\": how many of those "
+                 "reworded reports run past the model's word pieces, whose cost is partly words it never reads).", "",
              "| model | " + " | ".join(rules) + " |", "|---|" + "---|" * len(rules)]
     for e in scored:
         by = e["rephrased_by_rule"]
         lines.append(f"| {e['model']} | " + " | ".join(
-            f"{by[r]['true'] - by[r]['rephrased']:.3f} ({by[r]['n_changed']:,})" if r in by else "n/a"
+            f"{by[r]['true'] - by[r]['rephrased']:.3f} ({by[r]['n_changed']:,}"
+            + (f"; {by[r]['n_truncated']:,} cut" if by[r].get("n_truncated") else "") + ")" if r in by else "n/a"
             for r in rules) + " |")
     return lines
 

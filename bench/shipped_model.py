@@ -104,12 +104,16 @@ def earlier_seeds(spec: str, known: set[int]) -> list[dict]:
     return found
 
 
-def seed_at_threshold(results: dict, sweep: dict) -> dict:
+def seed_at_threshold(results: dict, sweep: dict, run_sha256: str | None = None) -> dict:
     """The other seed's figure at the threshold its own validation images chose (an entry of
     bench/threshold_sweep.py's raw file, true reports), so that every seed of the card is cut as ``lvit calibrate``
-    would cut it. The entry must be the seed's run (by name) and its weights (its test Dice at 0.5 is the seed's
-    figure at 0.5 to 1e-4); the figure at 0.5 is kept beside."""
+    would cut it. The entry must be the seed's run (by name) and its weights: the same sha256 where both files
+    record one (``run_sha256``: the run's, from the file the seed came from), and in any case its test Dice at 0.5
+    is the seed's figure at 0.5 to 1e-4. The figure at 0.5 is kept beside."""
     run = Path(sweep["model"]).name
+    if run_sha256 and sweep.get("weights_sha256") and sweep["weights_sha256"] != run_sha256:
+        raise SystemExit(f"error: the threshold sweep of {sweep['model']} measured weights "
+                         f"{sweep['weights_sha256'][:8]}, not the run's {run_sha256[:8]}")
     if sweep["reports"] != "true":
         raise SystemExit(f"error: the threshold sweep of {sweep['model']} is with {sweep['reports']} reports, "
                          "not the true ones")
@@ -125,16 +129,33 @@ def seed_at_threshold(results: dict, sweep: dict) -> dict:
     return entry
 
 
-def seed_threshold(args) -> int:
-    results = json.loads(RESULTS_JSON.read_text())
+def run_sha256_of(source: str) -> str | None:
+    """The weights' sha256 that a seed's source (``qata_ship.json: CALL/RUN``) records for its run, if any."""
+    name, _, where = source.partition(": ")
+    call, _, run = where.partition("/")
+    path = REPO / "bench" / "gpu" / "results" / name
+    if name != "qata_ship.json" or not path.is_file():
+        return None
+    calls = json.loads(path.read_text())["calls"]
+    return next((r.get("weights_sha256") for c in calls if c["call"] == call for r in c["runs"] if r["run"] == run),
+                None)
+
+
+def seed_threshold(args, results_json: Path = RESULTS_JSON) -> int:
+    results = json.loads(results_json.read_text())
+    if "at_threshold_0_5" not in results or not any("source" not in e for e in results["seeds"]):
+        raise SystemExit(f"error: {results_json}: the shipped seed has no threshold of its own yet (run "
+                         "`python bench/shipped_model.py threshold ...` first)")
     sweeps = json.loads(args.sweep.read_text())
     sweep = next((e for e in sweeps if e["model"] == args.model and e["reports"] == "true"), None)
     if sweep is None:
         raise SystemExit(f"error: {args.sweep}: no entry for {args.model} with the true reports")
-    entry = seed_at_threshold(results, sweep)
+    source = next((e.get("source", "") for e in results["seeds"]
+                   if e.get("source", "").endswith(f"/{Path(args.model).name}")), "")
+    entry = seed_at_threshold(results, sweep, run_sha256_of(source))
     shipped = next(e for e in results["seeds"] if "source" not in e)
     shipped.setdefault("dice_original_at_0_5", results["at_threshold_0_5"]["dice_original"])
-    RESULTS_JSON.write_text(json.dumps(results, indent=2) + "\n")
+    results_json.write_text(json.dumps(results, indent=2) + "\n")
     write_card()
     print(f"seed {entry['seed']}: {entry['dice_original']:.4f} at its threshold {entry['threshold']:g} "
           f"({entry['dice_original_at_0_5']:.4f} at 0.5); mean over seeds "
@@ -437,6 +458,7 @@ def training_facts(args) -> int:
     results.update(training_time(Path(args.run)))
     if args.pack:
         results["training_images"] = training_images(args.pack)
+    card_text(results)  # a record the card cannot render is refused before anything is written
     RESULTS_JSON.write_text(json.dumps(results, indent=2) + "\n")
     write_card()
     print(json.dumps({k: results[k] for k in ("epochs", "train_minutes", "epoch_seconds_median", "slow_epochs",
@@ -450,18 +472,25 @@ def training_images(pack: Path) -> dict:
     figures are always on the original images."""
     import lzma
 
-    manifest_path = Path(pack) / "data" / "manifest.json.xz"
+    pack = Path(pack)
+    manifest_path = pack / "data" / "manifest.json.xz"
     try:
-        manifest = json.loads(lzma.open(manifest_path).read())
+        raw = manifest_path.read_bytes()
+        manifest = json.loads(lzma.decompress(raw))
         images, error = manifest["images"], manifest["coding_error"]
         splits = sorted(manifest["splits"])
     except (OSError, lzma.LZMAError, ValueError, KeyError) as e:
         raise SystemExit(f"error: {manifest_path}: not a bench/gpu/prepare.py pack manifest ({e})") from None
+    # The report tokens the pack was made for: its text cache's files end in -L<tokens>.safetensors.
+    tokens = sorted(int(m[1]) for f in (pack / "text_cache").glob("*.safetensors")
+                    if (m := re.search(r"-L(\d+)\.safetensors$", f.name)))
     return {"codec": images["codec"], "quality": images["quality"], "lossless": images["lossless"],
             "splits": splits, "images_exact": error["images_exact"], "psnr_db": error["psnr_db"],
             "max_abs_grey_levels": error["max_abs_grey_levels"],
-            "made_by": "python bench/gpu/prepare.py --qata ROOT --qata-tokens 24 --qata-splits "
-                       + ",".join(splits)}
+            "manifest_sha256": hashlib.sha256(raw).hexdigest(),
+            "made_by": (f"python bench/gpu/prepare.py --qata ROOT --qata-quality {images['quality'] or 0}"
+                        + (f" --qata-tokens {','.join(map(str, tokens))}" if tokens else "")
+                        + f" --qata-splits {','.join(splits)}")}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -608,10 +637,12 @@ def _training_images_text(r: dict) -> str:
         return ""
     how = "lossless" if coded["lossless"] else f"lossy, quality {coded['quality']}"
     psnr, codec = coded["psnr_db"], {"webp": "WebP"}.get(coded["codec"], coded["codec"])
+    error = ("every image decoded exactly" if psnr is None else
+             f"PSNR against the originals min {psnr['min']:.1f} / median {psnr['median']:.1f} dB, at most "
+             f"{coded['max_abs_grey_levels']} grey levels of 255 off")
     return (f"\n- the {' and '.join(coded['splits'])} images were read from the copy that travels to a lent GPU "
-            f"(`{coded['made_by']}`): {codec}, {how} (PSNR against the originals min "
-            f"{psnr['min']:.1f} / median {psnr['median']:.1f} dB, at most {coded['max_abs_grey_levels']} grey levels "
-            "of 255 off), the masks lossless; the test figures below are on the original images")
+            f"(`{coded['made_by']}`): {codec}, {how} ({error}), the masks lossless; the test figures below are on "
+            "the original images")
 
 
 def card_text(r: dict) -> str:

@@ -94,7 +94,9 @@ def main(argv=None) -> int:
                  "minutes": round((time.perf_counter() - started) / 60, 1), "machine": machine_line(),
                  "command": (f"python bench/threshold_sweep.py --data QATA --models {_shown(model)} --reports "
                              f"{args.reports} --threads {args.threads}")}
-        results = [e for e in results if (e["model"], e["reports"]) != (entry["model"], args.reports)] + [entry]
+        # A shipped name stands for other weights after the next ship: an entry of earlier weights stays.
+        same = (entry["model"], args.reports, entry["weights_sha256"])
+        results = [e for e in results if (e["model"], e["reports"], e.get("weights_sha256")) != same] + [entry]
         write_raw(RESULTS_JSON, results)
         print(f"{model} ({args.reports} reports): threshold {chosen} chosen on val "
               f"({max(val_dice):.4f} vs {val_dice[CANDIDATES.index(0.5)]:.4f} at 0.5); test "

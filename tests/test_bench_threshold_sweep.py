@@ -34,3 +34,9 @@ def test_a_sweep_records_the_weights_it_measured(tmp_path, monkeypatch):
     weights = Path(run) / "checkpoints" / "best.safetensors"
     assert entry["weights_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
     assert entry["chosen"] in entry["thresholds"] and len(entry["test_dice"]) == len(entry["thresholds"])
+    # the same name again: the same weights replace their entry, other weights keep theirs
+    earlier = {**entry, "weights_sha256": "0" * 64}
+    (tmp_path / "sweep.json").write_text(json.dumps([earlier, entry]))
+    assert bench.main(["--data", str(data), "--models", str(run)]) == 0
+    assert [e["weights_sha256"] for e in json.loads((tmp_path / "sweep.json").read_text())] == [
+        "0" * 64, entry["weights_sha256"]]

@@ -618,6 +618,12 @@ def test_the_bench_reads_each_runs_curves_from_its_metrics(tmp_path):
                                               "train_loss_per_epoch": [0.3123, 0.2]}
 
 
+# bench/rephrase_reports.py's seeded rewording (seed 0) of [BILATERAL, one lung] as lvit 41cc381 wrote it: the
+# "reworded" column of every earlier entry was scored on this draw.
+DEFAULT_DRAW = ["Bilateral pulmonary lesions, 4 regions involved, left upper, mid and lower zones and right lower zone.",
+                "Localized to lower right lung: unilateral pulmonary infection, one infected area."]
+
+
 def test_one_rule_at_a_time_rewords_only_where_it_applies_and_keeps_the_facts(rephrase):
     """``only=RULE``: that rule and no other; a report it cannot change comes back as it was; the default draw
     is untouched by the option (the seeded rewording of the "reworded" column stays the same)."""
@@ -636,8 +642,7 @@ def test_one_rule_at_a_time_rewords_only_where_it_applies_and_keeps_the_facts(re
         "Bilateral pulmonary infection, 4 infected areas, upper middle lower left lung and lower right lung."]
     with pytest.raises(ValueError, match="unknown rewording rule 'typos'"):
         rephrase.rephrase(BILATERAL, np.random.default_rng(0), only="typos")
-    assert rephrase.rephrase_all(texts, seed=5)[0] == [rephrase.rephrase(t, np.random.default_rng([5, i]))[0]
-                                                       for i, t in enumerate(texts)]
+    assert rephrase.rephrase_all([BILATERAL, one_lung], seed=0)[0] == DEFAULT_DRAW  # as written before only=RULE
 
 
 def test_rule_costs_are_taken_over_the_images_each_rule_changes(rephrase, tmp_path):
@@ -649,9 +654,10 @@ def test_rule_costs_are_taken_over_the_images_each_rule_changes(rephrase, tmp_pa
     true = {"a": 0.8, "b": 0.6}
     # a stand-in model: 0.1 less on a reworded report, the true figure on an unchanged one
     score = lambda rule, reworded: {n: true[n] - 0.1 * (r != t) for n, r, t in zip(names, reworded, texts)}
-    costs = bench.rule_costs(texts, true, names, rephrase, score)
-    assert costs["side-order"] == {"n_changed": 1, "true": 0.8, "rephrased": pytest.approx(0.7)}
-    assert costs["digits"] == {"n_changed": 2, "true": pytest.approx(0.7), "rephrased": pytest.approx(0.6)}
+    costs = bench.rule_costs(texts, true, names, rephrase, score, truncated=lambda text: "right lung and" in text)
+    assert costs["side-order"] == {"n_changed": 1, "true": 0.8, "rephrased": pytest.approx(0.7), "n_truncated": 1}
+    assert costs["digits"] == {"n_changed": 2, "true": pytest.approx(0.7), "rephrased": pytest.approx(0.6),
+                               "n_truncated": 0}
     entry = {"model": "lvit-x-s0", "row": "lvit-x", "seed": 0, "recipe": "r", "n_test": 2, "true": 0.7,
              "none": None, "self_described": None, "generated": None, "rephrased": 0.6, "swapped_changed": None,
              "true_changed": 0.7, "n_changed": 1, "machine": "m", "rephrased_by_rule": costs}
@@ -660,4 +666,7 @@ def test_rule_costs_are_taken_over_the_images_each_rule_changes(rephrase, tmp_pa
     md.write_text("# Results\n")
     bench.render(argparse.Namespace(results=raw, results_md=md))
     row = next(line for line in md.read_text().splitlines() if line.startswith("| lvit-x-s0 | 0.100 ("))
-    assert "| 0.100 (1) |" in row and "| 0.100 (2) |" in row
+    assert "| 0.100 (1; 1 cut) |" in row and "| 0.100 (2) |" in row
+    with pytest.raises(SystemExit, match="--by-rule scores the reworded reports, which a --pilot leaves out"):
+        bench.main(["evaluate", "--data", str(tmp_path), "--work", str(tmp_path), "--runs", "x", "--pilot",
+                    "--by-rule", "--results", str(raw)])

@@ -292,7 +292,9 @@ def test_another_seed_is_cut_at_the_threshold_its_own_validation_images_chose():
         bench.seed_at_threshold(results, {**sweep, "model": "W/runs/w32-s2"})
     with pytest.raises(SystemExit, match="with none reports"):
         bench.seed_at_threshold(results, {**sweep, "reports": "none"})
-    entry = bench.seed_at_threshold(results, sweep)
+    with pytest.raises(SystemExit, match="measured weights bbbbbbbb, not the run's aaaaaaaa"):
+        bench.seed_at_threshold(results, {**sweep, "weights_sha256": "b" * 64}, run_sha256="a" * 64)
+    entry = bench.seed_at_threshold(results, {**sweep, "weights_sha256": "a" * 64}, run_sha256="a" * 64)
     assert entry == {"seed": 0, "dice_original": 0.81, "threshold": 0.55, "dice_original_at_0_5": 0.80,
                      "source": "qata_ship.json: c/w32-s0", "threshold_source": "threshold_sweep.json: W/runs/w32-s0"}
     card = bench.card_text(results)
@@ -311,14 +313,50 @@ def test_the_card_says_when_the_training_images_were_the_lossy_gpu_copy(tmp_path
                 "coding_error": {"images_exact": 0, "psnr_db": {"min": 40.94, "median": 43.63, "mean": 43.7},
                                  "max_abs_grey_levels": 16}}
     (tmp_path / "data" / "manifest.json.xz").write_bytes(lzma.compress(json.dumps(manifest).encode()))
+    (tmp_path / "text_cache").mkdir()
+    (tmp_path / "text_cache" / "text-minilm-all-MiniLM-L6-v2-L24.safetensors").write_bytes(b"")
     coded = bench.training_images(tmp_path)
     assert coded["splits"] == ["train", "val"] and coded["quality"] == 90
     card = bench.card_text({**json.loads(RESULTS.read_text()), "training_images": coded})
     assert ("the train and val images were read from the copy that travels to a lent GPU (`python "
-            "bench/gpu/prepare.py --qata ROOT --qata-tokens 24 --qata-splits train,val`): WebP, lossy, quality 90 "
-            "(PSNR against the originals min 40.9 / median 43.6 dB, at most 16 grey levels of 255 off)") in card
+            "bench/gpu/prepare.py --qata ROOT --qata-quality 90 --qata-tokens 24 --qata-splits train,val`): WebP, "
+            "lossy, quality 90 (PSNR against the originals min 40.9 / median 43.6 dB, at most 16 grey levels of 255 "
+            "off)") in card
+    # a lossless copy (prepare.py --qata-quality 0) has no PSNR: every image decodes exactly
+    lossless = {**manifest, "images": {"codec": "webp", "quality": None, "lossless": True},
+                "coding_error": {"images_exact": 9, "psnr_db": None, "max_abs_grey_levels": 0}}
+    (tmp_path / "data" / "manifest.json.xz").write_bytes(lzma.compress(json.dumps(lossless).encode()))
+    card = bench.card_text({**json.loads(RESULTS.read_text()), "training_images": bench.training_images(tmp_path)})
+    assert "--qata-quality 0 --qata-tokens 24" in card and "WebP, lossless (every image decoded exactly)" in card
     assert "read from the copy" not in bench.card_text({k: v for k, v in json.loads(RESULTS.read_text()).items()
                                                           if k != "training_images"})
     (tmp_path / "data" / "manifest.json.xz").write_bytes(b"not xz")
     with pytest.raises(SystemExit, match="manifest.json.xz: not a bench/gpu/prepare.py pack manifest"):
         bench.training_images(tmp_path)
+
+
+def test_seed_threshold_writes_both_means_and_refuses_a_shipped_model_without_a_threshold(tmp_path, monkeypatch):
+    import argparse
+
+    bench = load_bench("bench/shipped_model.py", "shipped_model")
+    monkeypatch.setattr(bench, "write_card", lambda: None)
+    shipped = json.loads(RESULTS.read_text())
+    results = {**shipped, "seeds": [{"seed": 0, "dice_original": 0.80, "source": "qata_ship.json: c/w32-s0"},
+                                    {"seed": 1, "dice_original": 0.84, "threshold": 0.6}],
+               "at_threshold_0_5": {**shipped["at_threshold_0_5"], "dice_original": 0.83}}
+    sweeps = tmp_path / "sweep.json"
+    sweeps.write_text(json.dumps([{"model": "W/runs/w32-s0", "reports": "true", "chosen": 0.55,
+                                   "test_dice_at_0_5": 0.80, "test_dice_at_chosen": 0.81}]))
+    raw = tmp_path / "shipped.json"
+    raw.write_text(json.dumps(results))
+    assert bench.seed_threshold(argparse.Namespace(sweep=sweeps, model="W/runs/w32-s0"), raw) == 0
+    seeds = json.loads(raw.read_text())["seeds"]
+    assert seeds[0]["dice_original"] == 0.81 and seeds[0]["dice_original_at_0_5"] == 0.80
+    assert seeds[1]["dice_original_at_0_5"] == 0.83  # the shipped seed's figure at 0.5, for the second mean
+    assert "mean 0.8250 with each seed cut at the threshold its own validation images chose, 0.8150 at 0.5" in \
+        bench.card_text(json.loads(raw.read_text()))
+    with pytest.raises(SystemExit, match="no entry for W/runs/w32-s9"):
+        bench.seed_threshold(argparse.Namespace(sweep=sweeps, model="W/runs/w32-s9"), raw)
+    raw.write_text(json.dumps({k: v for k, v in results.items() if k != "at_threshold_0_5"}))
+    with pytest.raises(SystemExit, match="the shipped seed has no threshold of its own yet"):
+        bench.seed_threshold(argparse.Namespace(sweep=sweeps, model="W/runs/w32-s0"), raw)
