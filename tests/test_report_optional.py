@@ -620,8 +620,8 @@ def test_the_bench_reads_each_runs_curves_from_its_metrics(tmp_path):
 
 # bench/rephrase_reports.py's seeded rewording (seed 0) of [BILATERAL, one lung] as lvit 41cc381 wrote it: the
 # "reworded" column of every earlier entry was scored on this draw.
-DEFAULT_DRAW = ["Bilateral pulmonary lesions, 4 regions involved, left upper, mid and lower zones and right lower zone.",
-                "Localized to lower right lung: unilateral pulmonary infection, one infected area."]
+DEFAULT_DRAW = ["Bilateral pulmonary lesions, 4 regions involved, left upper, mid and lower zones and right lower "
+                "zone.", "Localized to lower right lung: unilateral pulmonary infection, one infected area."]
 
 
 def test_one_rule_at_a_time_rewords_only_where_it_applies_and_keeps_the_facts(rephrase):
