@@ -64,6 +64,9 @@ def recipe_of(config: dict) -> str:
     variants = int((config.get("text") or {}).get("wording_variants") or 0)
     if variants:
         parts.append(f"{variants} reworded copies per training report")
+    shift = int((config.get("text") or {}).get("token_shift") or 0)
+    if shift:
+        parts.append(f"word pieces shifted by up to {shift} positions")
     loss = config.get("loss") or {}
     distill = float(loss.get("distill_weight") or 0.0)
     if distill:

@@ -46,6 +46,9 @@ class TextConfig:
     cache_dir: str | None = None
     # Reworded copies of each training report (lvit.data.wording) a sample may read instead of the original.
     wording_variants: int = 0
+    # Up to this many empty positions inserted at random among a training report's word pieces (within the
+    # model's L; lvit.train.token_shift): the words read at other positions, no word changed. 0: off.
+    token_shift: int = 0
 
 
 @dataclass
@@ -346,6 +349,14 @@ class TrainConfig:
         if distill and self.fast.enabled:
             raise ConfigError(f"{source}: loss.distill_weight is not available on the fast path (fast.enabled): its "
                               "training step has no distillation term")
+        shift = self.text.token_shift
+        if isinstance(shift, bool) or not isinstance(shift, int) or not 0 <= shift <= 16:
+            raise ConfigError(f"{source}: text.token_shift must be an integer from 0 to 16 (got {shift!r})")
+        if shift and not self.model.use_text:
+            raise ConfigError(f"{source}: text.token_shift needs a model that reads reports (model.use_text=true)")
+        if shift and self.fast.enabled:
+            raise ConfigError(f"{source}: text.token_shift is not available on the fast path (fast.enabled): its "
+                              "training step reads the reports as they are")
         variants = self.text.wording_variants
         if isinstance(variants, bool) or not isinstance(variants, int) or not 0 <= variants <= 16:
             raise ConfigError(f"{source}: text.wording_variants must be an integer from 0 to 16 (got {variants!r})")
