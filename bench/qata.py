@@ -105,6 +105,10 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     # A tenth of the masks: the steps-matched baseline and the mean teacher.
     "lvit-10-steps": ("lvit", ["semi.mode=epi", "semi.labeled_fraction=0.1", "semi.warmup_epochs=10"]),
     "lvit-10-mt": ("lvit", ["semi.mode=mean-teacher", "semi.labeled_fraction=0.1", "semi.warmup_epochs=5"]),
+    # ... with report-aware CutMix (semi.cutmix): the strong view takes a box from another unlabelled image with
+    # the same report, so the unlabelled images teach more than agreement on an intensity-jittered copy.
+    "lvit-10-mt-cutmix": ("lvit", ["semi.mode=mean-teacher", "semi.labeled_fraction=0.1", "semi.warmup_epochs=5",
+                                   "semi.cutmix=1.0"]),
     # The steps-matched baselines with a weight average (optim.ema_decay, the mean teacher's decay): most of the
     # mean teacher's gain at 25% was the averaging (lvit-25-mt-cw0), so a recipe must beat these, not only the
     # plain steps rows. Trained from scratch: the average acts from the first step, so they cannot branch.
@@ -119,13 +123,14 @@ ROWS: dict[str, tuple[str, list[str]]] = {
 # The qata-semi section's rows (a quarter of the masks); the 10% rows are in bench/semi_recipes.py's section.
 QUARTER_ROWS = ("lvit-25", "lvit-25-steps", "lvit-25-epi", "lvit-25-epi+lv", "lvit-25-epi+lv-beta0.5",
                 "lvit-25-epi+lv-warmup7", "lvit-25-mt", "lvit-25-mt-w2", "lvit-25-mt-cw0")
-SEMI_ROWS = (*QUARTER_ROWS, "lvit-25-steps-ema", "lvit-10-steps", "lvit-10-mt", "lvit-10-steps-ema")
+SEMI_ROWS = (*QUARTER_ROWS, "lvit-25-steps-ema", "lvit-10-steps", "lvit-10-mt", "lvit-10-mt-cutmix",
+             "lvit-10-steps-ema")
 # The EPI and mean-teacher rows are their fraction's steps row until their warm-up ends (labelled batches only,
 # the same seeded order), so they branch from its state after that epoch (lvit.train.semi.branch): bit-identical
 # to training them from scratch.
 SHARED_ROWS = {"lvit-25-steps": ("lvit-25-epi", "lvit-25-epi+lv", "lvit-25-epi+lv-beta0.5",
                                  "lvit-25-epi+lv-warmup7", "lvit-25-mt", "lvit-25-mt-w2", "lvit-25-mt-cw0"),
-               "lvit-10-steps": ("lvit-10-mt",)}
+               "lvit-10-steps": ("lvit-10-mt", "lvit-10-mt-cutmix")}
 SHARED_ROW = "lvit-25-steps"
 BRANCHED_ROWS = SHARED_ROWS[SHARED_ROW]
 SHARED_OF = {row: shared for shared, rows in SHARED_ROWS.items() for row in rows}
@@ -416,6 +421,7 @@ SEMI_LABELS = {"lvit-25": "supervised, 25% of the masks (a quarter of the steps)
                "lvit-25-mt-cw0": "25% + the mean teacher's EMA weights without its consistency term (diagnostic)",
                "lvit-10-steps": "supervised, 10% of the masks, the semi runs' step count",
                "lvit-10-mt": "10% + mean teacher (lvit's recipe), 5 warm-up epochs",
+               "lvit-10-mt-cutmix": "10% + mean teacher with report-aware CutMix, 5 warm-up epochs",
                "lvit-25-steps-ema": "supervised, 25% of the masks, the semi runs' step count, weight average",
                "lvit-10-steps-ema": "supervised, 10% of the masks, the semi runs' step count, weight average",
                "lvit": "supervised, 100% of the masks"}

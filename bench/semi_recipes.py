@@ -38,6 +38,7 @@ LABELS = {FULL: "supervised, every mask", BASELINE: "supervised, the semi runs' 
           "epi+lv-warmup7": "EPI + LV loss, 7 warm-up epochs",
           "mean-teacher-w2": "mean teacher (lvit), 2 warm-up epochs",
           "mean-teacher-cw0": "mean teacher's EMA weights, no consistency term (diagnostic)",
+          "mean-teacher-cutmix": "mean teacher (lvit) with report-aware CutMix",
           BASELINE + "-ema": "supervised, the semi runs' step count, weight average (optim.ema_decay 0.99)"}
 
 

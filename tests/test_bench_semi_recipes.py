@@ -98,4 +98,6 @@ def test_method_names_from_the_rows():
     assert qata.SHARED_OF["lvit-25-mt-cw0"] == "lvit-25-steps"
     # The mean-teacher rows branch from their own fraction's steps row, which keeps its state there.
     assert qata.SHARED_OF["lvit-10-mt"] == "lvit-10-steps" and qata.keep_after("lvit-10-steps") == (5,)
+    assert qata.SHARED_OF["lvit-10-mt-cutmix"] == "lvit-10-steps"
+    assert names["lvit-10-mt-cutmix"] == "mean-teacher-cutmix"
     assert qata.SHARED_OF["lvit-25-mt"] == "lvit-25-steps" and 5 in qata.keep_after("lvit-25-steps")

@@ -361,3 +361,162 @@ def test_mean_teacher_run_end_to_end_resumes_exactly_and_branches_from_an_epi_wa
     assert _rows(branched, STANDARD) == _rows(direct, STANDARD)
     final = load_state_file(branched / "checkpoints" / "last.ckpt")["state_dict"]
     assert all(torch.equal(final[k], weights[k]) for k in weights)
+
+
+# ---------------------------------------------------------------------- report-aware CutMix (semi.cutmix)
+def test_same_report_pairs_by_ids_by_vectors_and_without_reports():
+    from lvit.train.semi.mean_teacher import same_report
+
+    image = torch.zeros(4, 1, 2, 2)
+    ids = torch.tensor([[5, 6, 0], [5, 7, 0], [5, 6, 0], [9, 0, 0]])
+    assert same_report({"image": image, "text_ids": ids}).tolist() == [
+        [True, False, True, False], [False, True, False, False], [True, False, True, False],
+        [False, False, False, True]]
+    text = torch.rand(4, 3, 2)
+    text[2] = text[0]
+    text[1] = text[0]
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 0], [1, 1, 1]], dtype=torch.bool)  # 1: same vectors, shorter
+    pairs = same_report({"image": image, "text": text, "text_mask": mask})
+    assert pairs[0, 2] and not pairs[0, 1] and not pairs[0, 3] and bool(pairs.diagonal().all())
+    assert bool(same_report({"image": image}).all())  # a text-free network: any two images may mix
+
+
+def test_report_cutmix_takes_a_box_from_a_same_report_partner_in_image_label_and_kept_pixels_alike():
+    from lvit.train.semi.mean_teacher import ReportCutMix
+
+    n, h, w = 3, 20, 20
+    images = torch.stack([torch.full((2, h, w), float(i)) for i in range(n)])  # image i is all i
+    probs = torch.stack([torch.full((1, h, w), 0.1 * (i + 1)) for i in range(n)])
+    keep = torch.ones(n, 1, h, w, dtype=torch.bool)
+    keep[1, :, :5, :] = False  # image 1 had a cut-out band
+    partners = torch.tensor([[True, True, False], [True, True, False], [False, False, True]])  # 0 and 1 share
+    copies = [t.clone() for t in (images, probs, keep)]
+    mix = ReportCutMix(prob=1.0, area=(0.2, 0.3))
+    x, p, k, source = mix(images, probs, keep, partners, torch.Generator().manual_seed(3))
+    assert all(torch.equal(a, b) for a, b in zip(copies, (images, probs, keep)))  # inputs untouched
+    assert torch.equal(source[2], torch.full((1, h, w), 2))  # no partner: left alone
+    assert torch.equal(x[2], images[2]) and torch.equal(p[2], probs[2]) and torch.equal(k[2], keep[2])
+    for i, j in ((0, 1), (1, 0)):
+        box = source[i, 0] == j
+        assert set(source[i].unique().tolist()) == {i, j}
+        rows, cols = torch.nonzero(box, as_tuple=True)
+        height, width = int(rows.max() - rows.min() + 1), int(cols.max() - cols.min() + 1)
+        assert int(box.sum()) == height * width  # one rectangle ...
+        assert 0.2 * h * w * 0.8 <= height * width <= 0.3 * h * w * 1.25  # ... of the asked area (rounded)
+        for view, original in ((x, images), (p, probs), (k, keep)):  # the same pixels taken in all three
+            assert torch.equal(view[i][:, box], original[j][:, box])
+            assert torch.equal(view[i][:, ~box], original[i][:, ~box])
+    again = mix(images, probs, keep, partners, torch.Generator().manual_seed(3))
+    assert all(torch.equal(a, b) for a, b in zip(again, (x, p, k, source)))  # seeded
+    off = ReportCutMix(prob=0.0)(images, probs, keep, partners, torch.Generator().manual_seed(3))
+    assert torch.equal(off[0], images) and torch.equal(off[3], torch.arange(n).view(n, 1, 1, 1).expand(n, 1, h, w))
+
+
+@pytest.mark.filterwarnings("ignore:.*self.log.*")
+def test_cutmix_training_step_uses_the_mixed_view_and_labels_and_is_off_by_default():
+    from lvit.core.errors import ConfigError
+    from lvit.train.config import load_config
+    from lvit.train.semi.mean_teacher import consistency_loss, same_report
+
+    only = _batch([False] * 4, seed=8)
+    # Confidence 0.5: every pixel counts (the tiny network's teacher is confident about none at 0.6).
+    plain, mixed = _module(confidence=0.5), _module(confidence=0.5, cutmix=1.0)
+    assert plain.cutmix is None and mixed.cutmix.prob == 1.0
+    for m in (plain, mixed):
+        m.train()
+    a, b = plain.training_step(only, 0), mixed.training_step(only, 0)
+    assert not torch.equal(a, b)
+
+    mixed.teacher["model"].eval()
+    probs = torch.sigmoid(mixed.teacher["model"](only["image"]))
+    g = mixed._generator()
+    strong, keep = mixed.strong(only["image"], g)
+    strong, targets, keep, source = mixed.cutmix(strong, probs, keep, same_report(only), g)
+    mixed.teacher["model"].train()
+    assert bool((source != torch.arange(4).view(4, 1, 1, 1)).any())  # something was mixed
+    expected = consistency_loss(mixed.model(strong), targets, 0.5, keep)[0]
+    assert expected.item() > 0 and b.item() == pytest.approx(expected.item(), rel=1e-6)
+
+    for bad, match in (("semi.cutmix=1.5", "cutmix must be a probability"),
+                       ("semi.cutmix=-0.1", "cutmix must be a probability"), ("semi.cutmix=true", "expected a number")):
+        with pytest.raises(ConfigError, match=match):
+            load_config(None, ["semi.mode=mean-teacher", "semi.labeled_fraction=0.25", bad])
+    with pytest.raises(ConfigError, match="cutmix is a mean-teacher setting"):
+        load_config(None, ["semi.mode=epi", "semi.labeled_fraction=0.25", "semi.cutmix=0.5"])
+
+
+def test_cutmix_partners_are_unlabelled_images_of_the_same_report_chosen_among_several():
+    # A mixed batch: rows 0-1 labelled, 2-7 unlabelled; unlabelled rows 2, 4, 6 share one report, 3 and 7 another,
+    # 5 is alone; labelled row 0 shares 2's report (it must never lend a box: only the unlabelled rows are mixed).
+    module = _module(confidence=0.5, cutmix=1.0)
+    module.train()
+    batch = _batch([True, True, False, False, False, False, False, False], seed=9)
+    batch["text_ids"] = torch.tensor([[1, 2], [9, 9], [1, 2], [3, 4], [1, 2], [5, 6], [1, 2], [3, 4]])
+    seen = []
+    mix = module.cutmix
+
+    def spy(images, probs, keep, partners, generator):
+        out = mix(images, probs, keep, partners, generator)
+        seen.append((partners.clone(), out[3]))
+        return out
+
+    module.cutmix = spy
+    seeds = iter(range(100))
+    module._generator = lambda: torch.Generator().manual_seed(next(seeds))  # other draws at every step
+    taken = {i: set() for i in range(6)}  # unlabelled position -> the images its boxes came from
+    for _ in range(12):
+        module.training_step(batch, 0)
+        partners, source = seen[-1]
+        assert partners.shape == (6, 6)  # the unlabelled rows only
+        for i in range(6):
+            taken[i] |= set(source[i].unique().tolist()) - {i}
+    # Unlabelled positions: 0, 2, 4 (rows 2, 4, 6) share a report; 1, 5 (rows 3, 7) another; 3 (row 5) is alone.
+    assert taken[3] == set()
+    assert taken[1] == {5} and taken[5] == {1}
+    assert taken[0] == {2, 4} and taken[2] == {0, 4} and taken[4] == {0, 2}  # each partner in turn, no other
+
+
+def test_report_cutmix_chooses_uniformly_among_several_partners_and_honours_its_probability():
+    from lvit.train.semi.mean_teacher import ReportCutMix
+
+    n = 4
+    images, probs = torch.rand(n, 1, 8, 8), torch.rand(n, 1, 8, 8)
+    keep = torch.ones(n, 1, 8, 8, dtype=torch.bool)
+    partners = torch.ones(n, n, dtype=torch.bool)
+    counts, mixed = torch.zeros(n, n), 0
+    for seed in range(300):
+        source = ReportCutMix(prob=0.5)(images, probs, keep, partners, torch.Generator().manual_seed(seed))[3]
+        for i in range(n):
+            others = set(source[i].unique().tolist()) - {i}
+            mixed += bool(others)
+            for j in others:
+                counts[i, j] += 1
+    assert 0.4 < mixed / (300 * n) < 0.6  # about half of the images mixed
+    off_diagonal = counts[~torch.eye(n, dtype=torch.bool)]
+    assert counts.diagonal().sum() == 0 and float(off_diagonal.min()) > 0.6 * float(off_diagonal.mean())
+
+
+def test_unlabelled_prediction_dice_is_scored_against_the_hidden_masks_mixed_the_same_way():
+    from lvit.core.metrics import batch_dice_iou
+
+    module = _module(cutmix=1.0)
+    h = w = 4
+    hidden = torch.zeros(3, 1, h, w)
+    hidden[0, :, :2] = 1  # image 0: top half
+    hidden[1, :, :, :2] = 1  # image 1: left half
+    hidden[2] = 1
+    weak = {"hidden_mask": hidden, "hidden_has_mask": torch.tensor([True, True, False])}
+    source = torch.arange(3).view(3, 1, 1, 1).repeat(1, 1, h, w)
+    source[0, :, 2:, :2] = 1  # image 0 took image 1's bottom-left quarter
+    source[1, :, :1, :] = 2  # image 1 took a band of image 2, whose mask is unknown: not scored
+    student = torch.full((3, 1, h, w), -5.0)
+    student[0, :, :2] = 5  # predicts image 0's own lesion, misses the pasted one
+    probs = torch.full((3, 1, h, w), 0.9)
+    module._log_quality(weak, probs, student, source)
+    mixed0 = hidden[0].clone()
+    mixed0[:, 2:, :2] = 1
+    expected = batch_dice_iou(student[:1] > 0, mixed0[None] > 0.5)[0].item()
+    assert module.unlabelled_pred_dice.compute().item() == pytest.approx(expected)
+    assert expected == pytest.approx(2 * 8 / (8 + 12))  # 8 predicted pixels, 12 mixed lesion pixels, 8 shared
+    pseudo = batch_dice_iou(probs[:2] >= 0.5, hidden[:2] > 0.5)[0].mean().item()  # the teacher: unmixed, known
+    assert module.pseudo_dice.compute().item() == pytest.approx(pseudo)

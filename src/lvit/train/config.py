@@ -124,7 +124,7 @@ SEMI_MODES = ("none", "epi", "epi+lv", "mean-teacher")
 # Settings of the mean-teacher recipe only (docs/SEMI_SUPERVISED.md, "Mean teacher"): refused with another mode,
 # where they would be silently ignored.
 MEAN_TEACHER_KEYS = ("ema_decay", "confidence", "consistency_weight", "rampup_epochs", "unlabelled_batch",
-                     "eval_model")
+                     "eval_model", "cutmix")
 EVAL_MODELS = ("teacher", "student")
 
 
@@ -154,6 +154,7 @@ class SemiConfig:
     rampup_epochs: float = 2.0  # sigmoid ramp-up exp(-5 (1 - t)^2) of that weight over these epochs after warm-up
     unlabelled_batch: int | None = None  # unlabelled images per step beside data.batch_size labelled (None: same)
     eval_model: str = "teacher"  # teacher | student: the weights validated and saved as best/last
+    cutmix: float = 0.0  # probability of a box from another unlabelled image with the same report (0: off)
 
     @property
     def active(self) -> bool:
@@ -210,6 +211,8 @@ class SemiConfig:
                               f"{self.unlabelled_batch!r}")
         if self.eval_model not in EVAL_MODELS:
             raise ConfigError(f"{where}.eval_model must be teacher or student, got {self.eval_model!r}")
+        if not 0.0 <= self.cutmix <= 1.0:
+            raise ConfigError(f"{where}.cutmix must be a probability in [0, 1] (0: off), got {self.cutmix!r}")
 
 
 # = lvit.train.fastpath.COMPILE_MODES (kept here so that reading a config never imports torch; a test keeps them equal)

@@ -11,6 +11,10 @@ A recipe beside the paper's EPI + LV (docs/SEMI_SUPERVISED.md, "Mean teacher"). 
 The weak view is the unlabelled image as loaded (resized, no augmentation); the strong view is the same tensor
 with intensity jitter, noise and a cut-out square. Neither moves a pixel, so the teacher's label at a pixel is
 the label of the student's pixel. The cut-out pixels carry no image evidence and are left out of the loss.
+With ``semi.cutmix`` the strong view of an image also gets a box of the strong view of another unlabelled image
+of the batch **with the same report**, and its pseudo label the teacher's label of that box (report-aware
+CutMix): the student must find a lesion pasted from another patient, and every lesion it sees lies in a zone its
+report names (a pasted box may hide a named one).
 
 Why these choices (measured on QaTa-COV19 with EPI, docs/SEMI_SUPERVISED.md): EPI's pseudo labels froze while the
 student overtook them (here they come from an EMA of the student that trails it by ~1 / (1 - d) steps and are
@@ -137,6 +141,62 @@ class StrongAugment:
         return x.to(images.dtype), keep
 
 
+def same_report(batch: dict) -> torch.Tensor:
+    """``[B, B]`` bool: True where two samples of ``batch`` read the same report (equal word-piece ids, or equal
+    token vectors and mask); every pair when the batch carries no report (a text-free network)."""
+    n = batch["image"].shape[0]
+    if "text_ids" in batch:
+        parts = [batch["text_ids"]]
+    elif "text" in batch:
+        parts = [batch["text"], *([batch["text_mask"]] if "text_mask" in batch else [])]
+    else:
+        return torch.ones((n, n), dtype=torch.bool, device=batch["image"].device)
+    key = torch.cat([t.reshape(n, -1).float() for t in parts], dim=1)
+    return (key[:, None, :] == key[None, :, :]).all(dim=-1)
+
+
+@dataclass(frozen=True)
+class ReportCutMix:
+    """Report-aware CutMix of the strong view: with probability ``prob`` an image gets a box of another image of
+    the batch that reads the same report (chosen uniformly among them; an image without such a partner is left
+    alone), in its image, its pseudo label and its kept pixels alike, so the student is taught at every pixel the
+    teacher's label for the pixel it sees. Box: a fraction ``area`` of the image, aspect ratio (height / width)
+    in ``aspect`` (log-uniform), clipped to the image."""
+
+    prob: float = 1.0
+    area: tuple[float, float] = (0.1, 0.4)
+    aspect: tuple[float, float] = (0.5, 2.0)
+
+    def __call__(self, images: torch.Tensor, probs: torch.Tensor, keep: torch.Tensor, partners: torch.Tensor,
+                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``images [U, C, H, W]``, ``probs`` and ``keep [U, 1, H, W]``, ``partners [U, U]`` bool (may i take
+        from j) -> (images, probs, keep, source ``[U, 1, H, W]`` long: the index of the image each pixel comes
+        from). Random numbers come from ``generator`` (CPU) only; the inputs are not modified."""
+        n, _, h, w = images.shape
+        draws = torch.rand((n, 6), generator=generator).tolist()  # apply, partner, area, aspect, top, left
+        source = torch.arange(n).view(n, 1, 1, 1).repeat(1, 1, h, w)
+        allowed = partners.bool().cpu() & ~torch.eye(n, dtype=torch.bool)
+        for i, (apply, pick, area, aspect, top, left) in enumerate(draws):
+            candidates = torch.nonzero(allowed[i]).flatten().tolist()
+            if apply >= self.prob or not candidates:
+                continue
+            j = candidates[min(int(pick * len(candidates)), len(candidates) - 1)]
+            fraction = self.area[0] + (self.area[1] - self.area[0]) * area
+            ratio = math.exp(math.log(self.aspect[0]) + (math.log(self.aspect[1]) - math.log(self.aspect[0])) * aspect)
+            box_h = min(h, max(1, round(math.sqrt(fraction * ratio) * h)))
+            box_w = min(w, max(1, round(math.sqrt(fraction / ratio) * w)))
+            y0, x0 = int(top * (h - box_h + 1)), int(left * (w - box_w + 1))
+            source[i, :, y0:y0 + box_h, x0:x0 + box_w] = j
+        source = source.to(images.device)
+
+        def gather(t: torch.Tensor) -> torch.Tensor:
+            # out[i, c, y, x] = t[source[i, 0, y, x], c, y, x]
+            index = source.expand(n, t.shape[1], h, w)
+            return torch.gather(t, 0, index)
+
+        return gather(images), gather(probs), gather(keep), source
+
+
 def _select(batch: dict, rows: torch.Tensor) -> dict:
     """The per-sample tensors of ``batch`` at the bool selector ``rows [B]`` (other entries are dropped)."""
     n = rows.shape[0]
@@ -183,6 +243,7 @@ class MeanTeacherModule(SegmentationModule):
         if sampler is not None:  # the training order follows this module's epoch (right after a resume, too)
             sampler.epoch_source = lambda: self.current_epoch
         self.strong = StrongAugment()
+        self.cutmix = ReportCutMix(prob=self.semi.cutmix) if self.semi.cutmix > 0 else None
         self.pseudo_dice = MeanMetric()  # teacher's hard labels vs the hidden masks
         self.unlabelled_pred_dice = MeanMetric()  # the student's prediction on the strong view vs the hidden masks
         self.unlabelled_loss_mean = MeanMetric()  # the consistency term before its weight
@@ -262,7 +323,11 @@ class MeanTeacherModule(SegmentationModule):
         weak = _select(batch, unlabelled)
         with torch.no_grad():
             probs = torch.sigmoid(self.teacher_logits(weak).float())  # [U, 1, H, W], fresh every step
-        strong, keep = self.strong(weak["image"], self._generator())
+        generator = self._generator()
+        strong, keep = self.strong(weak["image"], generator)
+        targets, source = probs, None
+        if self.cutmix is not None:  # drawn after the strong view: runs without CutMix keep their random numbers
+            strong, targets, keep, source = self.cutmix(strong, probs, keep, same_report(weak), generator)
         terms, aux, n_labelled, n_unlabelled = [], [], int(has_mask.sum()), int(unlabelled.sum())
         if n_labelled:
             # The labelled images in a pass of their own: the steps-matched baseline's pass, BatchNorm statistics
@@ -280,9 +345,9 @@ class MeanTeacherModule(SegmentationModule):
         aux += [] if aux_loss is None else [aux_loss.float() * n_unlabelled]
         if aux:  # the report prior learns from every sample's report, weighted as in one pass
             terms.append(torch.stack(aux).sum() / (n_labelled + n_unlabelled))
-        loss, used = consistency_loss(student, probs, self.semi.confidence, keep, self.config.loss.dice_weight,
+        loss, used = consistency_loss(student, targets, self.semi.confidence, keep, self.config.loss.dice_weight,
                                       self.config.loss.bce_weight)
-        self._log_quality(weak, probs, student)
+        self._log_quality(weak, probs, student, source)
         self.unlabelled_loss_mean.update(loss.detach(), weight=n_unlabelled)
         self.confident_fraction.update(used.detach())
         self._ramp = self.consistency_ramp(batch_idx)
@@ -291,15 +356,22 @@ class MeanTeacherModule(SegmentationModule):
             terms.append(weight * loss)
         return self.finish_step(terms, n_labelled + n_unlabelled, batch_idx)
 
-    def _log_quality(self, weak: dict, probs: torch.Tensor, student: torch.Tensor) -> None:
+    def _log_quality(self, weak: dict, probs: torch.Tensor, student: torch.Tensor,
+                     source: torch.Tensor | None = None) -> None:
+        """The teacher's labels of the weak view, and the student's answer on the strong view (mixed, when CutMix
+        made it, so measured against the hidden masks mixed the same way), against the hidden masks."""
         if "hidden_mask" not in weak:
             return
         known = weak["hidden_has_mask"].bool()  # hidden masks: measured, never trained on
         if bool(known.any()):
-            hidden = weak["hidden_mask"][known] > 0.5
-            self.pseudo_dice.update(batch_dice_iou(probs[known] >= 0.5, hidden)[0].float())
-            own = torch.sigmoid(student.detach()[known].float()) >= 0.5
-            self.unlabelled_pred_dice.update(batch_dice_iou(own, hidden)[0].float())
+            hidden = weak["hidden_mask"] > 0.5
+            self.pseudo_dice.update(batch_dice_iou(probs[known] >= 0.5, hidden[known])[0].float())
+            if source is not None:
+                hidden = torch.gather(hidden, 0, source)
+                known = known & known[source.flatten(1)].all(dim=1)  # every image its pixels came from
+            if bool(known.any()):
+                own = torch.sigmoid(student.detach()[known].float()) >= 0.5
+                self.unlabelled_pred_dice.update(batch_dice_iou(own, hidden[known])[0].float())
 
     # ------------------------------------------------------------------ validation
     def validation_step(self, batch: dict, batch_idx: int) -> None:
@@ -358,5 +430,5 @@ class MeanTeacherModule(SegmentationModule):
             weights[key] = weights[key[len("teacher."):]].clone()
 
 
-__all__ = ["CHECKPOINT_KEY", "MeanTeacherModule", "StrongAugment", "consistency_loss", "ema_update",
-           "sigmoid_rampup"]
+__all__ = ["CHECKPOINT_KEY", "MeanTeacherModule", "ReportCutMix", "StrongAugment", "consistency_loss", "ema_update",
+           "same_report", "sigmoid_rampup"]
