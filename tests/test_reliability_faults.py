@@ -59,6 +59,22 @@ def read_rows(run: Path) -> list[dict]:
         return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(fh)]
 
 
+def _epoch_seconds(run: Path) -> list[float]:
+    """The seconds of each epoch written so far to ``run``'s metrics.csv (a row being written is left out)."""
+    path = run / "metrics.csv"
+    if not path.is_file():
+        return []
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    out = []
+    for row in rows:
+        try:
+            out.append(float(row["seconds"]))
+        except (KeyError, TypeError, ValueError):
+            break
+    return out
+
+
 def assert_same_weights(a: Path, b: Path) -> None:
     from safetensors.torch import load_file
 
@@ -204,8 +220,12 @@ def test_sigkill_in_epoch_two_of_lvit_with_dataloader_workers_then_resume_is_exa
     log = open(tmp_path / "killed.log", "w")  # not a pipe: orphaned workers would hold it open after the kill
     proc = _spawn(["train", "--data", data16, "--out", run, "--epochs", epochs, *SYNTH_WITH_WORKERS],
                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    assert _wait_for(proc, last.is_file), f"the run ended before its first checkpoint: {log.name}"
-    time.sleep(0.3 * epoch_seconds)  # into the second epoch's training steps
+    assert _wait_for(proc, lambda: last.is_file() and len(_epoch_seconds(run)) >= 1), \
+        f"the run ended before its first checkpoint: {log.name}"
+    # Into the second epoch's training steps: 0.3 of the shorter of the reference's epochs and this run's first. When
+    # the machine got quieter after the reference run (another job ended), the reference's epoch time alone outlasted
+    # this run's remaining epochs.
+    time.sleep(0.3 * min(epoch_seconds, *_epoch_seconds(run)))
     assert proc.poll() is None, "the run ended before the kill"
     proc.send_signal(signal.SIGKILL)  # the training process, as `kill -9 PID` does
     proc.wait()
