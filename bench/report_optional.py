@@ -67,6 +67,9 @@ def recipe_of(config: dict) -> str:
     shift = int((config.get("text") or {}).get("token_shift") or 0)
     if shift:
         parts.append(f"word pieces shifted by up to {shift} positions")
+    shuffle = float((config.get("text") or {}).get("token_shuffle") or 0.0)
+    if shuffle:
+        parts.append(f"word pieces in a random order with probability {shuffle:g}")
     loss = config.get("loss") or {}
     distill = float(loss.get("distill_weight") or 0.0)
     if distill:

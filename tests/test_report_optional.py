@@ -575,6 +575,9 @@ def test_the_bench_names_each_recipe_from_its_run_config():
     assert recipe("lvit-rdkd-e3") == ("report dropout 0.25 + distillation into the no-report path (weight 1); "
                                       "3-epoch pilot")
     assert recipe("lvit-rd25-e3") == "report dropout 0.25; 3-epoch pilot"
+    assert recipe("lvit-rdts") == "report dropout 0.25 + word pieces shifted by up to 4 positions"
+    assert recipe("lvit-rdtsp") == ("report dropout 0.25 + word pieces shifted by up to 4 positions + word pieces "
+                                    "in a random order with probability 0.25")
     assert recipe("lvit-rd25-e30") == "report dropout 0.25; 30 epochs"
     assert recipe("lvit-rd25-ema") == "report dropout 0.25 + weight average (EMA 0.999)"
     assert recipe("lvit-rd25-160") == "report dropout 0.25; 160 px"

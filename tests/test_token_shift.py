@@ -9,7 +9,7 @@ from lvit.core.errors import ConfigError
 from lvit.models import LViTConfig, build_model
 from lvit.presets import preset_path
 from lvit.train import load_config
-from lvit.train.token_shift import shift_tokens
+from lvit.train.token_shift import shift_tokens, shuffle_tokens
 
 
 def _reports() -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,7 +50,55 @@ def test_no_shift_a_full_report_and_a_seed_give_the_same_draw():
     assert moved[moved != 0].tolist() == [4, 9, 7]  # learned-embedding ids: 0 is padding there too
 
 
+def test_shuffled_reports_keep_their_words_and_positions_in_another_order():
+    tokens, mask = _reports()
+    generator = torch.Generator().manual_seed(0)
+    orders, shuffled = set(), 0
+    for _ in range(200):
+        out = shuffle_tokens(tokens, mask, 0.5, generator)
+        assert (out[~mask] == 0).all()  # padding stays where it was
+        for b, n in enumerate((5, 7)):
+            words = out[b][mask[b]][:, 0].tolist()
+            assert sorted(words) == list(range(1, n + 1))  # every word once, none added
+            shuffled += words != list(range(1, n + 1))
+            orders.add((b, tuple(words)))
+    assert 160 < shuffled < 240  # about half of the 400 reports (a draw may keep the order: 1 in 120 or 5,040)
+    assert len({o for b, o in orders if b == 0}) > 30  # many orders, not one rotation
+    assert shuffle_tokens(tokens, mask, 0.0) is tokens
+    assert torch.equal(shuffle_tokens(tokens, mask, 1.0, torch.Generator().manual_seed(2)),
+                       shuffle_tokens(tokens, mask, 1.0, torch.Generator().manual_seed(2)))  # seeded
+    ids = torch.tensor([[4, 9, 7, 0, 0, 0]])
+    moved = shuffle_tokens(ids, ids != 0, 1.0, torch.Generator().manual_seed(1))
+    assert sorted(moved[0, :3].tolist()) == [4, 7, 9] and moved[0, 3:].tolist() == [0, 0, 0]
+
+
+def test_the_training_step_shuffles_then_shifts_and_without_shuffle_draws_as_before(monkeypatch):
+    from lvit.train.module import SegmentationModule
+
+    model = build_model("lvit", LViTConfig(image_size=32, base_channels=8, text_dim=2, text_tokens=8, vit_heads=2))
+    tokens, mask = _reports()
+    batch = {"image": torch.rand(2, 3, 32, 32), "text": tokens, "text_mask": mask}
+
+    def moved(*overrides):
+        module = SegmentationModule(model, load_config(preset_path("synth"), list(overrides)))
+        torch.manual_seed(3)
+        return module._moved_reports(batch)
+
+    shift_only = moved("text.token_shift=3")
+    torch.manual_seed(3)
+    assert torch.equal(shift_only["text"], shift_tokens(tokens, mask, 3)[0])  # the shift's draws as before
+    both = moved("text.token_shift=3", "text.token_shuffle=1")
+    torch.manual_seed(3)
+    expected = shift_tokens(shuffle_tokens(tokens, mask, 1.0), mask, 3)
+    assert torch.equal(both["text"], expected[0]) and torch.equal(both["text_mask"], expected[1])
+    only = moved("text.token_shuffle=1")
+    assert torch.equal(only["text_mask"], mask) and not torch.equal(only["text"], tokens)
+
+
 @pytest.mark.parametrize("overrides, message", [
+    (["text.token_shuffle=1.5"], "text.token_shuffle must be a probability"),
+    (["text.token_shuffle=0.5", "model.use_text=false"], "text.token_shuffle needs a model that reads reports"),
+    (["text.token_shuffle=0.5", "fast.enabled=true"], "text.token_shuffle is not available on the fast path"),
     (["text.token_shift=-1"], "text.token_shift must be an integer from 0 to 16"),
     (["text.token_shift=17"], "text.token_shift must be an integer from 0 to 16"),
     (["text.token_shift=2", "model.use_text=false"], "text.token_shift needs a model that reads reports"),

@@ -49,6 +49,9 @@ class TextConfig:
     # Up to this many empty positions inserted at random among a training report's word pieces (within the
     # model's L; lvit.train.token_shift): the words read at other positions, no word changed. 0: off.
     token_shift: int = 0
+    # Probability that a training report's word pieces are read in a random order, in their own positions
+    # (lvit.train.token_shift): no word changed, added or removed. 0: off.
+    token_shuffle: float = 0.0
 
 
 @dataclass
@@ -359,6 +362,14 @@ class TrainConfig:
             raise ConfigError(f"{source}: text.token_shift needs a model that reads reports (model.use_text=true)")
         if shift and self.fast.enabled:
             raise ConfigError(f"{source}: text.token_shift is not available on the fast path (fast.enabled): its "
+                              "training step reads the reports as they are")
+        shuffle = self.text.token_shuffle
+        if not 0.0 <= shuffle <= 1.0:
+            raise ConfigError(f"{source}: text.token_shuffle must be a probability in [0, 1] (got {shuffle!r})")
+        if shuffle and not self.model.use_text:
+            raise ConfigError(f"{source}: text.token_shuffle needs a model that reads reports (model.use_text=true)")
+        if shuffle and self.fast.enabled:
+            raise ConfigError(f"{source}: text.token_shuffle is not available on the fast path (fast.enabled): its "
                               "training step reads the reports as they are")
         variants = self.text.wording_variants
         if isinstance(variants, bool) or not isinstance(variants, int) or not 0 <= variants <= 16:

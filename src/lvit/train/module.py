@@ -183,24 +183,26 @@ class SegmentationModule(pl.LightningModule):
         # The learning rate this epoch trains with (the scheduler steps before the epoch-end callbacks run).
         self._epoch_lr = self.trainer.optimizers[0].param_groups[0]["lr"] if self.trainer.optimizers else math.nan
 
-    def _shifted_reports(self, batch: dict) -> dict:
-        """The batch with its reports' word pieces moved by ``text.token_shift`` (lvit.train.token_shift)."""
-        from .token_shift import shift_tokens
+    def _moved_reports(self, batch: dict) -> dict:
+        """The batch with its reports' word pieces reordered by ``text.token_shuffle`` and moved by
+        ``text.token_shift`` (lvit.train.token_shift)."""
+        from .token_shift import shift_tokens, shuffle_tokens
 
-        shift = int(self.config.text.token_shift)
+        shift, shuffle = int(self.config.text.token_shift), float(self.config.text.token_shuffle)
         if "text_ids" in batch:
-            ids, _ = shift_tokens(batch["text_ids"], batch["text_ids"] != 0, shift)
+            ids = shuffle_tokens(batch["text_ids"], batch["text_ids"] != 0, shuffle)
+            ids, _ = shift_tokens(ids, ids != 0, shift)
             return {**batch, "text_ids": ids}
         if batch.get("text") is None:
             return batch
         mask = batch.get("text_mask")
-        text, moved = shift_tokens(batch["text"], mask if mask is not None else batch["text"].abs().sum(-1) > 0,
-                                   shift)
+        words = mask if mask is not None else batch["text"].abs().sum(-1) > 0
+        text, moved = shift_tokens(shuffle_tokens(batch["text"], words, shuffle), words, shift)
         return {**batch, "text": text, **({"text_mask": moved} if mask is not None else {})}
 
     def training_step(self, batch: dict, batch_idx: int):
-        if self.config.text.token_shift:
-            batch = self._shifted_reports(batch)
+        if self.config.text.token_shift or self.config.text.token_shuffle:
+            batch = self._moved_reports(batch)
         logits, aux_loss = self._logits_and_aux_loss(batch)
         has_mask = batch["has_mask"].bool()
         terms = [] if aux_loss is None else [aux_loss]  # the report prior learns from every sample's report

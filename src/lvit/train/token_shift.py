@@ -7,6 +7,12 @@ costs, rule by rule"). ``text.token_shift: S`` moves the words without rewording
 ``n`` word pieces are spread over ``n + k`` positions, ``k`` drawn uniformly from ``0 .. min(S, L - n)``, the
 ``k`` empty positions (zero vectors, masked out: what padding already is) at random places among them. The words,
 their order and hence the report's facts stay; only their positions change, and no word is cut off.
+
+``text.token_shuffle: p`` goes one step further for the order: with probability ``p`` a training report's word
+pieces are read in a random order, in the positions they occupy (before any shift). MiniLM's token vectors are
+contextual, each carries what its neighbours say ("left" in "lower left lung"), so a text path that learns to
+read them in any order can still tell the facts apart; one that reads them by position cannot. No word is
+changed, added or removed: it is not a rewording rule.
 """
 
 from __future__ import annotations
@@ -33,3 +39,20 @@ def shift_tokens(tokens: torch.Tensor, mask: torch.Tensor, max_shift: int,
         out[b, places] = tokens[b][mask[b]]
         out_mask[b, places] = True
     return out, out_mask
+
+
+def shuffle_tokens(tokens: torch.Tensor, mask: torch.Tensor, prob: float,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """``tokens [B, L, ...]`` (word-piece vectors, or ids) and ``mask [B, L]`` (True on a word piece) -> the tokens
+    with each report's word pieces, with probability ``prob``, in a random order among the positions they occupy
+    (the mask is unchanged). Draws on ``generator`` (torch's default one if None), on the CPU."""
+    if prob <= 0:
+        return tokens
+    out = tokens.clone()
+    for b in range(mask.shape[0]):
+        if float(torch.rand((), generator=generator)) >= prob:
+            continue
+        places = torch.nonzero(mask[b].cpu()).flatten()
+        order = places[torch.randperm(len(places), generator=generator)]
+        out[b, places.to(tokens.device)] = tokens[b, order.to(tokens.device)]
+    return out
