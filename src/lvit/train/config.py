@@ -358,19 +358,15 @@ class TrainConfig:
         shift = self.text.token_shift
         if isinstance(shift, bool) or not isinstance(shift, int) or not 0 <= shift <= 16:
             raise ConfigError(f"{source}: text.token_shift must be an integer from 0 to 16 (got {shift!r})")
-        if shift and not self.model.use_text:
-            raise ConfigError(f"{source}: text.token_shift needs a model that reads reports (model.use_text=true)")
-        if shift and self.fast.enabled:
-            raise ConfigError(f"{source}: text.token_shift is not available on the fast path (fast.enabled): its "
-                              "training step reads the reports as they are")
         shuffle = self.text.token_shuffle
         if not 0.0 <= shuffle <= 1.0:
             raise ConfigError(f"{source}: text.token_shuffle must be a probability in [0, 1] (got {shuffle!r})")
-        if shuffle and not self.model.use_text:
-            raise ConfigError(f"{source}: text.token_shuffle needs a model that reads reports (model.use_text=true)")
-        if shuffle and self.fast.enabled:
-            raise ConfigError(f"{source}: text.token_shuffle is not available on the fast path (fast.enabled): its "
-                              "training step reads the reports as they are")
+        for key, value in (("token_shift", shift), ("token_shuffle", shuffle)):  # both move a report's word pieces
+            if value and not self.model.use_text:
+                raise ConfigError(f"{source}: text.{key} needs a model that reads reports (model.use_text=true)")
+            if value and self.fast.enabled:
+                raise ConfigError(f"{source}: text.{key} is not available on the fast path (fast.enabled): its "
+                                  "training step reads the reports as they are")
         variants = self.text.wording_variants
         if isinstance(variants, bool) or not isinstance(variants, int) or not 0 <= variants <= 16:
             raise ConfigError(f"{source}: text.wording_variants must be an integer from 0 to 16 (got {variants!r})")
