@@ -92,11 +92,29 @@ def test_the_training_step_shuffles_then_shifts_and_without_shuffle_draws_as_bef
     expected = shift_tokens(shuffle_tokens(tokens, mask, 1.0), mask, 3)
     assert torch.equal(both["text"], expected[0]) and torch.equal(both["text_mask"], expected[1])
     only = moved("text.token_shuffle=1")
-    assert torch.equal(only["text_mask"], mask) and not torch.equal(only["text"], tokens)
+    assert torch.equal(only["text_mask"], mask.clone()) and not torch.equal(only["text"], tokens)
+    # Nothing else is drawn: the stream after a shift-only step is the stream after the shift alone.
+    moved("text.token_shift=3")
+    after_step = torch.rand(1)
+    torch.manual_seed(3)
+    shift_tokens(tokens, mask, 3)
+    assert torch.equal(after_step, torch.rand(1))
+    # Learned-embedding ids (0 is padding): shuffled among the words, then shifted, none lost.
+    ids = torch.tensor([[4, 9, 7, 5, 0, 0, 0, 0]])
+    module = SegmentationModule(model, load_config(preset_path("synth"), ["text.token_shift=2",
+                                                                          "text.token_shuffle=1"]))
+    torch.manual_seed(0)
+    out = module._moved_reports({"image": batch["image"][:1], "text_ids": ids})["text_ids"]
+    assert sorted(out[out != 0].tolist()) == [4, 5, 7, 9] and out.shape == ids.shape
 
 
 @pytest.mark.parametrize("overrides, message", [
     (["text.token_shuffle=1.5"], "text.token_shuffle must be a probability"),
+    (["text.token_shuffle=null"], "text.token_shuffle must be a probability"),
+    (["text.token_shuffle=0.5", "semi.mode=mean-teacher", "semi.labeled_fraction=0.5"],
+     "text.token_shuffle does not combine with semi.mode mean-teacher"),
+    (["text.token_shift=2", "semi.mode=mean-teacher", "semi.labeled_fraction=0.5"],
+     "text.token_shift does not combine with semi.mode mean-teacher"),
     (["text.token_shuffle=0.5", "model.use_text=false"], "text.token_shuffle needs a model that reads reports"),
     (["text.token_shuffle=0.5", "fast.enabled=true"], "text.token_shuffle is not available on the fast path"),
     (["text.token_shift=-1"], "text.token_shift must be an integer from 0 to 16"),

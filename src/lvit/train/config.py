@@ -359,9 +359,12 @@ class TrainConfig:
         if isinstance(shift, bool) or not isinstance(shift, int) or not 0 <= shift <= 16:
             raise ConfigError(f"{source}: text.token_shift must be an integer from 0 to 16 (got {shift!r})")
         shuffle = self.text.token_shuffle
-        if not 0.0 <= shuffle <= 1.0:
+        if isinstance(shuffle, bool) or not isinstance(shuffle, int | float) or not 0.0 <= shuffle <= 1.0:
             raise ConfigError(f"{source}: text.token_shuffle must be a probability in [0, 1] (got {shuffle!r})")
         for key, value in (("token_shift", shift), ("token_shuffle", shuffle)):  # both move a report's word pieces
+            if value and self.semi.mode == "mean-teacher":
+                raise ConfigError(f"{source}: text.{key} does not combine with semi.mode mean-teacher: its training "
+                                  "step reads the reports as they are once the teacher runs")
             if value and not self.model.use_text:
                 raise ConfigError(f"{source}: text.{key} needs a model that reads reports (model.use_text=true)")
             if value and self.fast.enabled:
