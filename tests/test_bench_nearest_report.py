@@ -10,11 +10,11 @@ RIGHT = "Unilateral pulmonary infection, one infected area, lower right lung."
 BOTH = "Bilateral pulmonary infection, two infected areas, upper left lung and lower right lung."
 
 
-def test_nearest_is_the_most_similar_key():
+def test_nearest_is_the_most_similar_key_for_each_query():
     near = load_bench("bench/nearest_report.py", "bench_nearest_report")
     keys = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]), dim=-1)
-    queries = torch.nn.functional.normalize(torch.tensor([[0.9, 0.1], [0.1, 0.9], [0.6, 0.5]]), dim=-1)
-    assert near.nearest(queries, keys).tolist() == [0, 1, 2]
+    queries = torch.nn.functional.normalize(torch.tensor([[0.1, 0.9], [0.6, 0.5]]), dim=-1)
+    assert near.nearest(queries, keys).tolist() == [1, 2]  # one index per query, into the keys
 
 
 def test_agreement_counts_each_fact_apart():
@@ -52,3 +52,37 @@ def test_section_is_rendered_from_the_raw_entry(tmp_path):
     assert "| digits | 4 | 0.500 | 1.000 | 0.750 | 0.500 |" in body
     assert "| none (the original reports) | 4 |" in body
     assert "<!-- nearest-report:start -->" in md.read_text()
+
+
+def test_measure_pairs_each_reworded_report_with_its_original(monkeypatch, tmp_path):
+    """The search end to end with a stand-in encoder whose sentence vector is the report's sides: a reworded
+    report finds a training report on its own side, so sides are kept and zones only where that report has them."""
+    import lvit.data
+    import lvit.text
+
+    near = load_bench("bench/nearest_report.py", "bench_nearest_report")
+    upper_left = "Unilateral pulmonary infection, one infected area, upper left lung."
+
+    class Record:
+        def __init__(self, text):
+            self.text = text
+
+    class SidesEncoder:
+        spec = "sides"
+
+        def encode(self, texts):
+            side = torch.tensor([[float("left" in t.lower()), float("right" in t.lower())] for t in texts])
+            return side.unsqueeze(1), torch.ones(len(texts), 1, dtype=torch.bool)
+
+    splits = {"train": [Record(upper_left), Record(RIGHT), Record(BOTH)], "test": [Record(LEFT), Record(RIGHT)]}
+    monkeypatch.setattr(lvit.data, "load_split", lambda data, split: splits[split])
+    monkeypatch.setattr(lvit.text, "get_text_encoder", lambda *a, **k: SidesEncoder())
+    out = near.measure("QATA", "test", 0)
+    assert out["training_reports"] == 3 and out["reports_in_training"] == 0.5
+    original = out["rules"]["original"]  # LEFT finds "upper left" (same side, other zone); RIGHT finds itself
+    assert original["images"] == 2 and original["sides_kept"] == 1.0 and original["zones_kept"] == 0.5
+    digits = out["rules"]["digits"]  # both reports change ("one" -> "1"), and read as before
+    assert digits["images"] == 2 and digits["zones_kept"] == 0.5 and digits["count_kept"] == 1.0
+    assert out["rules"]["side-order"] == {"images": 0}  # both reports name one lung: nothing to reorder
+    body = near.render({**out, "command": "c", "seconds": 1.0, "machine": "m"}, tmp_path / "RESULTS.md")
+    assert "| side-order | 0 | n/a | n/a | n/a | n/a |" in body
